@@ -1,0 +1,23 @@
+"""fastres: ResNet and Res2Net backbones for PyTorch whose hot paths run in fused kernels.
+
+    import fastres
+    model = fastres.ResNet(depth=50)            # backbone: forward(x) -> tuple of stage features
+    model = fastres.ResNet(depth=50, num_classes=1000)
+    model = fastres.Res2Net(depth=50, scales=4, base_width=26)
+"""
+
+from .backends import BackendStatus, available_backends
+from .checkpoint import load_checkpoint
+from .models import Res2Net, ResNet, ResNetV1c, ResNetV1d
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendStatus",
+    "Res2Net",
+    "ResNet",
+    "ResNetV1c",
+    "ResNetV1d",
+    "available_backends",
+    "load_checkpoint",
+]

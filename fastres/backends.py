@@ -1,0 +1,135 @@
+"""Backend selection: which implementation runs a model's stem and blocks.
+
+A model keeps the same nn.Conv2d / nn.BatchNorm2d submodules under every backend; a backend only
+changes how the stem and each block compute their forward. Backends:
+
+- 'torch': the pure-PyTorch oracle (the blocks' own `forward_reference`);
+- 'native': PyTorch convolution + the fused BatchNorm ops of the C++/CUDA extension `fastres._C`;
+- 'triton': the fused Triton convolution kernels (CUDA, or CPU under TRITON_INTERPRET=1);
+- 'auto': 'triton' on CUDA, 'native' on CPU, 'torch' where neither can run.
+
+A fused backend plugs in by adding a `Backend` subclass to `_REGISTRY`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+BACKEND_ENV_VAR = "FASTRES_BACKEND"
+BACKEND_NAMES = ("auto", "torch", "native", "triton")
+
+# What 'auto' tries, in order, per device type; 'torch' runs everywhere.
+_AUTO_PREFERENCE = {"cuda": ("triton", "native"), "cpu": ("native",)}
+
+
+class Backend:
+    """One way of running a model's stem and blocks.
+
+    Subclasses override `unavailable_reason` and the `run_*` methods; the defaults are the
+    oracle's.
+    """
+
+    name = "torch"
+
+    def unavailable_reason(self, device_type: str | None = None) -> str | None:
+        """Why this backend cannot run here (on `device_type`, or on any device if None).
+
+        Returns None when it can run.
+        """
+        return None
+
+    def run_stem(self, model: nn.Module, x: Tensor) -> Tensor:
+        return model.stem_reference(x)
+
+    def run_block(self, block: nn.Module, x: Tensor) -> Tensor:
+        return block.forward_reference(x)
+
+
+class _NativeBackend(Backend):
+    name = "native"
+
+    def unavailable_reason(self, device_type: str | None = None) -> str | None:
+        return "the fused BatchNorm extension fastres._C is not part of this version yet"
+
+
+class _TritonBackend(Backend):
+    name = "triton"
+
+    def unavailable_reason(self, device_type: str | None = None) -> str | None:
+        return "the fused Triton convolution is not part of this version yet"
+
+
+_REGISTRY: dict[str, Backend] = {b.name: b for b in (Backend(), _NativeBackend(), _TritonBackend())}
+
+
+class BackendStatus(NamedTuple):
+    """Whether a backend can run on this machine, and why not."""
+
+    available: bool
+    reason: str
+
+
+def available_backends() -> dict[str, BackendStatus]:
+    """Tells which backends can run here, and why the others cannot.
+
+    Returns:
+        A dict from backend name ('torch', 'native', 'triton') to its `BackendStatus`.
+    """
+    status = {}
+    for name, backend in _REGISTRY.items():
+        reason = backend.unavailable_reason()
+        status[name] = BackendStatus(reason is None, reason or "available")
+    return status
+
+
+def check_backend_name(name: str) -> str:
+    """Returns `name` if it names a backend, else raises ValueError listing the valid names."""
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend {name!r}: expected one of {', '.join(BACKEND_NAMES)}")
+    return name
+
+
+def requested_backend(name: str) -> str:
+    """The backend a model asks for: FASTRES_BACKEND replaces 'auto' (the default).
+
+    A backend named explicitly (argument or environment) must be able to run on this machine;
+    otherwise this raises RuntimeError saying why.
+    """
+    check_backend_name(name)
+    if name == "auto" and os.environ.get(BACKEND_ENV_VAR):
+        env_name = os.environ[BACKEND_ENV_VAR]
+        if env_name not in BACKEND_NAMES:
+            raise ValueError(
+                f"{BACKEND_ENV_VAR}={env_name!r} is not a backend: expected one of "
+                f"{', '.join(BACKEND_NAMES)}"
+            )
+        name = env_name
+    if name != "auto":
+        reason = _REGISTRY[name].unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(f"backend {name!r} cannot run here: {reason}")
+    return name
+
+
+def resolve(name: str, device: torch.device) -> Backend:
+    """The backend that runs a tensor on `device` for a model that asked for `name`.
+
+    'auto' picks the first backend that can run on the device, falling back to 'torch'; an
+    explicit backend that cannot run on this device raises RuntimeError.
+    """
+    if name == "auto":
+        for candidate in _AUTO_PREFERENCE.get(device.type, ()):
+            if _REGISTRY[candidate].unavailable_reason(device.type) is None:
+                return _REGISTRY[candidate]
+        return _REGISTRY["torch"]
+    backend = _REGISTRY[name]
+    reason = backend.unavailable_reason(device.type)
+    if reason is not None:
+        raise RuntimeError(f"backend {name!r} cannot run on {device.type} tensors: {reason}")
+    return backend

@@ -1,0 +1,528 @@
+"""ResNet backbones with the module tree and checkpoint keys of OpenMMLab (and torchvision).
+
+Each block keeps plain nn.Conv2d / nn.BatchNorm2d submodules; its `forward_reference` is the
+pure-PyTorch oracle. `forward` hands the block to the backend the model was built with (see
+`fastres.backends`), which may fuse the same computation into fewer kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils import checkpoint as torch_checkpoint
+
+from .. import backends
+from .norm import build_norm_layer, check_norm_cfg, norm_name
+
+DEFAULT_NORM_CFG = {"type": "BN", "requires_grad": True}
+STYLES = ("pytorch", "caffe")
+
+
+@contextlib.contextmanager
+def _preserved_batchnorm_state(module: nn.Module):
+    """Keeps a recomputation (gradient checkpointing) from updating running statistics twice."""
+    saved = [
+        (m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, mean, var, count in saved:
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
+
+
+class ResBlock(nn.Module):
+    """What every residual block shares: backend dispatch and gradient checkpointing."""
+
+    expansion = 1
+
+    def __init__(self, with_cp: bool = False):
+        super().__init__()
+        self.with_cp = with_cp
+        self.backend = "auto"
+
+    def forward(self, x: Tensor) -> Tensor:
+        backend = backends.resolve(self.backend, x.device)
+        if self.with_cp and x.requires_grad:
+            return torch_checkpoint.checkpoint(
+                backend.run_block,
+                self,
+                x,
+                use_reentrant=False,
+                context_fn=lambda: (contextlib.nullcontext(), _preserved_batchnorm_state(self)),
+            )
+        return backend.run_block(self, x)
+
+    def forward_reference(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def last_norm(self) -> nn.Module:
+        """The norm before the residual add (zero-initialised by zero_init_residual)."""
+        raise NotImplementedError
+
+
+class BasicBlock(ResBlock):
+    """conv3x3(stride, dilation) -> norm -> ReLU -> conv3x3 -> norm -> + shortcut -> ReLU."""
+
+    expansion = 1
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        dilation: int = 1,
+        downsample: nn.Module | None = None,
+        style: str = "pytorch",
+        with_cp: bool = False,
+        norm_cfg: dict | None = None,
+    ):
+        super().__init__(with_cp)
+        norm_cfg = norm_cfg or DEFAULT_NORM_CFG
+        self.norm1_name, self.norm2_name = norm_name(norm_cfg, 1), norm_name(norm_cfg, 2)
+        self.conv1 = nn.Conv2d(
+            inplanes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False
+        )
+        self.add_module(self.norm1_name, build_norm_layer(norm_cfg, planes))
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.add_module(self.norm2_name, build_norm_layer(norm_cfg, planes))
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+        self.dilation = dilation
+
+    @property
+    def norm1(self) -> nn.Module:
+        return getattr(self, self.norm1_name)
+
+    @property
+    def norm2(self) -> nn.Module:
+        return getattr(self, self.norm2_name)
+
+    @property
+    def last_norm(self) -> nn.Module:
+        return self.norm2
+
+    def forward_reference(self, x: Tensor) -> Tensor:
+        out = self.relu(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
+
+class Bottleneck(ResBlock):
+    """conv1x1 -> norm -> ReLU -> conv3x3 -> norm -> ReLU -> conv1x1 -> norm -> + shortcut -> ReLU.
+
+    style 'pytorch' puts the stride on the 3x3 conv, 'caffe' on the first 1x1 conv.
+    """
+
+    expansion = 4
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        dilation: int = 1,
+        downsample: nn.Module | None = None,
+        style: str = "pytorch",
+        with_cp: bool = False,
+        norm_cfg: dict | None = None,
+    ):
+        super().__init__(with_cp)
+        norm_cfg = norm_cfg or DEFAULT_NORM_CFG
+        self.inplanes, self.planes = inplanes, planes
+        self.stride, self.dilation, self.style = stride, dilation, style
+        self.conv1_stride, self.conv2_stride = (1, stride) if style == "pytorch" else (stride, 1)
+        self.norm1_name, self.norm2_name, self.norm3_name = (
+            norm_name(norm_cfg, i) for i in (1, 2, 3)
+        )
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, self.conv1_stride, bias=False)
+        self.add_module(self.norm1_name, build_norm_layer(norm_cfg, planes))
+        self.conv2 = nn.Conv2d(
+            planes, planes, 3, self.conv2_stride, padding=dilation, dilation=dilation, bias=False
+        )
+        self.add_module(self.norm2_name, build_norm_layer(norm_cfg, planes))
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.add_module(self.norm3_name, build_norm_layer(norm_cfg, planes * self.expansion))
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    @property
+    def norm1(self) -> nn.Module:
+        return getattr(self, self.norm1_name)
+
+    @property
+    def norm2(self) -> nn.Module:
+        return getattr(self, self.norm2_name)
+
+    @property
+    def norm3(self) -> nn.Module:
+        return getattr(self, self.norm3_name)
+
+    @property
+    def last_norm(self) -> nn.Module:
+        return self.norm3
+
+    def forward_reference(self, x: Tensor) -> Tensor:
+        out = self.relu(self.norm1(self.conv1(x)))
+        out = self.relu(self.norm2(self.conv2(out)))
+        out = self.norm3(self.conv3(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
+
+def _check_tuple(name: str, value: Sequence[int], length: int) -> tuple[int, ...]:
+    if isinstance(value, int) or len(value) != length:
+        raise ValueError(
+            f"{name} must have one entry per stage (num_stages={length}), got {value!r}"
+        )
+    value = tuple(value)
+    if any(not isinstance(v, int) or v < 1 for v in value):
+        raise ValueError(f"{name} entries must be positive ints, got {value!r}")
+    return value
+
+
+class ResNet(nn.Module):
+    """ResNet backbone (OpenMMLab defaults), or classifier when `num_classes` is given.
+
+    Args: see the table in SPEC section 1.1. forward(x: [N, in_channels, H, W]) returns the
+    tuple of stage outputs named by `out_indices` ([N, C_i, H / s_i, W / s_i] each), or logits
+    [N, num_classes] for a classifier.
+    """
+
+    arch_settings = {
+        18: (BasicBlock, (2, 2, 2, 2)),
+        34: (BasicBlock, (3, 4, 6, 3)),
+        50: (Bottleneck, (3, 4, 6, 3)),
+        101: (Bottleneck, (3, 4, 23, 3)),
+        152: (Bottleneck, (3, 8, 36, 3)),
+    }
+
+    def __init__(
+        self,
+        depth: int,
+        in_channels: int = 3,
+        stem_channels: int | None = None,
+        base_channels: int = 64,
+        num_stages: int = 4,
+        strides: Sequence[int] = (1, 2, 2, 2),
+        dilations: Sequence[int] = (1, 1, 1, 1),
+        out_indices: Sequence[int] = (0, 1, 2, 3),
+        style: str = "pytorch",
+        deep_stem: bool = False,
+        avg_down: bool = False,
+        frozen_stages: int = -1,
+        conv_cfg: dict | None = None,
+        norm_cfg: dict | None = None,
+        norm_eval: bool = True,
+        dcn: dict | None = None,
+        stage_with_dcn: Sequence[bool] = (False, False, False, False),
+        plugins: list | None = None,
+        with_cp: bool = False,
+        zero_init_residual: bool = True,
+        num_classes: int | None = None,
+        pretrained: str | None = None,
+        init_cfg: dict | None = None,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if depth not in self.arch_settings:
+            raise ValueError(
+                f"invalid depth {depth!r} for {type(self).__name__}: expected one of "
+                f"{sorted(self.arch_settings)}"
+            )
+        for name, value in (("dcn", dcn), ("plugins", plugins), ("conv_cfg", conv_cfg)):
+            if value is not None:
+                raise NotImplementedError(f"{name}={value!r} is not supported (only None)")
+        if any(stage_with_dcn):
+            raise NotImplementedError(
+                f"stage_with_dcn={stage_with_dcn!r} is not supported (only all False)"
+            )
+        if not isinstance(num_stages, int) or not 1 <= num_stages <= 4:
+            raise ValueError(f"num_stages must be an int in 1..4, got {num_stages!r}")
+        strides = _check_tuple("strides", strides, num_stages)
+        dilations = _check_tuple("dilations", dilations, num_stages)
+        out_indices = tuple(out_indices)
+        if any(not isinstance(i, int) or not 0 <= i < num_stages for i in out_indices):
+            raise ValueError(
+                f"out_indices must be stage indices in 0..{num_stages - 1} "
+                f"(num_stages={num_stages}), got {out_indices!r}"
+            )
+        if style not in STYLES:
+            raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+        if not isinstance(frozen_stages, int) or not -1 <= frozen_stages <= num_stages:
+            raise ValueError(
+                f"frozen_stages must be an int in -1..num_stages ({num_stages}), "
+                f"got {frozen_stages!r}"
+            )
+        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+            raise ValueError(f"num_classes must be None or a positive int, got {num_classes!r}")
+        for name, value in (("in_channels", in_channels), ("base_channels", base_channels)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        norm_cfg = copy.deepcopy(DEFAULT_NORM_CFG if norm_cfg is None else norm_cfg)
+        check_norm_cfg(norm_cfg)
+        checkpoint = _pretrained_path(pretrained, init_cfg)
+        requested = backends.requested_backend(backend)
+
+        self.depth = depth
+        self.in_channels = in_channels
+        self.stem_channels = base_channels if stem_channels is None else stem_channels
+        self.base_channels = base_channels
+        self.num_stages = num_stages
+        self.strides, self.dilations = strides, dilations
+        self.out_indices = out_indices
+        self.style = style
+        self.deep_stem, self.avg_down = deep_stem, avg_down
+        self.frozen_stages = frozen_stages
+        self.norm_cfg = norm_cfg
+        self.norm_eval = norm_eval
+        self.with_cp = with_cp
+        self.zero_init_residual = zero_init_residual
+        self.num_classes = num_classes
+        self.block, stage_blocks = self.arch_settings[depth]
+        self.stage_blocks = stage_blocks[:num_stages]
+
+        self._make_stem()
+        self.inplanes = self.stem_channels
+        self.res_layers = []
+        for i, num_blocks in enumerate(self.stage_blocks):
+            planes = base_channels * 2**i
+            layer = self.make_stage(self.inplanes, planes, num_blocks, strides[i], dilations[i])
+            self.inplanes = planes * self.block.expansion
+            self.add_module(f"layer{i + 1}", layer)
+            self.res_layers.append(f"layer{i + 1}")
+        self.feat_dim = self.inplanes
+        self.out_channels = tuple(
+            base_channels * 2**i * self.block.expansion for i in self.out_indices
+        )
+        if num_classes is not None:
+            self.avgpool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(self.feat_dim, num_classes)
+
+        self._init_weights()
+        self.set_backend(requested)
+        self._freeze_stages()
+        if checkpoint is not None:
+            from ..checkpoint import load_checkpoint
+
+            load_checkpoint(self, checkpoint)
+
+    # -- construction ------------------------------------------------------------------------
+
+    def _make_stem(self) -> None:
+        if self.deep_stem:
+            half = self.stem_channels // 2
+            units = []
+            for cin, cout, stride in (
+                (self.in_channels, half, 2),
+                (half, half, 1),
+                (half, self.stem_channels, 1),
+            ):
+                units += [
+                    nn.Conv2d(cin, cout, 3, stride, padding=1, bias=False),
+                    build_norm_layer(self.norm_cfg, cout),
+                    nn.ReLU(inplace=True),
+                ]
+            self.stem = nn.Sequential(*units)
+        else:
+            self.conv1 = nn.Conv2d(self.in_channels, self.stem_channels, 7, 2, 3, bias=False)
+            self.norm1_name = norm_name(self.norm_cfg, 1)
+            self.add_module(self.norm1_name, build_norm_layer(self.norm_cfg, self.stem_channels))
+            self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+
+    def make_downsample(self, inplanes: int, outplanes: int, stride: int) -> nn.Module | None:
+        """The shortcut of a stage's first block, or None where it is the identity."""
+        if stride == 1 and inplanes == outplanes:
+            return None
+        layers: list[nn.Module] = []
+        conv_stride = stride
+        if self.avg_down:
+            conv_stride = 1
+            layers.append(
+                nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False)
+            )
+        layers += [
+            nn.Conv2d(inplanes, outplanes, 1, conv_stride, bias=False),
+            build_norm_layer(self.norm_cfg, outplanes),
+        ]
+        return nn.Sequential(*layers)
+
+    def block_kwargs(self, index: int) -> dict:
+        """Extra constructor arguments of the block at `index` within its stage."""
+        return {}
+
+    def make_stage(
+        self, inplanes: int, planes: int, num_blocks: int, stride: int, dilation: int
+    ) -> nn.Sequential:
+        """One stage: the first block carries the stride and the shortcut."""
+        outplanes = planes * self.block.expansion
+        common = dict(
+            dilation=dilation, style=self.style, with_cp=self.with_cp, norm_cfg=self.norm_cfg
+        )
+        blocks = [
+            self.block(
+                inplanes,
+                planes,
+                stride=stride,
+                downsample=self.make_downsample(inplanes, outplanes, stride),
+                **common,
+                **self.block_kwargs(0),
+            )
+        ]
+        blocks += [
+            self.block(outplanes, planes, **common, **self.block_kwargs(i))
+            for i in range(1, num_blocks)
+        ]
+        return nn.Sequential(*blocks)
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if self.zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, ResBlock):
+                    nn.init.zeros_(m.last_norm.weight)
+                    nn.init.zeros_(m.last_norm.bias)
+
+    # -- train / eval ------------------------------------------------------------------------
+
+    @property
+    def norm1(self) -> nn.Module:
+        return getattr(self, self.norm1_name)
+
+    def _freeze_stages(self) -> None:
+        if self.frozen_stages < 0:
+            return
+        frozen = [self.stem] if self.deep_stem else [self.conv1, self.norm1]
+        frozen += [getattr(self, f"layer{i}") for i in range(1, self.frozen_stages + 1)]
+        for m in frozen:
+            m.eval()
+            for param in m.parameters():
+                param.requires_grad = False
+
+    def train(self, mode: bool = True) -> ResNet:
+        """nn.Module.train, then re-freeze frozen stages, then norm_eval keeps BN in eval."""
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    # -- backend -----------------------------------------------------------------------------
+
+    def set_backend(self, name: str) -> ResNet:
+        """Runs the model with backend `name` from now on ('auto', 'torch', 'native', 'triton').
+
+        Raises:
+            ValueError: `name` is no backend.
+            RuntimeError: the backend was named explicitly and cannot run on this machine.
+        """
+        self.backend = backends.requested_backend(name)
+        for m in self.modules():
+            if isinstance(m, ResBlock):
+                m.backend = self.backend
+        return self
+
+    # -- forward -----------------------------------------------------------------------------
+
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"expected a torch.Tensor [N, {self.in_channels}, H, W], got {type(x)}")
+        if x.dim() != 4:
+            raise ValueError(
+                f"expected a 4-D tensor [N, {self.in_channels}, H, W], got shape {tuple(x.shape)}"
+            )
+        if x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"expected {self.in_channels} input channels (in_channels), got {x.shape[1]} "
+                f"in shape {tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise TypeError(
+                f"expected a floating-point input (float32, float16, bfloat16 or float64), "
+                f"got {x.dtype}"
+            )
+        weight = next(self.parameters())
+        if x.device != weight.device:
+            raise RuntimeError(
+                f"input is on {x.device} but the model's weights are on {weight.device}: "
+                f"move one of them (x.to({str(weight.device)!r}) or model.to({str(x.device)!r}))"
+            )
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"input dtype {x.dtype} differs from the weights' {weight.dtype}: convert the "
+                f"model (model.to({x.dtype})) or run under torch.autocast"
+            )
+
+    def stem_reference(self, x: Tensor) -> Tensor:
+        """The oracle stem: conv(s) + norm + ReLU, then the 3x3/2 max-pool."""
+        if self.deep_stem:
+            x = self.stem(x)
+        else:
+            x = self.relu(self.norm1(self.conv1(x)))
+        return self.maxpool(x)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...] | Tensor:
+        self._check_input(x)
+        x = backends.resolve(self.backend, x.device).run_stem(self, x)
+        outs = []
+        for name in self.res_layers:
+            x = getattr(self, name)(x)
+            outs.append(x)
+        if self.num_classes is not None:
+            return self.fc(torch.flatten(self.avgpool(x), 1))
+        return tuple(outs[i] for i in self.out_indices)
+
+
+def _pretrained_path(pretrained: str | None, init_cfg: dict | None) -> str | None:
+    """The checkpoint to load after construction, from `pretrained` or a Pretrained init_cfg."""
+    if pretrained is not None and init_cfg is not None:
+        raise ValueError("give either pretrained or init_cfg, not both")
+    if pretrained is not None:
+        if not isinstance(pretrained, str):
+            raise TypeError(f"pretrained must be a checkpoint path (str), got {type(pretrained)}")
+        return pretrained
+    if init_cfg is None:
+        return None
+    if not isinstance(init_cfg, dict) or init_cfg.get("type") != "Pretrained":
+        raise ValueError(
+            f"init_cfg must be None or dict(type='Pretrained', checkpoint=PATH), got {init_cfg!r}"
+        )
+    if "checkpoint" not in init_cfg:
+        raise ValueError("init_cfg of type 'Pretrained' needs a 'checkpoint' path")
+    return init_cfg["checkpoint"]
+
+
+class ResNetV1c(ResNet):
+    """ResNet with the deep stem (three 3x3 convs): ResNet(deep_stem=True)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(deep_stem=True, **kwargs)
+
+
+class ResNetV1d(ResNet):
+    """ResNet with the deep stem and average-pool shortcuts: ResNet(deep_stem=True, avg_down=True)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(deep_stem=True, avg_down=True, **kwargs)

@@ -1,0 +1,73 @@
+"""The numerical contract (SPEC section 3): one tolerance rule for outputs, gradients and
+running statistics, used by every test and benchmark.
+
+Run the oracle in float64 as *gold* and in the working dtype as *base* on the same inputs and
+weights; a fused result passes when `err(fused) <= 4 * err(base) + TOLERANCE[dtype]`, with
+`err(y) = max|y - gold| / max|gold|`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+TOLERANCE = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-5,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1.6e-2,
+}
+
+# Trajectory rule: fused may deviate from the oracle by 4x the oracle's own layout noise + this.
+TRAJECTORY_SLACK = 1e-4
+
+
+def relative_error(y: Tensor, gold: Tensor) -> float:
+    """`max|y - gold| / max|gold|`, computed in float64 (0 for empty tensors)."""
+    if y.shape != gold.shape:
+        raise ValueError(f"shape {tuple(y.shape)} differs from gold shape {tuple(gold.shape)}")
+    if gold.numel() == 0:
+        return 0.0
+    gold = gold.detach().double()
+    diff = (y.detach().double() - gold).abs().max().item()
+    scale = gold.abs().max().item()
+    return diff / scale if scale > 0 else diff
+
+
+def worst_index(y: Tensor, gold: Tensor) -> tuple[int, ...]:
+    """Index of the largest absolute difference, for failure messages."""
+    diff = (y.detach().double() - gold.detach().double()).abs()
+    flat = int(torch.nan_to_num(diff, nan=float("inf")).argmax())
+    return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape))
+
+
+def assert_matches_oracle(
+    actual: Tensor, base: Tensor, gold: Tensor, dtype: torch.dtype, name: str = "tensor"
+) -> None:
+    """Asserts the SPEC section 3 rule for one tensor.
+
+    Args:
+        actual: the result under test, any shape.
+        base: the oracle's result in `dtype`, same shape.
+        gold: the oracle's result in float64, same shape.
+        dtype: the working dtype that selects the tolerance.
+        name: what the tensor is, for the failure message.
+    """
+    err_actual = relative_error(actual, gold)
+    err_base = relative_error(base, gold)
+    bound = 4 * err_base + TOLERANCE[dtype]
+    if not err_actual <= bound:  # also catches NaN
+        where = worst_index(actual, gold)
+        raise AssertionError(
+            f"{name}: err {err_actual:.3e} > 4 * base err {err_base:.3e} + tol "
+            f"{TOLERANCE[dtype]:.1e} = {bound:.3e} ({dtype}); worst at {where}: "
+            f"got {actual.detach()[where].item():.6g}, gold {gold.detach()[where].item():.6g}"
+        )
+
+
+def trajectory_deviation(a: Tensor, b: Tensor) -> float:
+    """`max|a - b| / (max|b| + 1)` in float64, the deviation of one loss or state tensor."""
+    if b.numel() == 0:
+        return 0.0
+    a, b = a.detach().double(), b.detach().double()
+    return (a - b).abs().max().item() / (b.abs().max().item() + 1)
