@@ -8,7 +8,7 @@ changes how the stem and each block compute their forward. Backends:
 - 'triton': the fused Triton convolution kernels (CUDA, or CPU under TRITON_INTERPRET=1);
 - 'auto': 'triton' on CUDA, 'native' on CPU, 'torch' where neither can run.
 
-A fused backend plugs in by adding a `Backend` subclass to `_REGISTRY`.
+A fused backend is a `Backend` subclass in its own module, listed in `_build_registry`.
 """
 
 from __future__ import annotations
@@ -51,21 +51,14 @@ class Backend:
         return block.forward_reference(x)
 
 
-class _NativeBackend(Backend):
-    name = "native"
+def _build_registry() -> dict[str, Backend]:
+    from .native_backend import NativeBackend
+    from .triton_backend import TritonBackend
 
-    def unavailable_reason(self, device_type: str | None = None) -> str | None:
-        return "the fused BatchNorm extension fastres._C is not part of this version yet"
-
-
-class _TritonBackend(Backend):
-    name = "triton"
-
-    def unavailable_reason(self, device_type: str | None = None) -> str | None:
-        return "the fused Triton convolution is not part of this version yet"
+    return {b.name: b for b in (Backend(), NativeBackend(), TritonBackend())}
 
 
-_REGISTRY: dict[str, Backend] = {b.name: b for b in (Backend(), _NativeBackend(), _TritonBackend())}
+_REGISTRY = _build_registry()
 
 
 class BackendStatus(NamedTuple):

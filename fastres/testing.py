@@ -71,3 +71,22 @@ def trajectory_deviation(a: Tensor, b: Tensor) -> float:
         return 0.0
     a, b = a.detach().double(), b.detach().double()
     return (a - b).abs().max().item() / (b.abs().max().item() + 1)
+
+
+def randomize_norms(model: torch.nn.Module, seed: int | None = None) -> torch.nn.Module:
+    """Gives every norm layer non-trivial affine parameters and running statistics.
+
+    Freshly initialised (or zero_init_residual) models hide bugs: BN is the identity and the
+    residual branches add zero. Tests and benchmarks call this so that every block matters.
+    """
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm)):
+                c = m.weight.shape[0]
+                m.weight.copy_(torch.rand(c, generator=gen) * 0.5 + 0.75)
+                m.bias.copy_(torch.randn(c, generator=gen) * 0.1)
+                if getattr(m, "running_mean", None) is not None:
+                    m.running_mean.copy_(torch.randn(c, generator=gen) * 0.1)
+                    m.running_var.copy_(torch.rand(c, generator=gen) * 0.5 + 0.75)
+    return model
