@@ -23,8 +23,8 @@ pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
 
 "$venv/bin/python" -c "import torch" 2>/dev/null || "${pip[@]}" torch==2.13.0
 # Only tools that do not depend on torch, so nothing here can pull in another torch.
-"$venv/bin/python" -c "import pytest, pytest_benchmark, ninja, numpy, triton, setuptools, wheel" 2>/dev/null \
-  || "${pip[@]}" pytest pytest-benchmark ninja numpy "triton>=3.2" "setuptools>=64" wheel
+"$venv/bin/python" -c "import pytest, pytest_benchmark, ninja, numpy, triton, setuptools, wheel, ruff" 2>/dev/null \
+  || "${pip[@]}" pytest pytest-benchmark ninja numpy "triton>=3.2" "setuptools>=64" wheel ruff
 
 stamp="$venv/.fastres-installed"
 inputs=$(find setup.py pyproject.toml csrc -type f 2>/dev/null | sort)

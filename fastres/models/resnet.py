@@ -351,9 +351,7 @@ class ResNet(nn.Module):
         conv_stride = stride
         if self.avg_down:
             conv_stride = 1
-            layers.append(
-                nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False)
-            )
+            layers.append(nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False))
         layers += [
             nn.Conv2d(inplanes, outplanes, 1, conv_stride, bias=False),
             build_norm_layer(self.norm_cfg, outplanes),
@@ -477,10 +475,7 @@ class ResNet(nn.Module):
 
     def stem_reference(self, x: Tensor) -> Tensor:
         """The oracle stem: conv(s) + norm + ReLU, then the 3x3/2 max-pool."""
-        if self.deep_stem:
-            x = self.stem(x)
-        else:
-            x = self.relu(self.norm1(self.conv1(x)))
+        x = self.stem(x) if self.deep_stem else self.relu(self.norm1(self.conv1(x)))
         return self.maxpool(x)
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...] | Tensor:
@@ -522,7 +517,7 @@ class ResNetV1c(ResNet):
 
 
 class ResNetV1d(ResNet):
-    """ResNet with the deep stem and average-pool shortcuts: ResNet(deep_stem=True, avg_down=True)."""
+    """ResNet with deep stem and average-pool shortcuts: ResNet(deep_stem=True, avg_down=True)."""
 
     def __init__(self, **kwargs):
         super().__init__(deep_stem=True, avg_down=True, **kwargs)
