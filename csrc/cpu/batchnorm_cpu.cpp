@@ -1,0 +1,565 @@
+// CPU kernels of the fastres:: BatchNorm family (schemas and semantics: csrc/fastres.cpp).
+//
+// Layouts: x is viewed as [N, C, S] (S = H * W). NCHW walks planes of S contiguous values of one
+// channel; channels_last walks rows of C contiguous channels. Inner loops run over contiguous
+// memory with per-channel constants hoisted so that the compiler vectorizes them; outer loops
+// are split over threads with at::parallel_for. Accumulation is in opmath (fp32 for fp16 /
+// bf16 / fp32, fp64 for fp64); partial results of chunks are merged in fp64.
+// Statistics: each chunk computes its mean and M2 with two passes over cache-resident data;
+// chunks merge with Chan's parallel formula (as stable as Welford, and vectorizable).
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <vector>
+
+namespace fastres {
+namespace {
+
+using at::Tensor;
+
+// About 64 KiB of input per chunk of channels_last rows: the second pass hits L2.
+constexpr int64_t kChunkElems = 16384;
+
+struct Geometry {
+  int64_t n, c, s;
+  bool channels_last;
+};
+
+bool is_channels_last(const Tensor& x) {
+  return x.dim() == 4 && !x.is_contiguous() &&
+         x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+at::MemoryFormat format_of(const Tensor& x) {
+  return is_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+Geometry geometry_of(const Tensor& x) {
+  TORCH_CHECK(x.dim() >= 2, "fastres: expected x of shape [N, C, *], got ", x.sizes());
+  const int64_t s = x.dim() > 2 ? x.numel() / std::max<int64_t>(1, x.size(0) * x.size(1)) : 1;
+  return {x.size(0), x.size(1), s, is_channels_last(x)};
+}
+
+// A per-element tensor that must share x's shape, dtype and layout (made contiguous in it).
+Tensor like_x(const Tensor& t, const Tensor& x, at::MemoryFormat fmt, const char* name) {
+  TORCH_CHECK(t.sizes() == x.sizes(), "fastres: ", name, " has shape ", t.sizes(),
+              " but x has shape ", x.sizes());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fastres: ", name, " has dtype ",
+              t.scalar_type(), " but x has dtype ", x.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), "fastres: ", name, " is on another device than x");
+  return t.contiguous(fmt);
+}
+
+// A per-channel vector in the accumulation dtype.
+Tensor channel_param(const Tensor& t, int64_t c, at::ScalarType acc, const char* name) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == c, "fastres: ", name, " must have shape [", c,
+              "], got ", t.sizes());
+  return t.to(acc).contiguous();
+}
+
+at::ScalarType acc_type_of(const Tensor& x) {
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()),
+              "fastres: expected a floating-point tensor, got ", x.scalar_type());
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The element-wise tail shared by apply and backward: z = x * scale + shift + residual term.
+template <typename acc_t>
+struct Tail {
+  const acc_t* scale;
+  const acc_t* shift;
+  const acc_t* scale_r;  // nullptr: the residual is added as is
+  const acc_t* shift_r;
+};
+
+// Calls f(c, begin, count, stride_c) style work in both layouts: body(i0, i1, c, step) with
+// elements [i0, i1) of one channel c (NCHW, step 1) or one row [i0, i0 + C) (channels_last).
+template <typename RowFn, typename PlaneFn>
+void for_each_block(const Geometry& g, RowFn row_fn, PlaneFn plane_fn) {
+  if (g.channels_last) {
+    const int64_t rows = g.n * g.s;
+    const int64_t grain = std::max<int64_t>(1, kChunkElems / std::max<int64_t>(1, g.c));
+    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) row_fn(r * g.c);
+    });
+  } else {
+    const int64_t planes = g.n * g.c;
+    const int64_t grain = std::max<int64_t>(1, kChunkElems / std::max<int64_t>(1, g.s));
+    at::parallel_for(0, planes, grain, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) plane_fn(p * g.s, p % g.c);
+    });
+  }
+}
+
+template <typename scalar_t, typename acc_t, bool HAS_R, bool HAS_SR, bool RELU>
+inline acc_t tail_z(const scalar_t* x, const scalar_t* r, const Tail<acc_t>& t, int64_t i,
+                    int64_t c) {
+  acc_t z = static_cast<acc_t>(x[i]) * t.scale[c] + t.shift[c];
+  if constexpr (HAS_R) {
+    if constexpr (HAS_SR) {
+      z += static_cast<acc_t>(r[i]) * t.scale_r[c] + t.shift_r[c];
+    } else {
+      z += static_cast<acc_t>(r[i]);
+    }
+  }
+  return z;
+}
+
+// Dispatches the three tail switches to compile-time constants.
+template <typename F>
+void dispatch_tail(bool has_r, bool has_sr, bool relu, F f) {
+  auto with_relu = [&](auto r_tag, auto sr_tag) {
+    if (relu) {
+      f(r_tag, sr_tag, std::true_type{});
+    } else {
+      f(r_tag, sr_tag, std::false_type{});
+    }
+  };
+  if (!has_r) {
+    with_relu(std::false_type{}, std::false_type{});
+  } else if (has_sr) {
+    with_relu(std::true_type{}, std::true_type{});
+  } else {
+    with_relu(std::true_type{}, std::false_type{});
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// bn_stats
+
+template <typename scalar_t, typename acc_t>
+void stats_kernel(const scalar_t* x, const Geometry& g, acc_t* mean_out, acc_t* m2_out) {
+  const int64_t C = g.c;
+  if (g.n * g.s == 0) {
+    std::fill(mean_out, mean_out + C, acc_t(0));
+    std::fill(m2_out, m2_out + C, acc_t(0));
+    return;
+  }
+  // Per chunk: count, mean[C], m2[C]; merged per channel afterwards.
+  std::vector<int64_t> counts;
+  std::vector<acc_t> means, m2s;
+  int64_t chunks;
+  if (g.channels_last) {
+    const int64_t rows = g.n * g.s;
+    const int64_t chunk_rows = std::max<int64_t>(1, kChunkElems / C);
+    chunks = (rows + chunk_rows - 1) / chunk_rows;
+    counts.resize(chunks);
+    means.assign(chunks * C, acc_t(0));
+    m2s.assign(chunks * C, acc_t(0));
+    at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t r0 = k * chunk_rows, r1 = std::min(rows, r0 + chunk_rows);
+        acc_t* __restrict m = means.data() + k * C;
+        acc_t* __restrict q = m2s.data() + k * C;
+        for (int64_t r = r0; r < r1; ++r) {
+          const scalar_t* __restrict row = x + r * C;
+          for (int64_t c = 0; c < C; ++c) m[c] += static_cast<acc_t>(row[c]);
+        }
+        const acc_t inv = acc_t(1) / static_cast<acc_t>(r1 - r0);
+        for (int64_t c = 0; c < C; ++c) m[c] *= inv;
+        for (int64_t r = r0; r < r1; ++r) {
+          const scalar_t* __restrict row = x + r * C;
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t d = static_cast<acc_t>(row[c]) - m[c];
+            q[c] += d * d;
+          }
+        }
+        counts[k] = r1 - r0;
+      }
+    });
+  } else {
+    // One chunk per (n, c) plane, stored as chunk n of channel c.
+    chunks = g.n;
+    counts.assign(chunks, g.s);
+    means.assign(chunks * C, acc_t(0));
+    m2s.assign(chunks * C, acc_t(0));
+    at::parallel_for(0, g.n * C, std::max<int64_t>(1, kChunkElems / g.s), [&](int64_t p0,
+                                                                               int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const scalar_t* __restrict plane = x + p * g.s;
+        acc_t sum = 0;
+        for (int64_t i = 0; i < g.s; ++i) sum += static_cast<acc_t>(plane[i]);
+        const acc_t mean = sum / static_cast<acc_t>(g.s);
+        acc_t m2 = 0;
+        for (int64_t i = 0; i < g.s; ++i) {
+          const acc_t d = static_cast<acc_t>(plane[i]) - mean;
+          m2 += d * d;
+        }
+        means[p] = mean;  // p = n * C + c: chunk n, channel c
+        m2s[p] = m2;
+      }
+    });
+  }
+  at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      double n = 0, mean = 0, m2 = 0;
+      for (int64_t k = 0; k < chunks; ++k) {
+        const double nb = static_cast<double>(counts[k]);
+        const double mb = means[k * C + c], qb = m2s[k * C + c];
+        const double total = n + nb;
+        const double delta = mb - mean;
+        mean += delta * nb / total;
+        m2 += qb + delta * delta * n * nb / total;
+        n = total;
+      }
+      mean_out[c] = static_cast<acc_t>(mean);
+      m2_out[c] = static_cast<acc_t>(m2);
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor> bn_stats_cpu(const Tensor& x_in) {
+  const auto acc = acc_type_of(x_in);
+  const Geometry g = geometry_of(x_in);
+  const Tensor x = x_in.contiguous(format_of(x_in));
+  Tensor mean = at::empty({g.c}, x.options().dtype(acc));
+  Tensor m2 = at::empty({g.c}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_stats", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    stats_kernel<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), g, mean.data_ptr<acc_t>(),
+                                  m2.data_ptr<acc_t>());
+  });
+  return {mean, m2};
+}
+
+// ---------------------------------------------------------------------------------------------
+// bn_finalize
+
+std::tuple<Tensor, Tensor, Tensor> bn_finalize_cpu(const Tensor& mean_in, const Tensor& m2_in,
+                                                   int64_t count,
+                                                   const std::optional<Tensor>& weight,
+                                                   const std::optional<Tensor>& bias,
+                                                   double eps) {
+  TORCH_CHECK(count > 0, "fastres: bn_finalize needs count > 0, got ", count);
+  const auto acc = acc_type_of(mean_in);
+  const int64_t C = mean_in.numel();
+  const Tensor mean = channel_param(mean_in, C, acc, "mean");
+  const Tensor m2 = channel_param(m2_in, C, acc, "m2");
+  Tensor scale = at::empty({C}, mean.options());
+  Tensor shift = at::empty({C}, mean.options());
+  Tensor invstd = at::empty({C}, mean.options());
+  const Tensor w = weight.has_value() ? channel_param(*weight, C, acc, "weight") : Tensor();
+  const Tensor b = bias.has_value() ? channel_param(*bias, C, acc, "bias") : Tensor();
+  AT_DISPATCH_FLOATING_TYPES(acc, "bn_finalize", [&] {
+    const scalar_t* pm = mean.const_data_ptr<scalar_t>();
+    const scalar_t* pq = m2.const_data_ptr<scalar_t>();
+    const scalar_t* pw = w.defined() ? w.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* pb = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* ps = scale.data_ptr<scalar_t>();
+    scalar_t* pt = shift.data_ptr<scalar_t>();
+    scalar_t* pi = invstd.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t var = pq[c] / static_cast<scalar_t>(count);
+      const scalar_t inv = scalar_t(1) / std::sqrt(var + static_cast<scalar_t>(eps));
+      const scalar_t s = pw ? pw[c] * inv : inv;
+      pi[c] = inv;
+      ps[c] = s;
+      pt[c] = (pb ? pb[c] : scalar_t(0)) - pm[c] * s;
+    }
+  });
+  return {scale, shift, invstd};
+}
+
+// ---------------------------------------------------------------------------------------------
+// bn_apply
+
+struct Prepared {
+  Geometry g;
+  at::MemoryFormat fmt;
+  at::ScalarType acc;
+  Tensor x, r, scale, shift, scale_r, shift_r;
+};
+
+Prepared prepare(const Tensor& x_in, const Tensor& scale, const Tensor& shift,
+                 const std::optional<Tensor>& residual, const std::optional<Tensor>& scale_r,
+                 const std::optional<Tensor>& shift_r) {
+  Prepared p;
+  p.acc = acc_type_of(x_in);
+  p.g = geometry_of(x_in);
+  p.fmt = format_of(x_in);
+  p.x = x_in.contiguous(p.fmt);
+  p.scale = channel_param(scale, p.g.c, p.acc, "scale");
+  p.shift = channel_param(shift, p.g.c, p.acc, "shift");
+  TORCH_CHECK(scale_r.has_value() == shift_r.has_value(),
+              "fastres: give both scale_r and shift_r or neither");
+  if (residual.has_value()) {
+    p.r = like_x(*residual, x_in, p.fmt, "residual");
+    if (scale_r.has_value()) {
+      p.scale_r = channel_param(*scale_r, p.g.c, p.acc, "scale_r");
+      p.shift_r = channel_param(*shift_r, p.g.c, p.acc, "shift_r");
+    }
+  } else {
+    TORCH_CHECK(!scale_r.has_value(), "fastres: scale_r / shift_r need a residual");
+  }
+  return p;
+}
+
+template <typename acc_t>
+Tail<acc_t> tail_of(const Prepared& p) {
+  return {p.scale.const_data_ptr<acc_t>(), p.shift.const_data_ptr<acc_t>(),
+          p.scale_r.defined() ? p.scale_r.const_data_ptr<acc_t>() : nullptr,
+          p.shift_r.defined() ? p.shift_r.const_data_ptr<acc_t>() : nullptr};
+}
+
+Tensor bn_apply_cpu(const Tensor& x_in, const Tensor& scale, const Tensor& shift,
+                    const std::optional<Tensor>& residual, const std::optional<Tensor>& scale_r,
+                    const std::optional<Tensor>& shift_r, bool relu) {
+  const Prepared p = prepare(x_in, scale, shift, residual, scale_r, shift_r);
+  Tensor out = at::empty_like(p.x, p.x.options(), p.fmt);
+  const Geometry& g = p.g;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "bn_apply", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Tail<acc_t> t = tail_of<acc_t>(p);
+    const scalar_t* x = p.x.const_data_ptr<scalar_t>();
+    const scalar_t* r = p.r.defined() ? p.r.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* y = out.data_ptr<scalar_t>();
+    dispatch_tail(p.r.defined(), p.scale_r.defined(), relu, [&](auto hr, auto hs, auto rl) {
+      constexpr bool HR = decltype(hr)::value, HS = decltype(hs)::value, RL = decltype(rl)::value;
+      auto store = [&](int64_t i, int64_t c) {
+        const acc_t z = tail_z<scalar_t, acc_t, HR, HS, RL>(x, r, t, i, c);
+        y[i] = static_cast<scalar_t>(RL && z < acc_t(0) ? acc_t(0) : z);
+      };
+      for_each_block(
+          g,
+          [&](int64_t base) {
+            for (int64_t c = 0; c < g.c; ++c) store(base + c, c);
+          },
+          [&](int64_t base, int64_t c) {
+            for (int64_t i = base; i < base + g.s; ++i) store(i, c);
+          });
+    });
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// bn_backward_reduce: sum_dy = sum g, sum_dy_xmu = sum g (x - mean), sum_dy_rmu = sum g (r - mean_r)
+// with g = grad_out * relu_mask(z).
+
+std::tuple<Tensor, Tensor, Tensor> bn_backward_reduce_cpu(
+    const Tensor& grad_out, const Tensor& x_in, const Tensor& scale, const Tensor& shift,
+    const std::optional<Tensor>& residual, const std::optional<Tensor>& scale_r,
+    const std::optional<Tensor>& shift_r, bool relu, const std::optional<Tensor>& mean,
+    const std::optional<Tensor>& mean_r) {
+  const Prepared p = prepare(x_in, scale, shift, residual, scale_r, shift_r);
+  const Tensor dy = like_x(grad_out, x_in, p.fmt, "grad_out");
+  const Geometry& g = p.g;
+  const int64_t C = g.c;
+  const bool want_r = p.scale_r.defined();
+  const Tensor mu = mean.has_value() ? channel_param(*mean, C, p.acc, "mean")
+                                     : at::zeros({C}, p.scale.options());
+  const Tensor mu_r = mean_r.has_value() ? channel_param(*mean_r, C, p.acc, "mean_r")
+                                         : at::zeros({C}, p.scale.options());
+  Tensor sum_dy = at::empty({C}, p.scale.options());
+  Tensor sum_dy_xmu = at::empty({C}, p.scale.options());
+  Tensor sum_dy_rmu = at::empty({want_r ? C : 0}, p.scale.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "bn_bwd_reduce",
+                                  [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Tail<acc_t> t = tail_of<acc_t>(p);
+    const scalar_t* x = p.x.const_data_ptr<scalar_t>();
+    const scalar_t* r = p.r.defined() ? p.r.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* go = dy.const_data_ptr<scalar_t>();
+    const acc_t* m = mu.const_data_ptr<acc_t>();
+    const acc_t* mr = mu_r.const_data_ptr<acc_t>();
+    // Partial sums per chunk: [chunks, 3, C], merged in fp64.
+    int64_t chunks, chunk_len;
+    if (g.channels_last) {
+      chunk_len = std::max<int64_t>(1, kChunkElems / C);  // rows per chunk
+      chunks = (g.n * g.s + chunk_len - 1) / chunk_len;
+    } else {
+      chunk_len = g.s;
+      chunks = g.n;
+    }
+    std::vector<acc_t> part(std::max<int64_t>(chunks, 1) * 3 * C, acc_t(0));
+    dispatch_tail(p.r.defined(), p.scale_r.defined(), relu, [&](auto hr, auto hs, auto rl) {
+      constexpr bool HR = decltype(hr)::value, HS = decltype(hs)::value, RL = decltype(rl)::value;
+      auto masked = [&](int64_t i, int64_t c) -> acc_t {
+        const acc_t d = static_cast<acc_t>(go[i]);
+        if constexpr (RL) {
+          return tail_z<scalar_t, acc_t, HR, HS, RL>(x, r, t, i, c) > acc_t(0) ? d : acc_t(0);
+        } else {
+          return d;
+        }
+      };
+      if (g.channels_last) {
+        const int64_t rows = g.n * g.s;
+        at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+          for (int64_t k = k0; k < k1; ++k) {
+            acc_t* __restrict s0 = part.data() + k * 3 * C;
+            acc_t* __restrict s1 = s0 + C;
+            acc_t* __restrict s2 = s1 + C;
+            const int64_t r1 = std::min(rows, (k + 1) * chunk_len);
+            for (int64_t row = k * chunk_len; row < r1; ++row) {
+              const int64_t base = row * C;
+              for (int64_t c = 0; c < C; ++c) {
+                const acc_t gv = masked(base + c, c);
+                s0[c] += gv;
+                s1[c] += gv * (static_cast<acc_t>(x[base + c]) - m[c]);
+                if constexpr (HS) s2[c] += gv * (static_cast<acc_t>(r[base + c]) - mr[c]);
+              }
+            }
+          }
+        });
+      } else {
+        at::parallel_for(0, g.n * C, std::max<int64_t>(1, kChunkElems / g.s),
+                         [&](int64_t p0, int64_t p1) {
+          for (int64_t pl = p0; pl < p1; ++pl) {
+            const int64_t n = pl / C, c = pl % C, base = pl * g.s;
+            acc_t a0 = 0, a1 = 0, a2 = 0;
+            for (int64_t i = base; i < base + g.s; ++i) {
+              const acc_t gv = masked(i, c);
+              a0 += gv;
+              a1 += gv * (static_cast<acc_t>(x[i]) - m[c]);
+              if constexpr (HS) a2 += gv * (static_cast<acc_t>(r[i]) - mr[c]);
+            }
+            acc_t* s = part.data() + n * 3 * C;
+            s[c] = a0;
+            s[C + c] = a1;
+            s[2 * C + c] = a2;
+          }
+        });
+      }
+    });
+    acc_t* o0 = sum_dy.data_ptr<acc_t>();
+    acc_t* o1 = sum_dy_xmu.data_ptr<acc_t>();
+    acc_t* o2 = want_r ? sum_dy_rmu.data_ptr<acc_t>() : nullptr;
+    for (int64_t c = 0; c < C; ++c) {
+      double a0 = 0, a1 = 0, a2 = 0;
+      for (int64_t k = 0; k < chunks; ++k) {
+        const acc_t* s = part.data() + k * 3 * C;
+        a0 += s[c];
+        a1 += s[C + c];
+        a2 += s[2 * C + c];
+      }
+      o0[c] = static_cast<acc_t>(a0);
+      o1[c] = static_cast<acc_t>(a1);
+      if (o2) o2[c] = static_cast<acc_t>(a2);
+    }
+  });
+  return {sum_dy, sum_dy_xmu, sum_dy_rmu};
+}
+
+// ---------------------------------------------------------------------------------------------
+// bn_backward_elemt:
+//   grad_x = scale * (g - sum_dy / count - (x - mean) * invstd^2 * sum_dy_xmu / count)
+//            (training-mode BN: sum_dy given), else scale * g;
+//   grad_r = g (no scale_r); scale_r * (g - sum_dy / count - (r - mean_r) * invstd_r^2 *
+//            sum_dy_rmu / count) (sum_dy_rmu given); else scale_r * g.
+
+std::tuple<Tensor, Tensor> bn_backward_elemt_cpu(
+    const Tensor& grad_out, const Tensor& x_in, const Tensor& scale, const Tensor& shift,
+    const std::optional<Tensor>& residual, const std::optional<Tensor>& scale_r,
+    const std::optional<Tensor>& shift_r, bool relu, const std::optional<Tensor>& mean,
+    const std::optional<Tensor>& invstd, const std::optional<Tensor>& sum_dy,
+    const std::optional<Tensor>& sum_dy_xmu, const std::optional<Tensor>& mean_r,
+    const std::optional<Tensor>& invstd_r, const std::optional<Tensor>& sum_dy_rmu,
+    int64_t count, bool grad_residual) {
+  const Prepared p = prepare(x_in, scale, shift, residual, scale_r, shift_r);
+  const Tensor dy = like_x(grad_out, x_in, p.fmt, "grad_out");
+  const Geometry& g = p.g;
+  const int64_t C = g.c;
+  const bool train_x = sum_dy.has_value();
+  const bool want_r = grad_residual && p.r.defined();
+  const bool train_r = want_r && p.scale_r.defined() && sum_dy_rmu.has_value();
+  TORCH_CHECK(!train_x || (mean && invstd && sum_dy_xmu && count > 0),
+              "fastres: bn_backward_elemt with sum_dy needs mean, invstd, sum_dy_xmu, count > 0");
+  TORCH_CHECK(!train_r || (train_x && mean_r && invstd_r),
+              "fastres: bn_backward_elemt with sum_dy_rmu needs sum_dy, mean_r and invstd_r");
+  // Per channel: grad_x = a[c] * g + b[c] * x + k[c] (and likewise for r), folded here once.
+  const auto opts = p.scale.options();
+  Tensor coef = at::zeros({6, C}, opts);
+  {
+    Tensor a = coef[0], b = coef[1], k = coef[2];
+    a.copy_(p.scale);
+    if (train_x) {
+      const Tensor inv = channel_param(*invstd, C, p.acc, "invstd");
+      const Tensor mu = channel_param(*mean, C, p.acc, "mean");
+      const Tensor sd = channel_param(*sum_dy, C, p.acc, "sum_dy") / static_cast<double>(count);
+      const Tensor sx =
+          channel_param(*sum_dy_xmu, C, p.acc, "sum_dy_xmu") / static_cast<double>(count);
+      b.copy_(-p.scale * inv * inv * sx);
+      k.copy_(-p.scale * sd - b * mu);
+    }
+    if (want_r && p.scale_r.defined()) {
+      Tensor ar = coef[3], br = coef[4], kr = coef[5];
+      ar.copy_(p.scale_r);
+      if (train_r) {
+        const Tensor inv = channel_param(*invstd_r, C, p.acc, "invstd_r");
+        const Tensor mu = channel_param(*mean_r, C, p.acc, "mean_r");
+        const Tensor sd = channel_param(*sum_dy, C, p.acc, "sum_dy") / static_cast<double>(count);
+        const Tensor sr =
+            channel_param(*sum_dy_rmu, C, p.acc, "sum_dy_rmu") / static_cast<double>(count);
+        br.copy_(-p.scale_r * inv * inv * sr);
+        kr.copy_(-p.scale_r * sd - br * mu);
+      }
+    } else if (want_r) {
+      coef[3].fill_(1);
+    }
+  }
+  Tensor grad_x = at::empty_like(p.x, p.x.options(), p.fmt);
+  Tensor grad_r = want_r ? at::empty_like(p.x, p.x.options(), p.fmt)
+                         : at::empty({0}, p.x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "bn_bwd_elemt",
+                                  [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Tail<acc_t> t = tail_of<acc_t>(p);
+    const scalar_t* x = p.x.const_data_ptr<scalar_t>();
+    const scalar_t* r = p.r.defined() ? p.r.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* go = dy.const_data_ptr<scalar_t>();
+    const acc_t* cf = coef.const_data_ptr<acc_t>();
+    const acc_t *A = cf, *B = cf + C, *K = cf + 2 * C, *AR = cf + 3 * C, *BR = cf + 4 * C,
+                *KR = cf + 5 * C;
+    scalar_t* gx = grad_x.data_ptr<scalar_t>();
+    scalar_t* gr = want_r ? grad_r.data_ptr<scalar_t>() : nullptr;
+    auto run = [&](auto want_tag) {
+      constexpr bool WR = decltype(want_tag)::value;
+      dispatch_tail(p.r.defined(), p.scale_r.defined(), relu, [&](auto hr, auto hs, auto rl) {
+        constexpr bool HR = decltype(hr)::value, HS = decltype(hs)::value,
+                       RL = decltype(rl)::value;
+        auto store = [&](int64_t i, int64_t c) {
+          acc_t gv = static_cast<acc_t>(go[i]);
+          if constexpr (RL) {
+            gv = tail_z<scalar_t, acc_t, HR, HS, RL>(x, r, t, i, c) > acc_t(0) ? gv : acc_t(0);
+          }
+          gx[i] = static_cast<scalar_t>(A[c] * gv + B[c] * static_cast<acc_t>(x[i]) + K[c]);
+          if constexpr (WR && HR) {
+            gr[i] = static_cast<scalar_t>(AR[c] * gv + BR[c] * static_cast<acc_t>(r[i]) + KR[c]);
+          }
+        };
+        for_each_block(
+            g,
+            [&](int64_t base) {
+              for (int64_t c = 0; c < C; ++c) store(base + c, c);
+            },
+            [&](int64_t base, int64_t c) {
+              for (int64_t i = base; i < base + g.s; ++i) store(i, c);
+            });
+      });
+    };
+    if (want_r) {
+      run(std::true_type{});
+    } else {
+      run(std::false_type{});
+    }
+  });
+  return {grad_x, grad_r};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastres, CPU, m) {
+  m.impl("bn_stats", &bn_stats_cpu);
+  m.impl("bn_finalize", &bn_finalize_cpu);
+  m.impl("bn_apply", &bn_apply_cpu);
+  m.impl("bn_backward_reduce", &bn_backward_reduce_cpu);
+  m.impl("bn_backward_elemt", &bn_backward_elemt_cpu);
+}
+
+}  // namespace fastres

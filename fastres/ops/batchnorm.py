@@ -1,0 +1,161 @@
+"""The fused BatchNorm ops of the extension `fastres._C`: `fastres::bn_*` custom ops.
+
+The kernels (CPU always, CUDA where built) are registered in C++ (`csrc/`); this module loads
+the extension, adds the fake implementations (torch.compile) and the autograd formula of
+`bn_apply`, and offers typed Python wrappers. The pure-torch reference with the same
+signatures is `fastres.ops.batchnorm_reference`.
+
+Ops (x [N, C, *], NCHW or channels_last; per-channel tensors [C] in float32, float64 for float64
+inputs):
+
+- `bn_stats(x) -> (mean, m2)`: mean and M2 = sum (x - mean)^2 over N, H, W. (count, mean, M2)
+  merge across processes with Chan's formula, which is how SyncBN all-reduces them.
+- `bn_finalize(mean, m2, count, weight, bias, eps) -> (scale, shift, invstd)`.
+- `bn_apply(x, scale, shift, residual, scale_r, shift_r, relu)`: act(x * scale + shift
+  [+ residual | + residual * scale_r + shift_r]).
+- `bn_backward_reduce` / `bn_backward_elemt`: the two passes of the backward of `bn_apply` and
+  of training-mode BatchNorms in front of it (formulas in the reference).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+EXTENSION_ERROR: str | None
+try:
+    from .. import _C  # noqa: F401  (loading it registers the fastres:: ops)
+
+    EXTENSION_ERROR = None
+except ImportError as exc:  # the extension was not built (FASTRES_BUILD_EXT=0, no compiler)
+    EXTENSION_ERROR = f"the C++ extension fastres._C is not built or does not load ({exc})"
+
+
+def cuda_kernels_built() -> bool:
+    """Whether the extension has CUDA kernels (it was built against a CUDA torch with nvcc)."""
+    if EXTENSION_ERROR is not None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key("fastres::bn_apply", "CUDA")
+
+
+def _acc(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _layout(x: Tensor) -> torch.memory_format:
+    """The layout the kernels produce for x: channels_last where x is, else contiguous."""
+    if (
+        x.dim() == 4
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _channels(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x.new_empty(x.shape[1], dtype=dtype)
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("fastres::bn_stats")
+    def _(x):
+        return _channels(x, _acc(x)), _channels(x, _acc(x))
+
+    @torch.library.register_fake("fastres::bn_finalize")
+    def _(mean, m2, count, weight, bias, eps):
+        return torch.empty_like(mean), torch.empty_like(mean), torch.empty_like(mean)
+
+    @torch.library.register_fake("fastres::bn_apply")
+    def _(x, scale, shift, residual, scale_r, shift_r, relu):
+        return torch.empty_like(x, memory_format=_layout(x))
+
+    @torch.library.register_fake("fastres::bn_backward_reduce")
+    def _(grad_out, x, scale, shift, residual, scale_r, shift_r, relu, mean, mean_r):
+        c = x.shape[1]
+        rmu = c if residual is not None and scale_r is not None else 0
+        acc = _acc(x)
+        return x.new_empty(c, dtype=acc), x.new_empty(c, dtype=acc), x.new_empty(rmu, dtype=acc)
+
+    @torch.library.register_fake("fastres::bn_backward_elemt")
+    def _(grad_out, x, scale, shift, residual, scale_r, shift_r, relu, mean, invstd, sum_dy,
+          sum_dy_xmu, mean_r, invstd_r, sum_dy_rmu, count, grad_residual):  # fmt: skip
+        grad_x = torch.empty_like(x, memory_format=_layout(x))
+        if grad_residual and residual is not None:
+            return grad_x, torch.empty_like(x, memory_format=_layout(x))
+        return grad_x, x.new_empty(0)
+
+    def apply_setup_context(ctx, inputs, output):
+        x, scale, shift, residual, scale_r, shift_r, relu = inputs
+        ctx.save_for_backward(x, scale, shift, residual, scale_r, shift_r)
+        ctx.relu = relu
+
+    def apply_backward(ctx, grad):
+        x, scale, shift, residual, scale_r, shift_r = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grad_x = grad_scale = grad_shift = grad_r = grad_scale_r = grad_shift_r = None
+        if need[1] or need[2] or need[4] or need[5]:
+            sum_dy, sum_dy_x, sum_dy_r = torch.ops.fastres.bn_backward_reduce(
+                grad, x, scale, shift, residual, scale_r, shift_r, ctx.relu, None, None
+            )
+            grad_scale, grad_shift = sum_dy_x.to(scale.dtype), sum_dy.to(shift.dtype)
+            if scale_r is not None:
+                grad_scale_r, grad_shift_r = sum_dy_r.to(scale_r.dtype), sum_dy.to(shift_r.dtype)
+        if need[0] or need[3]:
+            grad_x, grad_r = torch.ops.fastres.bn_backward_elemt(
+                grad, x, scale, shift, residual, scale_r, shift_r, ctx.relu,
+                None, None, None, None, None, None, None, 1, bool(need[3]),
+            )  # fmt: skip
+            grad_r = grad_r if need[3] else None
+        return grad_x, grad_scale, grad_shift, grad_r, grad_scale_r, grad_shift_r, None
+
+    torch.library.register_autograd(
+        "fastres::bn_apply", apply_backward, setup_context=apply_setup_context
+    )
+
+
+if EXTENSION_ERROR is None:
+    _register_fakes()
+
+
+def bn_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean [C] and M2 [C] of x [N, C, *] (count = x.numel() / C)."""
+    return torch.ops.fastres.bn_stats(x)
+
+
+def bn_finalize(
+    mean: Tensor,
+    m2: Tensor,
+    count: int,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Batch statistics and BN weight / bias [C] -> scale, shift, invstd [C]."""
+    return torch.ops.fastres.bn_finalize(mean, m2, count, weight, bias, eps)
+
+
+def bn_apply(
+    x: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    residual: Tensor | None = None,
+    scale_r: Tensor | None = None,
+    shift_r: Tensor | None = None,
+    relu: bool = True,
+) -> Tensor:
+    """act(x * scale + shift [+ residual | + residual * scale_r + shift_r]) [N, C, *], x's dtype.
+
+    Differentiable in x, scale, shift, residual, scale_r and shift_r.
+    """
+    return torch.ops.fastres.bn_apply(x, scale, shift, residual, scale_r, shift_r, relu)
+
+
+def bn_backward_reduce(*args) -> tuple[Tensor, Tensor, Tensor]:
+    """`fastres::bn_backward_reduce`; see `batchnorm_reference.bn_backward_reduce`."""
+    return torch.ops.fastres.bn_backward_reduce(*args)
+
+
+def bn_backward_elemt(*args) -> tuple[Tensor, Tensor]:
+    """`fastres::bn_backward_elemt`; see `batchnorm_reference.bn_backward_elemt`."""
+    return torch.ops.fastres.bn_backward_elemt(*args)

@@ -1,0 +1,149 @@
+"""Pure-torch reference of the fused BatchNorm ops (`fastres::bn_*`), the tests' gold.
+
+Same arguments and results as the ops (see `fastres.ops.batchnorm`). Per-channel results are
+float64 for float64 inputs and float32 otherwise; element-wise results have the input's dtype.
+x is [N, C, *]; the reductions run over every dimension but C.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _acc(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _bcast(v: Tensor, x: Tensor) -> Tensor:
+    """A per-channel [C] vector shaped to broadcast against x [N, C, *]."""
+    return v.to(_acc(x)).reshape(1, -1, *([1] * (x.dim() - 2)))
+
+
+def _dims(x: Tensor) -> list[int]:
+    return [d for d in range(x.dim()) if d != 1]
+
+
+def bn_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean [C] and M2 = sum (x - mean)^2 [C] of x [N, C, *]."""
+    xa = x.to(_acc(x))
+    mean = xa.mean(_dims(x))
+    m2 = ((xa - _bcast(mean, x)) ** 2).sum(_dims(x))
+    return mean, m2
+
+
+def bn_finalize(
+    mean: Tensor,
+    m2: Tensor,
+    count: int,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """scale = weight * invstd, shift = bias - mean * scale, invstd = 1 / sqrt(m2 / count + eps)."""
+    acc = torch.float64 if mean.dtype == torch.float64 else torch.float32
+    mean, m2 = mean.to(acc), m2.to(acc)
+    invstd = torch.rsqrt(m2 / count + eps)
+    scale = invstd if weight is None else weight.to(acc) * invstd
+    shift = -mean * scale if bias is None else bias.to(acc) - mean * scale
+    return scale, shift, invstd
+
+
+def _z(x, scale, shift, residual, scale_r, shift_r) -> Tensor:
+    z = x.to(_acc(x)) * _bcast(scale, x) + _bcast(shift, x)
+    if residual is not None:
+        r = residual.to(_acc(x))
+        z = z + (r if scale_r is None else r * _bcast(scale_r, x) + _bcast(shift_r, x))
+    return z
+
+
+def bn_apply(
+    x: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    residual: Tensor | None,
+    scale_r: Tensor | None,
+    shift_r: Tensor | None,
+    relu: bool,
+) -> Tensor:
+    """act(x * scale + shift [+ residual | + residual * scale_r + shift_r]), in x's dtype."""
+    z = _z(x, scale, shift, residual, scale_r, shift_r)
+    return (torch.relu(z) if relu else z).to(x.dtype)
+
+
+def _masked(grad_out, x, scale, shift, residual, scale_r, shift_r, relu) -> Tensor:
+    g = grad_out.to(_acc(x))
+    if relu:
+        g = torch.where(_z(x, scale, shift, residual, scale_r, shift_r) > 0, g, 0.0)
+    return g
+
+
+def bn_backward_reduce(
+    grad_out: Tensor,
+    x: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    residual: Tensor | None,
+    scale_r: Tensor | None,
+    shift_r: Tensor | None,
+    relu: bool,
+    mean: Tensor | None,
+    mean_r: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """sum g, sum g (x - mean), sum g (r - mean_r) per channel, g = grad_out * ReLU mask.
+
+    A missing mean counts as 0; sum_dy_rmu is empty unless residual and scale_r are given.
+    """
+    g = _masked(grad_out, x, scale, shift, residual, scale_r, shift_r, relu)
+    xa = x.to(_acc(x))
+    xmu = xa if mean is None else xa - _bcast(mean, x)
+    sum_dy = g.sum(_dims(x))
+    sum_dy_xmu = (g * xmu).sum(_dims(x))
+    if residual is not None and scale_r is not None:
+        ra = residual.to(_acc(x))
+        rmu = ra if mean_r is None else ra - _bcast(mean_r, x)
+        sum_dy_rmu = (g * rmu).sum(_dims(x))
+    else:
+        sum_dy_rmu = sum_dy.new_empty(0)
+    return sum_dy, sum_dy_xmu, sum_dy_rmu
+
+
+def bn_backward_elemt(
+    grad_out: Tensor,
+    x: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    residual: Tensor | None,
+    scale_r: Tensor | None,
+    shift_r: Tensor | None,
+    relu: bool,
+    mean: Tensor | None,
+    invstd: Tensor | None,
+    sum_dy: Tensor | None,
+    sum_dy_xmu: Tensor | None,
+    mean_r: Tensor | None,
+    invstd_r: Tensor | None,
+    sum_dy_rmu: Tensor | None,
+    count: int,
+    grad_residual: bool,
+) -> tuple[Tensor, Tensor]:
+    """Input gradients of bn_apply, and of training-mode BNs in front of it.
+
+    grad_x = scale * (g - sum_dy / count - (x - mean) * invstd^2 * sum_dy_xmu / count) when
+    sum_dy is given (x came from a training-mode BN), else scale * g. grad_r (when
+    grad_residual and a residual is given, else empty): g without scale_r; the same formula
+    with the r-terms when sum_dy_rmu is given; else scale_r * g.
+    """
+    g = _masked(grad_out, x, scale, shift, residual, scale_r, shift_r, relu)
+
+    def grad_of(t, s, mu, inv, s_dy_tmu):
+        if s_dy_tmu is None:
+            return g * _bcast(s, t)
+        proj = (t.to(_acc(t)) - _bcast(mu, t)) * _bcast(inv * inv * s_dy_tmu / count, t)
+        return _bcast(s, t) * (g - _bcast(sum_dy / count, t) - proj)
+
+    grad_x = grad_of(x, scale, mean, invstd, sum_dy_xmu if sum_dy is not None else None)
+    if not grad_residual or residual is None:
+        return grad_x.to(x.dtype), x.new_empty(0)
+    grad_r = g if scale_r is None else grad_of(residual, scale_r, mean_r, invstd_r, sum_dy_rmu)
+    return grad_x.to(x.dtype), grad_r.to(residual.dtype)

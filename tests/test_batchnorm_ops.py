@@ -1,0 +1,205 @@
+"""The fused BatchNorm ops (`fastres::bn_*`) against their pure-torch reference.
+
+Gold is the reference in float64, base the reference in the working dtype (SPEC section 3).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastres.ops import batchnorm as ops
+from fastres.ops import batchnorm_reference as ref
+from fastres.testing import assert_matches_oracle
+
+pytestmark = pytest.mark.skipif(ops.EXTENSION_ERROR is not None, reason=str(ops.EXTENSION_ERROR))
+
+SHAPES = {
+    "odd-3ch": (2, 3, 5, 7),
+    "res2net-26ch": (2, 26, 6, 6),
+    "1x1-spatial": (4, 64, 1, 1),
+    "stride2-56ch": (3, 56, 9, 4),
+    "wide-260ch": (2, 260, 3, 3),
+}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+# residual: none, added as is, or through a second BN (scale_r / shift_r)
+TAILS = ["plain", "residual", "two_bn"]
+
+
+def _rand(shape, dtype, layout, device="cpu", scale=1.0, offset=0.0):
+    x = torch.randn(shape, dtype=torch.float64, device=device) * scale + offset
+    return x.to(dtype).contiguous(memory_format=layout)
+
+
+def _channel(c, kind, device="cpu"):
+    if kind == "scale":
+        return torch.rand(c, dtype=torch.float64, device=device) * 1.5 + 0.25
+    return torch.randn(c, dtype=torch.float64, device=device) * 0.5
+
+
+def _check(actual, base, gold, dtype, name):
+    if isinstance(actual, tuple):
+        for i, (a, b, g) in enumerate(zip(actual, base, gold, strict=True)):
+            _check(a, b, g, dtype, f"{name}[{i}]")
+        return
+    assert actual.dtype == base.dtype, f"{name}: dtype {actual.dtype} != {base.dtype}"
+    assert actual.shape == base.shape
+    assert_matches_oracle(actual, base, gold, dtype, name)
+
+
+def _f64(args):
+    return tuple(a.double() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def _per_channel(args, acc):
+    """Per-channel tensors in the ops' accumulation dtype, element-wise ones as they are."""
+    return tuple(a.to(acc) if isinstance(a, torch.Tensor) and a.dim() == 1 else a for a in args)
+
+
+def _compare(op_name, args, dtype):
+    """Runs op and reference on args (element-wise tensors in `dtype`), checks the SPEC rule."""
+    op = getattr(ops, op_name)
+    reference = getattr(ref, op_name)
+    args = _per_channel(args, torch.float32)
+    actual = op(*args)
+    base = reference(*args)
+    gold = reference(*_f64(args))
+    _check(actual, base, gold, dtype, op_name)
+    return actual
+
+
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_stats(shape, dtype, layout):
+    # An offset much larger than the spread: a naive sum-of-squares variance would fail here.
+    x = _rand(shape, dtype, layout, scale=0.5, offset=20.0)
+    mean, m2 = _compare("bn_stats", (x,), dtype)
+    assert mean.dtype == torch.float32 and m2.shape == (shape[1],)
+
+
+def test_stats_float64_matches_torch_var():
+    x = _rand((3, 17, 5, 4), torch.float64, torch.channels_last, offset=3.0)
+    mean, m2 = ops.bn_stats(x)
+    count = x.numel() // x.shape[1]
+    torch.testing.assert_close(mean, x.mean((0, 2, 3)), rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(m2 / count, x.var((0, 2, 3), unbiased=False), rtol=1e-12, atol=0)
+
+
+def test_finalize():
+    c = 37
+    mean = torch.randn(c)
+    m2 = torch.rand(c) * 50 + 0.1
+    weight, bias = _channel(c, "scale").float(), _channel(c, "shift").float()
+    for w, b in ((weight, bias), (None, None)):
+        _compare("bn_finalize", (mean, m2, 40, w, b, 1e-5), torch.float32)
+
+
+def _tail_args(shape, dtype, layout, tail):
+    c = shape[1]
+    x = _rand(shape, dtype, layout)
+    residual = _rand(shape, dtype, layout) if tail != "plain" else None
+    scale_r = _channel(c, "scale") if tail == "two_bn" else None
+    shift_r = _channel(c, "shift") if tail == "two_bn" else None
+    return x, _channel(c, "scale"), _channel(c, "shift"), residual, scale_r, shift_r
+
+
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "identity"])
+@pytest.mark.parametrize("tail", TAILS)
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_apply(shape, dtype, layout, tail, relu):
+    args = _tail_args(shape, dtype, layout, tail)
+    out = _compare("bn_apply", (*args, relu), dtype)
+    assert out.is_contiguous(memory_format=layout)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train_bn", "eval_bn"])
+@pytest.mark.parametrize("tail", TAILS)
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_backward(shape, dtype, layout, tail, train):
+    x, scale, shift, residual, scale_r, shift_r = _tail_args(shape, dtype, layout, tail)
+    grad = _rand(shape, dtype, layout)
+    c = shape[1]
+    count = x.numel() // c
+    mean = _channel(c, "shift") if train else None
+    mean_r = _channel(c, "shift") if train and tail == "two_bn" else None
+    reduced = _compare(
+        "bn_backward_reduce",
+        (grad, x, scale, shift, residual, scale_r, shift_r, True, mean, mean_r),
+        dtype,
+    )
+    assert reduced[2].numel() == (c if tail == "two_bn" else 0)
+    # The element-wise pass, fed with float64 reductions so that only it is under test.
+    sum_dy, sum_dy_xmu, sum_dy_rmu = ref.bn_backward_reduce(
+        *_f64((grad, x, scale, shift, residual, scale_r, shift_r, True, mean, mean_r))
+    )
+    invstd = _channel(c, "scale") if train else None
+    invstd_r = _channel(c, "scale") if mean_r is not None else None
+    grads = _compare(
+        "bn_backward_elemt",
+        (
+            grad, x, scale, shift, residual, scale_r, shift_r, True,
+            mean, invstd, sum_dy if train else None, sum_dy_xmu if train else None,
+            mean_r, invstd_r, sum_dy_rmu if mean_r is not None else None,
+            count, residual is not None,
+        ),
+        dtype,
+    )  # fmt: skip
+    assert grads[1].numel() == (0 if residual is None else x.numel())
+
+
+def _opcheck_cases():
+    shape, c = (2, 6, 3, 4), 6
+    for layout in LAYOUTS.values():
+        x, scale, shift, residual, scale_r, shift_r = _tail_args(
+            shape, torch.float32, layout, "two_bn"
+        )
+        scale, shift, scale_r, shift_r = (t.float() for t in (scale, shift, scale_r, shift_r))
+        grad = _rand(shape, torch.float32, layout)
+        vec = lambda: torch.randn(c)
+        yield "bn_stats", (x,)
+        yield "bn_finalize", (vec(), vec().abs() + 1, 24, vec(), vec(), 1e-5)
+        yield "bn_apply", (x, scale, shift, None, None, None, True)
+        yield "bn_apply", (x, scale, shift, residual, scale_r, shift_r, False)
+        yield (
+            "bn_backward_reduce",
+            (grad, x, scale, shift, residual, scale_r, shift_r, True, vec(), vec()),
+        )
+        yield "bn_backward_elemt", (
+            grad, x, scale, shift, residual, scale_r, shift_r, True,
+            vec(), vec().abs(), vec(), vec(), vec(), vec().abs(), vec(), 24, True,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_opcheck(case):
+    name, args = list(_opcheck_cases())[case]
+    torch.library.opcheck(getattr(torch.ops.fastres, name).default, args)
+
+
+def test_opcheck_apply_autograd():
+    x, scale, shift, residual, scale_r, shift_r = _tail_args(
+        (2, 5, 3, 3), torch.float32, torch.channels_last, "two_bn"
+    )
+    args = [x, scale.float(), shift.float(), residual, scale_r.float(), shift_r.float()]
+    for a in args:
+        a.requires_grad_(True)
+    torch.library.opcheck(torch.ops.fastres.bn_apply.default, (*args, True))
+
+
+@pytest.mark.parametrize("tail", TAILS)
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_apply_gradcheck_float64(tail, layout):
+    args = _tail_args((2, 4, 3, 5), torch.float64, layout, tail)
+    args = [a.requires_grad_(True) if a is not None else None for a in args]
+    inputs = tuple(args)
+
+    def f(*a):
+        return ops.bn_apply(*a, relu=True)
+
+    torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
