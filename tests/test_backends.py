@@ -1,0 +1,87 @@
+"""SPEC section 3: backend selection, FASTRES_BACKEND, available_backends()."""
+
+import pytest
+import torch
+
+import fastres
+from fastres import backends
+
+
+@pytest.fixture
+def no_native(monkeypatch):
+    """Pretends the extension is missing, whatever this machine has."""
+    native = backends._REGISTRY["native"]
+    monkeypatch.setattr(native, "unavailable_reason", lambda device_type=None: "not built (test)")
+    return native
+
+
+def test_available_backends_reports_every_backend_with_a_reason():
+    status = fastres.available_backends()
+    assert set(status) == {"torch", "native", "triton"}
+    assert status["torch"].available
+    for name, s in status.items():
+        assert isinstance(s.available, bool) and s.reason, name
+        assert s.available == (s.reason == "available")
+
+
+def test_explicit_backend_that_cannot_run_raises_with_the_reason(no_native):
+    assert not fastres.available_backends()["native"].available
+    with pytest.raises(RuntimeError, match=r"backend 'native' cannot run here: not built \(test\)"):
+        fastres.ResNet(depth=18, backend="native")
+    model = fastres.ResNet(depth=18)
+    with pytest.raises(RuntimeError, match="not built"):
+        model.set_backend("native")
+
+
+def test_auto_falls_back_to_torch_without_error(no_native):
+    model = fastres.ResNet(depth=18, base_channels=8).eval()
+    assert model.backend == "auto"
+    assert backends.resolve("auto", torch.device("cpu")).name == "torch"
+    assert model(torch.randn(1, 3, 32, 32))[0].shape == (1, 8, 8, 8)
+
+
+def test_auto_prefers_native_on_cpu_when_it_can_run(monkeypatch):
+    native = backends._REGISTRY["native"]
+    monkeypatch.setattr(native, "unavailable_reason", lambda device_type=None: None)
+    assert backends.resolve("auto", torch.device("cpu")) is native
+
+
+def test_environment_variable_overrides_the_default(monkeypatch):
+    monkeypatch.setenv("FASTRES_BACKEND", "torch")
+    model = fastres.ResNet(depth=18)
+    assert model.backend == "torch"
+    assert all(b.backend == "torch" for layer in (model.layer1, model.layer4) for b in layer)
+    monkeypatch.setenv("FASTRES_BACKEND", "fast")
+    with pytest.raises(ValueError, match=r"FASTRES_BACKEND='fast'.*auto, torch, native, triton"):
+        fastres.ResNet(depth=18)
+
+
+def test_environment_variable_naming_a_backend_that_cannot_run_raises(monkeypatch, no_native):
+    monkeypatch.setenv("FASTRES_BACKEND", "native")
+    with pytest.raises(RuntimeError, match="native"):
+        fastres.ResNet(depth=18)
+
+
+def test_set_backend_reaches_every_block_and_keeps_results():
+    model = fastres.Res2Net(depth=50, base_channels=8).eval()
+    x = torch.randn(1, 3, 32, 32)
+    expected = model.set_backend("torch")(x)
+    assert all(
+        b.backend == "torch" for b in model.modules() if isinstance(b, fastres.models.ResBlock)
+    )
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+        model.set_backend("gpu")
+    assert model.backend == "torch"  # a rejected change leaves the model as it was
+    for a, b in zip(model(x), expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_explicit_backend_on_a_device_it_cannot_run_on(monkeypatch):
+    native = backends._REGISTRY["native"]
+    monkeypatch.setattr(
+        native,
+        "unavailable_reason",
+        lambda device_type=None: "no cpu" if device_type == "cpu" else None,
+    )
+    with pytest.raises(RuntimeError, match=r"'native' cannot run on cpu tensors: no cpu"):
+        backends.resolve("native", torch.device("cpu"))
