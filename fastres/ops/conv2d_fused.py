@@ -1,0 +1,479 @@
+"""Launcher and `fastres::` custom ops of the fused convolution (`kernels/conv2d_fused.py`).
+
+    out = conv2d_fused(x, w, bias, stride=2, padding=1, residual=r, relu=True)
+
+computes `relu(conv2d(x, w) + bias + r)` in one kernel on NHWC tensors. The ops:
+
+- `fastres::conv2d_fused` -> (out, sum, sumsq): functional, differentiable (backward through
+  PyTorch's `convolution_backward`); sum / sumsq are the per-channel statistics of `out` when
+  `stats` is set, else empty. Registered with a fake implementation, so torch.compile traces it.
+- `fastres::conv2d_fused_out`: the same computation written into a given `out` (e.g. a channel
+  slice of a concatenation buffer, as Res2Net uses); not differentiable.
+
+The launcher checks its inputs, allocates the output (channels_last), picks the launch
+configuration (benchmarked once per shape class and GPU on CUDA, fixed under the Triton
+interpreter) and launches. It never touches `torch.cuda` for CPU tensors, so it runs under
+TRITON_INTERPRET=1 on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Tuned launch configurations, keyed on (shape class, dtype, precision mode, device name).
+_TUNED_CONFIGS: dict[tuple, dict] = {}
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run through the interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false")
+
+
+def arrange_weight(weight: Tensor) -> Tensor:
+    """The weight stored as [KH, KW, C_in, C_out], returned as a [C_out, C_in, KH, KW] view.
+
+    The kernel reads the weight through its strides; this storage order makes every B tile
+    contiguous along C_out. Differentiable (a permuted copy).
+    """
+    return weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+
+
+def _pair(v: int | Sequence[int], name: str) -> list[int]:
+    pair = [v, v] if isinstance(v, int) else list(v)
+    if len(pair) != 2 or any(not isinstance(i, int) for i in pair):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    return pair
+
+
+def _output_size(
+    x: Tensor, weight: Tensor, stride, padding, dilation, input_pool: int
+) -> tuple[int, int, int, int]:
+    """(PH, PW, OH, OW): the size the convolution sees after the pool, and its output size."""
+    ph, pw = (math.ceil(x.shape[2] / input_pool), math.ceil(x.shape[3] / input_pool))
+    kh, kw = weight.shape[2:]
+    oh = (ph + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (pw + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return ph, pw, oh, ow
+
+
+def _check_vector(t: Tensor | None, name: str, n: int, x: Tensor) -> None:
+    if t is None:
+        return
+    if t.dim() != 1 or t.shape[0] != n:
+        raise ValueError(f"{name} must have shape [{n}], got {tuple(t.shape)}")
+    if not t.is_floating_point() or t.device != x.device:
+        raise ValueError(f"{name} must be a floating-point tensor on {x.device}")
+
+
+def _check_inputs(
+    x, weight, bias, residual, residual_scale, residual_shift, input_scale, input_shift,
+    stride, padding, dilation, input_relu, input_pool,
+) -> tuple[int, int, int, int]:  # fmt: skip
+    if x.dim() != 4 or weight.dim() != 4:
+        raise ValueError(
+            f"expected x [N, C_in, H, W] and weight [C_out, C_in, KH, KW], got "
+            f"{tuple(x.shape)} and {tuple(weight.shape)}"
+        )
+    if x.dtype not in _FLOAT_DTYPES or weight.dtype != x.dtype:
+        raise TypeError(
+            f"x and weight must share a dtype among float32, float16, bfloat16; got {x.dtype} "
+            f"and {weight.dtype}"
+        )
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device}, x on {x.device}")
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"weight expects {weight.shape[1]} input channels, x has {x.shape[1]} (groups=1 only)"
+        )
+    if any(s < 1 for s in stride) or any(d < 1 for d in dilation) or any(p < 0 for p in padding):
+        raise ValueError(f"bad stride {stride}, padding {padding} or dilation {dilation}")
+    if not isinstance(input_pool, int) or input_pool < 1:
+        raise ValueError(f"input_pool must be a positive int, got {input_pool!r}")
+    c_in, c_out = x.shape[1], weight.shape[0]
+    _check_vector(bias, "bias", c_out, x)
+    _check_vector(residual_scale, "residual_scale", c_out, x)
+    _check_vector(residual_shift, "residual_shift", c_out, x)
+    _check_vector(input_scale, "input_scale", c_in, x)
+    _check_vector(input_shift, "input_shift", c_in, x)
+    if (residual_scale is None) != (residual_shift is None):
+        raise ValueError("residual_scale and residual_shift go together")
+    if (input_scale is None) != (input_shift is None):
+        raise ValueError("input_scale and input_shift go together")
+    if residual_scale is not None and residual is None:
+        raise ValueError("residual_scale / residual_shift need a residual")
+    sizes = _output_size(x, weight, stride, padding, dilation, input_pool)
+    if sizes[2] < 1 or sizes[3] < 1:
+        raise ValueError(
+            f"input {tuple(x.shape)} is too small for a {tuple(weight.shape[2:])} kernel with "
+            f"stride {stride}, padding {padding}, dilation {dilation}"
+        )
+    out_shape = (x.shape[0], c_out, sizes[2], sizes[3])
+    if residual is not None and (tuple(residual.shape) != out_shape or residual.device != x.device):
+        raise ValueError(
+            f"residual must have the output's shape {out_shape} on {x.device}, got "
+            f"{tuple(residual.shape)} on {residual.device}"
+        )
+    return sizes
+
+
+def _dot_mode(x: Tensor, allow_tf32: bool) -> int:
+    if interpreting() or (x.dtype == torch.float32 and not allow_tf32):
+        return 1
+    return 2 if x.dtype == torch.float32 else 0
+
+
+def _launch(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    residual_scale: Tensor | None,
+    residual_shift: Tensor | None,
+    input_scale: Tensor | None,
+    input_shift: Tensor | None,
+    out: Tensor,
+    stats: tuple[Tensor, Tensor] | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    input_relu: bool,
+    input_pool: int,
+    relu: bool,
+    allow_tf32: bool,
+) -> None:
+    """Launches the kernel that writes `out` (and accumulates into `stats`, zeroed here)."""
+    import triton
+
+    from fastres.kernels.conv2d_configs import FLAT_K_MAX_C_IN, INTERPRETER_CONFIG, shape_class
+    from fastres.kernels.conv2d_fused import conv2d_fused_kernel
+
+    n, c_in, h, w = x.shape
+    c_out, _, kh, kw = weight.shape
+    ph, pw, oh, ow = _output_size(x, weight, stride, padding, dilation, input_pool)
+    m = n * oh * ow
+    if m == 0 or c_out == 0:
+        return
+    flat_k = c_in < FLAT_K_MAX_C_IN
+    res = residual if residual is not None else out
+    sum_buf, sumsq_buf = stats if stats is not None else (None, None)
+    dot_mode = _dot_mode(x, allow_tf32)
+    residual_mode = 2 if residual_scale is not None else int(residual is not None)
+
+    def launch(config: dict) -> None:
+        grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(c_out, config["BLOCK_N"]),)
+        conv2d_fused_kernel[grid](
+            x, weight, bias, res, residual_scale, residual_shift, input_scale, input_shift,
+            out, sum_buf, sumsq_buf,
+            n, h, w, c_in, ph, pw, oh, ow, c_out,
+            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+            *x.stride(), *weight.stride(), *res.stride(), *out.stride(),
+            KH=kh, KW=kw, POOL=input_pool,
+            IN_AFFINE=int(input_scale is not None), IN_RELU=int(input_relu),
+            HAS_BIAS=int(bias is not None), RESIDUAL=residual_mode, RELU=int(relu),
+            STATS=int(stats is not None), DOT_MODE=dot_mode, FLAT_K=int(flat_k),
+            **config,
+        )  # fmt: skip
+
+    if interpreting() or x.device.type != "cuda":
+        config = INTERPRETER_CONFIG
+    else:
+        key = (
+            shape_class(m, c_in, c_out, kh, kw, stride[0], input_pool),
+            x.dtype,
+            dot_mode,
+            torch.cuda.get_device_name(x.device),
+        )
+        config = _TUNED_CONFIGS.get(key)
+        if config is None:
+            config = _tune(launch, m, kh * kw * c_in, c_in, c_out, flat_k, x.element_size())
+            _TUNED_CONFIGS[key] = config
+    if stats is not None:
+        for buf in stats:
+            buf.zero_()
+    launch(config)
+
+
+def _tune(launch, m: int, k: int, c_in: int, c_out: int, flat_k: bool, elt_bytes: int) -> dict:
+    """Times every candidate configuration once and returns the fastest (CUDA only)."""
+    import triton
+    import triton.testing
+
+    from fastres.kernels.conv2d_configs import candidate_configs
+
+    best, best_ms = None, float("inf")
+    for config in candidate_configs(m, k, c_in, c_out, flat_k, elt_bytes):
+        try:
+            ms = triton.testing.do_bench(lambda c=config: launch(c), warmup=5, rep=25)
+        except triton.runtime.errors.OutOfResources:
+            continue  # too much shared memory / registers for this GPU
+        if ms < best_ms:
+            best, best_ms = config, ms
+    if best is None:
+        raise RuntimeError("no launch configuration of the fused convolution fits this GPU")
+    return best
+
+
+def _allocate_out(x: Tensor, weight: Tensor, sizes) -> Tensor:
+    return torch.empty(
+        (x.shape[0], weight.shape[0], sizes[2], sizes[3]),
+        dtype=x.dtype,
+        device=x.device,
+        memory_format=torch.channels_last,
+    )
+
+
+def _prologue_reference(
+    x: Tensor, input_scale: Tensor | None, input_shift: Tensor | None, input_relu: bool, pool: int
+) -> Tensor:
+    """What the kernel's prologue computes, in PyTorch (for backward)."""
+    if input_scale is not None:
+        shape = (1, -1, 1, 1)
+        x = (x.float() * input_scale.view(shape) + input_shift.view(shape)).to(x.dtype)
+    if input_relu:
+        x = torch.relu(x)
+    if pool > 1:
+        x = F.avg_pool2d(x, pool, pool, ceil_mode=True, count_include_pad=False)
+    return x
+
+
+@torch.library.custom_op("fastres::conv2d_fused", mutates_args=())
+def _conv2d_fused_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    residual_scale: Tensor | None,
+    residual_shift: Tensor | None,
+    input_scale: Tensor | None,
+    input_shift: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    input_relu: bool,
+    input_pool: int,
+    relu: bool,
+    stats: bool,
+    allow_tf32: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    sizes = _check_inputs(
+        x, weight, bias, residual, residual_scale, residual_shift, input_scale, input_shift,
+        stride, padding, dilation, input_relu, input_pool,
+    )  # fmt: skip
+    out = _allocate_out(x, weight, sizes)
+    n_stats = weight.shape[0] if stats else 0
+    sum_buf = torch.zeros(n_stats, dtype=torch.float32, device=x.device)
+    sumsq_buf = torch.zeros(n_stats, dtype=torch.float32, device=x.device)
+    _launch(
+        x, weight, bias, residual, residual_scale, residual_shift, input_scale, input_shift,
+        out, (sum_buf, sumsq_buf) if stats else None,
+        stride, padding, dilation, input_relu, input_pool, relu, allow_tf32,
+    )  # fmt: skip
+    return out, sum_buf, sumsq_buf
+
+
+@_conv2d_fused_op.register_fake
+def _(
+    x, weight, bias, residual, residual_scale, residual_shift, input_scale, input_shift,
+    stride, padding, dilation, input_relu, input_pool, relu, stats, allow_tf32,
+):  # fmt: skip
+    sizes = _output_size(x, weight, stride, padding, dilation, input_pool)
+    n_stats = weight.shape[0] if stats else 0
+    return (
+        _allocate_out(x, weight, sizes),
+        x.new_empty(n_stats, dtype=torch.float32),
+        x.new_empty(n_stats, dtype=torch.float32),
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, residual, residual_scale, _, input_scale, input_shift = inputs[:8]
+    input_relu, input_pool, relu = inputs[11:14]
+    out, sum_buf, sumsq_buf = output
+    ctx.mark_non_differentiable(sum_buf, sumsq_buf)
+    ctx.save_for_backward(x, weight, bias, residual, residual_scale, input_scale, input_shift, out)
+    ctx.conv_args = inputs[8:11]  # stride, padding, dilation
+    ctx.input_relu, ctx.input_pool, ctx.relu = input_relu, input_pool, relu
+
+
+def _channel_sum(t: Tensor) -> Tensor:
+    return t.sum((0, 2, 3), dtype=torch.float32)
+
+
+def _backward(ctx, grad_out: Tensor, _grad_sum, _grad_sumsq):
+    x, weight, bias, residual, residual_scale, input_scale, input_shift, out = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    grads = [None] * 16
+    grad_z = grad_out.masked_fill(out <= 0, 0) if ctx.relu else grad_out
+    if bias is not None and needs[2]:
+        grads[2] = _channel_sum(grad_z).to(bias.dtype)
+    if residual is not None:
+        if residual_scale is None:
+            grads[3] = grad_z.to(residual.dtype) if needs[3] else None
+        else:
+            rs = residual_scale.view(1, -1, 1, 1)
+            grads[3] = (grad_z.float() * rs).to(residual.dtype) if needs[3] else None
+            if needs[4]:
+                grads[4] = _channel_sum(grad_z.float() * residual.float()).to(rs.dtype)
+            if needs[5]:
+                grads[5] = _channel_sum(grad_z).to(rs.dtype)
+    needs_x = needs[0] or needs[6] or needs[7]
+    if needs_x or needs[1]:
+        x_in = _prologue_reference(x, input_scale, input_shift, ctx.input_relu, ctx.input_pool)
+        stride, padding, dilation = ctx.conv_args
+        grad_xin, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad_z.to(x.dtype), x_in, weight, None, stride, padding, dilation,
+            False, [0, 0], 1, [needs_x, needs[1], False],
+        )  # fmt: skip
+        grads[1] = grad_w
+        if needs_x:
+            grads[0], grads[6], grads[7] = _prologue_backward(
+                grad_xin, x, input_scale, input_shift, ctx.input_relu, ctx.input_pool, needs
+            )
+    return tuple(grads)
+
+
+def _prologue_backward(grad, x, input_scale, input_shift, input_relu, pool, needs):
+    """Gradients of x, input_scale, input_shift through `_prologue_reference`."""
+    shape = (1, -1, 1, 1)
+    u = x
+    if input_scale is not None:
+        u = (x.float() * input_scale.view(shape) + input_shift.view(shape)).to(x.dtype)
+    if pool > 1:
+        v = torch.relu(u) if input_relu else u
+        grad = torch.ops.aten.avg_pool2d_backward(
+            grad, v, [pool, pool], [pool, pool], [0, 0], True, False, None
+        )
+    if input_relu:
+        grad = grad.masked_fill(u <= 0, 0)
+    if input_scale is None:
+        return grad, None, None
+    grad_x = (grad.float() * input_scale.view(shape)).to(x.dtype) if needs[0] else None
+    grad_scale = _channel_sum(grad.float() * x.float()).to(input_scale.dtype) if needs[6] else None
+    grad_shift = _channel_sum(grad).to(input_shift.dtype) if needs[7] else None
+    return grad_x, grad_scale, grad_shift
+
+
+torch.library.register_autograd("fastres::conv2d_fused", _backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("fastres::conv2d_fused_out", mutates_args=("out",))
+def _conv2d_fused_out_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    residual_scale: Tensor | None,
+    residual_shift: Tensor | None,
+    input_scale: Tensor | None,
+    input_shift: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    input_relu: bool,
+    input_pool: int,
+    relu: bool,
+    allow_tf32: bool,
+    out: Tensor,
+) -> None:
+    sizes = _check_inputs(
+        x, weight, bias, residual, residual_scale, residual_shift, input_scale, input_shift,
+        stride, padding, dilation, input_relu, input_pool,
+    )  # fmt: skip
+    expected = (x.shape[0], weight.shape[0], sizes[2], sizes[3])
+    if tuple(out.shape) != expected or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(
+            f"out must be {expected} {x.dtype} on {x.device}, got {tuple(out.shape)} "
+            f"{out.dtype} on {out.device}"
+        )
+    for name, t in (("x", x), ("weight", weight), ("residual", residual)):
+        if t is not None and t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
+            raise ValueError(f"out must not share memory with {name}")
+    _launch(
+        x, weight, bias, residual, residual_scale, residual_shift, input_scale, input_shift,
+        out, None, stride, padding, dilation, input_relu, input_pool, relu, allow_tf32,
+    )  # fmt: skip
+
+
+@_conv2d_fused_out_op.register_fake
+def _(
+    x, weight, bias, residual, residual_scale, residual_shift, input_scale, input_shift,
+    stride, padding, dilation, input_relu, input_pool, relu, allow_tf32, out,
+) -> None:  # fmt: skip
+    return None
+
+
+def conv2d_fused(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    residual: Tensor | None = None,
+    residual_scale: Tensor | None = None,
+    residual_shift: Tensor | None = None,
+    input_scale: Tensor | None = None,
+    input_shift: Tensor | None = None,
+    input_relu: bool = False,
+    input_pool: int = 1,
+    relu: bool = False,
+    stats: bool = False,
+    allow_tf32: bool | None = None,
+    out: Tensor | None = None,
+) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+    """Convolution with its neighbours fused in (see `kernels/conv2d_fused.py`).
+
+    Computes, per output element,
+    `relu(conv2d(pool(relu(x * input_scale + input_shift)), weight) + bias
+    + residual * residual_scale + residual_shift)`, every part optional.
+
+    Args:
+        x: [N, C_in, H, W], float32 / float16 / bfloat16, any strides (channels_last or a
+            channel slice of a larger channels_last buffer is read in place).
+        weight: [C_out, C_in, KH, KW], x's dtype, any strides (`arrange_weight` gives the
+            fastest).
+        bias: [C_out] or None, any float dtype (added in fp32).
+        stride, padding, dilation: of the convolution, an int or an (h, w) pair.
+        residual: [N, C_out, OH, OW] added before the ReLU, or None.
+        residual_scale, residual_shift: [C_out], applied to the residual first (a shortcut's
+            BatchNorm), or None.
+        input_scale, input_shift: [C_in], applied to every input element first (the previous
+            layer's BatchNorm), or None; zero padding stays zero.
+        input_relu: ReLU on the input elements (after input_scale / input_shift).
+        input_pool: k > 1 average-pools the input k x k with stride k (ceil_mode,
+            count_include_pad=False) before the convolution.
+        relu: ReLU on the output.
+        stats: also return the per-channel sum and sum of squares of the output ([C_out] fp32).
+        allow_tf32: float32 products in TF32; None follows torch.backends.cudnn.allow_tf32
+            (PyTorch's own rule for convolutions). Ignored for fp16 / bf16 and on CPU.
+        out: write into this [N, C_out, OH, OW] tensor (e.g. a channel slice of a larger
+            buffer; it must not share memory with the inputs) instead of a new one. Not
+            differentiable, no stats.
+
+    Returns:
+        out [N, C_out, OH, OW] in x's dtype (channels_last when allocated here), or
+        (out, sum, sumsq) when `stats`.
+    """
+    if allow_tf32 is None:
+        allow_tf32 = bool(torch.backends.cudnn.allow_tf32)
+    args = (
+        x, weight, bias, residual, residual_scale, residual_shift, input_scale, input_shift,
+        _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"),
+        bool(input_relu), int(input_pool), bool(relu),
+    )  # fmt: skip
+    if out is not None:
+        if stats:
+            raise ValueError("stats are not available with out=")
+        torch.ops.fastres.conv2d_fused_out(*args, allow_tf32, out)
+        return out
+    result, sum_buf, sumsq_buf = torch.ops.fastres.conv2d_fused(*args, bool(stats), allow_tf32)
+    return (result, sum_buf, sumsq_buf) if stats else result

@@ -1,0 +1,77 @@
+"""Launch configurations of the fused convolution (kernels/conv2d_fused.py), kept apart from
+the kernel body.
+
+The launcher benchmarks the `candidate_configs` of a shape class once per device (on CUDA only)
+and caches the fastest; under the Triton interpreter it uses `INTERPRETER_CONFIG` and never
+tunes, because every interpreted launch costs seconds.
+"""
+
+import triton
+
+# Small tiles keep interpreted test shapes exercising the M, C_out and K tails.
+INTERPRETER_CONFIG = {
+    "BLOCK_M": 32,
+    "BLOCK_N": 32,
+    "BLOCK_K": 16,
+    "GROUP_M": 8,
+    "num_warps": 4,
+    "num_stages": 1,
+}
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for 2-byte operands on Hopper / Ampere;
+# fp32 operands use half the BLOCK_K (shared memory per stage stays the same).
+_CUDA_TILES = (
+    (128, 128, 64, 8, 3),
+    (128, 128, 32, 4, 4),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (128, 256, 64, 8, 3),
+    (256, 128, 64, 8, 3),
+    (64, 64, 64, 4, 4),
+    (64, 64, 32, 4, 4),
+    (32, 64, 32, 4, 4),
+)
+
+# Below this many input channels the flat K order wastes fewer MMA columns than tap-major.
+FLAT_K_MAX_C_IN = 16
+
+
+def shape_class(m: int, c_in: int, c_out: int, kh: int, kw: int, stride: int, pool: int) -> tuple:
+    """The key under which a tuned configuration is cached.
+
+    M is bucketed to a power of two so that batch sizes and image sizes close to each other
+    share one tuning run.
+    """
+    return (triton.next_power_of_2(max(m, 1)), c_in, c_out, kh, kw, stride, pool)
+
+
+def candidate_configs(m: int, k: int, c_in: int, c_out: int, flat_k: bool, elt_bytes: int):
+    """Configurations worth timing for one shape: tiles no larger than the problem needs.
+
+    Args:
+        m: output pixels N*OH*OW. k: GEMM depth KH*KW*C_in. c_in, c_out: channels.
+        flat_k: the flat K order is used. elt_bytes: operand size (2 for fp16/bf16, 4 for fp32).
+    Returns:
+        A list of dicts with BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages.
+    """
+    max_m = max(32, triton.next_power_of_2(m))
+    max_n = max(32, triton.next_power_of_2(c_out))
+    max_k = max(16, triton.next_power_of_2(k if flat_k else c_in))
+    configs, seen = [], set()
+    for block_m, block_n, block_k, warps, stages in _CUDA_TILES:
+        block_k = max(16, block_k * 2 // elt_bytes)
+        tile = (min(block_m, max_m), min(block_n, max_n), min(block_k, max_k), warps, stages)
+        if tile in seen:
+            continue
+        seen.add(tile)
+        configs.append(
+            {
+                "BLOCK_M": tile[0],
+                "BLOCK_N": tile[1],
+                "BLOCK_K": tile[2],
+                "GROUP_M": 8,
+                "num_warps": warps,
+                "num_stages": stages,
+            }
+        )
+    return configs

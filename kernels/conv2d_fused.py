@@ -1,0 +1,322 @@
+"""Fused 2-D convolution: implicit GEMM on NHWC tensors with prologue and epilogue fusions.
+
+Algorithm: the convolution is a GEMM out[M, C_out] = A[M, K] @ B[K, C_out] with M = N*OH*OW
+output pixels and K = KH*KW*C_in, where A (the im2col matrix) is never formed: each program
+owns a BLOCK_M x BLOCK_N output tile and gathers its A tiles straight from the input, computing
+the input pixel of every (output pixel, kernel tap) pair and masking padding, image borders and
+the channel tail. Two K orders:
+
+- tap-major (FLAT_K=0): K blocks never straddle two taps (channel blocks within a tap, the
+  channel tail masked), so input coordinates are computed per tap. For C_in >= 16.
+- flat (FLAT_K=1): one loop over K = (kh, kw, c) flattened, every element decoding its own tap.
+  For small C_in (the stem's 3 channels), where a per-tap channel block would be mostly mask.
+
+While the tiles are in registers the kernel also applies
+- prologue, on every input element: per-input-channel scale/shift (IN_AFFINE) and ReLU
+  (IN_RELU), i.e. the previous layer's BatchNorm applied lazily; then optionally a POOL x POOL
+  average pool with stride POOL (ceil_mode, count_include_pad=False; the avg_down shortcut), so
+  the convolution reads a virtual pooled input of PH x PW pixels. Padding stays zero after the
+  prologue, as in the unfused graph.
+- epilogue, on the fp32 accumulator: + bias[C_out] (a folded BatchNorm), + residual
+  (RESIDUAL=1) or + residual * res_scale[C_out] + res_shift[C_out] (RESIDUAL=2, a shortcut's
+  BatchNorm), ReLU, per-channel sum and sum of squares of the result in fp32 (STATS, atomics;
+  for training-mode BatchNorm), cast to the output dtype.
+
+Layout: every activation is addressed through its (n, c, h, w) strides, so NHWC
+(channels_last) tensors and channel slices of larger NHWC buffers (channel offset and pixel
+stride) are read and written in place. The weight too is addressed by strides
+([C_out, C_in, KH, KW] logical); it is fastest stored as [KH, KW, C_in, C_out] so that a B tile
+is contiguous along C_out. Activation offsets are 64-bit.
+
+Precision: DOT_MODE 0 multiplies fp16/bf16 tiles on tensor cores, 1 multiplies fp32 exactly
+("ieee"), 2 multiplies fp32 in TF32; accumulation is always fp32. Under the Triton interpreter
+the launcher always picks 1 after casting the tiles to fp32, because the interpreter's bf16 dot
+is wrong.
+
+Limits: groups=1; BLOCK_K >= 16 and BLOCK_M, BLOCK_N >= 16 (tl.dot); M = N*OH*OW and C_out
+must fit in int32 (offsets into tensors are int64); the POOL prologue assumes no padding around
+the pool (kernel == stride == POOL).
+"""
+
+import triton
+import triton.language as tl
+
+
+def conv2d_fused_name(spec) -> str:
+    """Kernel name that says which fusions a specialization carries (for profiler timelines).
+
+    E.g. `fastres_conv3x3_bias_relu`, `fastres_conv1x1_bias_add_relu`,
+    `fastres_avgpool2_conv1x1_bias`, `fastres_bnrelu_conv1x1_stats`.
+    """
+    c = spec.constants
+    parts = ["fastres"]
+    if c.get("IN_AFFINE"):
+        parts.append("bnrelu" if c.get("IN_RELU") else "bn")
+    elif c.get("IN_RELU"):
+        parts.append("relu")
+    if c.get("POOL", 1) > 1:
+        parts.append(f"avgpool{c['POOL']}")
+    parts.append(f"conv{c.get('KH', 'k')}x{c.get('KW', 'k')}")
+    if c.get("HAS_BIAS"):
+        parts.append("bias")
+    if c.get("RESIDUAL") == 1:
+        parts.append("add")
+    elif c.get("RESIDUAL") == 2:
+        parts.append("addbn")
+    if c.get("RELU"):
+        parts.append("relu")
+    if c.get("STATS"):
+        parts.append("stats")
+    return "_".join(parts)
+
+
+@triton.jit
+def _load_input_tile(
+    x_row,
+    ih,
+    iw,
+    cs,
+    valid,
+    in_scale,
+    in_shift,
+    H,
+    W,
+    stride_x_h,
+    stride_x_w,
+    stride_x_c,
+    POOL: tl.constexpr,
+    IN_AFFINE: tl.constexpr,
+    IN_RELU: tl.constexpr,
+):
+    """One A tile in fp32: input elements (pooled virtual pixels when POOL > 1) after the prologue.
+
+    x_row: [BLOCK_M, 1] pointers to each output pixel's image; ih, iw: virtual input
+    coordinates broadcastable to [BLOCK_M, BLOCK_K]; cs: channel of each K column; valid: mask
+    of elements inside the virtual input and the channel range.
+    """
+    if POOL == 1:
+        ptrs = x_row + ih.to(tl.int64) * stride_x_h + iw.to(tl.int64) * stride_x_w
+        v = tl.load(ptrs + cs.to(tl.int64) * stride_x_c, mask=valid, other=0.0).to(tl.float32)
+        if IN_AFFINE:
+            v = v * in_scale + in_shift
+        if IN_RELU:
+            v = tl.maximum(v, 0.0)
+        if IN_AFFINE:
+            # Zero padding is applied after the (lazy) BatchNorm, not before it.
+            v = tl.where(valid, v, 0.0)
+    else:
+        total = tl.zeros(valid.shape, dtype=tl.float32)
+        count = tl.zeros(valid.shape, dtype=tl.float32)
+        for py in tl.static_range(POOL):
+            for px in tl.static_range(POOL):
+                h = ih * POOL + py
+                w = iw * POOL + px
+                ok = valid & (h < H) & (w < W)
+                ptrs = x_row + h.to(tl.int64) * stride_x_h + w.to(tl.int64) * stride_x_w
+                u = tl.load(ptrs + cs.to(tl.int64) * stride_x_c, mask=ok, other=0.0)
+                u = u.to(tl.float32)
+                if IN_AFFINE:
+                    u = u * in_scale + in_shift
+                if IN_RELU:
+                    u = tl.maximum(u, 0.0)
+                total += tl.where(ok, u, 0.0)
+                count += ok.to(tl.float32)
+        # count_include_pad=False: divide by the pixels inside the image (ceil_mode windows).
+        v = total / tl.maximum(count, 1.0)
+    return v
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_MODE: tl.constexpr):
+    """acc += a @ b with the requested precision (see the file header)."""
+    if DOT_MODE == 0:
+        acc = tl.dot(a, b, acc)
+    elif DOT_MODE == 1:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32")
+    return acc
+
+
+@triton.jit(repr=conv2d_fused_name)
+def conv2d_fused_kernel(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    res_ptr,
+    res_scale_ptr,
+    res_shift_ptr,
+    in_scale_ptr,
+    in_shift_ptr,
+    out_ptr,
+    sum_ptr,
+    sumsq_ptr,
+    N,
+    H,
+    W,
+    C_in,
+    PH,
+    PW,
+    OH,
+    OW,
+    C_out,
+    conv_stride_h,
+    conv_stride_w,
+    pad_h,
+    pad_w,
+    dil_h,
+    dil_w,
+    stride_x_n,
+    stride_x_c,
+    stride_x_h,
+    stride_x_w,
+    stride_w_o,
+    stride_w_i,
+    stride_w_h,
+    stride_w_w,
+    stride_res_n,
+    stride_res_c,
+    stride_res_h,
+    stride_res_w,
+    stride_out_n,
+    stride_out_c,
+    stride_out_h,
+    stride_out_w,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    POOL: tl.constexpr,
+    IN_AFFINE: tl.constexpr,
+    IN_RELU: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    RESIDUAL: tl.constexpr,
+    RELU: tl.constexpr,
+    STATS: tl.constexpr,
+    DOT_MODE: tl.constexpr,
+    FLAT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """out[n, co, oh, ow] = epilogue(sum_k prologue(x)[n, c, ih, iw] * w[co, c, kh, kw]).
+
+    Grid: (cdiv(M, BLOCK_M) * cdiv(C_out, BLOCK_N),), M = N*OH*OW; H, W are the stored input's
+    size, PH, PW the (pooled) size the convolution sees.
+    """
+    pid = tl.program_id(0)
+    M = N * OH * OW
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(C_out, BLOCK_N)
+    # Grouped ordering: GROUP_M row blocks share their weight columns while they are in L2.
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < C_out
+    img = offs_m // (OH * OW)
+    pix = offs_m % (OH * OW)
+    oh = pix // OW
+    ow = pix % OW
+    x_row = (x_ptr + img.to(tl.int64) * stride_x_n)[:, None]
+    ih0 = (oh * conv_stride_h - pad_h)[:, None]
+    iw0 = (ow * conv_stride_w - pad_w)[:, None]
+    w_cols = w_ptr + offs_n[None, :].to(tl.int64) * stride_w_o
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if FLAT_K:
+        K = KH * KW * C_in
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + offs_k
+            k_ok = ks < K
+            cs = ks % C_in
+            tap = ks // C_in
+            kh = tap // KW
+            kw = tap % KW
+            ih = ih0 + (kh * dil_h)[None, :]
+            iw = iw0 + (kw * dil_w)[None, :]
+            valid = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < PH) & (iw >= 0) & (iw < PW)
+            if IN_AFFINE:
+                in_scale = tl.load(in_scale_ptr + cs, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+                in_shift = tl.load(in_shift_ptr + cs, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            else:
+                in_scale = 0.0
+                in_shift = 0.0
+            a = _load_input_tile(
+                x_row, ih, iw, cs[None, :], valid, in_scale, in_shift, H, W,
+                stride_x_h, stride_x_w, stride_x_c, POOL, IN_AFFINE, IN_RELU,
+            )  # fmt: skip
+            w_off = cs * stride_w_i + kh * stride_w_h + kw * stride_w_w
+            b = tl.load(w_cols + w_off[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            # Round the prologue's result to the operand dtype, as the unfused graph stores it.
+            acc = _mma(a.to(b.dtype), b, acc, DOT_MODE)
+    else:
+        # One flat loop over (tap, channel block) pairs rather than two nested loops, so that
+        # the compiler software-pipelines the loads even when C_in fits one block.
+        c_blocks = tl.cdiv(C_in, BLOCK_K)
+        for it in range(0, KH * KW * c_blocks):
+            tap = it // c_blocks
+            kh = tap // KW
+            kw = tap % KW
+            ih = ih0 + kh * dil_h
+            iw = iw0 + kw * dil_w
+            pix_ok = m_ok[:, None] & (ih >= 0) & (ih < PH) & (iw >= 0) & (iw < PW)
+            cs = (it % c_blocks) * BLOCK_K + offs_k
+            c_ok = cs < C_in
+            if IN_AFFINE:
+                in_scale = tl.load(in_scale_ptr + cs, mask=c_ok, other=0.0)
+                in_scale = in_scale.to(tl.float32)[None, :]
+                in_shift = tl.load(in_shift_ptr + cs, mask=c_ok, other=0.0)
+                in_shift = in_shift.to(tl.float32)[None, :]
+            else:
+                in_scale = 0.0
+                in_shift = 0.0
+            a = _load_input_tile(
+                x_row, ih, iw, cs[None, :], pix_ok & c_ok[None, :], in_scale, in_shift, H, W,
+                stride_x_h, stride_x_w, stride_x_c, POOL, IN_AFFINE, IN_RELU,
+            )  # fmt: skip
+            w_tap = w_cols + kh * stride_w_h + kw * stride_w_w
+            b = tl.load(
+                w_tap + cs[:, None].to(tl.int64) * stride_w_i,
+                mask=c_ok[:, None] & n_ok[None, :],
+                other=0.0,
+            )
+            acc = _mma(a.to(b.dtype), b, acc, DOT_MODE)
+
+    out_mask = m_ok[:, None] & n_ok[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if RESIDUAL > 0:
+        res_ptrs = (
+            res_ptr
+            + img.to(tl.int64)[:, None] * stride_res_n
+            + oh.to(tl.int64)[:, None] * stride_res_h
+            + ow.to(tl.int64)[:, None] * stride_res_w
+            + offs_n.to(tl.int64)[None, :] * stride_res_c
+        )
+        r = tl.load(res_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+        if RESIDUAL == 2:
+            r_scale = tl.load(res_scale_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            r_shift = tl.load(res_shift_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            r = r * r_scale[None, :] + r_shift[None, :]
+        acc += r
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    if STATS:
+        v = tl.where(out_mask, acc, 0.0)
+        tl.atomic_add(sum_ptr + offs_n, tl.sum(v, axis=0), mask=n_ok)
+        tl.atomic_add(sumsq_ptr + offs_n, tl.sum(v * v, axis=0), mask=n_ok)
+    out_ptrs = (
+        out_ptr
+        + img.to(tl.int64)[:, None] * stride_out_n
+        + oh.to(tl.int64)[:, None] * stride_out_h
+        + ow.to(tl.int64)[:, None] * stride_out_w
+        + offs_n.to(tl.int64)[None, :] * stride_out_c
+    )
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
