@@ -156,12 +156,12 @@ def load_checkpoint(
 
     # Convert everything first: a failing conversion (or allocation) must not leave a
     # half-written model, and load_state_dict then only copies.
-    current = model.state_dict()
+    loaded = set(report.loaded)
     new_state = {
         key: candidates[key][1].detach().to(device=value.device, dtype=value.dtype)
-        if key in report.loaded
+        if key in loaded
         else value
-        for key, value in current.items()
+        for key, value in model.state_dict().items()
     }
     model.load_state_dict(new_state, strict=True)
     return report
