@@ -22,6 +22,7 @@ from fastres.testing import randomize_norms
 R18 = (fastres.ResNet, dict(depth=18))
 R50 = (fastres.ResNet, dict(depth=50))
 R50D = (fastres.ResNetV1d, dict(depth=50))
+R18D = (fastres.ResNetV1d, dict(depth=18))
 RES2NET_PLAIN = (
     fastres.Res2Net,
     dict(depth=50, deep_stem=False, avg_down=False, pool_last_chunk="always"),
@@ -179,11 +180,15 @@ def test_mmpretrain_classifier(arch, tmp_path):
     assert report.layout.startswith("mmpretrain") == (arch is R50D)
 
 
-@pytest.mark.parametrize("wrapper", [None, "state_dict", "model"])
-def test_fastres_own(wrapper, tmp_path):
-    source = source_model((fastres.Res2Net, dict(depth=50)))
+@pytest.mark.parametrize(
+    "wrapper, arch",
+    [(None, (fastres.Res2Net, dict(depth=50))), ("state_dict", R18), ("model", R18)],
+    ids=["res2net50", "state_dict-resnet18", "model-resnet18"],
+)
+def test_fastres_own(wrapper, arch, tmp_path):
+    source = source_model(arch)
     checkpoint = source.state_dict() if wrapper is None else {wrapper: source.state_dict()}
-    load_and_check((fastres.Res2Net, dict(depth=50)), checkpoint, source, tmp_path)
+    load_and_check(arch, checkpoint, source, tmp_path)
 
 
 def test_module_as_source():
@@ -256,19 +261,19 @@ def test_safetensors(tmp_path):
 
 
 def test_pretrained_and_init_cfg(tmp_path):
-    source = source_model(R50D)
+    source = source_model(R18D)
     path = tmp_path / "v1d.pth"
     torch.save({"meta": {}, "state_dict": renamed(source.state_dict(), TIMM_NAMES)}, path)
-    by_pretrained = fastres.ResNetV1d(depth=50, pretrained=str(path), backend="torch").eval()
+    by_pretrained = fastres.ResNetV1d(depth=18, pretrained=str(path), backend="torch").eval()
     by_init_cfg = fastres.ResNetV1d(
-        depth=50, init_cfg=dict(type="Pretrained", checkpoint=str(path)), backend="torch"
+        depth=18, init_cfg=dict(type="Pretrained", checkpoint=str(path)), backend="torch"
     ).eval()
     for model in (by_pretrained, by_init_cfg):
         assert_state_equal(model, source.state_dict())
     assert_same_outputs(by_init_cfg, source)
     with pytest.raises(ValueError, match="not both"):
         fastres.ResNetV1d(
-            depth=50, pretrained=str(path), init_cfg=dict(type="Pretrained", checkpoint=str(path))
+            depth=18, pretrained=str(path), init_cfg=dict(type="Pretrained", checkpoint=str(path))
         )
 
 
