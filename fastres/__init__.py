@@ -7,13 +7,15 @@
 """
 
 from .backends import BackendStatus, available_backends
-from .checkpoint import load_checkpoint
+from .checkpoint import CheckpointError, LoadReport, load_checkpoint
 from .models import Res2Net, ResNet, ResNetV1c, ResNetV1d
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendStatus",
+    "CheckpointError",
+    "LoadReport",
     "Res2Net",
     "ResNet",
     "ResNetV1c",
