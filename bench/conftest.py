@@ -1,0 +1,147 @@
+"""pytest-benchmark settings for `pytest bench/ --benchmark-only`.
+
+Whole-model benchmarks of ResNet / Res2Net (see test_bench_models.py). The configuration comes
+from command-line options or environment variables (options win):
+
+| option | variable | default |
+|---|---|---|
+| --bench-device | FASTRES_BENCH_DEVICE | cuda if available, else cpu |
+| --bench-depth | FASTRES_BENCH_DEPTH | 50 |
+| --bench-batch | FASTRES_BENCH_BATCH | CPU 8, CUDA 256 |
+| --bench-image-size | FASTRES_BENCH_IMAGE_SIZE | 224 |
+| --bench-dtype | FASTRES_BENCH_DTYPE | CPU fp32, CUDA bf16 (autocast) |
+| --bench-rounds | FASTRES_BENCH_ROUNDS | CPU 3, CUDA 20 |
+| --bench-warmup | FASTRES_BENCH_WARMUP | CPU 1, CUDA 5 |
+| --bench-compile | FASTRES_BENCH_COMPILE | 'auto' (CUDA: both modes, CPU: infer), 'all', 'none' |
+
+Besides pytest-benchmark's own output (and its --benchmark-json), every run writes its results
+with speedups, errors, peak memory, device name and versions to
+bench/results/local/<device>-<time>.json and prints the fastres table at the end.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastres import benchmark as bm
+
+RESULTS_DIR = Path(__file__).parent / "results" / "local"
+COMPILE_CHOICES = ("auto", "all", "none")
+DEVICE_DEFAULTS = {
+    "cpu": {"batch": 8, "image_size": 224, "dtype": "fp32", "rounds": 3, "warmup": 1},
+    "cuda": {"batch": 256, "image_size": 224, "dtype": "bf16", "rounds": 20, "warmup": 5},
+}
+_OPTIONS = ("device", "depth", "batch", "image_size", "dtype", "rounds", "warmup", "compile")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("fastres-bench", "fastres whole-model benchmarks")
+    for name in _OPTIONS:
+        group.addoption(
+            f"--bench-{name.replace('_', '-')}",
+            dest=f"fastres_bench_{name}",
+            default=None,
+            help=f"(env FASTRES_BENCH_{name.upper()})",
+        )
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    device: str
+    depth: int
+    batch: int
+    image_size: int
+    dtype: str
+    rounds: int
+    warmup: int
+    compile: str
+
+    def compiles(self, mode: str) -> bool:
+        if self.compile == "auto":
+            return self.device.startswith("cuda") or mode == "infer"
+        return self.compile == "all"
+
+
+def _settings(config: pytest.Config) -> BenchSettings:
+    raw = {}
+    for name in _OPTIONS:
+        value = config.getoption(f"fastres_bench_{name}")
+        raw[name] = value if value is not None else os.environ.get(f"FASTRES_BENCH_{name.upper()}")
+    device = raw["device"] or bm.default_device()
+    defaults = DEVICE_DEFAULTS["cuda" if device.startswith("cuda") else "cpu"]
+    compile_choice = raw["compile"] or "auto"
+    if compile_choice not in COMPILE_CHOICES:
+        raise pytest.UsageError(f"--bench-compile must be one of {COMPILE_CHOICES}")
+    return BenchSettings(
+        device=device,
+        depth=int(raw["depth"] or 50),
+        batch=int(raw["batch"] or defaults["batch"]),
+        image_size=int(raw["image_size"] or defaults["image_size"]),
+        dtype=raw["dtype"] or defaults["dtype"],
+        rounds=int(raw["rounds"] or defaults["rounds"]),
+        warmup=int(raw["warmup"] or defaults["warmup"]),
+        compile=compile_choice,
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config._fastres_bench = _settings(config)
+    config._fastres_results = []
+
+
+@pytest.fixture(scope="session")
+def bench_settings(pytestconfig: pytest.Config) -> BenchSettings:
+    return pytestconfig._fastres_bench
+
+
+@pytest.fixture(scope="session")
+def bench_results(pytestconfig: pytest.Config) -> list:
+    return pytestconfig._fastres_results
+
+
+class _CaseCache:
+    """Keeps the latest case only: its systems run one after another (system is the innermost
+    parameter), and each case holds a float64 gold copy of every gradient."""
+
+    def __init__(self):
+        self.case: bm.Case | None = None
+
+    def get(self, config: bm.BenchConfig) -> bm.Case:
+        if self.case is None or self.case.config != config:
+            self.case = None
+            bm.free_memory()
+            self.case = bm.Case(config)
+        return self.case
+
+
+@pytest.fixture(scope="session")
+def case_cache() -> _CaseCache:
+    return _CaseCache()
+
+
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
+    machine_info["fastres"] = bm.environment(config._fastres_bench.device)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    results = getattr(config, "_fastres_results", [])
+    if not results:
+        return
+    bm.add_speedups(results)
+    settings = config._fastres_bench
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    device_type = torch.device(settings.device).type
+    path = bm.write_json(
+        RESULTS_DIR / f"{device_type}-{stamp}.json",
+        results,
+        {**settings.__dict__, "runner": "pytest bench/"},
+    )
+    terminalreporter.write_sep("-", f"fastres results on {bm.device_name(settings.device)}")
+    terminalreporter.write_line(bm.format_table(results))
+    terminalreporter.write_line(f"written to {path}")

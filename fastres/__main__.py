@@ -1,0 +1,287 @@
+"""Command line: `python -m fastres {bench,profile,info}`.
+
+python -m fastres bench                 # ResNet-50 and Res2Net-50 against PyTorch
+python -m fastres bench --model resnet --mode train --batch 16 --json out.json
+python -m fastres profile --model res2net --trace trace.json
+python -m fastres info                  # versions, device, backends and why not
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+
+from . import benchmark as bm
+
+# Defaults per device type. CPU: SPEC's CPU configuration (fp32, batch 8, 224x224) with few
+# iterations so that the whole run takes about two minutes on 2 cores; torch.compile only for
+# inference there (see `compile_modes`). GPU: SPEC's configuration (bf16, batch 256, 224x224).
+DEFAULTS = {
+    "cpu": {"batch": 8, "image_size": 224, "dtype": "fp32", "iters": 3, "warmup": 1},
+    "cuda": {"batch": 256, "image_size": 224, "dtype": "bf16", "iters": 20, "warmup": 5},
+}
+
+
+def _device_defaults(device: str) -> dict:
+    return DEFAULTS["cuda" if device.startswith("cuda") else "cpu"]
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser, profile: bool) -> None:
+    parser.add_argument("--depth", type=int, default=50, help="network depth (default 50)")
+    parser.add_argument(
+        "--model",
+        choices=("resnet", "res2net") if profile else ("resnet", "res2net", "both"),
+        default="resnet" if profile else "both",
+    )
+    parser.add_argument("--batch", type=int, help="batch size (CPU 8, CUDA 256)")
+    parser.add_argument("--image-size", type=int, help="input height = width (default 224)")
+    parser.add_argument(
+        "--dtype",
+        choices=tuple(bm.DTYPES),
+        help="fp32, or autocast to bf16/fp16 (CPU fp32, CUDA bf16)",
+    )
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--iters", type=int, help="timed iterations (CPU 3, CUDA 20)")
+    parser.add_argument("--warmup", type=int, help="untimed iterations first (CPU 1, CUDA 5)")
+    parser.add_argument("--seed", type=int, default=0, help="weights and input seed")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fastres",
+        description="fastres: fused ResNet / Res2Net backbones. Benchmarks, profiling, info.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    bench = sub.add_parser(
+        "bench",
+        help="time ResNet / Res2Net against PyTorch eager and torch.compile",
+        description=(
+            "Runs ResNet-50 and Res2Net-50 (inference and a training step: fwd + bwd + SGD) "
+            "with every available fastres backend and the PyTorch peers (eager NCHW, eager "
+            "channels_last, torch.compile), checks each once against the float64 oracle, "
+            "and prints img/s, the speedup over eager channels_last, the error and peak memory."
+        ),
+    )
+    _add_config_arguments(bench, profile=False)
+    bench.add_argument(
+        "--backend",
+        action="append",
+        choices=("torch", "native", "triton"),
+        help="fastres backend to run (repeatable; default: every one that can run here)",
+    )
+    bench.add_argument(
+        "--mode", choices=("infer", "train", "both"), default="both", help="default both"
+    )
+    bench.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
+    bench.add_argument(
+        "--compile-train",
+        action="store_true",
+        help="on CPU, also compile the training step (off by default: it compiles for ~2 min "
+        "on 2 cores and runs slower than eager; SPEC sets no CPU training target against it)",
+    )
+    bench.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
+
+    profile = sub.add_parser(
+        "profile",
+        help="run one configuration for N iterations with NVTX ranges and torch.profiler",
+        description=(
+            "Runs one configuration; every block and the stem sit in an NVTX range (CUDA) and a "
+            "torch.profiler record_function range. Prints the time per iteration and the top "
+            "ops; --trace writes a Chrome trace (chrome://tracing, Perfetto)."
+        ),
+    )
+    _add_config_arguments(profile, profile=True)
+    profile.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "torch", "native", "triton"),
+        help="fastres backend (default auto)",
+    )
+    profile.add_argument("--mode", choices=("infer", "train"), default="infer")
+    profile.add_argument("--layout", choices=("channels_last", "nchw"), default="channels_last")
+    profile.add_argument("--compile", action="store_true", help="torch.compile the model")
+    profile.add_argument("--trace", metavar="PATH", help="write a Chrome trace to PATH")
+    profile.add_argument(
+        "--profile-iters",
+        type=int,
+        default=2,
+        help="iterations recorded by torch.profiler after the timed ones (0: no profiler, "
+        "e.g. under nsys)",
+    )
+    profile.add_argument("--top", type=int, default=15, help="rows of the op table")
+
+    sub.add_parser("info", help="versions, device and which backends can run here")
+    return parser
+
+
+def _resolve_common(args: argparse.Namespace) -> None:
+    """Fills the device-dependent defaults into `args`."""
+    args.device = args.device or bm.default_device()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but torch.cuda.is_available() is False")
+    defaults = _device_defaults(args.device)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for key in ("batch", "image_size", "iters"):
+        if getattr(args, key) < 1:
+            raise SystemExit(f"error: --{key.replace('_', '-')} must be >= 1")
+    if args.warmup < 0:
+        raise SystemExit("error: --warmup must be >= 0")
+
+
+def compile_modes(args: argparse.Namespace) -> set[str]:
+    """The modes in which torch.compile is one of the peers."""
+    if args.no_compile:
+        return set()
+    if args.device.startswith("cuda") or args.compile_train:
+        return {"infer", "train"}
+    return {"infer"}
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    _resolve_common(args)
+    models = ("resnet", "res2net") if args.model == "both" else (args.model,)
+    modes = ("infer", "train") if args.mode == "both" else (args.mode,)
+    reasons = bm.backend_reasons(args.device)
+    if args.backend:
+        chosen = list(dict.fromkeys(args.backend))
+        for name in chosen:
+            if reasons[name] is not None:
+                raise SystemExit(
+                    f"error: backend {name!r} cannot run on {args.device}: {reasons[name]}"
+                )
+    else:
+        chosen = [name for name, reason in reasons.items() if reason is None]
+    compiled = compile_modes(args)
+
+    configs = []
+    for model in models:
+        try:
+            bm.check_model_depth(model, args.depth)
+        except ValueError as err:
+            print(f"skipping {model}: {err}")
+            continue
+        configs += [
+            bm.BenchConfig(
+                model, args.depth, args.batch, args.image_size, args.dtype, args.device, mode
+            )
+            for mode in modes
+        ]
+    if not configs:
+        raise SystemExit("error: nothing to run")
+
+    def systems_for(config: bm.BenchConfig) -> list[bm.System]:
+        peers = [bm.EAGER, bm.EAGER_CL] + ([bm.COMPILE] if config.mode in compiled else [])
+        return peers + [bm.fastres_system(name) for name in chosen]
+
+    print(f"fastres bench on {bm.device_name(args.device)}")
+    print(
+        f"  models {', '.join(c.label for c in configs[:: len(modes)])}, modes {', '.join(modes)}, "
+        f"batch {args.batch}, image {args.image_size}x{args.image_size}, {args.dtype}"
+        f"{' (autocast)' if args.dtype != 'fp32' else ''}, iters {args.iters} "
+        f"(+{args.warmup} warmup), seed {args.seed}"
+    )
+    compile_note = f"compile (channels_last; {', '.join(sorted(compiled))}), " if compiled else ""
+    print(
+        f"  systems: eager (NCHW), eager-cl (channels_last), {compile_note}"
+        f"fastres backends {chosen or 'none'}"
+    )
+    skipped = {name: reason for name, reason in reasons.items() if reason is not None}
+    for name, reason in skipped.items():
+        print(f"  backend {name} not run: {reason}")
+    print(
+        "  max err: largest max|y - gold| / max|gold| over the checked tensors against the "
+        "float64 oracle; check: SPEC rule err <= 4 * err(eager) + tol"
+    )
+    print(
+        "  peak mem: "
+        + (
+            "torch.cuda.max_memory_allocated above the memory in use before the system was built"
+            if args.device.startswith("cuda")
+            else "peak RSS (VmHWM, reset through /proc/self/clear_refs) above the RSS before "
+            "the system was built"
+        ),
+        flush=True,
+    )
+
+    total = sum(len(systems_for(c)) + 1 for c in configs)
+    progress = bm.Progress(total)
+    results: list[bm.Result] = []
+    start = time.perf_counter()
+    for config in configs:
+        case = bm.Case(config, seed=args.seed)
+        progress.show(f"{config.group}: float64 oracle")
+        case.gold()
+        progress.advance()
+        for system in systems_for(config):
+            progress.show(f"{config.group}: {system.name}")
+            results.append(bm.run_system(case, system, args.iters, args.warmup))
+            progress.advance()
+        del case
+    progress.close()
+    bm.add_speedups(results)
+    print()
+    print(bm.format_table(results))
+    elapsed = time.perf_counter() - start
+    print(f"\ntotal {elapsed:.0f} s; speedup = img/s over {bm.SPEEDUP_BASELINE} in the same group")
+    failed = [r for r in results if not r.check_passed]
+    for r in failed:
+        print(f"CHECK FAILED {r.group} {r.system}:")
+        for line in r.check_failures:
+            print(f"  {line}")
+    if args.json:
+        settings = {
+            key: getattr(args, key)
+            for key in ("model", "depth", "batch", "image_size", "dtype", "device", "mode")
+        }
+        settings.update(
+            iters=args.iters,
+            warmup=args.warmup,
+            seed=args.seed,
+            backends=chosen,
+            compile_modes=sorted(compiled),
+            command=" ".join(sys.argv),
+            total_s=elapsed,
+        )
+        path = bm.write_json(args.json, results, settings)
+        print(f"results written to {path}")
+    return 1 if failed else 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    device = bm.default_device()
+    print(f"fastres {bm.versions()['fastres']}")
+    for key, value in bm.versions().items():
+        if key != "fastres":
+            print(f"  {key:8s} {value}")
+    print(f"default device: {device} ({bm.device_name(device)})")
+    print("backends (fastres.available_backends()):")
+    for name, status in bm.backends.available_backends().items():
+        print(f"  {name:7s} {'available' if status.available else 'unavailable'}: {status.reason}")
+    for dev in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+        benchable = bm.benchable_backends(dev)
+        print(f"benchmarked on {dev}: {', '.join(benchable) or 'none'}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `python -m fastres` and the `fastres` script."""
+    args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        return run_bench(args)
+    if args.command == "profile":
+        from .profiling import run_profile
+
+        _resolve_common(args)
+        return run_profile(args)
+    return run_info(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,641 @@
+"""Benchmark harness shared by `python -m fastres bench`, `python -m fastres profile` and `bench/`.
+
+A *case* is one whole-model configuration (model, depth, batch, image size, dtype, device, mode);
+a *system* is one way of running it: PyTorch eager in NCHW, eager in channels_last, torch.compile
+of the same oracle model, or a fastres backend. Every system of a case starts from a deep copy of
+the same randomised model and sees the same input batch, so its outputs can be checked once
+against the float64 oracle (SPEC section 3, `fastres.testing`) before it is timed.
+
+Modes:
+- 'infer': `model.eval()`, forward under `torch.no_grad()`;
+- 'train': one training step, forward in train mode (BatchNorm on batch statistics) +
+  cross-entropy + backward + SGD (momentum 0.9) step.
+
+Below fp32 every system runs under `torch.autocast(device, dtype)` with fp32 weights (AMP), which
+is PyTorch eager's best mixed-precision configuration for training and the one MLPerf uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import ctypes
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import backends
+from .models import Res2Net, ResNet
+from .testing import assert_matches_oracle, randomize_norms, relative_error
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MODELS = {"resnet": ResNet, "res2net": Res2Net}
+MODES = ("infer", "train")
+NUM_CLASSES = 1000
+LEARNING_RATE = 1e-3
+MOMENTUM = 0.9
+
+
+@dataclass(frozen=True)
+class System:
+    """One way of running a model: which backend, which memory layout, compiled or not."""
+
+    name: str
+    backend: str = "torch"
+    channels_last: bool = True
+    compiled: bool = False
+
+
+EAGER = System("eager", channels_last=False)
+EAGER_CL = System("eager-cl")
+COMPILE = System("compile", compiled=True)
+PEERS = (EAGER, EAGER_CL, COMPILE)
+# The speedup column divides by this peer: PyTorch eager in its best layout.
+SPEEDUP_BASELINE = EAGER_CL.name
+
+
+def fastres_system(backend: str) -> System:
+    """The system that runs fastres backend `backend` (channels_last, not compiled)."""
+    return System(f"fastres-{backend}", backend=backend)
+
+
+def backend_reasons(device: torch.device | str) -> dict[str, str | None]:
+    """Which fastres backends can be benchmarked on `device`.
+
+    Returns:
+        backend name -> None where it can run, else why not. 'triton' on CPU only runs under
+        the Triton interpreter, which is for tests: timing it means nothing, so it is excluded.
+    """
+    device = torch.device(device)
+    reasons: dict[str, str | None] = {}
+    for name in backends.available_backends():
+        try:
+            backends.resolve(name, device)
+            reasons[name] = None
+        except RuntimeError as err:
+            reasons[name] = str(err)
+    if device.type == "cpu" and reasons.get("triton") is None:
+        reasons["triton"] = "on CPU Triton only runs under TRITON_INTERPRET=1, not worth timing"
+    return reasons
+
+
+def benchable_backends(device: torch.device | str) -> list[str]:
+    """The fastres backends that can run on `device`, in registry order."""
+    return [name for name, reason in backend_reasons(device).items() if reason is None]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_model_depth(model: str, depth: int) -> None:
+    """Raises ValueError where `model` has no variant of `depth`."""
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}: expected one of {', '.join(MODELS)}")
+    valid = sorted(MODELS[model].arch_settings)
+    if depth not in valid:
+        raise ValueError(f"{model} has no depth {depth}: expected one of {valid}")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One whole-model configuration: what a benchmark group measures."""
+
+    model: str = "resnet"
+    depth: int = 50
+    batch: int = 8
+    image_size: int = 224
+    dtype: str = "fp32"
+    device: str = "cpu"
+    mode: str = "infer"
+
+    def __post_init__(self) -> None:
+        check_model_depth(self.model, self.depth)
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}: expected one of {', '.join(MODES)}")
+        if self.batch < 1 or self.image_size < 1:
+            raise ValueError(f"batch and image size must be positive, got {self}")
+
+    @property
+    def label(self) -> str:
+        """'resnet50', 'res2net50', ..."""
+        return f"{self.model}{self.depth}"
+
+    @property
+    def group(self) -> str:
+        """The benchmark group name, `<op>-<shape>-<dtype>-<mode>`."""
+        return f"{self.label}-b{self.batch}x{self.image_size}-{self.dtype}-{self.mode}"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def build_model(model: str, depth: int, seed: int = 0) -> nn.Module:
+    """The oracle classifier every system of a case copies (fp32, CPU, 'torch' backend).
+
+    zero_init_residual=False and randomised BatchNorm parameters and statistics make every
+    block matter; norm_eval=False so that a training step uses batch statistics, as in
+    ImageNet training.
+    """
+    check_model_depth(model, depth)
+    torch.manual_seed(seed)
+    net = MODELS[model](
+        depth,
+        num_classes=NUM_CLASSES,
+        zero_init_residual=False,
+        norm_eval=False,
+        backend="torch",
+    )
+    return randomize_norms(net, seed)
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """torch.autocast to fp16 / bf16; nothing for fp32 and fp64."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Runner:
+    """One system set up for one case: its own model copy, input batch and optimizer."""
+
+    def __init__(self, case: Case, system: System):
+        config = case.config
+        self.case, self.system, self.device = case, system, case.device
+        self.dtype = config.torch_dtype
+        self.model = copy.deepcopy(case.reference).to(self.device)
+        self.model.set_backend(system.backend)
+        self.x = case.x
+        if system.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+            self.x = self.x.contiguous(memory_format=torch.channels_last)
+        self.model.train(config.mode == "train")
+        self.module: Callable[[Tensor], Tensor] = self.model
+        if system.compiled:
+            # Earlier cases' compiled graphs are dead; dropping them keeps Dynamo's per-function
+            # cache (8 entries) from filling up and silently falling back to eager.
+            torch._dynamo.reset()
+            self.module = torch.compile(self.model)
+        self.optimizer = None
+        if config.mode == "train":
+            self.optimizer = torch.optim.SGD(
+                self.model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM
+            )
+
+    def outputs(self) -> dict[str, Tensor]:
+        """The tensors the correctness check compares, on CPU.
+
+        infer: the logits [N, 1000]. train: the logits, the loss, every parameter gradient and
+        every BatchNorm running statistic after one forward + backward (no optimizer step).
+        """
+        return collect_outputs(self.module, self.model, self.x, self.case.y, self.dtype)
+
+    def step(self) -> None:
+        """One timed iteration: a forward (infer) or a training step (train)."""
+        with autocast_context(self.device, self.dtype):
+            if self.optimizer is None:
+                with torch.no_grad():
+                    self.module(self.x)
+                return
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(self.module(self.x).float(), self.case.y)
+        loss.backward()
+        self.optimizer.step()
+
+
+def collect_outputs(
+    module: Callable[[Tensor], Tensor], model: nn.Module, x: Tensor, y: Tensor, dtype: torch.dtype
+) -> dict[str, Tensor]:
+    """Runs `module` (the model, or its compiled wrapper) once and gathers what is checked."""
+    device = x.device
+    if not model.training:
+        with torch.no_grad(), autocast_context(device, dtype):
+            return {"logits": module(x).detach().cpu()}
+    model.zero_grad(set_to_none=True)
+    with autocast_context(device, dtype):
+        logits = module(x)
+        loss = F.cross_entropy(logits.float(), y)
+    loss.backward()
+    out = {"logits": logits.detach().cpu(), "loss": loss.detach().cpu()}
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            out[f"grad {name}"] = param.grad.detach().cpu()
+    for name, buf in model.named_buffers():
+        if name.endswith(("running_mean", "running_var")):
+            out[name] = buf.detach().cpu()
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+@dataclass
+class CheckResult:
+    """Outcome of the correctness check of one system against the float64 oracle."""
+
+    max_error: float
+    worst: str
+    passed: bool
+    failures: list[str] = field(default_factory=list)
+
+
+def compare(
+    actual: dict[str, Tensor], base: dict[str, Tensor], gold: dict[str, Tensor], dtype: torch.dtype
+) -> CheckResult:
+    """Applies the SPEC section 3 rule to every tensor; reports the largest relative error."""
+    if actual.keys() != gold.keys():
+        missing = sorted(gold.keys() - actual.keys())
+        extra = sorted(actual.keys() - gold.keys())
+        return CheckResult(float("inf"), "keys", False, [f"missing {missing}, extra {extra}"])
+    max_error, worst, failures = 0.0, "", []
+    for name, gold_tensor in gold.items():
+        err = relative_error(actual[name], gold_tensor)
+        if not err <= max_error:  # NaN counts as worst
+            max_error, worst = err, name
+        try:
+            assert_matches_oracle(actual[name], base[name], gold_tensor, dtype, name)
+        except AssertionError as failure:
+            failures.append(str(failure))
+    return CheckResult(max_error, worst, not failures, failures)
+
+
+class Case:
+    """The shared state of one configuration: reference model, input batch, gold and base."""
+
+    def __init__(self, config: BenchConfig, seed: int = 0):
+        self.config = config
+        self.device = torch.device(config.device)
+        self.reference = build_model(config.model, config.depth, seed)
+        gen = torch.Generator().manual_seed(seed + 1)
+        shape = (config.batch, 3, config.image_size, config.image_size)
+        self.x = torch.randn(shape, generator=gen).to(self.device)
+        self.y = torch.randint(0, NUM_CLASSES, (config.batch,), generator=gen).to(self.device)
+        self._gold: dict[str, Tensor] | None = None
+        self._base: dict[str, Tensor] | None = None
+
+    def runner(self, system: System) -> Runner:
+        return Runner(self, system)
+
+    def gold(self) -> dict[str, Tensor]:
+        """The oracle's outputs in float64 (NCHW, no autocast), computed once."""
+        if self._gold is None:
+            model = copy.deepcopy(self.reference).double().to(self.device)
+            model.train(self.config.mode == "train")
+            if self.device.type == "cuda":
+                # Float64 activations of a GPU batch (256 x 224^2) would not fit beside the
+                # timed models: recompute each block in backward instead of storing it.
+                for m in model.modules():
+                    if hasattr(m, "with_cp"):
+                        m.with_cp = True
+            self._gold = collect_outputs(model, model, self.x.double(), self.y, torch.float64)
+            del model
+            free_memory()
+        return self._gold
+
+    def base(self) -> dict[str, Tensor]:
+        """The oracle's outputs in the working dtype (eager NCHW), computed once."""
+        if self._base is None:
+            self._base = self.runner(EAGER).outputs()
+        return self._base
+
+    def check(self, runner: Runner) -> CheckResult:
+        """Runs `runner` once and checks its outputs against the oracle (SPEC section 3)."""
+        actual = runner.outputs()
+        if runner.system == EAGER and self._base is None:
+            self._base = actual
+        return compare(actual, self.base(), self.gold(), self.config.torch_dtype)
+
+
+# -- memory ---------------------------------------------------------------------------------
+
+
+def free_memory() -> None:
+    """Returns cached memory, so that the next peak measurement starts from a clean slate."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if sys.platform.startswith("linux"):
+        # glibc keeps freed heap pages; without trimming, RSS deltas under-report.
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _proc_status_kib(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class MemoryMeter:
+    """Peak memory of one system, as a delta over the memory in use before it was built.
+
+    CUDA: `torch.cuda.max_memory_allocated` (tensors only, not the allocator's cache).
+    CPU: the process's peak resident set (VmHWM in /proc/self/status), whose high-water mark
+    Linux resets when "5" is written to /proc/self/clear_refs; without that (not Linux, or not
+    permitted) the peak is reported as None.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.kind = "cuda max_memory_allocated" if device.type == "cuda" else "cpu peak RSS"
+        self.baseline = 0
+        self.resettable = True
+
+    def _current(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device)
+        kib = _proc_status_kib("VmRSS")
+        return 0 if kib is None else kib * 1024
+
+    def begin(self) -> None:
+        """Call before the system's model is built."""
+        free_memory()
+        synchronize(self.device)
+        self.baseline = self._current()
+
+    def reset_peak(self) -> None:
+        """Call after the correctness check, before the timed iterations."""
+        synchronize(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            self.resettable = False
+
+    def peak(self) -> int | None:
+        """Bytes above the baseline at the peak since `reset_peak`."""
+        synchronize(self.device)
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) - self.baseline
+        hwm = _proc_status_kib("VmHWM")
+        if hwm is None or not self.resettable:
+            return None
+        return hwm * 1024 - self.baseline
+
+
+# -- timing and results ---------------------------------------------------------------------
+
+
+def time_steps(
+    step: Callable[[], None], device: torch.device, iters: int, warmup: int
+) -> list[float]:
+    """Seconds per call of `step`, each synchronised, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+@dataclass
+class Result:
+    """One system on one case: speed, correctness, memory."""
+
+    group: str
+    model: str
+    mode: str
+    system: str
+    backend: str
+    batch: int
+    image_size: int
+    dtype: str
+    device: str
+    img_per_s: float
+    ms_per_iter: float
+    times_ms: list[float]
+    first_call_s: float
+    max_error: float
+    worst_tensor: str
+    check_passed: bool
+    check_failures: list[str]
+    peak_memory_bytes: int | None
+    memory_kind: str
+    speedup: float | None = None
+
+
+def run_system(
+    case: Case, system: System, iters: int, warmup: int, timer: Callable | None = None
+) -> Result:
+    """Builds `system` for `case`, checks it once against the oracle, then times it.
+
+    Args:
+        timer: replaces `time_steps(step, device, iters, warmup)` (pytest-benchmark passes its
+            own); it returns the seconds per iteration.
+    """
+    config = case.config
+    meter = MemoryMeter(case.device)
+    case.gold()  # before the baseline: the gold model is not part of any system's memory
+    meter.begin()
+    start = time.perf_counter()
+    runner = case.runner(system)
+    check = case.check(runner)  # the first call: includes torch.compile's compilation
+    first_call_s = time.perf_counter() - start
+    meter.reset_peak()
+    if timer is None:
+        times = time_steps(runner.step, case.device, iters, warmup)
+    else:
+        times = timer(runner.step)
+    peak = meter.peak()
+    del runner
+    free_memory()
+    median = statistics.median(times)
+    return Result(
+        group=config.group,
+        model=config.label,
+        mode=config.mode,
+        system=system.name,
+        backend=system.backend,
+        batch=config.batch,
+        image_size=config.image_size,
+        dtype=config.dtype,
+        device=str(case.device),
+        img_per_s=config.batch / median,
+        ms_per_iter=median * 1e3,
+        times_ms=[t * 1e3 for t in times],
+        first_call_s=first_call_s,
+        max_error=check.max_error,
+        worst_tensor=check.worst,
+        check_passed=check.passed,
+        check_failures=check.failures[:5],
+        peak_memory_bytes=peak,
+        memory_kind=meter.kind,
+    )
+
+
+def add_speedups(results: Iterable[Result]) -> None:
+    """Sets each result's speedup over PyTorch eager channels_last in the same group."""
+    results = list(results)
+    baseline = {r.group: r.img_per_s for r in results if r.system == SPEEDUP_BASELINE}
+    for r in results:
+        if r.group in baseline:
+            r.speedup = r.img_per_s / baseline[r.group]
+
+
+def _format_bytes(n: int | None) -> str:
+    if n is None:
+        return "n/a"
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def format_table(results: Iterable[Result]) -> str:
+    """A plain-text table: model, mode, system, img/s, speedup, error, check, peak memory."""
+    header = ("group", "system", "img/s", "ms/iter", "speedup", "max err", "check", "peak mem")
+    rows = [header]
+    for r in results:
+        rows.append(
+            (
+                r.group,
+                r.system,
+                f"{r.img_per_s:,.1f}",
+                f"{r.ms_per_iter:,.1f}",
+                "-" if r.speedup is None else f"{r.speedup:.2f}x",
+                f"{r.max_error:.1e}",
+                "ok" if r.check_passed else "FAIL",
+                _format_bytes(r.peak_memory_bytes),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = []
+    for k, row in enumerate(rows):
+        cells = [
+            cell.ljust(w) if i < 2 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths))
+        ]
+        lines.append("  ".join(cells).rstrip())
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# -- environment ----------------------------------------------------------------------------
+
+
+def device_name(device: torch.device | str) -> str:
+    """The GPU name, or the CPU model from /proc/cpuinfo with the core count."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model} ({os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads)"
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of Python, torch, CUDA / cuDNN, Triton and fastres."""
+    from . import __version__
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": None if cudnn is None else str(cudnn),
+        "triton": triton_version,
+        "fastres": __version__,
+    }
+
+
+def environment(device: torch.device | str) -> dict:
+    """What a results file records about where it was measured."""
+    return {
+        "device": device_name(device),
+        "device_type": torch.device(device).type,
+        "versions": versions(),
+        "platform": platform.platform(),
+        "backends": {n: s.reason for n, s in backends.available_backends().items()},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_json(path: str | os.PathLike, results: Iterable[Result], settings: dict) -> Path:
+    """Writes the results with the environment and the settings used; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "environment": environment(settings.get("device", default_device())),
+        "settings": settings,
+        "results": [asdict(r) for r in results],
+    }
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+class Progress:
+    """A small progress bar on stderr: `[####......] 3/12  1m02s  resnet50 train eager-cl`.
+
+    On a terminal it redraws one line; otherwise (logs, CI) it prints one line per step.
+    """
+
+    def __init__(self, total: int, width: int = 24, stream=None):
+        self.total, self.width = max(total, 1), width
+        self.stream = sys.stderr if stream is None else stream
+        self.done = 0
+        self.start = time.perf_counter()
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def _line(self, label: str) -> str:
+        filled = self.width * self.done // self.total
+        elapsed = int(time.perf_counter() - self.start)
+        bar = "#" * filled + "." * (self.width - filled)
+        return f"[{bar}] {self.done}/{self.total}  {elapsed // 60}m{elapsed % 60:02d}s  {label}"
+
+    def show(self, label: str) -> None:
+        """Shows what is running now (without advancing)."""
+        if self.tty:
+            self.stream.write("\r\033[K" + self._line(label))
+        else:
+            self.stream.write(self._line(label) + "\n")
+        self.stream.flush()
+
+    def advance(self, label: str = "") -> None:
+        self.done = min(self.done + 1, self.total)
+        if self.tty:
+            self.show(label)
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\r\033[K" + self._line("done") + "\n")
+        else:
+            self.stream.write(self._line("done") + "\n")
+        self.stream.flush()

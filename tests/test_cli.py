@@ -1,0 +1,104 @@
+"""`python -m fastres {bench,profile,info}` on tiny configurations."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastres import available_backends
+from fastres import benchmark as bm
+from fastres.__main__ import main
+
+TINY = ["--depth", "18", "--batch", "2", "--image-size", "32", "--iters", "2", "--warmup", "1"]
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a loaded 2-core machine OpenMP spin-waiting makes tiny models
+    a hundred times slower with two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_bench_prints_table_and_writes_json(tmp_path, capsys, one_thread):
+    path = tmp_path / "out.json"
+    code = main(["bench", *TINY, "--model", "both", "--no-compile", "--json", str(path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "skipping res2net" in out  # Res2Net has no depth 18
+    systems = ["eager", "eager-cl"] + [f"fastres-{b}" for b in bm.benchable_backends("cpu")]
+    assert "fastres-torch" in systems
+    for group in ("resnet18-b2x32-fp32-infer", "resnet18-b2x32-fp32-train"):
+        rows = [line.split() for line in out.splitlines() if line.startswith(group)]
+        assert [row[1] for row in rows] == systems
+        assert all(row[6] == "ok" for row in rows)
+
+    payload = json.loads(path.read_text())
+    assert payload["environment"]["device_type"] == "cpu"
+    assert payload["environment"]["versions"]["torch"] == torch.__version__
+    assert payload["settings"]["batch"] == 2 and payload["settings"]["compile_modes"] == []
+    results = payload["results"]
+    assert len(results) == 2 * len(systems)
+    for r in results:
+        assert r["img_per_s"] > 0 and len(r["times_ms"]) == 2
+        assert r["img_per_s"] == pytest.approx(2e3 / r["ms_per_iter"])
+        assert r["check_passed"] and 0 < r["max_error"] < 1
+        assert r["peak_memory_bytes"] is None or r["peak_memory_bytes"] > 0
+    baseline = {r["group"]: r["img_per_s"] for r in results if r["system"] == "eager-cl"}
+    for r in results:
+        assert r["speedup"] == pytest.approx(r["img_per_s"] / baseline[r["group"]])
+    train = [r for r in results if r["mode"] == "train"]
+    # The worst of the logits, loss, every gradient and every running statistic.
+    assert all(r["worst_tensor"] for r in train)
+
+
+def test_bench_rejects_unavailable_backend(one_thread):
+    reasons = bm.backend_reasons("cpu")
+    missing = [name for name, reason in reasons.items() if reason is not None]
+    assert "triton" in missing  # only interpreted on CPU: never timed
+    with pytest.raises(SystemExit, match="cannot run on cpu"):
+        main(["bench", *TINY, "--backend", missing[0]])
+
+
+def test_check_catches_a_wrong_system(one_thread):
+    config = bm.BenchConfig("resnet", 18, batch=2, image_size=32, mode="infer")
+    case = bm.Case(config, seed=1)
+    runner = case.runner(bm.EAGER_CL)
+    good = case.check(runner)
+    assert good.passed and good.max_error < 1e-5
+    with torch.no_grad():
+        runner.model.layer3[1].conv2.weight.mul_(1.01)
+    bad = case.check(runner)
+    assert not bad.passed and bad.worst == "logits" and bad.max_error > good.max_error
+
+
+def test_profile_writes_trace(tmp_path, capsys, one_thread):
+    trace = tmp_path / "trace.json"
+    args = ["profile", *TINY, "--mode", "train", "--backend", "torch", "--trace", str(trace)]
+    assert main([*args, "--profile-iters", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "img/s" in out and "Self CPU" in out
+    events = json.loads(trace.read_text())["traceEvents"]
+    names = {e.get("name") for e in events}
+    # The named ranges from the forward hooks: the stem, each stage, each block.
+    assert {"stem", "layer1", "layer1.0", "layer4.1", "iteration"} <= names
+
+
+def test_info_and_help_in_a_subprocess():
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    info = subprocess.run(
+        [sys.executable, "-m", "fastres", "info"], capture_output=True, text=True, env=env
+    )
+    assert info.returncode == 0, info.stderr
+    for name, status in available_backends().items():
+        assert f"{name:7s} {'available' if status.available else 'unavailable'}" in info.stdout
+    assert torch.__version__ in info.stdout
+    helped = subprocess.run(
+        [sys.executable, "-m", "fastres", "--help"], capture_output=True, text=True, env=env
+    )
+    assert helped.returncode == 0 and all(c in helped.stdout for c in ("bench", "profile", "info"))
