@@ -13,10 +13,11 @@ from command-line options or environment variables (options win):
 | --bench-rounds | FASTRES_BENCH_ROUNDS | CPU 3, CUDA 20 |
 | --bench-warmup | FASTRES_BENCH_WARMUP | CPU 1, CUDA 5 |
 | --bench-compile | FASTRES_BENCH_COMPILE | 'auto' (CUDA: both modes, CPU: infer), 'all', 'none' |
+| --bench-results | FASTRES_BENCH_RESULTS | bench/results/local/<device>-<time>.json |
 
 Besides pytest-benchmark's own output (and its --benchmark-json), every run writes its results
-with speedups, errors, peak memory, device name and versions to
-bench/results/local/<device>-<time>.json and prints the fastres table at the end.
+with speedups, errors, peak memory, device name and versions to the --bench-results file and
+prints the fastres table at the end.
 """
 
 from __future__ import annotations
@@ -37,7 +38,17 @@ DEVICE_DEFAULTS = {
     "cpu": {"batch": 8, "image_size": 224, "dtype": "fp32", "rounds": 3, "warmup": 1},
     "cuda": {"batch": 256, "image_size": 224, "dtype": "bf16", "rounds": 20, "warmup": 5},
 }
-_OPTIONS = ("device", "depth", "batch", "image_size", "dtype", "rounds", "warmup", "compile")
+_OPTIONS = (
+    "device",
+    "depth",
+    "batch",
+    "image_size",
+    "dtype",
+    "rounds",
+    "warmup",
+    "compile",
+    "results",
+)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -61,6 +72,7 @@ class BenchSettings:
     rounds: int
     warmup: int
     compile: str
+    results: str | None
 
     def compiles(self, mode: str) -> bool:
         if self.compile == "auto":
@@ -87,6 +99,7 @@ def _settings(config: pytest.Config) -> BenchSettings:
         rounds=int(raw["rounds"] or defaults["rounds"]),
         warmup=int(raw["warmup"] or defaults["warmup"]),
         compile=compile_choice,
+        results=raw["results"],
     )
 
 
@@ -138,7 +151,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     device_type = torch.device(settings.device).type
     path = bm.write_json(
-        RESULTS_DIR / f"{device_type}-{stamp}.json",
+        settings.results or RESULTS_DIR / f"{device_type}-{stamp}.json",
         results,
         {**settings.__dict__, "runner": "pytest bench/"},
     )

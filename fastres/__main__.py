@@ -9,6 +9,7 @@ python -m fastres info                  # versions, device, backends and why not
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -21,7 +22,7 @@ from . import benchmark as bm
 # iterations so that the whole run takes about two minutes on 2 cores; torch.compile only for
 # inference there (see `compile_modes`). GPU: SPEC's configuration (bf16, batch 256, 224x224).
 DEFAULTS = {
-    "cpu": {"batch": 8, "image_size": 224, "dtype": "fp32", "iters": 3, "warmup": 1},
+    "cpu": {"batch": 8, "image_size": 224, "dtype": "fp32", "iters": 3, "warmup": 0},
     "cuda": {"batch": 256, "image_size": 224, "dtype": "bf16", "iters": 20, "warmup": 5},
 }
 
@@ -181,6 +182,13 @@ def run_bench(args: argparse.Namespace) -> int:
         return peers + [bm.fastres_system(name) for name in chosen]
 
     print(f"fastres bench on {bm.device_name(args.device)}")
+    if hasattr(os, "getloadavg"):
+        load = os.getloadavg()[0]
+        busy = load > 0.5 * (os.cpu_count() or 1)
+        print(
+            f"  load average {load:.1f} on {os.cpu_count()} CPUs"
+            + (": other processes are running, timings will be noisy" if busy else "")
+        )
     print(
         f"  models {', '.join(c.label for c in configs[:: len(modes)])}, modes {', '.join(modes)}, "
         f"batch {args.batch}, image {args.image_size}x{args.image_size}, {args.dtype}"

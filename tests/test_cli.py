@@ -68,13 +68,28 @@ def test_bench_rejects_unavailable_backend(one_thread):
 def test_check_catches_a_wrong_system(one_thread):
     config = bm.BenchConfig("resnet", 18, batch=2, image_size=32, mode="infer")
     case = bm.Case(config, seed=1)
-    runner = case.runner(bm.EAGER_CL)
+    runner = case.runner(bm.fastres_system("torch"))
     good = case.check(runner)
     assert good.passed and good.max_error < 1e-5
     with torch.no_grad():
         runner.model.layer3[1].conv2.weight.mul_(1.01)
     bad = case.check(runner)
     assert not bad.passed and bad.worst == "logits" and bad.max_error > good.max_error
+
+
+def test_train_check_covers_running_stats_and_gradients(one_thread):
+    config = bm.BenchConfig("resnet", 18, batch=4, image_size=32, mode="train")
+    case = bm.Case(config, seed=2)
+    good = case.check(case.runner(bm.EAGER))
+    assert good.passed and good.worst_grad and good.worst_grad_error > 0
+    runner = case.runner(bm.EAGER)
+    runner.model.layer2[0].bn1.momentum = 0.2  # a wrong running-statistics update
+    bad = case.check(runner)
+    assert not bad.passed and bad.worst.startswith("layer2.0.bn1.running_")
+    runner = case.runner(bm.EAGER)
+    runner.model.fc.weight.register_hook(lambda g: 2 * g)  # a wrong gradient
+    bad = case.check(runner)
+    assert not bad.passed and bad.worst == bm.ALL_GRADS and bad.worst_grad == "fc.weight"
 
 
 def test_profile_writes_trace(tmp_path, capsys, one_thread):
