@@ -2,21 +2,34 @@
 the kernel body.
 
 The launcher benchmarks the `candidate_configs` of a shape class once per device (on CUDA only)
-and caches the fastest; under the Triton interpreter it uses `INTERPRETER_CONFIG` and never
+and caches the fastest; under the Triton interpreter it uses `interpreter_config` and never
 tunes, because every interpreted launch costs seconds.
 """
 
 import triton
 
-# Small tiles keep interpreted test shapes exercising the M, C_out and K tails.
-INTERPRETER_CONFIG = {
-    "BLOCK_M": 32,
-    "BLOCK_N": 32,
-    "BLOCK_K": 16,
-    "GROUP_M": 8,
-    "num_warps": 4,
-    "num_stages": 1,
-}
+# Under the interpreter every tile operation costs Python overhead whatever its size, so the
+# fewest, largest tiles that the problem fills run fastest. Tests shrink these to exercise
+# several tiles and their tails.
+INTERPRETER_MAX_TILE = {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64}
+
+
+def interpreter_config(m: int, k: int, c_out: int) -> dict:
+    """The one configuration used under the Triton interpreter (never tuned).
+
+    Args:
+        m: output pixels N*OH*OW. k: the K extent one tile walks (C_in for the tap-major order,
+            KH*KW*C_in for the flat one). c_out: output channels.
+    """
+    return {
+        "BLOCK_M": min(INTERPRETER_MAX_TILE["BLOCK_M"], max(16, triton.next_power_of_2(m))),
+        "BLOCK_N": min(INTERPRETER_MAX_TILE["BLOCK_N"], max(16, triton.next_power_of_2(c_out))),
+        "BLOCK_K": min(INTERPRETER_MAX_TILE["BLOCK_K"], max(16, triton.next_power_of_2(k))),
+        "GROUP_M": 8,
+        "num_warps": 4,
+        "num_stages": 1,
+    }
+
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for 2-byte operands on Hopper / Ampere;
 # fp32 operands use half the BLOCK_K (shared memory per stage stays the same).

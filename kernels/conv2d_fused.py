@@ -31,7 +31,7 @@ is contiguous along C_out. Activation offsets are 64-bit.
 Precision: DOT_MODE 0 multiplies fp16/bf16 tiles on tensor cores, 1 multiplies fp32 exactly
 ("ieee"), 2 multiplies fp32 in TF32; accumulation is always fp32. Under the Triton interpreter
 the launcher always picks 1 after casting the tiles to fp32, because the interpreter's bf16 dot
-is wrong.
+is wrong, and sets EMULATE_RTNE, because its fp32 -> bf16 conversion truncates.
 
 Limits: groups=1; BLOCK_K >= 16 and BLOCK_M, BLOCK_N >= 16 (tl.dot); M = N*OH*OW and C_out
 must fit in int32 (offsets into tensors are int64); the POOL prologue assumes no padding around
@@ -127,6 +127,18 @@ def _load_input_tile(
 
 
 @triton.jit
+def _round_to(x, dtype: tl.constexpr, EMULATE_RTNE: tl.constexpr):
+    """x.to(dtype), rounding to nearest even also where the interpreter would truncate."""
+    if EMULATE_RTNE and dtype == tl.bfloat16:
+        # The interpreter converts fp32 -> bf16 by dropping the low 16 bits; round first so that
+        # the drop is exact (a truncation bias would compound over a network's layers).
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def _mma(a, b, acc, DOT_MODE: tl.constexpr):
     """acc += a @ b with the requested precision (see the file header)."""
     if DOT_MODE == 0:
@@ -192,6 +204,7 @@ def conv2d_fused_kernel(
     RELU: tl.constexpr,
     STATS: tl.constexpr,
     DOT_MODE: tl.constexpr,
+    EMULATE_RTNE: tl.constexpr,
     FLAT_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -255,7 +268,7 @@ def conv2d_fused_kernel(
             w_off = cs * stride_w_i + kh * stride_w_h + kw * stride_w_w
             b = tl.load(w_cols + w_off[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             # Round the prologue's result to the operand dtype, as the unfused graph stores it.
-            acc = _mma(a.to(b.dtype), b, acc, DOT_MODE)
+            acc = _mma(_round_to(a, b.dtype, EMULATE_RTNE), b, acc, DOT_MODE)
     else:
         # One flat loop over (tap, channel block) pairs rather than two nested loops, so that
         # the compiler software-pipelines the loads even when C_in fits one block.
@@ -287,7 +300,7 @@ def conv2d_fused_kernel(
                 mask=c_ok[:, None] & n_ok[None, :],
                 other=0.0,
             )
-            acc = _mma(a.to(b.dtype), b, acc, DOT_MODE)
+            acc = _mma(_round_to(a, b.dtype, EMULATE_RTNE), b, acc, DOT_MODE)
 
     out_mask = m_ok[:, None] & n_ok[None, :]
     if HAS_BIAS:
@@ -319,4 +332,4 @@ def conv2d_fused_kernel(
         + ow.to(tl.int64)[:, None] * stride_out_w
         + offs_n.to(tl.int64)[None, :] * stride_out_c
     )
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(out_ptrs, _round_to(acc, out_ptr.dtype.element_ty, EMULATE_RTNE), mask=out_mask)

@@ -152,7 +152,7 @@ def _launch(
     """Launches the kernel that writes `out` (and accumulates into `stats`, zeroed here)."""
     import triton
 
-    from fastres.kernels.conv2d_configs import FLAT_K_MAX_C_IN, INTERPRETER_CONFIG, shape_class
+    from fastres.kernels.conv2d_configs import FLAT_K_MAX_C_IN, interpreter_config, shape_class
     from fastres.kernels.conv2d_fused import conv2d_fused_kernel
 
     n, c_in, h, w = x.shape
@@ -178,12 +178,13 @@ def _launch(
             KH=kh, KW=kw, POOL=input_pool,
             IN_AFFINE=int(input_scale is not None), IN_RELU=int(input_relu),
             HAS_BIAS=int(bias is not None), RESIDUAL=residual_mode, RELU=int(relu),
-            STATS=int(stats is not None), DOT_MODE=dot_mode, FLAT_K=int(flat_k),
+            STATS=int(stats is not None), DOT_MODE=dot_mode, EMULATE_RTNE=int(interpreting()),
+            FLAT_K=int(flat_k),
             **config,
         )  # fmt: skip
 
     if interpreting() or x.device.type != "cuda":
-        config = INTERPRETER_CONFIG
+        config = interpreter_config(m, kh * kw * c_in if flat_k else c_in, c_out)
     else:
         key = (
             shape_class(m, c_in, c_out, kh, kw, stride[0], input_pool),
