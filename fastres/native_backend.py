@@ -1,12 +1,206 @@
-"""The 'native' backend: PyTorch convolution + the fused BatchNorm ops of fastres._C."""
+"""The 'native' backend: PyTorch convolution + the fused BatchNorm ops of fastres._C.
+
+Every conv -> BatchNorm [-> + shortcut] [-> ReLU] unit of the stem and of the blocks runs as
+PyTorch's own convolution (oneDNN on CPU, cuDNN on CUDA) followed by one fused element-wise op:
+
+- BatchNorm in eval mode (eval(), norm_eval, frozen stages): the BN is an affine map. Without
+  autograd it is folded into the convolution (weights cached per module, keyed on the
+  parameters' versions, never written back); with autograd (BN-frozen layers in training) the
+  per-channel scale and shift are computed with torch ops so that gradients reach the conv and
+  BN parameters, and `fastres::bn_apply` applies them.
+- BatchNorm in training mode: `fastres::bn_stats` / `bn_finalize` / `bn_apply` forward and
+  `bn_backward_reduce` / `bn_backward_elemt` backward, as one autograd-registered op per unit
+  (`fastres::bn_train_act`); the running statistics are updated outside the ops, as
+  nn.BatchNorm2d updates them.
+- A downsample shortcut's BN is applied in the same pass as the block's last BN (the two-BN
+  form of `bn_apply`).
+
+Blocks with norms this backend does not fuse (GroupNorm, SyncBatchNorm in training) and
+degenerate inputs (an empty batch, one value per channel in training) run the oracle.
+"""
 
 from __future__ import annotations
 
+import torch
+from torch import Tensor, nn
+
 from .backends import Backend
+from .ops import batchnorm as bn_ops
+
+
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _uses_batch_stats(bn: nn.Module) -> bool:
+    return bn.training or bn.running_mean is None
+
+
+def _fusable(bn: nn.Module) -> bool:
+    """Whether this backend runs `bn` itself (else the block runs the oracle)."""
+    if not getattr(bn, "affine", False):
+        return False
+    if type(bn) is nn.BatchNorm2d:
+        return True
+    # SyncBN in eval mode is an affine map like BN; in training it needs the process group.
+    return isinstance(bn, nn.SyncBatchNorm) and not _uses_batch_stats(bn)
+
+
+def _eval_affine(bn: nn.Module, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Per-channel scale and shift [C] of an eval-mode BN (differentiable in weight, bias)."""
+    invstd = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+    scale = bn.weight.to(acc) * invstd
+    return scale, bn.bias.to(acc) - bn.running_mean.to(acc) * scale
+
+
+def _update_running_stats(bn: nn.Module, mean: Tensor, m2: Tensor, count: int) -> None:
+    """The running-statistics update of nn.BatchNorm2d in training mode, from bn_stats."""
+    if not (bn.training and bn.track_running_stats and bn.running_mean is not None):
+        return
+    with torch.no_grad():
+        bn.num_batches_tracked.add_(1)
+        # momentum None: the cumulative moving average; a tensor factor keeps torch.compile
+        # from specializing on the step count.
+        cumulative = bn.momentum is None
+        factor = 1.0 / bn.num_batches_tracked.to(mean.dtype) if cumulative else bn.momentum
+        unbiased_var = m2 / (count - 1)
+        bn.running_mean.mul_(1 - factor).add_((mean * factor).to(bn.running_mean.dtype))
+        bn.running_var.mul_(1 - factor).add_((unbiased_var * factor).to(bn.running_var.dtype))
+
+
+def _common_dtype(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    return a.to(dtype), b.to(dtype)
+
+
+def _bn_act(
+    bn: nn.Module,
+    y: Tensor,
+    relu: bool,
+    residual: Tensor | None = None,
+    shortcut: tuple[nn.Module, Tensor] | None = None,
+) -> Tensor:
+    """act(bn(y) + residual) or act(bn(y) + bn_d(y_d)) with shortcut = (bn_d, y_d) [N, C, H, W]."""
+    if shortcut is not None:
+        bn_d, y_d = shortcut
+        if _uses_batch_stats(bn) != _uses_batch_stats(bn_d):
+            # Mixed modes (BNs set by hand): the shortcut's BN on its own pass.
+            return _bn_act(bn, y, relu, residual=_bn_act(bn_d, y_d, relu=False))
+        y, y_d = _common_dtype(y, y_d)
+    elif residual is not None:
+        y, residual = _common_dtype(y, residual)
+    if _uses_batch_stats(bn):
+        if y.numel() <= y.shape[1]:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {y.size()}"
+            )
+        bn_d, y_d = shortcut if shortcut is not None else (None, None)
+        out, mean, m2, mean_d, m2_d = bn_ops.bn_train_act(
+            y, bn.weight, bn.bias, bn.eps, residual, y_d,
+            None if bn_d is None else bn_d.weight,
+            None if bn_d is None else bn_d.bias,
+            1e-5 if bn_d is None else bn_d.eps,
+            relu,
+        )  # fmt: skip
+        count = y.numel() // y.shape[1]
+        _update_running_stats(bn, mean, m2, count)
+        if bn_d is not None:
+            _update_running_stats(bn_d, mean_d, m2_d, count)
+        return out
+    acc = _acc_dtype(y)
+    scale, shift = _eval_affine(bn, acc)
+    if shortcut is not None:
+        scale_d, shift_d = _eval_affine(shortcut[0], acc)
+        return bn_ops.bn_apply(y, scale, shift, shortcut[1], scale_d, shift_d, relu)
+    return bn_ops.bn_apply(y, scale, shift, residual, None, None, relu)
+
+
+def _conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    return conv._conv_forward(x, conv.weight, conv.bias)
+
+
+def _conv_bn_act(
+    conv: nn.Conv2d,
+    bn: nn.Module,
+    x: Tensor,
+    relu: bool = True,
+    residual: Tensor | None = None,
+    shortcut: tuple[nn.Module, Tensor] | None = None,
+) -> Tensor:
+    return _bn_act(bn, _conv(conv, x), relu, residual, shortcut)
+
+
+def _shortcut(block: nn.Module, x: Tensor) -> tuple[Tensor | None, tuple[nn.Module, Tensor] | None]:
+    """The block's shortcut: (identity, None), or (None, (downsample BN, its conv output))."""
+    if block.downsample is None:
+        return x, None
+    *pre, conv, bn = block.downsample
+    for m in pre:  # avg_down's AvgPool2d
+        x = m(x)
+    return None, (bn, _conv(conv, x))
+
+
+def _norms_fusable(modules) -> bool:
+    return all(
+        _fusable(m)
+        for m in modules
+        if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm))
+    )
+
+
+def _batch_ok(x: Tensor) -> bool:
+    """Empty batches run the oracle, which returns empty outputs of the right shapes."""
+    return x.numel() > 0
 
 
 class NativeBackend(Backend):
     name = "native"
 
     def unavailable_reason(self, device_type: str | None = None) -> str | None:
-        return "the fused BatchNorm extension fastres._C is not part of this version yet"
+        if bn_ops.EXTENSION_ERROR is not None:
+            return bn_ops.EXTENSION_ERROR
+        if device_type == "cuda" and not bn_ops.cuda_kernels_built():
+            return (
+                "fastres._C was built without its CUDA kernels (CPU-only torch or no nvcc at "
+                "build time; rebuild with FASTRES_CUDA=1)"
+            )
+        if device_type not in (None, "cpu", "cuda"):
+            return f"fastres._C has no kernels for {device_type} tensors"
+        return None
+
+    def run_stem(self, model: nn.Module, x: Tensor) -> Tensor:
+        units = list(model.stem) if model.deep_stem else [model.conv1, model.norm1, model.relu]
+        if not (_norms_fusable(units) and _batch_ok(x)):
+            return model.stem_reference(x)
+        for i in range(0, len(units), 3):
+            x = _conv_bn_act(units[i], units[i + 1], x)
+        return model.maxpool(x)
+
+    def run_block(self, block: nn.Module, x: Tensor) -> Tensor:
+        if not (_norms_fusable(block.modules()) and _batch_ok(x)):
+            return block.forward_reference(x)
+        if hasattr(block, "convs"):
+            return self._bottle2neck(block, x)
+        identity, shortcut = _shortcut(block, x)
+        if hasattr(block, "conv3"):
+            out = _conv_bn_act(block.conv1, block.norm1, x)
+            out = _conv_bn_act(block.conv2, block.norm2, out)
+            return _conv_bn_act(block.conv3, block.norm3, out, True, identity, shortcut)
+        out = _conv_bn_act(block.conv1, block.norm1, x)
+        return _conv_bn_act(block.conv2, block.norm2, out, True, identity, shortcut)
+
+    @staticmethod
+    def _bottle2neck(block: nn.Module, x: Tensor) -> Tensor:
+        out = _conv_bn_act(block.conv1, block.norm1, x)
+        # Chunks stay views of conv1's output; the convolution reads them in place.
+        chunks = torch.split(out, block.width, 1)
+        sp = _conv_bn_act(block.convs[0], block.bns[0], chunks[0])
+        outs = [sp]
+        for i in range(1, block.scales - 1):
+            sp = chunks[i] if block.stage_type == "stage" else sp + chunks[i]
+            sp = _conv_bn_act(block.convs[i], block.bns[i], sp)
+            outs.append(sp)
+        last = chunks[block.scales - 1]
+        outs.append(block.pool(last) if block.pools_last_chunk else last)
+        identity, shortcut = _shortcut(block, x)
+        return _conv_bn_act(block.conv3, block.norm3, torch.cat(outs, 1), True, identity, shortcut)

@@ -159,3 +159,121 @@ def bn_backward_reduce(*args) -> tuple[Tensor, Tensor, Tensor]:
 def bn_backward_elemt(*args) -> tuple[Tensor, Tensor]:
     """`fastres::bn_backward_elemt`; see `batchnorm_reference.bn_backward_elemt`."""
     return torch.ops.fastres.bn_backward_elemt(*args)
+
+
+def _train_act_impl(y, weight, bias, eps, residual, y_d, weight_d, bias_d, eps_d, relu):
+    count = y.numel() // y.shape[1]
+    mean, m2 = torch.ops.fastres.bn_stats(y)
+    scale, shift, _ = torch.ops.fastres.bn_finalize(mean, m2, count, weight, bias, eps)
+    if y_d is None:
+        out = torch.ops.fastres.bn_apply(y, scale, shift, residual, None, None, relu)
+        return out, mean, m2, mean.new_empty(0), m2.new_empty(0)
+    mean_d, m2_d = torch.ops.fastres.bn_stats(y_d)
+    scale_d, shift_d, _ = torch.ops.fastres.bn_finalize(
+        mean_d, m2_d, count, weight_d, bias_d, eps_d
+    )
+    out = torch.ops.fastres.bn_apply(y, scale, shift, y_d, scale_d, shift_d, relu)
+    return out, mean, m2, mean_d, m2_d
+
+
+def _train_act_fake(y, weight, bias, eps, residual, y_d, weight_d, bias_d, eps_d, relu):
+    c, acc = y.shape[1], _acc(y)
+    stats_d = c if y_d is not None else 0
+    return (
+        torch.empty_like(y, memory_format=_layout(y)),
+        y.new_empty(c, dtype=acc),
+        y.new_empty(c, dtype=acc),
+        y.new_empty(stats_d, dtype=acc),
+        y.new_empty(stats_d, dtype=acc),
+    )
+
+
+def _train_act_setup_context(ctx, inputs, output):
+    y, weight, bias, eps, residual, y_d, weight_d, bias_d, eps_d, relu = inputs
+    _, mean, m2, mean_d, m2_d = output
+    two_bn = y_d is not None
+    ctx.save_for_backward(
+        y, weight, bias, y_d if two_bn else residual, weight_d, bias_d, mean, m2, mean_d, m2_d
+    )
+    ctx.eps, ctx.eps_d, ctx.relu, ctx.two_bn = eps, eps_d, relu, two_bn
+    ctx.mark_non_differentiable(mean, m2, mean_d, m2_d)
+
+
+def _train_act_backward(ctx, grad_out, *unused):
+    y, weight, bias, r, weight_d, bias_d, mean, m2, mean_d, m2_d = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    count = y.numel() // y.shape[1]
+    # scale / shift / invstd are [C] vectors: recomputing them is cheaper than saving them.
+    scale, shift, invstd = torch.ops.fastres.bn_finalize(mean, m2, count, weight, bias, ctx.eps)
+    scale_d = shift_d = invstd_d = None
+    if ctx.two_bn:
+        scale_d, shift_d, invstd_d = torch.ops.fastres.bn_finalize(
+            mean_d, m2_d, count, weight_d, bias_d, ctx.eps_d
+        )
+    mu_d = mean_d if ctx.two_bn else None
+    grad_out = grad_out.to(y.dtype)
+    sum_dy, sum_dy_xmu, sum_dy_rmu = torch.ops.fastres.bn_backward_reduce(
+        grad_out, y, scale, shift, r, scale_d, shift_d, ctx.relu, mean, mu_d
+    )
+    want_r = r is not None and bool(need[4] or need[5])
+    grad_y, grad_r = torch.ops.fastres.bn_backward_elemt(
+        grad_out, y, scale, shift, r, scale_d, shift_d, ctx.relu, mean, invstd, sum_dy,
+        sum_dy_xmu, mu_d, invstd_d, sum_dy_rmu if ctx.two_bn else None, count, want_r,
+    )  # fmt: skip
+    grad_w = (sum_dy_xmu * invstd).to(weight.dtype) if need[1] else None
+    grad_b = sum_dy.to(bias.dtype) if need[2] else None
+    grad_residual = grad_r if want_r and not ctx.two_bn else None
+    grad_y_d = grad_r if want_r and ctx.two_bn else None
+    grad_w_d = grad_b_d = None
+    if ctx.two_bn:
+        grad_w_d = (sum_dy_rmu * invstd_d).to(weight_d.dtype) if need[6] else None
+        grad_b_d = sum_dy.to(bias_d.dtype) if need[7] else None
+    return grad_y, grad_w, grad_b, None, grad_residual, grad_y_d, grad_w_d, grad_b_d, None, None
+
+
+if EXTENSION_ERROR is None:
+    # A composite op of the kernels above, so that torch.compile sees one opaque op with a
+    # fake implementation (dynamo could not trace the equivalent hand-written
+    # autograd.Function with optional inputs); register_autograd wraps it in an
+    # autograd.Function.
+    _train_act_op = torch.library.custom_op(
+        "fastres::bn_train_act",
+        _train_act_impl,
+        mutates_args=(),
+        schema=(
+            "(Tensor y, Tensor weight, Tensor bias, float eps, Tensor? residual, Tensor? y_d,"
+            " Tensor? weight_d, Tensor? bias_d, float eps_d, bool relu)"
+            " -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+        ),
+    )
+    _train_act_op.register_fake(_train_act_fake)
+    _train_act_op.register_autograd(_train_act_backward, setup_context=_train_act_setup_context)
+
+
+def bn_train_act(
+    y: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    eps: float,
+    residual: Tensor | None = None,
+    y_d: Tensor | None = None,
+    weight_d: Tensor | None = None,
+    bias_d: Tensor | None = None,
+    eps_d: float = 1e-5,
+    relu: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """act(BN(y) [+ residual | + BN_d(y_d)]) with batch statistics (training-mode BN).
+
+    Args:
+        y: [N, C, H, W] conv output; weight, bias: [C] BN affine parameters.
+        residual: [N, C, H, W] shortcut added as is, or None.
+        y_d, weight_d, bias_d: the downsample conv output and its BN's parameters (the
+            two-BN tail), or None.
+
+    Returns:
+        out [N, C, H, W] and the statistics (mean, m2) [C] of y and of y_d (empty without
+        y_d), for the running-statistics update, which the caller does.
+    """
+    return torch.ops.fastres.bn_train_act(
+        y, weight, bias, eps, residual, y_d, weight_d, bias_d, eps_d, relu
+    )
