@@ -96,6 +96,16 @@ def benchable_backends(device: torch.device | str) -> list[str]:
     return [name for name, reason in backend_reasons(device).items() if reason is None]
 
 
+def default_backends(device: torch.device | str) -> list[str]:
+    """The fastres backends benchmarked unless named: the fused ones that can run on `device`.
+
+    'torch' is the oracle itself, the same computation as the eager-cl peer; timing it twice
+    would only cost time, so it runs by default only where no fused backend can.
+    """
+    fused = [name for name in benchable_backends(device) if name != "torch"]
+    return fused or ["torch"]
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 

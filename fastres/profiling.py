@@ -91,9 +91,8 @@ def run_profile(args: argparse.Namespace) -> int:
     )
     case = bm.Case(config, seed=args.seed)
     runner = case.runner(system)
-    # Hooks are attached to the model, not to the compiled wrapper: under torch.compile the
-    # ranges only mark where Dynamo traced, so NVTX is most useful in eager runs.
-    ranges = BlockRanges(runner.model, nvtx=device.type == "cuda")
+    # Python hooks inside a compiled model would break its graph: no ranges under compile.
+    ranges = None if args.compile else BlockRanges(runner.model, nvtx=device.type == "cuda")
     try:
         times = bm.time_steps(runner.step, device, args.iters, args.warmup)
         median = statistics.median(times)
@@ -110,7 +109,7 @@ def run_profile(args: argparse.Namespace) -> int:
                     with record_function("iteration"):
                         runner.step()
                     bm.synchronize(device)
-            sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
             print(f"top ops over {args.profile_iters} profiled iterations ({sort_by}):")
             print(prof.key_averages().table(sort_by=sort_by, row_limit=args.top))
             if args.trace:
@@ -119,5 +118,6 @@ def run_profile(args: argparse.Namespace) -> int:
         elif args.trace:
             print("--trace needs --profile-iters > 0: no trace written")
     finally:
-        ranges.remove()
+        if ranges is not None:
+            ranges.remove()
     return 0

@@ -31,8 +31,7 @@ def test_bench_prints_table_and_writes_json(tmp_path, capsys, one_thread):
     out = capsys.readouterr().out
     assert code == 0, out
     assert "skipping res2net" in out  # Res2Net has no depth 18
-    systems = ["eager", "eager-cl"] + [f"fastres-{b}" for b in bm.benchable_backends("cpu")]
-    assert "fastres-torch" in systems
+    systems = ["eager", "eager-cl"] + [f"fastres-{b}" for b in bm.default_backends("cpu")]
     for group in ("resnet18-b2x32-fp32-infer", "resnet18-b2x32-fp32-train"):
         rows = [line.split() for line in out.splitlines() if line.startswith(group)]
         assert [row[1] for row in rows] == systems
@@ -94,7 +93,7 @@ def test_train_check_covers_running_stats_and_gradients(one_thread):
 
 def test_profile_writes_trace(tmp_path, capsys, one_thread):
     trace = tmp_path / "trace.json"
-    args = ["profile", *TINY, "--mode", "train", "--backend", "torch", "--trace", str(trace)]
+    args = ["profile", *TINY, "--mode", "train", "--trace", str(trace)]
     assert main([*args, "--profile-iters", "1"]) == 0
     out = capsys.readouterr().out
     assert "img/s" in out and "Self CPU" in out
