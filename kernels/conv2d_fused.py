@@ -88,7 +88,9 @@ def _load_input_tile(
     IN_AFFINE: tl.constexpr,
     IN_RELU: tl.constexpr,
 ):
-    """One A tile in fp32: input elements (pooled virtual pixels when POOL > 1) after the prologue.
+    """One A tile: input elements (pooled virtual pixels when POOL > 1) after the prologue.
+
+    In the stored dtype without a prologue, else in fp32.
 
     x_row: [BLOCK_M, 1] pointers to each output pixel's image; ih, iw: virtual input
     coordinates broadcastable to [BLOCK_M, BLOCK_K]; cs: channel of each K column; valid: mask
@@ -96,7 +98,10 @@ def _load_input_tile(
     """
     if POOL == 1:
         ptrs = x_row + ih.to(tl.int64) * stride_x_h + iw.to(tl.int64) * stride_x_w
-        v = tl.load(ptrs + cs.to(tl.int64) * stride_x_c, mask=valid, other=0.0).to(tl.float32)
+        # Without a prologue the tile stays in the stored dtype, straight into the MMA.
+        v = tl.load(ptrs + cs.to(tl.int64) * stride_x_c, mask=valid, other=0.0)
+        if IN_AFFINE or IN_RELU:
+            v = v.to(tl.float32)
         if IN_AFFINE:
             v = v * in_scale + in_shift
         if IN_RELU:
@@ -129,7 +134,7 @@ def _load_input_tile(
 @triton.jit
 def _round_to(x, dtype: tl.constexpr, EMULATE_RTNE: tl.constexpr):
     """x.to(dtype), rounding to nearest even also where the interpreter would truncate."""
-    if EMULATE_RTNE and dtype == tl.bfloat16:
+    if EMULATE_RTNE and dtype == tl.bfloat16 and x.dtype == tl.float32:
         # The interpreter converts fp32 -> bf16 by dropping the low 16 bits; round first so that
         # the drop is exact (a truncation bias would compound over a network's layers).
         bits = x.to(tl.uint32, bitcast=True)

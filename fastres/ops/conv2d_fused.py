@@ -18,6 +18,7 @@ TRITON_INTERPRET=1 on a machine without a GPU.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Sequence
@@ -190,7 +191,7 @@ def _launch(
             shape_class(m, c_in, c_out, kh, kw, stride[0], input_pool),
             x.dtype,
             dot_mode,
-            torch.cuda.get_device_name(x.device),
+            _device_name(x.device.index),
         )
         config = _TUNED_CONFIGS.get(key)
         if config is None:
@@ -200,6 +201,11 @@ def _launch(
         for buf in stats:
             buf.zero_()
     launch(config)
+
+
+@functools.cache
+def _device_name(index: int | None) -> str:
+    return torch.cuda.get_device_name(index)
 
 
 def _tune(launch, m: int, k: int, c_in: int, c_out: int, flat_k: bool, elt_bytes: int) -> dict:
