@@ -43,7 +43,7 @@ def _extensions() -> tuple[list, dict]:
         return [], {}
 
     sources = ["csrc/fastres.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3"]
     want_cuda = _flag("FASTRES_CUDA")
     has_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if want_cuda and not has_cuda:
@@ -63,7 +63,7 @@ def _extensions() -> tuple[list, dict]:
             define_macros=[("FASTRES_WITH_CUDA", "1")],
             extra_compile_args={
                 "cxx": cxx_flags,
-                "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"],
+                "nvcc": ["-O3", "--use_fast_math", "-lineinfo"],
             },
         )
     else:

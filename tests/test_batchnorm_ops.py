@@ -203,3 +203,47 @@ def test_apply_gradcheck_float64(tail, layout):
         return ops.bn_apply(*a, relu=True)
 
     torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not ops.cuda_kernels_built(), reason="fastres._C built without CUDA kernels")
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64], ids=str)
+def test_cuda_ops_match_cpu_reference(dtype, layout):
+    """Every op on CUDA (vectorized and scalar paths: C or S multiple of 8 or not)."""
+    for shape in SHAPES.values():
+        for tail in TAILS:
+            x, scale, shift, residual, scale_r, shift_r = (
+                t.cuda() if t is not None else None for t in _tail_args(shape, dtype, layout, tail)
+            )
+            acc = torch.float64 if dtype == torch.float64 else torch.float32
+            per_channel = [
+                t.to(acc) if t is not None else None for t in (scale, shift, scale_r, shift_r)
+            ]
+            scale, shift, scale_r, shift_r = per_channel
+            grad = _rand(shape, dtype, layout, device="cuda")
+            c, count = shape[1], x.numel() // shape[1]
+            mean = torch.randn(c, device="cuda", dtype=acc)
+            mean_r = torch.randn(c, device="cuda", dtype=acc) if tail == "two_bn" else None
+            tail_args = (scale, shift, residual, scale_r, shift_r, True)
+            cases = [
+                ("bn_stats", (x,)),
+                ("bn_apply", (x, *tail_args)),
+                ("bn_backward_reduce", (grad, x, *tail_args, mean, mean_r)),
+            ]
+            sums = ref.bn_backward_reduce(*cases[2][1])
+            cases.append(
+                (
+                    "bn_backward_elemt",
+                    (
+                        grad, x, *tail_args, mean, scale.abs(), sums[0], sums[1], mean_r,
+                        scale_r.abs() if scale_r is not None else None,
+                        sums[2] if tail == "two_bn" else None, count, residual is not None,
+                    ),
+                )
+            )  # fmt: skip
+            for name, args in cases:
+                actual = getattr(ops, name)(*args)
+                base = getattr(ref, name)(*args)
+                gold = getattr(ref, name)(*_f64(args))
+                _check(actual, base, gold, dtype, f"cuda {name} {shape} {tail}")

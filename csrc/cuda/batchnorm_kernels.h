@@ -1,0 +1,61 @@
+// Launchers of the CUDA kernels of the fastres:: BatchNorm family (semantics: csrc/fastres.cpp).
+//
+// Plain C++ over raw device pointers and a cudaStream_t: no torch headers, so that the kernels
+// compile with nvcc alone (scripts/check_cuda_compile.sh). Per-channel pointers ("acc") are
+// float for fp32 / fp16 / bf16 tensors and double for fp64 tensors.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace fastres {
+namespace cuda {
+
+enum class DType { kFloat32, kFloat16, kBFloat16, kFloat64 };
+
+// x viewed as [N, C, S]: NCHW (planes of S values of one channel) or channels_last (rows of C).
+struct Geometry {
+  int64_t n, c, s;
+  bool channels_last;
+};
+
+// The element-wise tail z = x * scale + shift [+ r | + r * scale_r + shift_r], act ReLU or not.
+struct Tail {
+  const void* scale;
+  const void* shift;
+  const void* residual;  // nullptr: none (same dtype and layout as x)
+  const void* scale_r;   // nullptr: the residual is added as is
+  const void* shift_r;
+  bool relu;
+};
+
+// Workspace (device memory) the reductions need for their per-block partial results.
+size_t bn_stats_workspace_bytes(DType dtype, Geometry g);
+size_t bn_backward_reduce_workspace_bytes(DType dtype, Geometry g);
+
+cudaError_t launch_bn_stats(DType dtype, const void* x, Geometry g, void* mean, void* m2,
+                            void* workspace, cudaStream_t stream);
+
+cudaError_t launch_bn_finalize(DType dtype, const void* mean, const void* m2, int64_t count,
+                               const void* weight, const void* bias, double eps, int64_t c,
+                               void* scale, void* shift, void* invstd, cudaStream_t stream);
+
+cudaError_t launch_bn_apply(DType dtype, const void* x, Tail tail, Geometry g, void* out,
+                            cudaStream_t stream);
+
+// sum_dy_rmu may be nullptr (no second BN); mean and mean_r must be valid [C] vectors.
+cudaError_t launch_bn_backward_reduce(DType dtype, const void* grad_out, const void* x, Tail tail,
+                                      const void* mean, const void* mean_r, Geometry g,
+                                      void* sum_dy, void* sum_dy_xmu, void* sum_dy_rmu,
+                                      void* workspace, cudaStream_t stream);
+
+// coef: [6, C] acc, grad_x = coef0 * g + coef1 * x + coef2, grad_r = coef3 * g + coef4 * r +
+// coef5 with g = grad_out * ReLU mask. grad_r may be nullptr.
+cudaError_t launch_bn_backward_elemt(DType dtype, const void* grad_out, const void* x, Tail tail,
+                                     const void* coef, Geometry g, void* grad_x, void* grad_r,
+                                     cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace fastres
