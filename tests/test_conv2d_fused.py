@@ -3,10 +3,15 @@ float64 oracle, one kernel feature per test, with the SPEC section 3 rule.
 
 On CPU the kernel runs through the Triton interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1), so shapes are tiny; the same tests run on CUDA where a GPU is present.
+Without a GPU, `test_compiles_for_hopper` also compiles the real kernel for sm_90 (run as a
+script: `python tests/test_conv2d_fused.py`).
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -411,3 +416,95 @@ def test_int64_offsets_cuda():
     gold = F.conv2d(tail, weight.double())
     base = F.conv2d(x[:, :, -4:, -4:], weight)
     assert_matches_oracle(out[:, :, -4:, -4:], base, gold, torch.bfloat16, "last pixels")
+
+
+# Specializations the backend and the later training path launch: (dtype, constexprs).
+HOPPER_CASES = [
+    ("bf16", dict(KH=1, KW=1, HAS_BIAS=1, RESIDUAL=1, RELU=1)),
+    ("bf16", dict(KH=3, KW=3, HAS_BIAS=1, RELU=1)),
+    ("bf16", dict(KH=7, KW=7, HAS_BIAS=1, RELU=1, FLAT_K=1)),
+    ("bf16", dict(KH=1, KW=1, HAS_BIAS=1, POOL=2)),
+    ("bf16", dict(KH=3, KW=3, IN_AFFINE=1, IN_RELU=1, STATS=1)),
+    ("bf16", dict(KH=1, KW=1, HAS_BIAS=1, RESIDUAL=2, RELU=1)),
+    ("fp16", dict(KH=3, KW=3, HAS_BIAS=1, RELU=1)),
+    ("fp32", dict(KH=3, KW=3, HAS_BIAS=1, RELU=1, DOT_MODE=2)),
+    ("fp32", dict(KH=1, KW=1, HAS_BIAS=1, RESIDUAL=1, DOT_MODE=1)),
+]
+
+
+def compile_for_hopper() -> list[str]:
+    """Compiles HOPPER_CASES to sm_90 cubins (Triton's own ptxas, no GPU needed).
+
+    Arguments get what the JIT infers at a ResNet launch: channel strides of 1, 16-divisible
+    pointers, channel counts and other strides. Returns 'name shared=<bytes> pipelined=<bool>'.
+    """
+    from fastres.kernels.conv2d_fused import conv2d_fused_kernel as kernel
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = kernel.arg_names
+    optional = {
+        "bias_ptr": "HAS_BIAS", "res_ptr": "RESIDUAL", "res_scale_ptr": "RESIDUAL",
+        "in_scale_ptr": "IN_AFFINE", "in_shift_ptr": "IN_AFFINE", "sum_ptr": "STATS",
+        "sumsq_ptr": "STATS", "res_shift_ptr": "RESIDUAL",
+    }  # fmt: skip
+    unit_strides = ("stride_x_c", "stride_w_o", "stride_res_c", "stride_out_c")
+    reports = []
+    for dtype, switches in HOPPER_CASES:
+        constexprs = dict(
+            POOL=1, IN_AFFINE=0, IN_RELU=0, HAS_BIAS=0, RESIDUAL=0, RELU=0, STATS=0,
+            DOT_MODE=0, EMULATE_RTNE=0, FLAT_K=0, BLOCK_M=128, BLOCK_N=128,
+            BLOCK_K=32 if dtype == "fp32" else 64, GROUP_M=8,
+        )  # fmt: skip
+        constexprs.update(switches)
+        signature, attrs = {}, {}
+        for i, name in enumerate(names):
+            if name in constexprs or name in unit_strides:
+                constexprs.setdefault(name, 1)
+                signature[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                flag = optional.get(name)
+                if (
+                    flag is not None
+                    and not constexprs[flag]
+                    or (name in ("res_scale_ptr", "res_shift_ptr") and constexprs["RESIDUAL"] != 2)
+                ):
+                    signature[name], constexprs[name] = "constexpr", None
+                    continue
+                is_activation = name in ("x_ptr", "w_ptr", "res_ptr", "out_ptr")
+                signature[name] = "*" + (dtype if is_activation else "fp32")
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            else:
+                signature[name] = "i32"
+                if name.startswith("stride_") or name in ("C_in", "C_out"):
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+        compiled = triton.compile(
+            source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 3}
+        )
+        pipelined = "async_copy_global_to_local" in compiled.asm["ttgir"]
+        reports.append(f"{compiled.name} shared={compiled.metadata.shared} pipelined={pipelined}")
+    return reports
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA tests run the real kernel")
+def test_compiles_for_hopper():
+    """Without a GPU the interpreter never sees Triton's compiler: compile the real kernel for
+    sm_90 (in a subprocess, without TRITON_INTERPRET) so typing and layout errors surface here."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    result = subprocess.run(
+        [sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    reports = result.stdout.split("\n")
+    names = [r.split()[0] for r in reports if r]
+    assert len(names) == len(HOPPER_CASES)
+    assert {"fastres_conv1x1_bias_add_relu", "fastres_avgpool2_conv1x1_bias"} <= set(names)
+    # The gathered A tiles and the weight tiles are loaded asynchronously, several stages ahead.
+    assert all("pipelined=True" in r for r in reports if r), reports
+
+
+if __name__ == "__main__":
+    print("\n".join(compile_for_hopper()))
