@@ -368,6 +368,13 @@ def test_bad_inputs(device):
         conv2d_fused(x, torch.randn(4, 8, 1, 1, device=device), residual=torch.randn(1, 4, 4, 4))
 
 
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = torch.randn(1, 8, 4, 4)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        conv2d_fused(x, torch.randn(8, 8, 1, 1))
+
+
 def test_opcheck(device):
     """Schema, fake implementation and autograd registration are consistent (torch.library)."""
     x = torch.randn(2, 8, 5, 5, device=device).contiguous(memory_format=CL)

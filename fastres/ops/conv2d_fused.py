@@ -11,9 +11,9 @@ computes `relu(conv2d(x, w) + bias + r)` in one kernel on NHWC tensors. The ops:
   slice of a concatenation buffer, as Res2Net uses); not differentiable.
 
 The launcher checks its inputs, allocates the output (channels_last), picks the launch
-configuration (benchmarked once per shape class and GPU on CUDA, fixed under the Triton
-interpreter) and launches. It never touches `torch.cuda` for CPU tensors, so it runs under
-TRITON_INTERPRET=1 on a machine without a GPU.
+configuration (benchmarked once per shape class and GPU on CUDA unless FASTRES_TRITON_TUNE=0,
+derived from the shape under the Triton interpreter) and launches. It never touches
+`torch.cuda` for CPU tensors, so it runs under TRITON_INTERPRET=1 on a machine without a GPU.
 """
 
 from __future__ import annotations
@@ -31,6 +31,10 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Tuned launch configurations, keyed on (shape class, dtype, precision mode, device name).
 _TUNED_CONFIGS: dict[tuple, dict] = {}
+# FASTRES_TRITON_TUNE=0 skips the timing of candidate configurations on CUDA (the first, a
+# generally good tile, is used): for quick runs on a fresh machine, where every candidate
+# costs a compilation.
+TUNE_ENV_VAR = "FASTRES_TRITON_TUNE"
 
 
 def interpreting() -> bool:
@@ -153,9 +157,19 @@ def _launch(
     """Launches the kernel that writes `out` (and accumulates into `stats`, zeroed here)."""
     import triton
 
-    from fastres.kernels.conv2d_configs import FLAT_K_MAX_C_IN, interpreter_config, shape_class
+    from fastres.kernels.conv2d_configs import (
+        FLAT_K_MAX_C_IN,
+        candidate_configs,
+        interpreter_config,
+        shape_class,
+    )
     from fastres.kernels.conv2d_fused import conv2d_fused_kernel
 
+    if x.device.type != "cuda" and not interpreting():
+        raise RuntimeError(
+            f"the fused convolution runs on CUDA tensors, or on {x.device.type} tensors only "
+            f"under TRITON_INTERPRET=1 (the Triton interpreter)"
+        )
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
     ph, pw, oh, ow = _output_size(x, weight, stride, padding, dilation, input_pool)
@@ -184,7 +198,7 @@ def _launch(
             **config,
         )  # fmt: skip
 
-    if interpreting() or x.device.type != "cuda":
+    if interpreting():
         config = interpreter_config(m, kh * kw * c_in if flat_k else c_in, c_out)
     else:
         key = (
@@ -195,7 +209,11 @@ def _launch(
         )
         config = _TUNED_CONFIGS.get(key)
         if config is None:
-            config = _tune(launch, m, kh * kw * c_in, c_in, c_out, flat_k, x.element_size())
+            candidates = candidate_configs(m, kh * kw * c_in, c_in, c_out, flat_k, x.element_size())
+            if os.environ.get(TUNE_ENV_VAR, "1") == "0":
+                config = candidates[0]
+            else:
+                config = _tune(launch, candidates)
             _TUNED_CONFIGS[key] = config
     if stats is not None:
         for buf in stats:
@@ -208,15 +226,13 @@ def _device_name(index: int | None) -> str:
     return torch.cuda.get_device_name(index)
 
 
-def _tune(launch, m: int, k: int, c_in: int, c_out: int, flat_k: bool, elt_bytes: int) -> dict:
+def _tune(launch, candidates: list[dict]) -> dict:
     """Times every candidate configuration once and returns the fastest (CUDA only)."""
     import triton
     import triton.testing
 
-    from fastres.kernels.conv2d_configs import candidate_configs
-
     best, best_ms = None, float("inf")
-    for config in candidate_configs(m, k, c_in, c_out, flat_k, elt_bytes):
+    for config in candidates:
         try:
             ms = triton.testing.do_bench(lambda c=config: launch(c), warmup=5, rep=25)
         except triton.runtime.errors.OutOfResources:
