@@ -76,8 +76,8 @@ has_module() { "$PYTHON" -c "import $1" >/dev/null 2>&1; }
   "$PYTHON" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())'
   "$PYTHON" -c 'import triton; print("triton", triton.__version__)' 2>&1
   lscpu 2>/dev/null | grep -E "Model name|^CPU\(s\)"
-} >"$results/environment.txt" 2>&1
-cat "$results/environment.txt"
+} >>"$summary" 2>&1
+cat "$summary"
 
 if [ "$DRY_RUN" = 1 ]; then
   note "dry run: CPU, tiny configurations, no install"
@@ -118,33 +118,35 @@ fi
 # -- benchmarks --------------------------------------------------------------------------------
 if [ "$device" = cuda ]; then
   # SPEC's GPU configuration: bf16 autocast, batch 256, 224x224, inference and training step,
-  # eager (NCHW / channels_last), torch.compile and every fastres backend.
-  # Fewer iterations than the CLI's GPU defaults (20 + 5) to stay inside the budget: most of
-  # the time goes into torch.compile and the float64 check anyway.
+  # eager (NCHW / channels_last), torch.compile and every fastres backend. Fewer iterations
+  # than the CLI's GPU defaults (20 + 5) to stay inside the budget: most of the time goes into
+  # torch.compile and the float64 check anyway.
   bench_args=(--iters 10 --warmup 3)
   pytest_bench_env=(FASTRES_BENCH_ROUNDS=10 FASTRES_BENCH_WARMUP=3)
-  pytest_bench_paths=(bench/)
 else
   bench_args=(--depth 50 --model both --batch 2 --image-size 64 --iters 2 --warmup 1 --no-compile)
   pytest_bench_env=(FASTRES_BENCH_BATCH=2 FASTRES_BENCH_IMAGE_SIZE=64 FASTRES_BENCH_ROUNDS=2
     FASTRES_BENCH_COMPILE=none)
-  pytest_bench_paths=(bench/test_bench_models.py)
 fi
 step bench-cli 270 "$PYTHON" -m fastres bench --device "$device" "${bench_args[@]}" \
   --json "$results/bench-cli.json"
 
 if has_module pytest_benchmark; then
-  # After the CLI run torch.compile finds its graphs in the inductor cache, so this is faster.
-  # bench-pytest-fastres.json: the fastres table of that run (speedups, errors, memory).
+  # The other bench files (per-layer kernels; they skip without a GPU) before the whole-model
+  # pytest run, which repeats what bench-cli measured.
+  step bench-layers 120 "$PYTHON" -m pytest bench/ --ignore=bench/test_bench_models.py \
+    --benchmark-only -q -ra --benchmark-json="$results/bench-layers.json"
+  # torch.compile now finds bench-cli's graphs in the inductor cache. bench-pytest-fastres.json
+  # is the fastres table of this run (speedups, errors, memory).
   step bench-pytest 180 env "${pytest_bench_env[@]}" FASTRES_BENCH_DEVICE="$device" \
     FASTRES_BENCH_RESULTS="$results/bench-pytest-fastres.json" \
-    "$PYTHON" -m pytest "${pytest_bench_paths[@]}" --benchmark-only -q \
+    "$PYTHON" -m pytest bench/test_bench_models.py --benchmark-only -q -ra \
     --benchmark-json="$results/bench-pytest.json"
 else
-  note "SKIP  bench-pytest: pytest-benchmark is not installed (bench-cli covers the same systems)"
+  note "SKIP  bench-layers, bench-pytest: pytest-benchmark is not installed (bench-cli ran)"
 fi
 
-
+# -- the rest of the test suite (CI runs it on CPU too) -----------------------------------------
 if [ "$DRY_RUN" != 1 ]; then
   xdist=()
   has_module xdist && xdist=(-n 8)
@@ -156,7 +158,8 @@ note "total $((SECONDS - START)) s, $failures step(s) not OK; results in $result
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT"
   tar -czf "$OUT/gpu-check.tar.gz" -C "$(dirname "$results")" "$(basename "$results")"
-  for f in summary.txt environment.txt bench-cli.log bench-cli.json bench-pytest-fastres.json \
+  # $OUT takes 8 files: the tarball and the 7 most read.
+  for f in summary.txt bench-cli.log bench-cli.json bench-pytest-fastres.json bench-layers.log \
     tests-cuda.log tests-rest.log; do
     [ -f "$results/$f" ] && cp "$results/$f" "$OUT/"
   done
