@@ -11,7 +11,7 @@ from command-line options or environment variables (options win):
 | --bench-image-size | FASTRES_BENCH_IMAGE_SIZE | CPU 128 (SPEC: 224), CUDA 224 |
 | --bench-dtype | FASTRES_BENCH_DTYPE | CPU fp32, CUDA bf16 (autocast) |
 | --bench-rounds | FASTRES_BENCH_ROUNDS | CPU 3, CUDA 20 |
-| --bench-warmup | FASTRES_BENCH_WARMUP | CPU 0 (the check call warms up), CUDA 5 |
+| --bench-warmup | FASTRES_BENCH_WARMUP | CPU 1, CUDA 5 (untimed steps after the check) |
 | --bench-compile | FASTRES_BENCH_COMPILE | 'auto' (CUDA: both modes, CPU: infer), 'all', 'none' |
 | --bench-results | FASTRES_BENCH_RESULTS | bench/results/local/<device>-<time>.json |
 
@@ -35,7 +35,7 @@ from fastres import benchmark as bm
 RESULTS_DIR = Path(__file__).parent / "results" / "local"
 COMPILE_CHOICES = ("auto", "all", "none")
 DEVICE_DEFAULTS = {
-    "cpu": {"batch": 8, "image_size": 128, "dtype": "fp32", "rounds": 3, "warmup": 0},
+    "cpu": {"batch": 8, "image_size": 128, "dtype": "fp32", "rounds": 3, "warmup": 1},
     "cuda": {"batch": 256, "image_size": 224, "dtype": "bf16", "rounds": 20, "warmup": 5},
 }
 _OPTIONS = (

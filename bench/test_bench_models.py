@@ -49,9 +49,8 @@ def test_model(benchmark, bench_settings, bench_results, case_cache, model, mode
             step()
             bm.synchronize(device)
 
-        benchmark.pedantic(
-            synced_step, rounds=settings.rounds, warmup_rounds=settings.warmup, iterations=1
-        )
+        # run_system has already run the warmup steps (measuring the peak memory there).
+        benchmark.pedantic(synced_step, rounds=settings.rounds, warmup_rounds=0, iterations=1)
         # pytest-benchmark keeps no stats when disabled (a plain `pytest bench/` run).
         stats = getattr(benchmark, "stats", None)
         return list(stats.stats.data) if stats else bm.time_steps(step, device, 1, 0)

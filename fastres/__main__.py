@@ -21,10 +21,11 @@ from . import benchmark as bm
 # Defaults per device type. CPU: SPEC's CPU configuration (fp32, batch 8) on 128x128 images,
 # with torch.compile only for inference (see `compile_modes`), so that the whole run takes about
 # two minutes on 2 idle cores; `--image-size 224` gives SPEC's image size (about 3x the time).
-# The check call warms up, so the CPU takes the median of 3 iterations with no extra warmup.
+# Each system takes one untimed step alone after its check call (warmup; its peak memory is
+# measured there), then the systems of a group are timed in turns: the median of 3 on the CPU.
 # GPU: SPEC's configuration (bf16 autocast, batch 256, 224x224).
 DEFAULTS = {
-    "cpu": {"batch": 8, "image_size": 128, "dtype": "fp32", "iters": 3, "warmup": 0},
+    "cpu": {"batch": 8, "image_size": 128, "dtype": "fp32", "iters": 3, "warmup": 1},
     "cuda": {"batch": 256, "image_size": 224, "dtype": "bf16", "iters": 20, "warmup": 5},
 }
 
@@ -48,9 +49,13 @@ def _add_config_arguments(parser: argparse.ArgumentParser, profile: bool) -> Non
         help="fp32, or autocast to bf16/fp16 (CPU fp32, CUDA bf16)",
     )
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--iters", type=int, help="timed iterations (CPU 3, CUDA 20)")
     parser.add_argument(
-        "--warmup", type=int, help="untimed iterations after the check call (CPU 0, CUDA 5)"
+        "--iters", type=int, help="timed iterations; bench: systems take turns (CPU 3, CUDA 20)"
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        help="untimed steps before timing; bench: after the check call, at least 1 (CPU 1, CUDA 5)",
     )
     parser.add_argument("--seed", type=int, default=0, help="weights and input seed")
 
@@ -198,7 +203,7 @@ def run_bench(args: argparse.Namespace) -> int:
         f"  models {', '.join(c.label for c in configs[:: len(modes)])}, modes {', '.join(modes)}, "
         f"batch {args.batch}, image {args.image_size}x{args.image_size}, {args.dtype}"
         f"{' (autocast)' if args.dtype != 'fp32' else ''}, iters {args.iters} "
-        f"(+{args.warmup} warmup), seed {args.seed}"
+        f"(+{max(args.warmup, 1)} warmup; the systems of a group take turns), seed {args.seed}"
     )
     compile_note = f"compile (channels_last; {', '.join(sorted(compiled))}), " if compiled else ""
     print(
@@ -223,7 +228,8 @@ def run_bench(args: argparse.Namespace) -> int:
         flush=True,
     )
 
-    total = sum(len(systems_for(c)) + 1 for c in configs)
+    # Per group: the float64 oracle, each system's build + check + warmup, the timed rounds.
+    total = sum(len(systems_for(c)) + 2 for c in configs)
     progress = bm.Progress(total)
     results: list[bm.Result] = []
     start = time.perf_counter()
@@ -231,11 +237,13 @@ def run_bench(args: argparse.Namespace) -> int:
         case = bm.Case(config, seed=args.seed)
         progress.show(f"{config.group}: float64 oracle")
         case.gold()
-        progress.advance()
-        for system in systems_for(config):
-            progress.show(f"{config.group}: {system.name}")
-            results.append(bm.run_system(case, system, args.iters, args.warmup))
+
+        def on_phase(label: str, group: str = config.group) -> None:
             progress.advance()
+            progress.show(f"{group}: {label}")
+
+        results += bm.run_group(case, systems_for(config), args.iters, args.warmup, on_phase)
+        progress.advance()
         del case
     progress.close()
     bm.add_speedups(results)

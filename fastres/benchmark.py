@@ -28,7 +28,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -503,16 +503,21 @@ class Result:
     speedup: float | None = None
 
 
-def run_system(
-    case: Case, system: System, iters: int, warmup: int, timer: Callable | None = None
-) -> Result:
-    """Builds `system` for `case`, checks it once against the oracle, then times it.
+@dataclass
+class Prepared:
+    """A system built, checked and warmed up, with its peak memory measured alone."""
 
-    Args:
-        timer: replaces `time_steps(step, device, iters, warmup)` (pytest-benchmark passes its
-            own); it returns the seconds per iteration.
-    """
-    config = case.config
+    runner: Runner
+    check: CheckResult
+    first_call_s: float
+    peak_memory_bytes: int | None
+    memory_kind: str
+
+
+def prepare_system(case: Case, system: System, warmup: int) -> Prepared:
+    """Builds `system`, checks it once against the oracle, then runs `max(warmup, 1)` untimed
+    steps; its peak memory is that of those steps, above the memory in use before it was
+    built (so it counts weights, gradients, optimizer state and activations)."""
     meter = MemoryMeter(case.device)
     case.gold()  # before the baseline: the gold model is not part of any system's memory
     meter.begin()
@@ -521,13 +526,14 @@ def run_system(
     check = case.check(runner)  # the first call: includes torch.compile's compilation
     first_call_s = time.perf_counter() - start
     meter.reset_peak()
-    if timer is None:
-        times = time_steps(runner.step, case.device, iters, warmup)
-    else:
-        times = timer(runner.step)
+    for _ in range(max(warmup, 1)):
+        runner.step()
     peak = meter.peak()
-    del runner
-    free_memory()
+    return Prepared(runner, check, first_call_s, peak, meter.kind)
+
+
+def _result(case: Case, prepared: Prepared, times: list[float]) -> Result:
+    config, system, check = case.config, prepared.runner.system, prepared.check
     median = statistics.median(times)
     return Result(
         group=config.group,
@@ -542,16 +548,67 @@ def run_system(
         img_per_s=config.batch / median,
         ms_per_iter=median * 1e3,
         times_ms=[t * 1e3 for t in times],
-        first_call_s=first_call_s,
+        first_call_s=prepared.first_call_s,
         max_error=check.max_error,
         worst_tensor=check.worst,
         check_passed=check.passed,
         check_failures=check.failures[:5],
         worst_grad_error=check.worst_grad_error,
         worst_grad=check.worst_grad,
-        peak_memory_bytes=peak,
-        memory_kind=meter.kind,
+        peak_memory_bytes=prepared.peak_memory_bytes,
+        memory_kind=prepared.memory_kind,
     )
+
+
+def run_system(
+    case: Case, system: System, iters: int, warmup: int, timer: Callable | None = None
+) -> Result:
+    """Prepares `system` for `case` (build, check, warm up), then times it alone.
+
+    Args:
+        timer: replaces `time_steps(step, device, iters, 0)` (pytest-benchmark passes its
+            own); it returns the seconds per iteration.
+    """
+    prepared = prepare_system(case, system, warmup)
+    step = prepared.runner.step
+    times = time_steps(step, case.device, iters, 0) if timer is None else timer(step)
+    result = _result(case, prepared, times)
+    del prepared, step
+    free_memory()
+    return result
+
+
+def run_group(
+    case: Case,
+    systems: Sequence[System],
+    iters: int,
+    warmup: int,
+    on_phase: Callable[[str], None] | None = None,
+) -> list[Result]:
+    """Prepares every system of `case`, then times them in turns, one step each per round.
+
+    Taking turns spreads whatever else runs on the machine (other processes on shared CPU
+    cores, GPU clock changes) over all systems alike, so the speedups stay fair when the
+    absolute figures are noisy.
+
+    Args:
+        on_phase: called with a label as each system's preparation, then the timing, starts
+            (progress display).
+    """
+    report = on_phase or (lambda label: None)
+    prepared = []
+    for system in systems:
+        report(f"{system.name}: build, check, warmup")
+        prepared.append(prepare_system(case, system, warmup))
+    report(f"timing {len(prepared)} systems in turns, {iters} rounds")
+    times: list[list[float]] = [[] for _ in prepared]
+    for _ in range(iters):
+        for p, p_times in zip(prepared, times):
+            p_times.extend(time_steps(p.runner.step, case.device, 1, 0))
+    results = [_result(case, p, t) for p, t in zip(prepared, times)]
+    del prepared
+    free_memory()
+    return results
 
 
 def add_speedups(results: Iterable[Result]) -> None:
