@@ -21,6 +21,9 @@ degenerate inputs (an empty batch, one value per channel in training) run the or
 
 from __future__ import annotations
 
+import weakref
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
 
@@ -119,25 +122,127 @@ def _conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
     return conv._conv_forward(x, conv.weight, conv.bias)
 
 
+# oneDNN's fused convolution (prepacked weights, bias + ReLU / add + ReLU post-ops), as
+# torch.compile uses it on CPU; absent from builds without oneDNN.
+_MKLDNN_CONV = torch.backends.mkldnn.is_available() and hasattr(
+    torch.ops.mkldnn, "_convolution_pointwise"
+)
+
+
+class _Folded(NamedTuple):
+    key: tuple
+    weight: Tensor  # BN-scaled conv weight, oneDNN-prepacked for the input shape
+    bias: Tensor  # [C_out]: BN shift (+ scaled conv bias)
+
+
+# conv module -> its folded weights; weak, so that copies and deleted models leave no state.
+_FOLDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _version_key(*tensors: Tensor | None) -> tuple:
+    return tuple(None if t is None else (t.data_ptr(), t._version) for t in tensors)
+
+
+def _fast_eval(conv: nn.Conv2d, bn: nn.Module, x: Tensor) -> bool:
+    """Whether this unit may run folded into a prepacked oneDNN convolution.
+
+    Only for inference: no autograd, no tracing (the cache keys on storage and versions),
+    fp32 CPU tensors without autocast, BN on running statistics, zero padding.
+    """
+    if not (_MKLDNN_CONV and x.device.type == "cpu" and x.dtype == torch.float32):
+        return False
+    if _uses_batch_stats(bn) or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return False
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
+        return False
+    if conv.weight.dtype != torch.float32:
+        return False
+    params = (*conv.parameters(), *bn.parameters())
+    return not (
+        torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+    )
+
+
+def _folded(conv: nn.Conv2d, bn: nn.Module, x: Tensor) -> _Folded:
+    """The conv weight with `bn` folded in, cached until a parameter or buffer changes."""
+    key = (
+        _version_key(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var),
+        bn.eps,
+        tuple(x.shape),
+    )
+    cached = _FOLDED.get(conv)
+    if cached is not None and cached.key == key:
+        return cached
+    with torch.no_grad():
+        scale, shift = _eval_affine(bn, torch.float32)
+        weight = conv.weight * scale.view(-1, 1, 1, 1)
+        bias = shift if conv.bias is None else shift + conv.bias * scale
+        weight = torch.ops.mkldnn._reorder_convolution_weight(
+            weight.contiguous(), list(conv.padding), list(conv.stride), list(conv.dilation),
+            conv.groups, list(x.shape),
+        )  # fmt: skip
+    folded = _Folded(key, weight, bias.contiguous())
+    _FOLDED[conv] = folded
+    return folded
+
+
+def _fused_conv(
+    conv: nn.Conv2d, bn: nn.Module, x: Tensor, relu: bool = True, residual: Tensor | None = None
+) -> Tensor:
+    """act(conv_folded(x) [+ residual]) in one oneDNN call (inference only, see _fast_eval)."""
+    f = _folded(conv, bn, x)
+    geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+    unary = "relu" if relu else "none"
+    if residual is None:
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, f.weight, f.bias, *geometry, unary, [], ""
+        )
+    return torch.ops.mkldnn._convolution_pointwise.binary(
+        x, residual.contiguous(memory_format=_layout(x)), f.weight, f.bias, *geometry,
+        "add", 1.0, unary, [], "",
+    )  # fmt: skip
+
+
+def _layout(x: Tensor) -> torch.memory_format:
+    if (
+        x.dim() == 4
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def _conv_bn_act(
     conv: nn.Conv2d,
     bn: nn.Module,
     x: Tensor,
     relu: bool = True,
     residual: Tensor | None = None,
-    shortcut: tuple[nn.Module, Tensor] | None = None,
+    shortcut: tuple[nn.Conv2d, nn.Module, Tensor] | None = None,
 ) -> Tensor:
-    return _bn_act(bn, _conv(conv, x), relu, residual, shortcut)
+    """act(bn(conv(x)) [+ residual | + bn_d(conv_d(x_d))]), shortcut = (conv_d, bn_d, x_d)."""
+    if _fast_eval(conv, bn, x) and (shortcut is None or _fast_eval(*shortcut)):
+        if shortcut is not None:
+            residual = _fused_conv(*shortcut, relu=False)
+        if residual is None or residual.dtype == x.dtype:
+            return _fused_conv(conv, bn, x, relu, residual)
+    if shortcut is not None:
+        conv_d, bn_d, x_d = shortcut
+        return _bn_act(bn, _conv(conv, x), relu, residual, (bn_d, _conv(conv_d, x_d)))
+    return _bn_act(bn, _conv(conv, x), relu, residual)
 
 
-def _shortcut(block: nn.Module, x: Tensor) -> tuple[Tensor | None, tuple[nn.Module, Tensor] | None]:
-    """The block's shortcut: (identity, None), or (None, (downsample BN, its conv output))."""
+def _shortcut(
+    block: nn.Module, x: Tensor
+) -> tuple[Tensor | None, tuple[nn.Conv2d, nn.Module, Tensor] | None]:
+    """The block's shortcut: (identity, None), or (None, (downsample conv, its BN, its input))."""
     if block.downsample is None:
         return x, None
     *pre, conv, bn = block.downsample
     for m in pre:  # avg_down's AvgPool2d
         x = m(x)
-    return None, (bn, _conv(conv, x))
+    return None, (conv, bn, x)
 
 
 def _norms_fusable(modules) -> bool:

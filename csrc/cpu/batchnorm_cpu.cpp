@@ -25,8 +25,11 @@ namespace {
 
 using at::Tensor;
 
-// About 64 KiB of input per chunk of channels_last rows: the second pass hits L2.
+// About 64 KiB of input per chunk of element-wise work and of backward partial sums.
 constexpr int64_t kChunkElems = 16384;
+// The statistics' chunks (256 KiB of fp32): their second pass still hits L2, and there are
+// few enough of them that the per-channel fp64 merge stays cheap.
+constexpr int64_t kStatsChunkElems = 65536;
 
 // The element-wise tail shared by apply and backward: z = x * scale + shift + residual term.
 template <typename acc_t>
@@ -89,6 +92,100 @@ void dispatch_tail(bool has_r, bool has_sr, bool relu, F f) {
   }
 }
 
+// Sums f(i) over [0, n) in kLanes independent accumulators: a reduction into one scalar is a
+// loop-carried dependency that the compiler may not reorder (no -ffast-math), so it would stay
+// scalar; kLanes lanes of a fixed-size inner loop vectorize.
+constexpr int kLanes = 16;
+
+template <typename acc_t, int K, typename F>
+inline void lane_sums(int64_t n, F f, acc_t (&out)[K]) {
+  acc_t lanes[K][kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) f(i + j, lanes, j);
+  }
+  for (; i < n; ++i) f(i, lanes, 0);
+  for (int k = 0; k < K; ++k) {
+    acc_t total = 0;
+    for (int j = 0; j < kLanes; ++j) total += lanes[k][j];
+    out[k] = total;
+  }
+}
+
+
+// z = x * scale + shift [+ r | + r * scale_r + shift_r] for channel c. Callers hold the
+// per-channel vectors in restrict pointers: otherwise the compiler must assume that the outputs
+// alias them, and does not vectorize.
+template <typename acc_t, bool HR, bool HS>
+inline acc_t tail_at(acc_t xv, acc_t rv, const acc_t* __restrict ts, const acc_t* __restrict tt,
+                     const acc_t* __restrict tsr, const acc_t* __restrict ttr, int64_t c) {
+  acc_t z = xv * ts[c] + tt[c];
+  if constexpr (HR) z += HS ? rv * tsr[c] + ttr[c] : rv;
+  return z;
+}
+
+// One channels_last row of bn_backward_reduce: s0[c] += g, s1[c] += g (x - m), s2[c] += g (r - mr).
+template <typename scalar_t, typename acc_t, bool HR, bool HS, bool RL>
+void reduce_row(const scalar_t* __restrict go, const scalar_t* __restrict x,
+                const scalar_t* __restrict r, const Tail<acc_t>& t, const acc_t* __restrict m,
+                const acc_t* __restrict mr, acc_t* __restrict s0, acc_t* __restrict s1,
+                acc_t* __restrict s2, int64_t C) {
+  const acc_t *__restrict ts = t.scale, *__restrict tt = t.shift;
+  const acc_t *__restrict tsr = t.scale_r, *__restrict ttr = t.shift_r;
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t xv = static_cast<acc_t>(x[c]);
+    const acc_t rv = HR ? static_cast<acc_t>(r[c]) : acc_t(0);
+    acc_t gv = static_cast<acc_t>(go[c]);
+    if constexpr (RL) gv = tail_at<acc_t, HR, HS>(xv, rv, ts, tt, tsr, ttr, c) > acc_t(0) ? gv : acc_t(0);
+    s0[c] += gv;
+    s1[c] += gv * (xv - m[c]);
+    if constexpr (HS) s2[c] += gv * (rv - mr[c]);
+  }
+}
+
+// One NCHW plane (channel c) of bn_backward_reduce.
+template <typename scalar_t, typename acc_t, bool HR, bool HS, bool RL>
+void reduce_plane(const scalar_t* __restrict go, const scalar_t* __restrict x,
+                  const scalar_t* __restrict r, const Tail<acc_t>& t, int64_t c, acc_t m,
+                  acc_t mr, int64_t n, acc_t (&out)[3]) {
+  const acc_t sc = t.scale[c], sh = t.shift[c];
+  const acc_t sc_r = HS ? t.scale_r[c] : acc_t(1), sh_r = HS ? t.shift_r[c] : acc_t(0);
+  lane_sums<acc_t, 3>(n, [&](int64_t i, auto& l, int j) {
+    const acc_t xv = static_cast<acc_t>(x[i]);
+    const acc_t rv = HR ? static_cast<acc_t>(r[i]) : acc_t(0);
+    acc_t gv = static_cast<acc_t>(go[i]);
+    if constexpr (RL) {
+      acc_t z = xv * sc + sh;
+      if constexpr (HR) z += rv * sc_r + sh_r;
+      gv = z > acc_t(0) ? gv : acc_t(0);
+    }
+    l[0][j] += gv;
+    l[1][j] += gv * (xv - m);
+    if constexpr (HS) l[2][j] += gv * (rv - mr);
+  }, out);
+}
+
+// bn_backward_elemt over n contiguous elements: a channels_last row (ROW, channels 0..n-1) or
+// an NCHW plane of channel c.
+template <typename scalar_t, typename acc_t, bool HR, bool HS, bool RL, bool WR, bool ROW>
+void elemt_span(const scalar_t* __restrict go, const scalar_t* __restrict x,
+                const scalar_t* __restrict r, const Tail<acc_t>& t, const acc_t* __restrict A,
+                const acc_t* __restrict B, const acc_t* __restrict K, const acc_t* __restrict AR,
+                const acc_t* __restrict BR, const acc_t* __restrict KR, int64_t c0,
+                scalar_t* __restrict gx, scalar_t* __restrict gr, int64_t n) {
+  const acc_t *__restrict ts = t.scale, *__restrict tt = t.shift;
+  const acc_t *__restrict tsr = t.scale_r, *__restrict ttr = t.shift_r;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t c = ROW ? i : c0;
+    const acc_t xv = static_cast<acc_t>(x[i]);
+    const acc_t rv = HR ? static_cast<acc_t>(r[i]) : acc_t(0);
+    acc_t gv = static_cast<acc_t>(go[i]);
+    if constexpr (RL) gv = tail_at<acc_t, HR, HS>(xv, rv, ts, tt, tsr, ttr, c) > acc_t(0) ? gv : acc_t(0);
+    gx[i] = static_cast<scalar_t>(A[c] * gv + B[c] * xv + K[c]);
+    if constexpr (WR && HR) gr[i] = static_cast<scalar_t>(AR[c] * gv + BR[c] * rv + KR[c]);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // bn_stats
 
@@ -106,7 +203,7 @@ void stats_kernel(const scalar_t* x, const Geometry& g, acc_t* mean_out, acc_t* 
   int64_t chunks;
   if (g.channels_last) {
     const int64_t rows = g.n * g.s;
-    const int64_t chunk_rows = std::max<int64_t>(1, kChunkElems / C);
+    const int64_t chunk_rows = std::max<int64_t>(1, kStatsChunkElems / C);
     chunks = (rows + chunk_rows - 1) / chunk_rows;
     counts.resize(chunks);
     means.assign(chunks * C, acc_t(0));
@@ -142,14 +239,17 @@ void stats_kernel(const scalar_t* x, const Geometry& g, acc_t* mean_out, acc_t* 
                                                                                int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
         const scalar_t* __restrict plane = x + p * g.s;
-        acc_t sum = 0;
-        for (int64_t i = 0; i < g.s; ++i) sum += static_cast<acc_t>(plane[i]);
-        const acc_t mean = sum / static_cast<acc_t>(g.s);
-        acc_t m2 = 0;
-        for (int64_t i = 0; i < g.s; ++i) {
+        acc_t sum[1];
+        lane_sums<acc_t, 1>(g.s, [&](int64_t i, auto& l, int j) {
+          l[0][j] += static_cast<acc_t>(plane[i]);
+        }, sum);
+        const acc_t mean = sum[0] / static_cast<acc_t>(g.s);
+        acc_t q[1];
+        lane_sums<acc_t, 1>(g.s, [&](int64_t i, auto& l, int j) {
           const acc_t d = static_cast<acc_t>(plane[i]) - mean;
-          m2 += d * d;
-        }
+          l[0][j] += d * d;
+        }, q);
+        const acc_t m2 = q[0];
         means[p] = mean;  // p = n * C + c: chunk n, channel c
         m2s[p] = m2;
       }
@@ -308,30 +408,16 @@ std::tuple<Tensor, Tensor, Tensor> bn_backward_reduce_cpu(
     std::vector<acc_t> part(std::max<int64_t>(chunks, 1) * 3 * C, acc_t(0));
     dispatch_tail(p.r.defined(), p.scale_r.defined(), relu, [&](auto hr, auto hs, auto rl) {
       constexpr bool HR = decltype(hr)::value, HS = decltype(hs)::value, RL = decltype(rl)::value;
-      auto masked = [&](int64_t i, int64_t c) -> acc_t {
-        const acc_t d = static_cast<acc_t>(go[i]);
-        if constexpr (RL) {
-          return tail_z<scalar_t, acc_t, HR, HS, RL>(x, r, t, i, c) > acc_t(0) ? d : acc_t(0);
-        } else {
-          return d;
-        }
-      };
       if (g.channels_last) {
         const int64_t rows = g.n * g.s;
         at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
           for (int64_t k = k0; k < k1; ++k) {
-            acc_t* __restrict s0 = part.data() + k * 3 * C;
-            acc_t* __restrict s1 = s0 + C;
-            acc_t* __restrict s2 = s1 + C;
+            acc_t* s0 = part.data() + k * 3 * C;
             const int64_t r1 = std::min(rows, (k + 1) * chunk_len);
             for (int64_t row = k * chunk_len; row < r1; ++row) {
               const int64_t base = row * C;
-              for (int64_t c = 0; c < C; ++c) {
-                const acc_t gv = masked(base + c, c);
-                s0[c] += gv;
-                s1[c] += gv * (static_cast<acc_t>(x[base + c]) - m[c]);
-                if constexpr (HS) s2[c] += gv * (static_cast<acc_t>(r[base + c]) - mr[c]);
-              }
+              reduce_row<scalar_t, acc_t, HR, HS, RL>(go + base, x + base, HR ? r + base : nullptr,
+                                                       t, m, mr, s0, s0 + C, s0 + 2 * C, C);
             }
           }
         });
@@ -340,17 +426,14 @@ std::tuple<Tensor, Tensor, Tensor> bn_backward_reduce_cpu(
                          [&](int64_t p0, int64_t p1) {
           for (int64_t pl = p0; pl < p1; ++pl) {
             const int64_t n = pl / C, c = pl % C, base = pl * g.s;
-            acc_t a0 = 0, a1 = 0, a2 = 0;
-            for (int64_t i = base; i < base + g.s; ++i) {
-              const acc_t gv = masked(i, c);
-              a0 += gv;
-              a1 += gv * (static_cast<acc_t>(x[i]) - m[c]);
-              if constexpr (HS) a2 += gv * (static_cast<acc_t>(r[i]) - mr[c]);
-            }
+            acc_t sums[3];
+            reduce_plane<scalar_t, acc_t, HR, HS, RL>(go + base, x + base,
+                                                       HR ? r + base : nullptr, t, c, m[c], mr[c],
+                                                       g.s, sums);
             acc_t* s = part.data() + n * 3 * C;
-            s[c] = a0;
-            s[C + c] = a1;
-            s[2 * C + c] = a2;
+            s[c] = sums[0];
+            s[C + c] = sums[1];
+            s[2 * C + c] = sums[2];
           }
         });
       }
@@ -416,23 +499,17 @@ std::tuple<Tensor, Tensor> bn_backward_elemt_cpu(
       dispatch_tail(p.r.defined(), p.scale_r.defined(), relu, [&](auto hr, auto hs, auto rl) {
         constexpr bool HR = decltype(hr)::value, HS = decltype(hs)::value,
                        RL = decltype(rl)::value;
-        auto store = [&](int64_t i, int64_t c) {
-          acc_t gv = static_cast<acc_t>(go[i]);
-          if constexpr (RL) {
-            gv = tail_z<scalar_t, acc_t, HR, HS, RL>(x, r, t, i, c) > acc_t(0) ? gv : acc_t(0);
-          }
-          gx[i] = static_cast<scalar_t>(A[c] * gv + B[c] * static_cast<acc_t>(x[i]) + K[c]);
-          if constexpr (WR && HR) {
-            gr[i] = static_cast<scalar_t>(AR[c] * gv + BR[c] * static_cast<acc_t>(r[i]) + KR[c]);
-          }
-        };
         for_each_block(
             g,
             [&](int64_t base) {
-              for (int64_t c = 0; c < C; ++c) store(base + c, c);
+              elemt_span<scalar_t, acc_t, HR, HS, RL, WR, true>(
+                  go + base, x + base, HR ? r + base : nullptr, t, A, B, K, AR, BR, KR, 0,
+                  gx + base, WR ? gr + base : nullptr, C);
             },
             [&](int64_t base, int64_t c) {
-              for (int64_t i = base; i < base + g.s; ++i) store(i, c);
+              elemt_span<scalar_t, acc_t, HR, HS, RL, WR, false>(
+                  go + base, x + base, HR ? r + base : nullptr, t, A, B, K, AR, BR, KR, c,
+                  gx + base, WR ? gr + base : nullptr, g.s);
             });
       });
     };

@@ -27,7 +27,7 @@ try:
     from .. import _C  # noqa: F401  (loading it registers the fastres:: ops)
 
     EXTENSION_ERROR = None
-except ImportError as exc:  # the extension was not built (FASTRES_BUILD_EXT=0, no compiler)
+except (ImportError, OSError) as exc:  # not built (FASTRES_BUILD_EXT=0), or built for another torch
     EXTENSION_ERROR = f"the C++ extension fastres._C is not built or does not load ({exc})"
 
 
