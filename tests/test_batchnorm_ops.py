@@ -247,3 +247,19 @@ def test_cuda_ops_match_cpu_reference(dtype, layout):
                 base = getattr(ref, name)(*args)
                 gold = getattr(ref, name)(*_f64(args))
                 _check(actual, base, gold, dtype, f"cuda {name} {shape} {tail}")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_stats_of_parts_combine_to_the_whole(layout):
+    """What SyncBN would all-gather: per-part bn_stats merged equal the stats of the union."""
+    x = _rand((7, 12, 5, 3), torch.float64, layout, offset=5.0)
+    parts = torch.split(x, [1, 4, 2])
+    stats = [ops.bn_stats(p.contiguous(memory_format=layout)) for p in parts]
+    count = torch.tensor([p.numel() // p.shape[1] for p in parts])
+    total, mean, m2 = ops.combine_stats(
+        count, torch.stack([s[0] for s in stats]), torch.stack([s[1] for s in stats])
+    )
+    whole_mean, whole_m2 = ops.bn_stats(x)
+    assert total.item() == x.numel() // x.shape[1]
+    torch.testing.assert_close(mean, whole_mean, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(m2, whole_m2, rtol=1e-12, atol=1e-12)

@@ -9,7 +9,8 @@ Ops (x [N, C, *], NCHW or channels_last; per-channel tensors [C] in float32, flo
 inputs):
 
 - `bn_stats(x) -> (mean, m2)`: mean and M2 = sum (x - mean)^2 over N, H, W. (count, mean, M2)
-  merge across processes with Chan's formula, which is how SyncBN all-reduces them.
+  of several processes merge with Chan's formula (`combine_stats`), which is how SyncBN
+  would all-gather them.
 - `bn_finalize(mean, m2, count, weight, bias, eps) -> (scale, shift, invstd)`.
 - `bn_apply(x, scale, shift, residual, scale_r, shift_r, relu)`: act(x * scale + shift
   [+ residual | + residual * scale_r + shift_r]).
@@ -121,6 +122,23 @@ if EXTENSION_ERROR is None:
 def bn_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean [C] and M2 [C] of x [N, C, *] (count = x.numel() / C)."""
     return torch.ops.fastres.bn_stats(x)
+
+
+def combine_stats(count: Tensor, mean: Tensor, m2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Merges per-process statistics (e.g. all-gathered for SyncBN) with Chan's formula.
+
+    Args:
+        count: [P] values per channel in each part; mean, m2: [P, C] `bn_stats` of each part.
+
+    Returns:
+        The total count (0-d), mean [C] and M2 [C] of the union.
+    """
+    count = count.to(mean.dtype)
+    total = count.sum()
+    weights = (count / total).unsqueeze(1)
+    merged_mean = (weights * mean).sum(0)
+    merged_m2 = m2.sum(0) + (count.unsqueeze(1) * (mean - merged_mean) ** 2).sum(0)
+    return total, merged_mean, merged_m2
 
 
 def bn_finalize(
