@@ -9,8 +9,11 @@ For a block whose BatchNorms are in eval mode (`model.eval()`, norm_eval, frozen
   ops each forward, so they reach the conv weight and the BN weight / bias;
 - conv + folded BN + ReLU is one kernel; the block's tail (last BN + shortcut + ReLU) is fused
   into its last conv; the avg_down pool is fused into the shortcut conv;
-- Bottle2neck convolutions read their chunks in place from conv1's output and, without autograd,
-  write straight into the concatenation buffer (the dedicated Res2Net fusion is a later step).
+- Bottle2neck (see `_res2net_split_conv_concat`): no split, no concatenation, no hierarchical
+  add tensor. Without autograd each 3x3 conv reads its chunk in place and writes its slice of
+  the buffer conv3 reads; the 'normal' block's add happens in the conv's input load; a 'stage'
+  block's chunk convs are one grouped launch; the last chunk is written there by conv1 itself
+  or pooled there by a small Triton kernel.
 
 The stem max-pool stays in PyTorch. Activations come out channels_last in the compute dtype
 (the input's, or the autocast dtype). Falls back to the oracle (`forward_reference` /
@@ -28,11 +31,14 @@ from torch import Tensor, nn
 
 from .backends import Backend
 from .ops.conv2d_fused import arrange_weight, conv2d_fused, interpreting
+from .ops.res2net_fused import res2net_pool
 
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # conv module -> (key of the tensors it was folded from, (arranged weight, bias)).
 _FOLD_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Bottle2neck -> (layout, the folded pieces it was built from, its launch weights).
+_RES2NET_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 # Looked up once, without importing triton (slow, and the interpreter switch must be set first).
@@ -84,10 +90,10 @@ class TritonBackend(Backend):
         if isinstance(block, BasicBlock):
             out = _conv_bn(block.conv1, block.norm1, x, relu=True)
             return _conv_bn(block.conv2, block.norm2, out, relu=True, residual=identity)
-        out = _conv_bn(block.conv1, block.norm1, x, relu=True)
         if isinstance(block, Bottle2neck):
-            out = _res2net_middle(block, out)
+            out = _res2net_split_conv_concat(block, x)
         else:
+            out = _conv_bn(block.conv1, block.norm1, x, relu=True)
             out = _conv_bn(block.conv2, block.norm2, out, relu=True)
         return _conv_bn(block.conv3, block.norm3, out, relu=True, residual=identity)
 
@@ -212,35 +218,162 @@ def _shortcut(downsample: nn.Sequential, x: Tensor) -> Tensor:
     return _conv_bn(conv, bn, x, relu=False, input_pool=input_pool)
 
 
-def _res2net_middle(block: nn.Module, out: Tensor) -> Tensor:
-    """The split -> 3x3 convs -> concat of a Bottle2neck, reading conv1's output in place.
-
-    Without autograd each conv writes its channel slice of the concatenation buffer directly;
-    with autograd the outputs are concatenated by torch.cat (the out= op has no gradient).
-    """
-    width, scales = block.width, block.scales
-    chunks = out.split(width, 1)
-    differentiable = torch.is_grad_enabled() and (
-        out.requires_grad or any(p.requires_grad for p in block.parameters())
+def _nhwc_empty(like: Tensor, channels: int, h: int, w: int) -> Tensor:
+    return torch.empty(
+        (like.shape[0], channels, h, w),
+        dtype=like.dtype,
+        device=like.device,
+        memory_format=torch.channels_last,
     )
-    last = chunks[scales - 1]
+
+
+def _last_chunk_pool(block: nn.Module) -> tuple[int, int, int] | None:
+    """(kernel, stride, padding) of the block's last-chunk AvgPool2d when the Triton pool
+    computes it (square, count_include_pad, no ceil_mode), else None."""
+    pool = block.pool
+    sizes = [
+        v if isinstance(v, int) else (v[0] if len(set(v)) == 1 else None)
+        for v in (pool.kernel_size, pool.stride or pool.kernel_size, pool.padding)
+    ]
+    if (
+        None in sizes
+        or pool.ceil_mode
+        or not pool.count_include_pad
+        or pool.divisor_override is not None
+        or sizes[2] > sizes[0] // 2
+    ):
+        return None
+    return sizes[0], sizes[1], sizes[2]
+
+
+def _res2net_launch_weights(block: nn.Module, dtype: torch.dtype, shared: bool):
+    """The folded weights the no-copy Bottle2neck path launches with, cached per block.
+
+    Returns (conv1 weight, conv1 bias, convs): conv1's output channels rotated so that the
+    last chunk comes first when `shared` (see `_res2net_split_conv_concat`); convs is one
+    stacked (weight [(scales-1)*width, width, 3, 3], bias) pair for a 'stage' block's grouped
+    launch, else a list of (weight, bias) per conv.
+    """
+    pieces = [_folded(block.conv1, block.norm1, dtype)]
+    pieces += [_folded(conv, bn, dtype) for conv, bn in zip(block.convs, block.bns)]
+    cacheable = not torch.compiler.is_compiling() and not any(
+        t.requires_grad for piece in pieces for t in piece
+    )
+    cached = _RES2NET_CACHE.get(block) if cacheable else None
+    if (
+        cached is not None
+        and cached[0] == shared
+        and all(a is b for a, b in zip(cached[1], pieces, strict=True))
+    ):
+        return cached[2]
+    (w1, b1), *convs = pieces
+    if shared:
+        split = (block.scales - 1) * block.width
+        w1 = arrange_weight(torch.cat([w1[split:], w1[:split]]))
+        b1 = torch.cat([b1[split:], b1[:split]])
+    if block.stage_type == "stage":
+        convs = (arrange_weight(torch.cat([w for w, _ in convs])), torch.cat([b for _, b in convs]))
+    launch = (w1, b1, convs)
+    if cacheable:
+        _RES2NET_CACHE[block] = (shared, pieces, launch)
+    return launch
+
+
+def _res2net_split_conv_concat(block: nn.Module, x: Tensor) -> Tensor:
+    """conv1 -> split -> 3x3 convs -> concat of a Bottle2neck: the input of its conv3.
+
+    Args:
+        x: [N, inplanes, H, W], the block input.
+
+    Returns:
+        [N, width * scales, OH, OW], channels_last (possibly a channel slice of a larger buffer).
+
+    Without autograd (inference), nothing is copied and no tensor is formed between the convs:
+
+    - last chunk not pooled: one buffer [sp_0 .. sp_{s-2} | chunk_{s-1} | chunk_0 .. chunk_{s-2}]
+      (channels padded to a multiple of 8): conv1, its output channels rotated (the last chunk
+      first), writes the last two parts; each 3x3 conv reads its chunk there and writes sp_i;
+      conv3 reads the first `scales` chunks, so the last chunk is where conv3 reads it without
+      a copy, and conv3's read starts at the buffer's aligned channel 0;
+    - last chunk pooled: conv1 writes its own buffer, the Triton pool writes the pooled chunk
+      into the last slice of the concatenation buffer;
+    - 'normal' block: conv i's input load adds sp_{i-1} to chunk i; 'stage' block: the scales - 1
+      chunk convs are one grouped launch.
+
+    A launch never writes memory it (or another program of it) reads: chunks and outputs are
+    disjoint channel ranges. With autograd (BN-frozen training) the functional, differentiable
+    ops run instead: the chunks are still read in place and the add is still in the input load,
+    but the conv outputs and the last chunk are concatenated by torch.cat (one copy of the
+    concatenation buffer forward, its split backward).
+    """
+    differentiable = torch.is_grad_enabled() and (
+        x.requires_grad or any(p.requires_grad for p in block.parameters())
+    )
+    if differentiable:
+        return _res2net_autograd(block, x)
+    width, scales = block.width, block.scales
+    conv1, conv = block.conv1, block.convs[0]
+    pool = _last_chunk_pool(block) if block.pools_last_chunk else None
+    shared = not block.pools_last_chunk
+    w1, b1, convs = _res2net_launch_weights(block, x.dtype, shared)
+    h1 = (x.shape[2] - 1) // conv1.stride[0] + 1
+    w1_out = (x.shape[3] - 1) // conv1.stride[1] + 1
+    oh, ow = (
+        (size + 2 * conv.padding[i] - conv.dilation[i] * 2 - 1) // conv.stride[i] + 1
+        for i, size in enumerate((h1, w1_out))
+    )
+    split = (scales - 1) * width
+    if shared:
+        # Pixel stride a multiple of 8 channels: 16-byte aligned pixels in fp16 / bf16.
+        buf = _nhwc_empty(x, -(-(2 * scales - 1) * width // 8) * 8, h1, w1_out)
+        conv2d_fused(
+            x, w1, b1, stride=conv1.stride, relu=True, out=buf[:, split : split + split + width]
+        )
+        cat, chunks = buf[:, : scales * width], buf[:, scales * width : scales * width + split]
+    else:
+        out1 = _nhwc_empty(x, scales * width, h1, w1_out)
+        conv2d_fused(x, w1, b1, stride=conv1.stride, relu=True, out=out1)
+        cat, chunks = _nhwc_empty(x, scales * width, oh, ow), out1[:, :split]
+        if pool is None:
+            cat[:, split:].copy_(block.pool(out1[:, split:]))
+        else:
+            kernel, stride, padding = pool
+            res2net_pool(
+                out1[:, split:], cat[:, split:], kernel=kernel, stride=stride, padding=padding
+            )
+    geometry = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, relu=True)
+    if block.stage_type == "stage":
+        weight, bias = convs
+        conv2d_fused(chunks, weight, bias, groups=scales - 1, out=cat[:, :split], **geometry)
+        return cat
+    previous = None
+    for i, (weight, bias) in enumerate(convs):
+        dest = cat[:, i * width : (i + 1) * width]
+        chunk = chunks[:, i * width : (i + 1) * width]
+        conv2d_fused(chunk, weight, bias, input_add=previous, out=dest, **geometry)
+        previous = dest
+    return cat
+
+
+def _res2net_autograd(block: nn.Module, x: Tensor) -> Tensor:
+    """The differentiable Bottle2neck middle (see `_res2net_split_conv_concat`)."""
+    width, scales = block.width, block.scales
+    out = _conv_bn(block.conv1, block.norm1, x, relu=True)
+    conv = block.convs[0]
+    geometry = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, relu=True)
+    folded = [_folded(c, bn, out.dtype) for c, bn in zip(block.convs, block.bns)]
+    split = (scales - 1) * width
+    if block.stage_type == "stage":
+        weight = arrange_weight(torch.cat([w for w, _ in folded]))
+        bias = torch.cat([b for _, b in folded])
+        outs = [conv2d_fused(out[:, :split], weight, bias, groups=scales - 1, **geometry)]
+    else:
+        outs, previous = [], None
+        for i, (weight, bias) in enumerate(folded):
+            chunk = out[:, i * width : (i + 1) * width]
+            previous = conv2d_fused(chunk, weight, bias, input_add=previous, **geometry)
+            outs.append(previous)
+    last = out[:, split:]
     if block.pools_last_chunk:
         last = block.pool(last)
-    outs: list[Tensor] = []
-    cat = None
-    if not differentiable:
-        n, _, h, w = last.shape
-        cat = torch.empty(
-            (n, width * scales, h, w), dtype=out.dtype, device=out.device,
-            memory_format=torch.channels_last,
-        )  # fmt: skip
-    sp = None
-    for i in range(scales - 1):
-        inp = chunks[i] if i == 0 or block.stage_type == "stage" else sp + chunks[i]
-        dest = None if cat is None else cat[:, i * width : (i + 1) * width]
-        sp = _conv_bn(block.convs[i], block.bns[i], inp, relu=True, out=dest)
-        outs.append(sp)
-    if cat is None:
-        return torch.cat([*outs, last], 1).contiguous(memory_format=torch.channels_last)
-    cat[:, (scales - 1) * width :].copy_(last)
-    return cat
+    return torch.cat([*outs, last], 1).contiguous(memory_format=torch.channels_last)

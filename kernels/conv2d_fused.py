@@ -16,11 +16,18 @@ While the tiles are in registers the kernel also applies
   (IN_RELU), i.e. the previous layer's BatchNorm applied lazily; then optionally a POOL x POOL
   average pool with stride POOL (ceil_mode, count_include_pad=False; the avg_down shortcut), so
   the convolution reads a virtual pooled input of PH x PW pixels. Padding stays zero after the
-  prologue, as in the unfused graph.
+  prologue, as in the unfused graph. Then, with IN_ADD, + a second input x2 of x's shape
+  (Res2Net's hierarchical add: previous conv output + chunk i, never formed as a tensor).
 - epilogue, on the fp32 accumulator: + bias[C_out] (a folded BatchNorm), + residual
   (RESIDUAL=1) or + residual * res_scale[C_out] + res_shift[C_out] (RESIDUAL=2, a shortcut's
   BatchNorm), ReLU, per-channel sum and sum of squares of the result in fp32 (STATS, atomics;
   for training-mode BatchNorm), cast to the output dtype.
+
+Groups: a second grid axis runs several independent convolutions in one launch (a grouped
+convolution, as nn.Conv2d(groups=G)): group g reads input channels [g*C_in, (g+1)*C_in), writes
+output channels [g*C_out, (g+1)*C_out) with weight rows [g*C_out, (g+1)*C_out) and their bias /
+residual / statistics entries. C_in and C_out are per group; odd counts are masked in the tiles.
+Res2Net's 'stage' blocks run their scales - 1 chunk convolutions this way.
 
 Layout: every activation is addressed through its (n, c, h, w) strides, so NHWC
 (channels_last) tensors and channel slices of larger NHWC buffers (channel offset and pixel
@@ -33,9 +40,9 @@ Precision: DOT_MODE 0 multiplies fp16/bf16 tiles on tensor cores, 1 multiplies f
 the launcher always picks 1 after casting the tiles to fp32, because the interpreter's bf16 dot
 is wrong, and sets EMULATE_RTNE, because its fp32 -> bf16 conversion truncates.
 
-Limits: groups=1; BLOCK_K >= 16 and BLOCK_M, BLOCK_N >= 16 (tl.dot); M = N*OH*OW and C_out
+Limits: BLOCK_K >= 16 and BLOCK_M, BLOCK_N >= 16 (tl.dot); M = N*OH*OW and C_out
 must fit in int32 (offsets into tensors are int64); the POOL prologue assumes no padding around
-the pool (kernel == stride == POOL).
+the pool (kernel == stride == POOL); IN_ADD needs POOL == 1.
 """
 
 import triton
@@ -54,6 +61,8 @@ def conv2d_fused_name(spec) -> str:
         parts.append("bnrelu" if c.get("IN_RELU") else "bn")
     elif c.get("IN_RELU"):
         parts.append("relu")
+    if c.get("IN_ADD"):
+        parts.append("add")
     if c.get("POOL", 1) > 1:
         parts.append(f"avgpool{c['POOL']}")
     parts.append(f"conv{c.get('KH', 'k')}x{c.get('KW', 'k')}")
@@ -73,6 +82,7 @@ def conv2d_fused_name(spec) -> str:
 @triton.jit
 def _load_input_tile(
     x_row,
+    x2_row,
     ih,
     iw,
     cs,
@@ -84,15 +94,20 @@ def _load_input_tile(
     stride_x_h,
     stride_x_w,
     stride_x_c,
+    stride_x2_h,
+    stride_x2_w,
+    stride_x2_c,
     POOL: tl.constexpr,
     IN_AFFINE: tl.constexpr,
     IN_RELU: tl.constexpr,
+    IN_ADD: tl.constexpr,
 ):
     """One A tile: input elements (pooled virtual pixels when POOL > 1) after the prologue.
 
     In the stored dtype without a prologue, else in fp32.
 
-    x_row: [BLOCK_M, 1] pointers to each output pixel's image; ih, iw: virtual input
+    x_row, x2_row: [BLOCK_M, 1] pointers to each output pixel's image in x and in the added
+    input x2 (IN_ADD); ih, iw: virtual input
     coordinates broadcastable to [BLOCK_M, BLOCK_K]; cs: channel of each K column; valid: mask
     of elements inside the virtual input and the channel range.
     """
@@ -109,6 +124,12 @@ def _load_input_tile(
         if IN_AFFINE:
             # Zero padding is applied after the (lazy) BatchNorm, not before it.
             v = tl.where(valid, v, 0.0)
+        if IN_ADD:
+            # The sum is rounded to the operand dtype by the caller, as the unfused graph
+            # stores it; masked elements load 0, so padding stays zero.
+            ptrs2 = x2_row + ih.to(tl.int64) * stride_x2_h + iw.to(tl.int64) * stride_x2_w
+            u = tl.load(ptrs2 + cs.to(tl.int64) * stride_x2_c, mask=valid, other=0.0)
+            v = v.to(tl.float32) + u.to(tl.float32)
     else:
         total = tl.zeros(valid.shape, dtype=tl.float32)
         count = tl.zeros(valid.shape, dtype=tl.float32)
@@ -158,6 +179,7 @@ def _mma(a, b, acc, DOT_MODE: tl.constexpr):
 @triton.jit(repr=conv2d_fused_name)
 def conv2d_fused_kernel(
     x_ptr,
+    x2_ptr,
     w_ptr,
     bias_ptr,
     res_ptr,
@@ -187,6 +209,10 @@ def conv2d_fused_kernel(
     stride_x_c,
     stride_x_h,
     stride_x_w,
+    stride_x2_n,
+    stride_x2_c,
+    stride_x2_h,
+    stride_x2_w,
     stride_w_o,
     stride_w_i,
     stride_w_h,
@@ -204,6 +230,7 @@ def conv2d_fused_kernel(
     POOL: tl.constexpr,
     IN_AFFINE: tl.constexpr,
     IN_RELU: tl.constexpr,
+    IN_ADD: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     RESIDUAL: tl.constexpr,
     RELU: tl.constexpr,
@@ -218,10 +245,14 @@ def conv2d_fused_kernel(
 ):
     """out[n, co, oh, ow] = epilogue(sum_k prologue(x)[n, c, ih, iw] * w[co, c, kh, kw]).
 
-    Grid: (cdiv(M, BLOCK_M) * cdiv(C_out, BLOCK_N),), M = N*OH*OW; H, W are the stored input's
-    size, PH, PW the (pooled) size the convolution sees.
+    Grid: (cdiv(M, BLOCK_M) * cdiv(C_out, BLOCK_N), groups), M = N*OH*OW; H, W are the stored
+    input's size, PH, PW the (pooled) size the convolution sees; C_in, C_out per group.
     """
     pid = tl.program_id(0)
+    group = tl.program_id(1)
+    # First input / output channel of this program's group (0 without groups).
+    ci0 = group * C_in
+    co0 = group * C_out
     M = N * OH * OW
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(C_out, BLOCK_N)
@@ -242,10 +273,17 @@ def conv2d_fused_kernel(
     pix = offs_m % (OH * OW)
     oh = pix // OW
     ow = pix % OW
-    x_row = (x_ptr + img.to(tl.int64) * stride_x_n)[:, None]
+    x_row = (x_ptr + img.to(tl.int64) * stride_x_n + ci0.to(tl.int64) * stride_x_c)[:, None]
+    if IN_ADD:
+        x2_row = x2_ptr + img.to(tl.int64) * stride_x2_n + ci0.to(tl.int64) * stride_x2_c
+        x2_row = x2_row[:, None]
+    else:
+        x2_row = x_row
     ih0 = (oh * conv_stride_h - pad_h)[:, None]
     iw0 = (ow * conv_stride_w - pad_w)[:, None]
-    w_cols = w_ptr + offs_n[None, :].to(tl.int64) * stride_w_o
+    # This group's output channels in the weight, the per-channel vectors and the output.
+    offs_c = co0 + offs_n
+    w_cols = w_ptr + offs_c[None, :].to(tl.int64) * stride_w_o
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if FLAT_K:
@@ -261,14 +299,17 @@ def conv2d_fused_kernel(
             iw = iw0 + (kw * dil_w)[None, :]
             valid = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < PH) & (iw >= 0) & (iw < PW)
             if IN_AFFINE:
-                in_scale = tl.load(in_scale_ptr + cs, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-                in_shift = tl.load(in_shift_ptr + cs, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+                in_scale = tl.load(in_scale_ptr + ci0 + cs, mask=k_ok, other=0.0)
+                in_scale = in_scale.to(tl.float32)[None, :]
+                in_shift = tl.load(in_shift_ptr + ci0 + cs, mask=k_ok, other=0.0)
+                in_shift = in_shift.to(tl.float32)[None, :]
             else:
                 in_scale = 0.0
                 in_shift = 0.0
             a = _load_input_tile(
-                x_row, ih, iw, cs[None, :], valid, in_scale, in_shift, H, W,
-                stride_x_h, stride_x_w, stride_x_c, POOL, IN_AFFINE, IN_RELU,
+                x_row, x2_row, ih, iw, cs[None, :], valid, in_scale, in_shift, H, W,
+                stride_x_h, stride_x_w, stride_x_c, stride_x2_h, stride_x2_w, stride_x2_c,
+                POOL, IN_AFFINE, IN_RELU, IN_ADD,
             )  # fmt: skip
             w_off = cs * stride_w_i + kh * stride_w_h + kw * stride_w_w
             b = tl.load(w_cols + w_off[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
@@ -288,16 +329,17 @@ def conv2d_fused_kernel(
             cs = (it % c_blocks) * BLOCK_K + offs_k
             c_ok = cs < C_in
             if IN_AFFINE:
-                in_scale = tl.load(in_scale_ptr + cs, mask=c_ok, other=0.0)
+                in_scale = tl.load(in_scale_ptr + ci0 + cs, mask=c_ok, other=0.0)
                 in_scale = in_scale.to(tl.float32)[None, :]
-                in_shift = tl.load(in_shift_ptr + cs, mask=c_ok, other=0.0)
+                in_shift = tl.load(in_shift_ptr + ci0 + cs, mask=c_ok, other=0.0)
                 in_shift = in_shift.to(tl.float32)[None, :]
             else:
                 in_scale = 0.0
                 in_shift = 0.0
             a = _load_input_tile(
-                x_row, ih, iw, cs[None, :], pix_ok & c_ok[None, :], in_scale, in_shift, H, W,
-                stride_x_h, stride_x_w, stride_x_c, POOL, IN_AFFINE, IN_RELU,
+                x_row, x2_row, ih, iw, cs[None, :], pix_ok & c_ok[None, :], in_scale, in_shift,
+                H, W, stride_x_h, stride_x_w, stride_x_c, stride_x2_h, stride_x2_w, stride_x2_c,
+                POOL, IN_AFFINE, IN_RELU, IN_ADD,
             )  # fmt: skip
             w_tap = w_cols + kh * stride_w_h + kw * stride_w_w
             b = tl.load(
@@ -309,32 +351,32 @@ def conv2d_fused_kernel(
 
     out_mask = m_ok[:, None] & n_ok[None, :]
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + offs_c, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if RESIDUAL > 0:
         res_ptrs = (
             res_ptr
             + img.to(tl.int64)[:, None] * stride_res_n
             + oh.to(tl.int64)[:, None] * stride_res_h
             + ow.to(tl.int64)[:, None] * stride_res_w
-            + offs_n.to(tl.int64)[None, :] * stride_res_c
+            + offs_c.to(tl.int64)[None, :] * stride_res_c
         )
         r = tl.load(res_ptrs, mask=out_mask, other=0.0).to(tl.float32)
         if RESIDUAL == 2:
-            r_scale = tl.load(res_scale_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-            r_shift = tl.load(res_shift_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            r_scale = tl.load(res_scale_ptr + offs_c, mask=n_ok, other=0.0).to(tl.float32)
+            r_shift = tl.load(res_shift_ptr + offs_c, mask=n_ok, other=0.0).to(tl.float32)
             r = r * r_scale[None, :] + r_shift[None, :]
         acc += r
     if RELU:
         acc = tl.maximum(acc, 0.0)
     if STATS:
         v = tl.where(out_mask, acc, 0.0)
-        tl.atomic_add(sum_ptr + offs_n, tl.sum(v, axis=0), mask=n_ok)
-        tl.atomic_add(sumsq_ptr + offs_n, tl.sum(v * v, axis=0), mask=n_ok)
+        tl.atomic_add(sum_ptr + offs_c, tl.sum(v, axis=0), mask=n_ok)
+        tl.atomic_add(sumsq_ptr + offs_c, tl.sum(v * v, axis=0), mask=n_ok)
     out_ptrs = (
         out_ptr
         + img.to(tl.int64)[:, None] * stride_out_n
         + oh.to(tl.int64)[:, None] * stride_out_h
         + ow.to(tl.int64)[:, None] * stride_out_w
-        + offs_n.to(tl.int64)[None, :] * stride_out_c
+        + offs_c.to(tl.int64)[None, :] * stride_out_c
     )
     tl.store(out_ptrs, _round_to(acc, out_ptr.dtype.element_ty, EMULATE_RTNE), mask=out_mask)

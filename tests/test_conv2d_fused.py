@@ -384,13 +384,13 @@ def test_opcheck(device):
     args = (x, weight, bias, residual, None, None, None, None, [1, 1], [1, 1], [1, 1])
     torch.library.opcheck(
         torch.ops.fastres.conv2d_fused.default,
-        (*args, False, 1, True, False, False),
+        (*args, False, 1, True, False, False, None, 1),
         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
     )
     out = torch.empty(2, 12, 5, 5, device=device).contiguous(memory_format=CL)
     torch.library.opcheck(
         torch.ops.fastres.conv2d_fused_out.default,
-        (x, weight.detach(), bias.detach(), *args[3:], False, 1, True, False, out),
+        (x, weight.detach(), bias.detach(), *args[3:], False, 1, True, False, out, None, 1),
         test_utils=("test_schema", "test_faketensor"),
     )
 
@@ -429,6 +429,7 @@ def test_int64_offsets_cuda():
 HOPPER_CASES = [
     ("bf16", dict(KH=1, KW=1, HAS_BIAS=1, RESIDUAL=1, RELU=1)),
     ("bf16", dict(KH=3, KW=3, HAS_BIAS=1, RELU=1)),
+    ("bf16", dict(KH=3, KW=3, IN_ADD=1, HAS_BIAS=1, RELU=1)),
     ("bf16", dict(KH=7, KW=7, HAS_BIAS=1, RELU=1, FLAT_K=1)),
     ("bf16", dict(KH=1, KW=1, HAS_BIAS=1, POOL=2)),
     ("bf16", dict(KH=3, KW=3, IN_AFFINE=1, IN_RELU=1, STATS=1)),
@@ -453,13 +454,13 @@ def compile_for_hopper() -> list[str]:
     optional = {
         "bias_ptr": "HAS_BIAS", "res_ptr": "RESIDUAL", "res_scale_ptr": "RESIDUAL",
         "in_scale_ptr": "IN_AFFINE", "in_shift_ptr": "IN_AFFINE", "sum_ptr": "STATS",
-        "sumsq_ptr": "STATS", "res_shift_ptr": "RESIDUAL",
+        "sumsq_ptr": "STATS", "res_shift_ptr": "RESIDUAL", "x2_ptr": "IN_ADD",
     }  # fmt: skip
-    unit_strides = ("stride_x_c", "stride_w_o", "stride_res_c", "stride_out_c")
+    unit_strides = ("stride_x_c", "stride_x2_c", "stride_w_o", "stride_res_c", "stride_out_c")
     reports = []
     for dtype, switches in HOPPER_CASES:
         constexprs = dict(
-            POOL=1, IN_AFFINE=0, IN_RELU=0, HAS_BIAS=0, RESIDUAL=0, RELU=0, STATS=0,
+            POOL=1, IN_AFFINE=0, IN_RELU=0, IN_ADD=0, HAS_BIAS=0, RESIDUAL=0, RELU=0, STATS=0,
             DOT_MODE=0, EMULATE_RTNE=0, FLAT_K=0, BLOCK_M=128, BLOCK_N=128,
             BLOCK_K=32 if dtype == "fp32" else 64, GROUP_M=8,
         )  # fmt: skip
@@ -478,7 +479,7 @@ def compile_for_hopper() -> list[str]:
                 ):
                     signature[name], constexprs[name] = "constexpr", None
                     continue
-                is_activation = name in ("x_ptr", "w_ptr", "res_ptr", "out_ptr")
+                is_activation = name in ("x_ptr", "x2_ptr", "w_ptr", "res_ptr", "out_ptr")
                 signature[name] = "*" + (dtype if is_activation else "fp32")
                 attrs[(i,)] = [["tt.divisibility", 16]]
             else:

@@ -8,7 +8,11 @@ computes `relu(conv2d(x, w) + bias + r)` in one kernel on NHWC tensors. The ops:
   PyTorch's `convolution_backward`); sum / sumsq are the per-channel statistics of `out` when
   `stats` is set, else empty. Registered with a fake implementation, so torch.compile traces it.
 - `fastres::conv2d_fused_out`: the same computation written into a given `out` (e.g. a channel
-  slice of a concatenation buffer, as Res2Net uses); not differentiable.
+  slice of a concatenation buffer, as Res2Net uses); not differentiable. `out` may be a slice
+  of the same buffer as the inputs as long as the memory it covers is disjoint from theirs.
+
+Both take `groups` (a grouped convolution in one launch) and `input_add` (a second input added
+to the first after its prologue: Res2Net's hierarchical add).
 
 The launcher checks its inputs, allocates the output (channels_last), picks the launch
 configuration (benchmarked once per shape class and GPU on CUDA unless FASTRES_TRITON_TUNE=0,
@@ -80,7 +84,7 @@ def _check_vector(t: Tensor | None, name: str, n: int, x: Tensor) -> None:
 
 def _check_inputs(
     x, weight, bias, residual, residual_scale, residual_shift, input_scale, input_shift,
-    stride, padding, dilation, input_relu, input_pool,
+    stride, padding, dilation, input_relu, input_pool, input_add=None, groups=1,
 ) -> tuple[int, int, int, int]:  # fmt: skip
     if x.dim() != 4 or weight.dim() != 4:
         raise ValueError(
@@ -94,10 +98,23 @@ def _check_inputs(
         )
     if weight.device != x.device:
         raise ValueError(f"weight is on {weight.device}, x on {x.device}")
-    if weight.shape[1] != x.shape[1]:
+    if not isinstance(groups, int) or groups < 1 or weight.shape[0] % groups:
         raise ValueError(
-            f"weight expects {weight.shape[1]} input channels, x has {x.shape[1]} (groups=1 only)"
+            f"groups must be a positive int dividing C_out {weight.shape[0]}, got {groups!r}"
         )
+    if weight.shape[1] * groups != x.shape[1]:
+        raise ValueError(
+            f"weight expects {weight.shape[1]} input channels per group x {groups} groups, "
+            f"x has {x.shape[1]}"
+        )
+    if input_add is not None:
+        if input_add.shape != x.shape or input_add.dtype != x.dtype or input_add.device != x.device:
+            raise ValueError(
+                f"input_add must match x ({tuple(x.shape)} {x.dtype} on {x.device}), got "
+                f"{tuple(input_add.shape)} {input_add.dtype} on {input_add.device}"
+            )
+        if input_pool != 1:
+            raise ValueError("input_add cannot be combined with input_pool")
     if any(s < 1 for s in stride) or any(d < 1 for d in dilation) or any(p < 0 for p in padding):
         raise ValueError(f"bad stride {stride}, padding {padding} or dilation {dilation}")
     if not isinstance(input_pool, int) or input_pool < 1:
@@ -153,6 +170,8 @@ def _launch(
     input_pool: int,
     relu: bool,
     allow_tf32: bool,
+    input_add: Tensor | None = None,
+    groups: int = 1,
 ) -> None:
     """Launches the kernel that writes `out` (and accumulates into `stats`, zeroed here)."""
     import triton
@@ -170,28 +189,32 @@ def _launch(
             f"the fused convolution runs on CUDA tensors, or on {x.device.type} tensors only "
             f"under TRITON_INTERPRET=1 (the Triton interpreter)"
         )
-    n, c_in, h, w = x.shape
-    c_out, _, kh, kw = weight.shape
+    n, _, h, w = x.shape
+    # Per group: the kernel's C_in / C_out are one group's channels.
+    c_out, c_in, kh, kw = weight.shape
+    c_out //= groups
     ph, pw, oh, ow = _output_size(x, weight, stride, padding, dilation, input_pool)
     m = n * oh * ow
     if m == 0 or c_out == 0:
         return
     flat_k = c_in < FLAT_K_MAX_C_IN
     res = residual if residual is not None else out
+    x2 = input_add if input_add is not None else x
     sum_buf, sumsq_buf = stats if stats is not None else (None, None)
     dot_mode = _dot_mode(x, allow_tf32)
     residual_mode = 2 if residual_scale is not None else int(residual is not None)
 
     def launch(config: dict) -> None:
-        grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(c_out, config["BLOCK_N"]),)
+        grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(c_out, config["BLOCK_N"]), groups)
         conv2d_fused_kernel[grid](
-            x, weight, bias, res, residual_scale, residual_shift, input_scale, input_shift,
-            out, sum_buf, sumsq_buf,
+            x, input_add, weight, bias, res, residual_scale, residual_shift, input_scale,
+            input_shift, out, sum_buf, sumsq_buf,
             n, h, w, c_in, ph, pw, oh, ow, c_out,
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-            *x.stride(), *weight.stride(), *res.stride(), *out.stride(),
+            *x.stride(), *x2.stride(), *weight.stride(), *res.stride(), *out.stride(),
             KH=kh, KW=kw, POOL=input_pool,
             IN_AFFINE=int(input_scale is not None), IN_RELU=int(input_relu),
+            IN_ADD=int(input_add is not None),
             HAS_BIAS=int(bias is not None), RESIDUAL=residual_mode, RELU=int(relu),
             STATS=int(stats is not None), DOT_MODE=dot_mode, EMULATE_RTNE=int(interpreting()),
             FLAT_K=int(flat_k),
@@ -203,6 +226,7 @@ def _launch(
     else:
         key = (
             shape_class(m, c_in, c_out, kh, kw, stride[0], input_pool),
+            groups,
             x.dtype,
             dot_mode,
             _device_name(x.device.index),
@@ -244,6 +268,35 @@ def _tune(launch, candidates: list[dict]) -> dict:
     return best
 
 
+def _may_overlap(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors may address common memory (conservative: True when unsure).
+
+    Channel slices of one NHWC buffer (equal strides, channel stride 1, every other stride a
+    multiple of the pixel stride P) each cover one channel range [offset mod P, + C) of every
+    pixel: disjoint ranges never overlap, which is how Res2Net's chunks and concatenation
+    slices share a buffer. Otherwise the spans of memory they cover are compared.
+    """
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    if a.dim() == 4 and a.stride() == b.stride() and a.element_size() == b.element_size():
+        pixel = a.stride(3)
+        if a.stride(1) == 1 and pixel > 0 and a.stride(0) % pixel == 0 and a.stride(2) % pixel == 0:
+            start_a, start_b = a.storage_offset() % pixel, b.storage_offset() % pixel
+            if start_a + a.shape[1] <= pixel and start_b + b.shape[1] <= pixel:
+                return start_a < start_b + b.shape[1] and start_b < start_a + a.shape[1]
+
+    def span(t: Tensor) -> tuple[int, int]:
+        last = sum((d - 1) * st for d, st in zip(t.shape, t.stride()))
+        return t.storage_offset() * t.element_size(), (
+            t.storage_offset() + last + 1
+        ) * t.element_size()
+
+    (lo_a, hi_a), (lo_b, hi_b) = span(a), span(b)
+    return lo_a < hi_b and lo_b < hi_a
+
+
 def _allocate_out(x: Tensor, weight: Tensor, sizes) -> Tensor:
     return torch.empty(
         (x.shape[0], weight.shape[0], sizes[2], sizes[3]),
@@ -254,7 +307,12 @@ def _allocate_out(x: Tensor, weight: Tensor, sizes) -> Tensor:
 
 
 def _prologue_reference(
-    x: Tensor, input_scale: Tensor | None, input_shift: Tensor | None, input_relu: bool, pool: int
+    x: Tensor,
+    input_scale: Tensor | None,
+    input_shift: Tensor | None,
+    input_relu: bool,
+    pool: int,
+    input_add: Tensor | None = None,
 ) -> Tensor:
     """What the kernel's prologue computes, in PyTorch (for backward)."""
     if input_scale is not None:
@@ -264,6 +322,8 @@ def _prologue_reference(
         x = torch.relu(x)
     if pool > 1:
         x = F.avg_pool2d(x, pool, pool, ceil_mode=True, count_include_pad=False)
+    if input_add is not None:
+        x = x + input_add
     return x
 
 
@@ -285,10 +345,12 @@ def _conv2d_fused_op(
     relu: bool,
     stats: bool,
     allow_tf32: bool,
+    input_add: Tensor | None,
+    groups: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     sizes = _check_inputs(
         x, weight, bias, residual, residual_scale, residual_shift, input_scale, input_shift,
-        stride, padding, dilation, input_relu, input_pool,
+        stride, padding, dilation, input_relu, input_pool, input_add, groups,
     )  # fmt: skip
     out = _allocate_out(x, weight, sizes)
     n_stats = weight.shape[0] if stats else 0
@@ -297,7 +359,7 @@ def _conv2d_fused_op(
     _launch(
         x, weight, bias, residual, residual_scale, residual_shift, input_scale, input_shift,
         out, (sum_buf, sumsq_buf) if stats else None,
-        stride, padding, dilation, input_relu, input_pool, relu, allow_tf32,
+        stride, padding, dilation, input_relu, input_pool, relu, allow_tf32, input_add, groups,
     )  # fmt: skip
     return out, sum_buf, sumsq_buf
 
@@ -306,6 +368,7 @@ def _conv2d_fused_op(
 def _(
     x, weight, bias, residual, residual_scale, residual_shift, input_scale, input_shift,
     stride, padding, dilation, input_relu, input_pool, relu, stats, allow_tf32,
+    input_add, groups,
 ):  # fmt: skip
     sizes = _output_size(x, weight, stride, padding, dilation, input_pool)
     n_stats = weight.shape[0] if stats else 0
@@ -319,11 +382,14 @@ def _(
 def _setup_context(ctx, inputs, output) -> None:
     x, weight, bias, residual, residual_scale, _, input_scale, input_shift = inputs[:8]
     input_relu, input_pool, relu = inputs[11:14]
+    input_add, groups = inputs[16:18]
     out, sum_buf, sumsq_buf = output
     ctx.mark_non_differentiable(sum_buf, sumsq_buf)
-    ctx.save_for_backward(x, weight, bias, residual, residual_scale, input_scale, input_shift, out)
+    ctx.save_for_backward(
+        x, weight, bias, residual, residual_scale, input_scale, input_shift, out, input_add
+    )
     ctx.conv_args = inputs[8:11]  # stride, padding, dilation
-    ctx.input_relu, ctx.input_pool, ctx.relu = input_relu, input_pool, relu
+    ctx.input_relu, ctx.input_pool, ctx.relu, ctx.groups = input_relu, input_pool, relu, groups
 
 
 def _channel_sum(t: Tensor) -> Tensor:
@@ -331,9 +397,10 @@ def _channel_sum(t: Tensor) -> Tensor:
 
 
 def _backward(ctx, grad_out: Tensor, _grad_sum, _grad_sumsq):
-    x, weight, bias, residual, residual_scale, input_scale, input_shift, out = ctx.saved_tensors
+    saved = ctx.saved_tensors
+    x, weight, bias, residual, residual_scale, input_scale, input_shift, out, input_add = saved
     needs = ctx.needs_input_grad
-    grads = [None] * 16
+    grads = [None] * 18
     grad_z = grad_out.masked_fill(out <= 0, 0) if ctx.relu else grad_out
     if bias is not None and needs[2]:
         grads[2] = _channel_sum(grad_z).to(bias.dtype)
@@ -347,16 +414,20 @@ def _backward(ctx, grad_out: Tensor, _grad_sum, _grad_sumsq):
                 grads[4] = _channel_sum(grad_z.float() * residual.float()).to(rs.dtype)
             if needs[5]:
                 grads[5] = _channel_sum(grad_z).to(rs.dtype)
-    needs_x = needs[0] or needs[6] or needs[7]
+    needs_x = needs[0] or needs[6] or needs[7] or needs[16]
     if needs_x or needs[1]:
-        x_in = _prologue_reference(x, input_scale, input_shift, ctx.input_relu, ctx.input_pool)
+        x_in = _prologue_reference(
+            x, input_scale, input_shift, ctx.input_relu, ctx.input_pool, input_add
+        )
         stride, padding, dilation = ctx.conv_args
         grad_xin, grad_w, _ = torch.ops.aten.convolution_backward(
             grad_z.to(x.dtype), x_in, weight, None, stride, padding, dilation,
-            False, [0, 0], 1, [needs_x, needs[1], False],
+            False, [0, 0], ctx.groups, [needs_x, needs[1], False],
         )  # fmt: skip
         grads[1] = grad_w
-        if needs_x:
+        if input_add is not None and needs[16]:
+            grads[16] = grad_xin
+        if needs[0] or needs[6] or needs[7]:
             grads[0], grads[6], grads[7] = _prologue_backward(
                 grad_xin, x, input_scale, input_shift, ctx.input_relu, ctx.input_pool, needs
             )
@@ -405,10 +476,12 @@ def _conv2d_fused_out_op(
     relu: bool,
     allow_tf32: bool,
     out: Tensor,
+    input_add: Tensor | None,
+    groups: int,
 ) -> None:
     sizes = _check_inputs(
         x, weight, bias, residual, residual_scale, residual_shift, input_scale, input_shift,
-        stride, padding, dilation, input_relu, input_pool,
+        stride, padding, dilation, input_relu, input_pool, input_add, groups,
     )  # fmt: skip
     expected = (x.shape[0], weight.shape[0], sizes[2], sizes[3])
     if tuple(out.shape) != expected or out.dtype != x.dtype or out.device != x.device:
@@ -416,12 +489,14 @@ def _conv2d_fused_out_op(
             f"out must be {expected} {x.dtype} on {x.device}, got {tuple(out.shape)} "
             f"{out.dtype} on {out.device}"
         )
-    for name, t in (("x", x), ("weight", weight), ("residual", residual)):
-        if t is not None and t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
+    # Programs of one launch read their inputs while others write out: no common memory.
+    for name, t in (("x", x), ("weight", weight), ("residual", residual), ("input_add", input_add)):
+        if t is not None and _may_overlap(t, out):
             raise ValueError(f"out must not share memory with {name}")
     _launch(
         x, weight, bias, residual, residual_scale, residual_shift, input_scale, input_shift,
         out, None, stride, padding, dilation, input_relu, input_pool, relu, allow_tf32,
+        input_add, groups,
     )  # fmt: skip
 
 
@@ -429,6 +504,7 @@ def _conv2d_fused_out_op(
 def _(
     x, weight, bias, residual, residual_scale, residual_shift, input_scale, input_shift,
     stride, padding, dilation, input_relu, input_pool, relu, allow_tf32, out,
+    input_add, groups,
 ) -> None:  # fmt: skip
     return None
 
@@ -448,6 +524,8 @@ def conv2d_fused(
     input_shift: Tensor | None = None,
     input_relu: bool = False,
     input_pool: int = 1,
+    input_add: Tensor | None = None,
+    groups: int = 1,
     relu: bool = False,
     stats: bool = False,
     allow_tf32: bool | None = None,
@@ -456,14 +534,14 @@ def conv2d_fused(
     """Convolution with its neighbours fused in (see `kernels/conv2d_fused.py`).
 
     Computes, per output element,
-    `relu(conv2d(pool(relu(x * input_scale + input_shift)), weight) + bias
+    `relu(conv2d(pool(relu(x * input_scale + input_shift)) + input_add, weight, groups) + bias
     + residual * residual_scale + residual_shift)`, every part optional.
 
     Args:
         x: [N, C_in, H, W], float32 / float16 / bfloat16, any strides (channels_last or a
             channel slice of a larger channels_last buffer is read in place).
-        weight: [C_out, C_in, KH, KW], x's dtype, any strides (`arrange_weight` gives the
-            fastest).
+        weight: [C_out, C_in / groups, KH, KW], x's dtype, any strides (`arrange_weight` gives
+            the fastest).
         bias: [C_out] or None, any float dtype (added in fp32).
         stride, padding, dilation: of the convolution, an int or an (h, w) pair.
         residual: [N, C_out, OH, OW] added before the ReLU, or None.
@@ -474,13 +552,17 @@ def conv2d_fused(
         input_relu: ReLU on the input elements (after input_scale / input_shift).
         input_pool: k > 1 average-pools the input k x k with stride k (ceil_mode,
             count_include_pad=False) before the convolution.
+        input_add: [N, C_in, H, W] in x's dtype, any strides, added to the input after its
+            prologue (input_pool must be 1), or None; the sum is rounded to x's dtype.
+        groups: a grouped convolution (nn.Conv2d's groups): group g convolves input channels
+            [g*C_in/groups, ...) into output channels [g*C_out/groups, ...), one launch.
         relu: ReLU on the output.
         stats: also return the per-channel sum and sum of squares of the output ([C_out] fp32).
         allow_tf32: float32 products in TF32; None follows torch.backends.cudnn.allow_tf32
             (PyTorch's own rule for convolutions). Ignored for fp16 / bf16 and on CPU.
         out: write into this [N, C_out, OH, OW] tensor (e.g. a channel slice of a larger
-            buffer; it must not share memory with the inputs) instead of a new one. Not
-            differentiable, no stats.
+            buffer; the memory it covers must be disjoint from the inputs') instead of a new
+            one. Not differentiable, no stats.
 
     Returns:
         out [N, C_out, OH, OW] in x's dtype (channels_last when allocated here), or
@@ -496,7 +578,9 @@ def conv2d_fused(
     if out is not None:
         if stats:
             raise ValueError("stats are not available with out=")
-        torch.ops.fastres.conv2d_fused_out(*args, allow_tf32, out)
+        torch.ops.fastres.conv2d_fused_out(*args, allow_tf32, out, input_add, int(groups))
         return out
-    result, sum_buf, sumsq_buf = torch.ops.fastres.conv2d_fused(*args, bool(stats), allow_tf32)
+    result, sum_buf, sumsq_buf = torch.ops.fastres.conv2d_fused(
+        *args, bool(stats), allow_tf32, input_add, int(groups)
+    )
     return (result, sum_buf, sumsq_buf) if stats else result
