@@ -15,11 +15,10 @@ Each checks its output once against the float64 oracle (SPEC section 3) on a few
 group is `res2net_fused-<stage>-<kind>-b256-bf16-infer`, extra_info carries ms, img/s and the
 speedup over eager-cl.
 
-Whole network: for each system (eager, eager-cl, compile, the fused backends that run here) and
-mode, ResNet-50 and Res2Net-50 are run with the shared harness (`fastres.benchmark`, settings of
-bench/conftest.py: on CUDA batch 256, 224x224, bf16 autocast), and the ratio
-img/s(Res2Net-50) / img/s(ResNet-50) is reported (SPEC target on GPU: >= 0.95; PyTorch about
-0.7-0.8). The group is `res2net50-over-resnet50-b<batch>x<size>-<dtype>-<mode>`.
+Whole network: bench/test_bench_models.py runs ResNet-50 and Res2Net-50, inference and the
+training step, with every system (eager, eager-cl, compile, the fused backends); the harness
+(`fastres.benchmark.model_ratios`) reports img/s(Res2Net-50) / img/s(ResNet-50) per system in
+the final table and the results JSON (SPEC target on GPU: >= 0.95; PyTorch about 0.7-0.8).
 
     pytest bench/test_bench_res2net_fused.py --benchmark-only
 """
@@ -32,7 +31,6 @@ import pytest
 import torch
 
 import fastres
-from fastres import benchmark as bm
 from fastres.testing import assert_matches_oracle, randomize_norms
 
 BATCH, IMAGE_SIZE, DTYPE = 256, 224, torch.bfloat16
@@ -130,81 +128,3 @@ def test_block(benchmark, name, system):
     eager = _BLOCK_MS.get((name, "eager-cl"))
     if eager is not None:
         benchmark.extra_info["speedup_over_eager_cl"] = eager / ms
-
-
-# -- whole network: Res2Net-50 / ResNet-50 ----------------------------------------------------
-
-SYSTEMS = [*bm.PEERS, *(bm.fastres_system(b) for b in ("native", "triton"))]
-
-
-class _Cases:
-    """The ResNet-50 and Res2Net-50 cases of the current mode (the systems of a mode run one
-    after another; each case holds its float64 gold)."""
-
-    def __init__(self):
-        self.cases: dict[bm.BenchConfig, bm.Case] = {}
-
-    def get(self, config: bm.BenchConfig) -> bm.Case:
-        if config not in self.cases:
-            if any(c.mode != config.mode for c in self.cases):
-                self.cases.clear()
-                bm.free_memory()
-            self.cases[config] = bm.Case(config)
-        return self.cases[config]
-
-
-_CASES = _Cases()
-
-
-@pytest.mark.parametrize("system", SYSTEMS, ids=[s.name for s in SYSTEMS])
-@pytest.mark.parametrize("mode", bm.MODES)
-def test_res2net_over_resnet(benchmark, bench_settings, bench_results, mode, system):
-    settings = bench_settings
-    if system.compiled and not settings.compiles(mode):
-        pytest.skip(f"torch.compile of the {mode} step is off (--bench-compile={settings.compile})")
-    if system.name.startswith("fastres-"):
-        reason = bm.backend_reasons(settings.device)[system.backend]
-        if reason is not None:
-            pytest.skip(f"backend {system.backend}: {reason}")
-    results = {}
-    for model in ("resnet", "res2net"):
-        config = bm.BenchConfig(
-            model, 50, settings.batch, settings.image_size, settings.dtype, settings.device, mode
-        )
-        case = _CASES.get(config)
-
-        def timer(step, case=case, model=model):
-            if model == "resnet":
-                return bm.time_steps(step, case.device, settings.rounds, settings.warmup)
-
-            def synced_step():
-                step()
-                bm.synchronize(case.device)
-
-            benchmark.pedantic(
-                synced_step, rounds=settings.rounds, warmup_rounds=settings.warmup, iterations=1
-            )
-            stats = getattr(benchmark, "stats", None)
-            if stats:
-                return list(stats.stats.data)
-            return bm.time_steps(step, case.device, settings.rounds, settings.warmup)
-
-        results[model] = bm.run_system(case, system, settings.rounds, settings.warmup, timer=timer)
-        bench_results.append(results[model])
-    ratio = results["res2net"].img_per_s / results["resnet"].img_per_s
-    benchmark.group = (
-        f"res2net50-over-resnet50-b{settings.batch}x{settings.image_size}-{settings.dtype}-{mode}"
-    )
-    benchmark.extra_info.update(
-        system=system.name,
-        device=bm.device_name(settings.device),
-        res2net50_img_per_s=results["res2net"].img_per_s,
-        resnet50_img_per_s=results["resnet"].img_per_s,
-        res2net_over_resnet=ratio,
-    )
-    print(
-        f"\n{system.name} {mode}: Res2Net-50 {results['res2net'].img_per_s:,.1f} img/s, "
-        f"ResNet-50 {results['resnet'].img_per_s:,.1f} img/s, ratio {ratio:.3f}"
-    )
-    for r in results.values():
-        assert r.check_passed, "\n".join(r.check_failures)

@@ -628,7 +628,9 @@ def _format_bytes(n: int | None) -> str:
 
 def format_table(results: Iterable[Result]) -> str:
     """A plain-text table: group, system, img/s, speedup, error, check, peak memory, and the
-    first call's time (building the model, the check; torch.compile's compilation)."""
+    first call's time (building the model, the check; torch.compile's compilation); then the
+    Res2Net / ResNet speed ratios where both models ran."""
+    results = list(results)
     header = (
         "group",
         "system",
@@ -665,7 +667,41 @@ def format_table(results: Iterable[Result]) -> str:
         lines.append("  ".join(cells).rstrip())
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
+    ratios = model_ratios(results)
+    if ratios:
+        lines.append("")
+        lines.append("Res2Net / ResNet speed (img/s ratio, same depth, system and setting):")
+        for r in ratios:
+            lines.append(
+                f"  {r['setting']:<28} {r['system']:<16} {r['ratio']:.3f}  "
+                f"({r['res2net_img_per_s']:,.1f} / {r['resnet_img_per_s']:,.1f} img/s)"
+            )
     return "\n".join(lines)
+
+
+def model_ratios(results: Iterable[Result]) -> list[dict]:
+    """img/s of Res2Net over img/s of ResNet of the same depth for every system and setting
+    (batch, image size, dtype, mode, device) where both ran: the SPEC's Res2Net-50 / ResNet-50
+    speed ratio (target >= 0.95 on GPU; PyTorch about 0.7-0.8)."""
+    by_key: dict[tuple, dict[str, Result]] = {}
+    for r in results:
+        family = r.model.rstrip("0123456789")
+        depth = r.model[len(family) :]
+        key = (depth, r.system, r.batch, r.image_size, r.dtype, r.mode, r.device)
+        by_key.setdefault(key, {})[family] = r
+    ratios = []
+    for (depth, system, batch, size, dtype, mode, _), pair in by_key.items():
+        if "res2net" in pair and "resnet" in pair:
+            ratios.append(
+                {
+                    "setting": f"{depth} b{batch}x{size}-{dtype}-{mode}",
+                    "system": system,
+                    "ratio": pair["res2net"].img_per_s / pair["resnet"].img_per_s,
+                    "res2net_img_per_s": pair["res2net"].img_per_s,
+                    "resnet_img_per_s": pair["resnet"].img_per_s,
+                }
+            )
+    return ratios
 
 
 # -- environment ----------------------------------------------------------------------------
@@ -722,12 +758,14 @@ def environment(device: torch.device | str) -> dict:
 
 def write_json(path: str | os.PathLike, results: Iterable[Result], settings: dict) -> Path:
     """Writes the results with the environment and the settings used; returns the path."""
+    results = list(results)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "environment": environment(settings.get("device", default_device())),
         "settings": settings,
         "results": [asdict(r) for r in results],
+        "res2net_over_resnet": model_ratios(results),
     }
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path

@@ -219,12 +219,20 @@ def _shortcut(downsample: nn.Sequential, x: Tensor) -> Tensor:
 
 
 def _nhwc_empty(like: Tensor, channels: int, h: int, w: int) -> Tensor:
-    return torch.empty(
-        (like.shape[0], channels, h, w),
+    """An uninitialised [N, channels, h, w] channels_last tensor in like's dtype and device.
+
+    Its pixel stride is rounded up to 16 channels: Res2Net widths (26, 52, ...) are not
+    multiples of 8, and Triton specializes on strides divisible by 16, which lets it prove
+    16-byte alignment of every pixel and vectorize (the padding is never read or written).
+    """
+    padded = -(-channels // 16) * 16
+    buf = torch.empty(
+        (like.shape[0], padded, h, w),
         dtype=like.dtype,
         device=like.device,
         memory_format=torch.channels_last,
     )
+    return buf[:, :channels]
 
 
 def _last_chunk_pool(block: nn.Module) -> tuple[int, int, int] | None:
@@ -290,11 +298,11 @@ def _res2net_split_conv_concat(block: nn.Module, x: Tensor) -> Tensor:
 
     Without autograd (inference), nothing is copied and no tensor is formed between the convs:
 
-    - last chunk not pooled: one buffer [sp_0 .. sp_{s-2} | chunk_{s-1} | chunk_0 .. chunk_{s-2}]
-      (channels padded to a multiple of 8): conv1, its output channels rotated (the last chunk
-      first), writes the last two parts; each 3x3 conv reads its chunk there and writes sp_i;
-      conv3 reads the first `scales` chunks, so the last chunk is where conv3 reads it without
-      a copy, and conv3's read starts at the buffer's aligned channel 0;
+    - last chunk not pooled: one buffer [sp_0 .. sp_{s-2} | chunk_{s-1} | chunk_0 .. chunk_{s-2}]:
+      conv1, its output channels rotated (the last chunk first), writes the last two parts;
+      each 3x3 conv reads its chunk there and writes sp_i; conv3 reads the first `scales`
+      parts, so the last chunk is where conv3 reads it without a copy, and conv3's read starts
+      at the buffer's aligned channel 0;
     - last chunk pooled: conv1 writes its own buffer, the Triton pool writes the pooled chunk
       into the last slice of the concatenation buffer;
     - 'normal' block: conv i's input load adds sp_{i-1} to chunk i; 'stage' block: the scales - 1
@@ -319,13 +327,14 @@ def _res2net_split_conv_concat(block: nn.Module, x: Tensor) -> Tensor:
     h1 = (x.shape[2] - 1) // conv1.stride[0] + 1
     w1_out = (x.shape[3] - 1) // conv1.stride[1] + 1
     oh, ow = (
-        (size + 2 * conv.padding[i] - conv.dilation[i] * 2 - 1) // conv.stride[i] + 1
+        (size + 2 * conv.padding[i] - conv.dilation[i] * (conv.kernel_size[i] - 1) - 1)
+        // conv.stride[i]
+        + 1
         for i, size in enumerate((h1, w1_out))
     )
     split = (scales - 1) * width
     if shared:
-        # Pixel stride a multiple of 8 channels: 16-byte aligned pixels in fp16 / bf16.
-        buf = _nhwc_empty(x, -(-(2 * scales - 1) * width // 8) * 8, h1, w1_out)
+        buf = _nhwc_empty(x, (2 * scales - 1) * width, h1, w1_out)
         conv2d_fused(
             x, w1, b1, stride=conv1.stride, relu=True, out=buf[:, split : split + split + width]
         )
