@@ -100,6 +100,24 @@ def test_grouped_launch(device, groups, width, stride, dtype):
     assert_matches_oracle(actual, base, gold, dtype, "grouped conv")
 
 
+def test_grouped_stats(device):
+    """Per-channel statistics of a grouped launch land in each group's channels (the epilogue
+    the batch-statistics training path will use on the same launch)."""
+    n, width, groups = 2, 13, 3
+    x = nhwc(n, groups * width, 6, 7, device=device)
+    weight = torch.randn(groups * width, width, 3, 3, device=device, dtype=torch.float64) / 12
+    out, total, total_sq = conv2d_fused(
+        x.float(), arrange_weight(weight.float()), padding=1, groups=groups, stats=True
+    )
+    gold = F.conv2d(x, weight, None, 1, 1, 1, groups)
+    base = F.conv2d(x.float(), weight.float(), None, 1, 1, 1, groups)
+    assert_matches_oracle(out, base, gold, torch.float32, "out")
+    assert_matches_oracle(total, base.sum((0, 2, 3)), gold.sum((0, 2, 3)), torch.float32, "sum")
+    assert_matches_oracle(
+        total_sq, (base * base).sum((0, 2, 3)), (gold * gold).sum((0, 2, 3)), torch.float32, "sumsq"
+    )
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_add_and_group_gradients(device, dtype):
     """Gradients of the functional op through input_add and groups (the BN-frozen training
@@ -174,6 +192,8 @@ BLOCKS = {
     "stage-always-s2-w14x8": ("stage", "always", 2, 1, "pytorch", 16, 14, 8),
     "stage-strided-s2-dil2-w13x4": ("stage", "strided", 2, 2, "pytorch", 8, 26, 4),
     "stage-always-s1-dil2-w7x8": ("stage", "always", 1, 2, "pytorch", 8, 14, 8),
+    "stage-strided-s1-dil2-w13x4": ("stage", "strided", 1, 2, "pytorch", 8, 26, 4),
+    "stage-always-s2-dil2-w26x8": ("stage", "always", 2, 2, "pytorch", 16, 26, 8),
     "stage-strided-caffe-s2-w13x4": ("stage", "strided", 2, 1, "caffe", 8, 26, 4),
     "stage-always-caffe-s2-w7x4": ("stage", "always", 2, 1, "caffe", 8, 14, 4),
     "normal-w26x4": ("normal", "strided", 1, 1, "pytorch", 16, 26, 4),
