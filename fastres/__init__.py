@@ -1,9 +1,10 @@
 """fastres: ResNet and Res2Net backbones for PyTorch whose hot paths run in fused kernels.
 
-    import fastres
-    model = fastres.ResNet(depth=50)            # backbone: forward(x) -> tuple of stage features
-    model = fastres.ResNet(depth=50, num_classes=1000)
-    model = fastres.Res2Net(depth=50, scales=4, base_width=26)
+Example:
+    >>> import fastres
+    >>> backbone = fastres.ResNet(depth=50)  # forward(x) -> tuple of stage features
+    >>> classifier = fastres.ResNet(depth=50, num_classes=1000)  # forward(x) -> logits
+    >>> res2net = fastres.Res2Net(depth=50, scales=4, base_width=26)
 """
 
 from .backends import BackendStatus, available_backends

@@ -31,10 +31,6 @@ from .backends import Backend
 from .ops import batchnorm as bn_ops
 
 
-def _acc_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def _uses_batch_stats(bn: nn.Module) -> bool:
     return bn.training or bn.running_mean is None
 
@@ -110,7 +106,7 @@ def _bn_act(
         if bn_d is not None:
             _update_running_stats(bn_d, mean_d, m2_d, count)
         return out
-    acc = _acc_dtype(y)
+    acc = bn_ops.accumulate_dtype(y)
     scale, shift = _eval_affine(bn, acc)
     if shortcut is not None:
         scale_d, shift_d = _eval_affine(shortcut[0], acc)
@@ -197,20 +193,10 @@ def _fused_conv(
         return torch.ops.mkldnn._convolution_pointwise(
             x, f.weight, f.bias, *geometry, unary, [], ""
         )
+    residual = residual.contiguous(memory_format=bn_ops.memory_format_of(x))
     return torch.ops.mkldnn._convolution_pointwise.binary(
-        x, residual.contiguous(memory_format=_layout(x)), f.weight, f.bias, *geometry,
-        "add", 1.0, unary, [], "",
+        x, residual, f.weight, f.bias, *geometry, "add", 1.0, unary, [], "",
     )  # fmt: skip
-
-
-def _layout(x: Tensor) -> torch.memory_format:
-    if (
-        x.dim() == 4
-        and not x.is_contiguous()
-        and x.is_contiguous(memory_format=torch.channels_last)
-    ):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def _conv_bn_act(

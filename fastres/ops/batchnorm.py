@@ -39,11 +39,12 @@ def cuda_kernels_built() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("fastres::bn_apply", "CUDA")
 
 
-def _acc(x: Tensor) -> torch.dtype:
+def accumulate_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the ops accumulate and return statistics in: fp64 for fp64, else fp32."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _layout(x: Tensor) -> torch.memory_format:
+def memory_format_of(x: Tensor) -> torch.memory_format:
     """The layout the kernels produce for x: channels_last where x is, else contiguous."""
     if (
         x.dim() == 4
@@ -61,7 +62,7 @@ def _channels(x: Tensor, dtype: torch.dtype) -> Tensor:
 def _register_fakes() -> None:
     @torch.library.register_fake("fastres::bn_stats")
     def _(x):
-        return _channels(x, _acc(x)), _channels(x, _acc(x))
+        return _channels(x, accumulate_dtype(x)), _channels(x, accumulate_dtype(x))
 
     @torch.library.register_fake("fastres::bn_finalize")
     def _(mean, m2, count, weight, bias, eps):
@@ -69,21 +70,21 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("fastres::bn_apply")
     def _(x, scale, shift, residual, scale_r, shift_r, relu):
-        return torch.empty_like(x, memory_format=_layout(x))
+        return torch.empty_like(x, memory_format=memory_format_of(x))
 
     @torch.library.register_fake("fastres::bn_backward_reduce")
     def _(grad_out, x, scale, shift, residual, scale_r, shift_r, relu, mean, mean_r):
         c = x.shape[1]
         rmu = c if residual is not None and scale_r is not None else 0
-        acc = _acc(x)
+        acc = accumulate_dtype(x)
         return x.new_empty(c, dtype=acc), x.new_empty(c, dtype=acc), x.new_empty(rmu, dtype=acc)
 
     @torch.library.register_fake("fastres::bn_backward_elemt")
     def _(grad_out, x, scale, shift, residual, scale_r, shift_r, relu, mean, invstd, sum_dy,
           sum_dy_xmu, mean_r, invstd_r, sum_dy_rmu, count, grad_residual):  # fmt: skip
-        grad_x = torch.empty_like(x, memory_format=_layout(x))
+        grad_x = torch.empty_like(x, memory_format=memory_format_of(x))
         if grad_residual and residual is not None:
-            return grad_x, torch.empty_like(x, memory_format=_layout(x))
+            return grad_x, torch.empty_like(x, memory_format=memory_format_of(x))
         return grad_x, x.new_empty(0)
 
     def apply_setup_context(ctx, inputs, output):
@@ -195,10 +196,10 @@ def _train_act_impl(y, weight, bias, eps, residual, y_d, weight_d, bias_d, eps_d
 
 
 def _train_act_fake(y, weight, bias, eps, residual, y_d, weight_d, bias_d, eps_d, relu):
-    c, acc = y.shape[1], _acc(y)
+    c, acc = y.shape[1], accumulate_dtype(y)
     stats_d = c if y_d is not None else 0
     return (
-        torch.empty_like(y, memory_format=_layout(y)),
+        torch.empty_like(y, memory_format=memory_format_of(y)),
         y.new_empty(c, dtype=acc),
         y.new_empty(c, dtype=acc),
         y.new_empty(stats_d, dtype=acc),
