@@ -99,7 +99,7 @@ def _fused(op: str, t: dict):
         scale_r, shift_r = _eval_affine(t, "_r")
         return lambda: ops.bn_apply(x, scale, shift, t["r"], scale_r, shift_r)
     if op == "train_forward":
-        return lambda: ops.bn_train_act(x, t["weight"], t["bias"], 1e-5)[0]
+        return lambda: ops.bn_train_act(x, (*ops.bn_stats(x), count), t["weight"], t["bias"], 1e-5)
     mean, m2 = ops.bn_stats(x)
     scale, shift, invstd = ops.bn_finalize(mean, m2, count, t["weight"], t["bias"], 1e-5)
 

@@ -8,14 +8,15 @@ PyTorch's own convolution (oneDNN on CPU, cuDNN on CUDA) followed by one fused e
   parameters' versions, never written back); with autograd (BN-frozen layers in training) the
   per-channel scale and shift are computed with torch ops so that gradients reach the conv and
   BN parameters, and `fastres::bn_apply` applies them.
-- BatchNorm in training mode: `fastres::bn_stats` / `bn_finalize` / `bn_apply` forward and
-  `bn_backward_reduce` / `bn_backward_elemt` backward, as one autograd-registered op per unit
+- BatchNorm in training mode: `fastres::bn_stats`, then `bn_finalize` / `bn_apply` forward and
+  `bn_backward_reduce` / `bn_backward_elemt` backward as one autograd-registered op per unit
   (`fastres::bn_train_act`); the running statistics are updated outside the ops, as
-  nn.BatchNorm2d updates them.
+  nn.BatchNorm2d updates them. SyncBatchNorm all-gathers the statistics before the op and
+  all-reduces the backward's per-channel sums inside it.
 - A downsample shortcut's BN is applied in the same pass as the block's last BN (the two-BN
   form of `bn_apply`).
 
-Blocks with norms this backend does not fuse (GroupNorm, SyncBatchNorm in training) and
+Blocks with norms this backend does not fuse (GroupNorm, BN without affine parameters) and
 degenerate inputs (an empty batch, one value per channel in training) run the oracle.
 """
 
@@ -39,10 +40,8 @@ def _fusable(bn: nn.Module) -> bool:
     """Whether this backend runs `bn` itself (else the block runs the oracle)."""
     if not getattr(bn, "affine", False):
         return False
-    if type(bn) is nn.BatchNorm2d:
-        return True
-    # SyncBN in eval mode is an affine map like BN; in training it needs the process group.
-    return isinstance(bn, nn.SyncBatchNorm) and not _uses_batch_stats(bn)
+    # SyncBN in training mode all-gathers its batch statistics (see `_batch_stats`).
+    return type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm)
 
 
 def _eval_affine(bn: nn.Module, acc: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -52,19 +51,18 @@ def _eval_affine(bn: nn.Module, acc: torch.dtype) -> tuple[Tensor, Tensor]:
     return scale, bn.bias.to(acc) - bn.running_mean.to(acc) * scale
 
 
-def _update_running_stats(bn: nn.Module, mean: Tensor, m2: Tensor, count: int) -> None:
-    """The running-statistics update of nn.BatchNorm2d in training mode, from bn_stats."""
-    if not (bn.training and bn.track_running_stats and bn.running_mean is not None):
-        return
-    with torch.no_grad():
-        bn.num_batches_tracked.add_(1)
-        # momentum None: the cumulative moving average; a tensor factor keeps torch.compile
-        # from specializing on the step count.
-        cumulative = bn.momentum is None
-        factor = 1.0 / bn.num_batches_tracked.to(mean.dtype) if cumulative else bn.momentum
-        unbiased_var = m2 / (count - 1)
-        bn.running_mean.mul_(1 - factor).add_((mean * factor).to(bn.running_mean.dtype))
-        bn.running_var.mul_(1 - factor).add_((unbiased_var * factor).to(bn.running_var.dtype))
+def _batch_stats(bn: nn.Module, y: Tensor, group: str) -> tuple[Tensor, Tensor, int]:
+    """(mean, m2, count) of y's batch (every process's for SyncBN); updates bn's running stats."""
+    mean, m2 = bn_ops.bn_stats(y.detach())  # constants to autograd: see `bn_train_act`
+    count = y.numel() // y.shape[1]
+    if group:
+        mean, m2, count = bn_ops.sync_batch_stats(mean, m2, count, group)
+    if count <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {y.size()}"
+        )
+    bn_ops.update_running_stats(bn, mean, m2, count)
+    return mean, m2, count
 
 
 def _common_dtype(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -82,30 +80,23 @@ def _bn_act(
     """act(bn(y) + residual) or act(bn(y) + bn_d(y_d)) with shortcut = (bn_d, y_d) [N, C, H, W]."""
     if shortcut is not None:
         bn_d, y_d = shortcut
-        if _uses_batch_stats(bn) != _uses_batch_stats(bn_d):
+        if _uses_batch_stats(bn) != _uses_batch_stats(bn_d) or (
+            bn_ops.sync_group_name(bn) != bn_ops.sync_group_name(bn_d)
+        ):
             # Mixed modes (BNs set by hand): the shortcut's BN on its own pass.
             return _bn_act(bn, y, relu, residual=_bn_act(bn_d, y_d, relu=False))
         y, y_d = _common_dtype(y, y_d)
     elif residual is not None:
         y, residual = _common_dtype(y, residual)
     if _uses_batch_stats(bn):
-        if y.numel() <= y.shape[1]:
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got input size {y.size()}"
-            )
-        bn_d, y_d = shortcut if shortcut is not None else (None, None)
-        out, mean, m2, mean_d, m2_d = bn_ops.bn_train_act(
-            y, bn.weight, bn.bias, bn.eps, residual, y_d,
-            None if bn_d is None else bn_d.weight,
-            None if bn_d is None else bn_d.bias,
-            1e-5 if bn_d is None else bn_d.eps,
-            relu,
-        )  # fmt: skip
-        count = y.numel() // y.shape[1]
-        _update_running_stats(bn, mean, m2, count)
-        if bn_d is not None:
-            _update_running_stats(bn_d, mean_d, m2_d, count)
-        return out
+        group = bn_ops.sync_group_name(bn)
+        stats = _batch_stats(bn, y, group)
+        affine = (bn.weight, bn.bias, bn.eps)
+        if shortcut is None:
+            return bn_ops.bn_train_act(y, stats, *affine, residual, None, relu, group)
+        bn_d, y_d = shortcut
+        shortcut = (y_d, _batch_stats(bn_d, y_d, group), bn_d.weight, bn_d.bias, bn_d.eps)
+        return bn_ops.bn_train_act(y, stats, *affine, None, shortcut, relu, group)
     acc = bn_ops.accumulate_dtype(y)
     scale, shift = _eval_affine(bn, acc)
     if shortcut is not None:

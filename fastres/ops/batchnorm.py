@@ -180,48 +180,106 @@ def bn_backward_elemt(*args) -> tuple[Tensor, Tensor]:
     return torch.ops.fastres.bn_backward_elemt(*args)
 
 
-def _train_act_impl(y, weight, bias, eps, residual, y_d, weight_d, bias_d, eps_d, relu):
-    count = y.numel() // y.shape[1]
-    mean, m2 = torch.ops.fastres.bn_stats(y)
+def update_running_stats(bn: torch.nn.Module, mean: Tensor, m2: Tensor, count: int) -> None:
+    """The running-statistics update of nn.BatchNorm2d in training mode, from batch statistics.
+
+    Args:
+        mean, m2: [C] batch statistics (`bn_stats`, or a conv epilogue's), over `count` values
+            per channel (all processes' for SyncBN).
+    """
+    if not (bn.training and bn.track_running_stats and bn.running_mean is not None):
+        return
+    with torch.no_grad():
+        bn.num_batches_tracked.add_(1)
+        # momentum None: the cumulative moving average; a tensor factor keeps torch.compile
+        # from specializing on the step count.
+        cumulative = bn.momentum is None
+        factor = 1.0 / bn.num_batches_tracked.to(mean.dtype) if cumulative else bn.momentum
+        unbiased_var = m2 / (count - 1)
+        bn.running_mean.mul_(1 - factor).add_((mean * factor).to(bn.running_mean.dtype))
+        bn.running_var.mul_(1 - factor).add_((unbiased_var * factor).to(bn.running_var.dtype))
+
+
+def sync_group_name(bn: torch.nn.Module) -> str:
+    """The name of the process group whose batch `bn` normalizes over, or "" for its own batch.
+
+    Non-empty for a SyncBatchNorm in training mode while torch.distributed runs with more than
+    one process in its group (its process_group, else WORLD), as nn.SyncBatchNorm decides.
+    The ops take the name, not the group, because custom-op arguments are plain values.
+    """
+    if not (isinstance(bn, torch.nn.SyncBatchNorm) and bn.training):
+        return ""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return ""
+    group = bn.process_group or dist.group.WORLD
+    return group.group_name if dist.get_world_size(group) > 1 else ""
+
+
+def _process_group(name: str):
+    return torch.distributed.distributed_c10d._resolve_process_group(name)
+
+
+def sync_batch_stats(
+    mean: Tensor, m2: Tensor, count: int, group_name: str
+) -> tuple[Tensor, Tensor, int]:
+    """This process's batch statistics -> those of every process's batch together (SyncBN).
+
+    All-gathers (count, mean [C], M2 [C]) over the group and merges them with Chan's formula
+    (`combine_stats`), so unequal batch sizes merge exactly. Returns mean, M2 and the count.
+    """
+    group = _process_group(group_name)
+    local = torch.cat([mean.new_full((1,), count), mean, m2])
+    parts = [torch.empty_like(local) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(parts, local, group=group)
+    gathered = torch.stack(parts)
+    c = mean.shape[0]
+    total, mean, m2 = combine_stats(gathered[:, 0], gathered[:, 1 : 1 + c], gathered[:, 1 + c :])
+    return mean, m2, int(total.item())
+
+
+def _all_reduce_sums(tensors: list[Tensor], group_name: str) -> list[Tensor]:
+    """Sums each [C] tensor over the processes of the group (one collective for all)."""
+    flat = torch.cat(tensors)
+    torch.distributed.all_reduce(flat, group=_process_group(group_name))
+    return list(flat.split([t.numel() for t in tensors]))
+
+
+def _train_act_impl(
+    y, mean, m2, weight, bias, eps, residual, y_d, mean_d, m2_d, weight_d, bias_d, eps_d, relu,
+    count, group,
+):  # fmt: skip
     scale, shift, _ = torch.ops.fastres.bn_finalize(mean, m2, count, weight, bias, eps)
     if y_d is None:
-        out = torch.ops.fastres.bn_apply(y, scale, shift, residual, None, None, relu)
-        return out, mean, m2, mean.new_empty(0), m2.new_empty(0)
-    mean_d, m2_d = torch.ops.fastres.bn_stats(y_d)
+        return torch.ops.fastres.bn_apply(y, scale, shift, residual, None, None, relu)
     scale_d, shift_d, _ = torch.ops.fastres.bn_finalize(
         mean_d, m2_d, count, weight_d, bias_d, eps_d
     )
-    out = torch.ops.fastres.bn_apply(y, scale, shift, y_d, scale_d, shift_d, relu)
-    return out, mean, m2, mean_d, m2_d
+    return torch.ops.fastres.bn_apply(y, scale, shift, y_d, scale_d, shift_d, relu)
 
 
-def _train_act_fake(y, weight, bias, eps, residual, y_d, weight_d, bias_d, eps_d, relu):
-    c, acc = y.shape[1], accumulate_dtype(y)
-    stats_d = c if y_d is not None else 0
-    return (
-        torch.empty_like(y, memory_format=memory_format_of(y)),
-        y.new_empty(c, dtype=acc),
-        y.new_empty(c, dtype=acc),
-        y.new_empty(stats_d, dtype=acc),
-        y.new_empty(stats_d, dtype=acc),
-    )
+def _train_act_fake(
+    y, mean, m2, weight, bias, eps, residual, y_d, mean_d, m2_d, weight_d, bias_d, eps_d, relu,
+    count, group,
+):  # fmt: skip
+    return torch.empty_like(y, memory_format=memory_format_of(y))
 
 
 def _train_act_setup_context(ctx, inputs, output):
-    y, weight, bias, eps, residual, y_d, weight_d, bias_d, eps_d, relu = inputs
-    _, mean, m2, mean_d, m2_d = output
+    y, mean, m2, weight, bias, eps, residual, y_d, mean_d, m2_d, weight_d, bias_d = inputs[:12]
+    eps_d, relu, count, group = inputs[12:]
     two_bn = y_d is not None
     ctx.save_for_backward(
         y, weight, bias, y_d if two_bn else residual, weight_d, bias_d, mean, m2, mean_d, m2_d
     )
     ctx.eps, ctx.eps_d, ctx.relu, ctx.two_bn = eps, eps_d, relu, two_bn
-    ctx.mark_non_differentiable(mean, m2, mean_d, m2_d)
+    ctx.count, ctx.group = count, group
 
 
-def _train_act_backward(ctx, grad_out, *unused):
+def _train_act_backward(ctx, grad_out):
     y, weight, bias, r, weight_d, bias_d, mean, m2, mean_d, m2_d = ctx.saved_tensors
     need = ctx.needs_input_grad
-    count = y.numel() // y.shape[1]
+    count = ctx.count
     # scale / shift / invstd are [C] vectors: recomputing them is cheaper than saving them.
     scale, shift, invstd = torch.ops.fastres.bn_finalize(mean, m2, count, weight, bias, ctx.eps)
     scale_d = shift_d = invstd_d = None
@@ -231,23 +289,30 @@ def _train_act_backward(ctx, grad_out, *unused):
         )
     mu_d = mean_d if ctx.two_bn else None
     grad_out = grad_out.to(y.dtype)
-    sum_dy, sum_dy_xmu, sum_dy_rmu = torch.ops.fastres.bn_backward_reduce(
+    sums = torch.ops.fastres.bn_backward_reduce(
         grad_out, y, scale, shift, r, scale_d, shift_d, ctx.relu, mean, mu_d
     )
-    want_r = r is not None and bool(need[4] or need[5])
+    if ctx.group:
+        # SyncBN: the batch-statistics terms of the gradient are over every process's batch.
+        sums = _all_reduce_sums(list(sums), ctx.group)
+    sum_dy, sum_dy_xmu, sum_dy_rmu = sums
+    want_r = r is not None and bool(need[6] or need[7])
     grad_y, grad_r = torch.ops.fastres.bn_backward_elemt(
         grad_out, y, scale, shift, r, scale_d, shift_d, ctx.relu, mean, invstd, sum_dy,
         sum_dy_xmu, mu_d, invstd_d, sum_dy_rmu if ctx.two_bn else None, count, want_r,
     )  # fmt: skip
-    grad_w = (sum_dy_xmu * invstd).to(weight.dtype) if need[1] else None
-    grad_b = sum_dy.to(bias.dtype) if need[2] else None
+    grad_w = (sum_dy_xmu * invstd).to(weight.dtype) if need[3] else None
+    grad_b = sum_dy.to(bias.dtype) if need[4] else None
     grad_residual = grad_r if want_r and not ctx.two_bn else None
     grad_y_d = grad_r if want_r and ctx.two_bn else None
     grad_w_d = grad_b_d = None
     if ctx.two_bn:
-        grad_w_d = (sum_dy_rmu * invstd_d).to(weight_d.dtype) if need[6] else None
-        grad_b_d = sum_dy.to(bias_d.dtype) if need[7] else None
-    return grad_y, grad_w, grad_b, None, grad_residual, grad_y_d, grad_w_d, grad_b_d, None, None
+        grad_w_d = (sum_dy_rmu * invstd_d).to(weight_d.dtype) if need[10] else None
+        grad_b_d = sum_dy.to(bias_d.dtype) if need[11] else None
+    return (
+        grad_y, None, None, grad_w, grad_b, None, grad_residual, grad_y_d, None, None,
+        grad_w_d, grad_b_d, None, None, None, None,
+    )  # fmt: skip
 
 
 if EXTENSION_ERROR is None:
@@ -260,9 +325,9 @@ if EXTENSION_ERROR is None:
         _train_act_impl,
         mutates_args=(),
         schema=(
-            "(Tensor y, Tensor weight, Tensor bias, float eps, Tensor? residual, Tensor? y_d,"
-            " Tensor? weight_d, Tensor? bias_d, float eps_d, bool relu)"
-            " -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+            "(Tensor y, Tensor mean, Tensor m2, Tensor weight, Tensor bias, float eps,"
+            " Tensor? residual, Tensor? y_d, Tensor? mean_d, Tensor? m2_d, Tensor? weight_d,"
+            " Tensor? bias_d, float eps_d, bool relu, int count, str group) -> Tensor"
         ),
     )
     _train_act_op.register_fake(_train_act_fake)
@@ -271,28 +336,40 @@ if EXTENSION_ERROR is None:
 
 def bn_train_act(
     y: Tensor,
+    stats: tuple[Tensor, Tensor, int],
     weight: Tensor,
     bias: Tensor,
     eps: float,
     residual: Tensor | None = None,
-    y_d: Tensor | None = None,
-    weight_d: Tensor | None = None,
-    bias_d: Tensor | None = None,
-    eps_d: float = 1e-5,
+    shortcut: tuple[Tensor, tuple[Tensor, Tensor, int], Tensor, Tensor, float] | None = None,
     relu: bool = True,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    group: str = "",
+) -> Tensor:
     """act(BN(y) [+ residual | + BN_d(y_d)]) with batch statistics (training-mode BN).
 
     Args:
         y: [N, C, H, W] conv output; weight, bias: [C] BN affine parameters.
+        stats: (mean [C], m2 [C], count) of y's batch: `bn_stats`, or a conv epilogue's, or
+            their `sync_batch_stats`.
         residual: [N, C, H, W] shortcut added as is, or None.
-        y_d, weight_d, bias_d: the downsample conv output and its BN's parameters (the
-            two-BN tail), or None.
+        shortcut: (y_d, its stats, weight_d, bias_d, eps_d): the downsample conv output and its
+            BN (the two-BN tail), or None. Its count must equal y's.
+        group: `sync_group_name` of the BNs: the backward sums its batch-statistics terms over
+            that process group (SyncBN); "" for none.
 
     Returns:
-        out [N, C, H, W] and the statistics (mean, m2) [C] of y and of y_d (empty without
-        y_d), for the running-statistics update, which the caller does.
+        out [N, C, H, W] in y's dtype. Differentiable in y, weight, bias, residual, y_d,
+        weight_d and bias_d; the statistics are constants to autograd (their gradient is part
+        of the formula). Running statistics are the caller's (`update_running_stats`).
     """
+    mean, m2, count = stats
+    y_d = mean_d = m2_d = weight_d = bias_d = None
+    eps_d = 1e-5
+    if shortcut is not None:
+        y_d, (mean_d, m2_d, count_d), weight_d, bias_d, eps_d = shortcut
+        if count_d != count:
+            raise ValueError(f"the two BNs normalize {count} and {count_d} values per channel")
     return torch.ops.fastres.bn_train_act(
-        y, weight, bias, eps, residual, y_d, weight_d, bias_d, eps_d, relu
-    )
+        y, mean, m2, weight, bias, eps, residual, y_d, mean_d, m2_d, weight_d, bias_d, eps_d,
+        relu, count, group,
+    )  # fmt: skip
