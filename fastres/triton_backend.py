@@ -25,15 +25,16 @@ from __future__ import annotations
 
 import importlib.util
 import weakref
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from .backends import Backend
-from .ops.conv2d_fused import arrange_weight, conv2d_fused, interpreting
+from .ops import batchnorm as bn_ops
+from .ops.conv2d_bn_train import InputBN, conv2d_bn_train
+from .ops.conv2d_fused import arrange_weight, conv2d_fused, interpreting, kernel_dtypes
 from .ops.res2net_fused import res2net_pool
-
-_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # conv module -> (key of the tensors it was folded from, (arranged weight, bias)).
 _FOLD_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -69,18 +70,21 @@ class TritonBackend(Backend):
         else:
             pairs = [(model.conv1, model.norm1)]
         dtype = _compute_dtype(x)
-        if dtype is None or not all(_foldable(conv, bn) for conv, bn in pairs):
-            return model.stem_reference(x)
-        x = x.to(dtype).contiguous(memory_format=torch.channels_last)
-        for conv, bn in pairs:
-            x = _conv_bn(conv, bn, x, relu=True)
-        return model.maxpool(x)
+        if dtype is not None and all(_foldable(conv, bn) for conv, bn in pairs):
+            x = x.to(dtype).contiguous(memory_format=torch.channels_last)
+            for conv, bn in pairs:
+                x = _conv_bn(conv, bn, x, relu=True)
+            return model.maxpool(x)
+        if dtype is not None and _trainable(pairs, x):
+            return model.maxpool(_train_stem(pairs, x.to(dtype)))
+        return model.stem_reference(x)
 
     def run_block(self, block: nn.Module, x: Tensor) -> Tensor:
         dtype = _compute_dtype(x)
+        if dtype is not None and _trainable(_conv_bn_pairs(block), x):
+            return _train_block(block, x.to(dtype))
         if dtype is None or not _block_foldable(block):
-            # BatchNorm in training mode (batch statistics) and GroupNorm are later issues:
-            # the oracle runs them.
+            # GroupNorm, float64, BNs in mixed modes: the oracle runs them.
             return block.forward_reference(x)
         x = x.to(dtype)
         identity = x if block.downsample is None else _shortcut(block.downsample, x)
@@ -98,12 +102,49 @@ class TritonBackend(Backend):
         return _conv_bn(block.conv3, block.norm3, out, relu=True, residual=identity)
 
 
+def _conv_bn_pairs(block: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """Every (conv, norm) pair of a block, the downsample's included."""
+    if hasattr(block, "convs"):
+        pairs = [(block.conv1, block.norm1), *zip(block.convs, block.bns)]
+        pairs.append((block.conv3, block.norm3))
+    elif hasattr(block, "conv3"):
+        pairs = [(block.conv1, block.norm1), (block.conv2, block.norm2)]
+        pairs.append((block.conv3, block.norm3))
+    else:
+        pairs = [(block.conv1, block.norm1), (block.conv2, block.norm2)]
+    if block.downsample is not None:
+        pairs.append((block.downsample[-2], block.downsample[-1]))
+        if len(block.downsample) == 3 and _fusable_pool(block.downsample[0]) is None:
+            pairs.append((block.downsample[0], None))  # a pool the kernel cannot fuse
+    return pairs
+
+
+def _trainable(pairs: list[tuple[nn.Module, nn.Module]], x: Tensor) -> bool:
+    """Whether the fused training path runs these units: every BN in training mode (batch
+    statistics; BatchNorm2d, or SyncBatchNorm), affine, after a plain bias-free convolution,
+    the extension built, and a non-empty batch (an empty one runs the oracle, which returns
+    empty outputs)."""
+    if bn_ops.EXTENSION_ERROR is not None or x.numel() == 0:
+        return False
+    return all(
+        type(conv) is nn.Conv2d
+        and conv.bias is None
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+        and isinstance(conv.padding, tuple)
+        and type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm)
+        and bn.affine
+        and (bn.training or bn.running_mean is None)
+        for conv, bn in pairs
+    )
+
+
 def _compute_dtype(x: Tensor) -> torch.dtype | None:
     """The dtype the kernels run in (autocast's when enabled), or None if they cannot."""
     dtype = x.dtype
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
-    return dtype if dtype in _FUSED_DTYPES else None
+    return dtype if dtype in kernel_dtypes() else None
 
 
 def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
@@ -126,15 +167,16 @@ def _block_foldable(block: nn.Module) -> bool:
 
 def _fold(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """The conv weight with the BN folded in ([C_out, C_in, KH, KW], arranged for the kernel,
-    in `dtype`) and the folded bias ([C_out] fp32)."""
-    scale = torch.rsqrt(bn.running_var.float() + bn.eps)
-    bias = -bn.running_mean.float() * scale
+    in `dtype`) and the folded bias ([C_out] fp32, fp64 for fp64)."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+    bias = -bn.running_mean.to(acc) * scale
     if bn.weight is not None:
-        scale = scale * bn.weight.float()
-        bias = bias * bn.weight.float() + bn.bias.float()
+        scale = scale * bn.weight.to(acc)
+        bias = bias * bn.weight.to(acc) + bn.bias.to(acc)
     if conv.bias is not None:
-        bias = bias + conv.bias.float() * scale
-    weight = conv.weight.float() * scale.view(-1, 1, 1, 1)
+        bias = bias + conv.bias.to(acc) * scale
+    weight = conv.weight.to(acc) * scale.view(-1, 1, 1, 1)
     return arrange_weight(weight.to(dtype)), bias
 
 
@@ -381,6 +423,145 @@ def _res2net_autograd(block: nn.Module, x: Tensor) -> Tensor:
         for i, (weight, bias) in enumerate(folded):
             chunk = out[:, i * width : (i + 1) * width]
             previous = conv2d_fused(chunk, weight, bias, input_add=previous, **geometry)
+            outs.append(previous)
+    last = out[:, split:]
+    if block.pools_last_chunk:
+        last = block.pool(last)
+    return torch.cat([*outs, last], 1).contiguous(memory_format=torch.channels_last)
+
+
+# The fused training path (BatchNorm in training mode: batch statistics).
+#
+# Each convolution returns its raw output and that output's batch statistics from the kernel's
+# epilogue; the next convolution applies the BatchNorm (those statistics) + ReLU in its input
+# load, so within a block only raw convolution outputs are stored; the block's tail applies
+# the last BN with the shortcut (identity, or the downsample conv's output with its own BN) and
+# the ReLU in one pass (`bn_train_act`). Running statistics are updated here, from the
+# statistics (all-gathered first for SyncBN), as nn.BatchNorm2d updates them.
+
+
+class _Raw(NamedTuple):
+    """A convolution's raw output and the training-mode BN that normalizes it."""
+
+    y: Tensor
+    bn: nn.Module
+    stats: tuple[Tensor, Tensor, int]  # (mean, m2, count) over every process's batch
+    group: str
+
+    def input_bn(self) -> InputBN:
+        mean, m2, count = self.stats
+        return InputBN(mean, m2, count, self.bn.weight, self.bn.bias, self.bn.eps, self.group)
+
+    def apply(self, relu: bool = True, residual: Tensor | None = None, shortcut=None) -> Tensor:
+        """act(bn(y) [+ residual | + shortcut's bn(y)]), written out."""
+        if shortcut is not None:
+            shortcut = (shortcut.y, shortcut.stats, shortcut.bn.weight, shortcut.bn.bias,
+                        shortcut.bn.eps)  # fmt: skip
+        return bn_ops.bn_train_act(
+            self.y, self.stats, self.bn.weight, self.bn.bias, self.bn.eps, residual, shortcut,
+            relu, self.group,
+        )  # fmt: skip
+
+
+def _global_stats(
+    bns: list[nn.Module], y: Tensor, mean: Tensor, m2: Tensor
+) -> tuple[tuple[Tensor, Tensor, int], str]:
+    """Batch statistics of y over every process (SyncBN), and the running-stats update of
+    `bns`, which normalize consecutive equal channel ranges of y."""
+    group = bn_ops.sync_group_name(bns[0])
+    count = y.numel() // y.shape[1]
+    if group:
+        mean, m2, count = bn_ops.sync_batch_stats(mean, m2, count, group)
+    if count <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {y.size()}"
+        )
+    width = y.shape[1] // len(bns)
+    for i, bn in enumerate(bns):
+        part = slice(i * width, (i + 1) * width)
+        bn_ops.update_running_stats(bn, mean[part], m2[part], count)
+    return (mean, m2, count), group
+
+
+def _train_conv(
+    conv: nn.Conv2d,
+    bn: nn.Module,
+    x: Tensor | _Raw,
+    *,
+    input_pool: int = 1,
+    input_add: Tensor | None = None,
+) -> _Raw:
+    """conv(x) with its batch statistics; x a _Raw is normalized (+ ReLU) in the input load."""
+    input_bn = None
+    if isinstance(x, _Raw):
+        x, input_bn = x.y, x.input_bn()
+    y, mean, m2 = conv2d_bn_train(
+        x, arrange_weight(conv.weight.to(x.dtype)), stride=conv.stride, padding=conv.padding,
+        dilation=conv.dilation, input_bn=input_bn, input_pool=input_pool, input_add=input_add,
+    )  # fmt: skip
+    stats, group = _global_stats([bn], y, mean, m2)
+    return _Raw(y, bn, stats, group)
+
+
+def _train_stem(pairs: list[tuple[nn.Module, nn.Module]], x: Tensor) -> Tensor:
+    """The stem's conv-BN-ReLU units (before the max-pool), each BN in the next conv's load."""
+    raw = x.contiguous(memory_format=torch.channels_last)
+    for conv, bn in pairs:
+        raw = _train_conv(conv, bn, raw)
+    return raw.apply()
+
+
+def _train_shortcut(block: nn.Module, x: Tensor) -> _Raw | None:
+    """The downsample conv's raw output (avg_down's pool in its input load), or None."""
+    if block.downsample is None:
+        return None
+    *pools, conv, bn = block.downsample
+    return _train_conv(conv, bn, x, input_pool=_fusable_pool(pools[0]) if pools else 1)
+
+
+def _train_block(block: nn.Module, x: Tensor) -> Tensor:
+    from .models.res2net import Bottle2neck
+    from .models.resnet import BasicBlock
+
+    if isinstance(block, BasicBlock):
+        raw = _train_conv(block.conv2, block.norm2, _train_conv(block.conv1, block.norm1, x))
+    elif isinstance(block, Bottle2neck):
+        raw = _train_conv(block.conv3, block.norm3, _train_res2net_middle(block, x))
+    else:
+        raw = _train_conv(block.conv1, block.norm1, x)
+        raw = _train_conv(block.conv2, block.norm2, raw)
+        raw = _train_conv(block.conv3, block.norm3, raw)
+    shortcut = _train_shortcut(block, x)
+    return raw.apply(residual=x if shortcut is None else None, shortcut=shortcut)
+
+
+def _train_res2net_middle(block: nn.Module, x: Tensor) -> Tensor:
+    """split -> 3x3 convs -> concat of a training-mode Bottle2neck: the input of its conv3.
+
+    conv1's and every chunk conv's activation are written out (the chunks and the hierarchical
+    add feed several consumers); chunks are read in place as channel slices, the add happens in
+    the next conv's input load, and a 'stage' block's chunk convs are one grouped launch whose
+    BNs apply in one pass.
+    """
+    width, scales = block.width, block.scales
+    out = _train_conv(block.conv1, block.norm1, x).apply()
+    split = (scales - 1) * width
+    conv, bns = block.convs[0], list(block.bns)
+    if block.stage_type == "stage" and len({bn.eps for bn in bns}) == 1:
+        weight = torch.cat([c.weight for c in block.convs]).to(out.dtype)
+        y, mean, m2 = conv2d_bn_train(
+            out[:, :split], arrange_weight(weight), stride=conv.stride, padding=conv.padding,
+            dilation=conv.dilation, groups=scales - 1,
+        )  # fmt: skip
+        stats, group = _global_stats(bns, y, mean, m2)
+        affine = [torch.cat([bn.weight for bn in bns]), torch.cat([bn.bias for bn in bns])]
+        outs = [bn_ops.bn_train_act(y, stats, *affine, bns[0].eps, group=group)]
+    else:
+        outs, previous = [], None
+        for i, (conv, bn) in enumerate(zip(block.convs, bns)):
+            chunk = out[:, i * width : (i + 1) * width]
+            add = previous if block.stage_type == "normal" else None
+            previous = _train_conv(conv, bn, chunk, input_add=add).apply()
             outs.append(previous)
     last = out[:, split:]
     if block.pools_last_chunk:

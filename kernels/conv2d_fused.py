@@ -20,8 +20,8 @@ While the tiles are in registers the kernel also applies
   (Res2Net's hierarchical add: previous conv output + chunk i, never formed as a tensor).
 - epilogue, on the fp32 accumulator: + bias[C_out] (a folded BatchNorm), + residual
   (RESIDUAL=1) or + residual * res_scale[C_out] + res_shift[C_out] (RESIDUAL=2, a shortcut's
-  BatchNorm), ReLU, per-channel sum and sum of squares of the result in fp32 (STATS, atomics;
-  for training-mode BatchNorm), cast to the output dtype.
+  BatchNorm), ReLU, per-channel statistics of the result (STATS: each tile's sum and M2 about
+  its mean, merged by the launcher; for training-mode BatchNorm), cast to the output dtype.
 
 Groups: a second grid axis runs several independent convolutions in one launch (a grouped
 convolution, as nn.Conv2d(groups=G)): group g reads input channels [g*C_in, (g+1)*C_in), writes
@@ -36,9 +36,12 @@ stride) are read and written in place. The weight too is addressed by strides
 is contiguous along C_out. Activation offsets are 64-bit.
 
 Precision: DOT_MODE 0 multiplies fp16/bf16 tiles on tensor cores, 1 multiplies fp32 exactly
-("ieee"), 2 multiplies fp32 in TF32; accumulation is always fp32. Under the Triton interpreter
-the launcher always picks 1 after casting the tiles to fp32, because the interpreter's bf16 dot
-is wrong, and sets EMULATE_RTNE, because its fp32 -> bf16 conversion truncates.
+("ieee"), 2 multiplies fp32 in TF32, 3 multiplies fp64; accumulation (ACC) is fp32, and fp64
+for fp64 inputs, which the launcher allows only under the interpreter (tests compare whole
+training runs in float64, where fp32 rounding through batch statistics of tiny test batches
+is chaotic). Under the Triton interpreter the launcher picks 1 (not 0) for fp16 / bf16, casting
+the tiles to fp32, because the interpreter's bf16 dot is wrong, and sets EMULATE_RTNE, because
+its fp32 -> bf16 conversion truncates.
 
 Limits: BLOCK_K >= 16 and BLOCK_M, BLOCK_N >= 16 (tl.dot); M = N*OH*OW and C_out
 must fit in int32 (offsets into tensors are int64); the POOL prologue assumes no padding around
@@ -101,10 +104,11 @@ def _load_input_tile(
     IN_AFFINE: tl.constexpr,
     IN_RELU: tl.constexpr,
     IN_ADD: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """One A tile: input elements (pooled virtual pixels when POOL > 1) after the prologue.
 
-    In the stored dtype without a prologue, else in fp32.
+    In the stored dtype without a prologue, else in ACC (the accumulation dtype).
 
     x_row, x2_row: [BLOCK_M, 1] pointers to each output pixel's image in x and in the added
     input x2 (IN_ADD); ih, iw: virtual input
@@ -116,7 +120,7 @@ def _load_input_tile(
         # Without a prologue the tile stays in the stored dtype, straight into the MMA.
         v = tl.load(ptrs + cs.to(tl.int64) * stride_x_c, mask=valid, other=0.0)
         if IN_AFFINE or IN_RELU:
-            v = v.to(tl.float32)
+            v = v.to(ACC)
         if IN_AFFINE:
             v = v * in_scale + in_shift
         if IN_RELU:
@@ -129,10 +133,10 @@ def _load_input_tile(
             # stores it; masked elements load 0, so padding stays zero.
             ptrs2 = x2_row + ih.to(tl.int64) * stride_x2_h + iw.to(tl.int64) * stride_x2_w
             u = tl.load(ptrs2 + cs.to(tl.int64) * stride_x2_c, mask=valid, other=0.0)
-            v = v.to(tl.float32) + u.to(tl.float32)
+            v = v.to(ACC) + u.to(ACC)
     else:
-        total = tl.zeros(valid.shape, dtype=tl.float32)
-        count = tl.zeros(valid.shape, dtype=tl.float32)
+        total = tl.zeros(valid.shape, dtype=ACC)
+        count = tl.zeros(valid.shape, dtype=ACC)
         for py in tl.static_range(POOL):
             for px in tl.static_range(POOL):
                 h = ih * POOL + py
@@ -140,13 +144,13 @@ def _load_input_tile(
                 ok = valid & (h < H) & (w < W)
                 ptrs = x_row + h.to(tl.int64) * stride_x_h + w.to(tl.int64) * stride_x_w
                 u = tl.load(ptrs + cs.to(tl.int64) * stride_x_c, mask=ok, other=0.0)
-                u = u.to(tl.float32)
+                u = u.to(ACC)
                 if IN_AFFINE:
                     u = u * in_scale + in_shift
                 if IN_RELU:
                     u = tl.maximum(u, 0.0)
                 total += tl.where(ok, u, 0.0)
-                count += ok.to(tl.float32)
+                count += ok.to(ACC)
         # count_include_pad=False: divide by the pixels inside the image (ceil_mode windows).
         v = total / tl.maximum(count, 1.0)
     return v
@@ -169,6 +173,8 @@ def _mma(a, b, acc, DOT_MODE: tl.constexpr):
     """acc += a @ b with the requested precision (see the file header)."""
     if DOT_MODE == 0:
         acc = tl.dot(a, b, acc)
+    elif DOT_MODE == 3:
+        acc = tl.dot(a.to(tl.float64), b.to(tl.float64), acc, input_precision="ieee")
     elif DOT_MODE == 1:
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
@@ -188,8 +194,8 @@ def conv2d_fused_kernel(
     in_scale_ptr,
     in_shift_ptr,
     out_ptr,
-    sum_ptr,
-    sumsq_ptr,
+    tile_sum_ptr,
+    tile_m2_ptr,
     N,
     H,
     W,
@@ -225,6 +231,7 @@ def conv2d_fused_kernel(
     stride_out_c,
     stride_out_h,
     stride_out_w,
+    stride_tile,
     KH: tl.constexpr,
     KW: tl.constexpr,
     POOL: tl.constexpr,
@@ -236,6 +243,7 @@ def conv2d_fused_kernel(
     RELU: tl.constexpr,
     STATS: tl.constexpr,
     DOT_MODE: tl.constexpr,
+    ACC: tl.constexpr,
     EMULATE_RTNE: tl.constexpr,
     FLAT_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -285,7 +293,7 @@ def conv2d_fused_kernel(
     offs_c = co0 + offs_n
     w_cols = w_ptr + offs_c[None, :].to(tl.int64) * stride_w_o
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     if FLAT_K:
         K = KH * KW * C_in
         for k0 in range(0, K, BLOCK_K):
@@ -300,16 +308,16 @@ def conv2d_fused_kernel(
             valid = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < PH) & (iw >= 0) & (iw < PW)
             if IN_AFFINE:
                 in_scale = tl.load(in_scale_ptr + ci0 + cs, mask=k_ok, other=0.0)
-                in_scale = in_scale.to(tl.float32)[None, :]
+                in_scale = in_scale.to(ACC)[None, :]
                 in_shift = tl.load(in_shift_ptr + ci0 + cs, mask=k_ok, other=0.0)
-                in_shift = in_shift.to(tl.float32)[None, :]
+                in_shift = in_shift.to(ACC)[None, :]
             else:
                 in_scale = 0.0
                 in_shift = 0.0
             a = _load_input_tile(
                 x_row, x2_row, ih, iw, cs[None, :], valid, in_scale, in_shift, H, W,
                 stride_x_h, stride_x_w, stride_x_c, stride_x2_h, stride_x2_w, stride_x2_c,
-                POOL, IN_AFFINE, IN_RELU, IN_ADD,
+                POOL, IN_AFFINE, IN_RELU, IN_ADD, ACC,
             )  # fmt: skip
             w_off = cs * stride_w_i + kh * stride_w_h + kw * stride_w_w
             b = tl.load(w_cols + w_off[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
@@ -330,16 +338,16 @@ def conv2d_fused_kernel(
             c_ok = cs < C_in
             if IN_AFFINE:
                 in_scale = tl.load(in_scale_ptr + ci0 + cs, mask=c_ok, other=0.0)
-                in_scale = in_scale.to(tl.float32)[None, :]
+                in_scale = in_scale.to(ACC)[None, :]
                 in_shift = tl.load(in_shift_ptr + ci0 + cs, mask=c_ok, other=0.0)
-                in_shift = in_shift.to(tl.float32)[None, :]
+                in_shift = in_shift.to(ACC)[None, :]
             else:
                 in_scale = 0.0
                 in_shift = 0.0
             a = _load_input_tile(
                 x_row, x2_row, ih, iw, cs[None, :], pix_ok & c_ok[None, :], in_scale, in_shift,
                 H, W, stride_x_h, stride_x_w, stride_x_c, stride_x2_h, stride_x2_w, stride_x2_c,
-                POOL, IN_AFFINE, IN_RELU, IN_ADD,
+                POOL, IN_AFFINE, IN_RELU, IN_ADD, ACC,
             )  # fmt: skip
             w_tap = w_cols + kh * stride_w_h + kw * stride_w_w
             b = tl.load(
@@ -351,7 +359,7 @@ def conv2d_fused_kernel(
 
     out_mask = m_ok[:, None] & n_ok[None, :]
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_c, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + offs_c, mask=n_ok, other=0.0).to(ACC)[None, :]
     if RESIDUAL > 0:
         res_ptrs = (
             res_ptr
@@ -360,18 +368,24 @@ def conv2d_fused_kernel(
             + ow.to(tl.int64)[:, None] * stride_res_w
             + offs_c.to(tl.int64)[None, :] * stride_res_c
         )
-        r = tl.load(res_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+        r = tl.load(res_ptrs, mask=out_mask, other=0.0).to(ACC)
         if RESIDUAL == 2:
-            r_scale = tl.load(res_scale_ptr + offs_c, mask=n_ok, other=0.0).to(tl.float32)
-            r_shift = tl.load(res_shift_ptr + offs_c, mask=n_ok, other=0.0).to(tl.float32)
+            r_scale = tl.load(res_scale_ptr + offs_c, mask=n_ok, other=0.0).to(ACC)
+            r_shift = tl.load(res_shift_ptr + offs_c, mask=n_ok, other=0.0).to(ACC)
             r = r * r_scale[None, :] + r_shift[None, :]
         acc += r
     if RELU:
         acc = tl.maximum(acc, 0.0)
     if STATS:
-        v = tl.where(out_mask, acc, 0.0)
-        tl.atomic_add(sum_ptr + offs_c, tl.sum(v, axis=0), mask=n_ok)
-        tl.atomic_add(sumsq_ptr + offs_c, tl.sum(v * v, axis=0), mask=n_ok)
+        # This tile's per-channel sum and M2 about its own mean (row pid_m of the [tiles,
+        # channels] partials); the launcher merges the tiles with Chan's formula. Deterministic,
+        # and unlike a one-pass sum of squares exact for channels whose mean dwarfs their spread.
+        rows = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(ACC)
+        tile_sum = tl.sum(tl.where(out_mask, acc, 0.0), axis=0)
+        centered = tl.where(out_mask, acc - (tile_sum / rows)[None, :], 0.0)
+        tile_offs = pid_m.to(tl.int64) * stride_tile + offs_c
+        tl.store(tile_sum_ptr + tile_offs, tile_sum, mask=n_ok)
+        tl.store(tile_m2_ptr + tile_offs, tl.sum(centered * centered, axis=0), mask=n_ok)
     out_ptrs = (
         out_ptr
         + img.to(tl.int64)[:, None] * stride_out_n

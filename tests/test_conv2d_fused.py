@@ -446,6 +446,7 @@ def compile_for_hopper() -> list[str]:
     Arguments get what the JIT infers at a ResNet launch: channel strides of 1, 16-divisible
     pointers, channel counts and other strides. Returns 'name shared=<bytes> pipelined=<bool>'.
     """
+    import triton.language as tl
     from fastres.kernels.conv2d_fused import conv2d_fused_kernel as kernel
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -453,15 +454,15 @@ def compile_for_hopper() -> list[str]:
     names = kernel.arg_names
     optional = {
         "bias_ptr": "HAS_BIAS", "res_ptr": "RESIDUAL", "res_scale_ptr": "RESIDUAL",
-        "in_scale_ptr": "IN_AFFINE", "in_shift_ptr": "IN_AFFINE", "sum_ptr": "STATS",
-        "sumsq_ptr": "STATS", "res_shift_ptr": "RESIDUAL", "x2_ptr": "IN_ADD",
+        "in_scale_ptr": "IN_AFFINE", "in_shift_ptr": "IN_AFFINE", "tile_sum_ptr": "STATS",
+        "tile_m2_ptr": "STATS", "res_shift_ptr": "RESIDUAL", "x2_ptr": "IN_ADD",
     }  # fmt: skip
     unit_strides = ("stride_x_c", "stride_x2_c", "stride_w_o", "stride_res_c", "stride_out_c")
     reports = []
     for dtype, switches in HOPPER_CASES:
         constexprs = dict(
             POOL=1, IN_AFFINE=0, IN_RELU=0, IN_ADD=0, HAS_BIAS=0, RESIDUAL=0, RELU=0, STATS=0,
-            DOT_MODE=0, EMULATE_RTNE=0, FLAT_K=0, BLOCK_M=128, BLOCK_N=128,
+            DOT_MODE=0, ACC=tl.float32, EMULATE_RTNE=0, FLAT_K=0, BLOCK_M=128, BLOCK_N=128,
             BLOCK_K=32 if dtype == "fp32" else 64, GROUP_M=8,
         )  # fmt: skip
         constexprs.update(switches)

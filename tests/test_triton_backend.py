@@ -163,19 +163,7 @@ def test_bn_eval_training_gradients(device, case):
             assert p.grad is None, f"frozen parameter {name} got a gradient"
 
 
-def test_train_mode_bn_falls_back_to_oracle(device):
-    """BatchNorm with batch statistics is a later issue: such blocks run the oracle, with the
-    running statistics updated exactly as it does."""
-    model = build(fastres.ResNet, device, depth=18, norm_eval=False, **ONE_STAGE).train()
-    x = torch.randn(2, 3, 16, 16, device=device)
-    gold_model, fused_model = copy.deepcopy(model), copy.deepcopy(model).set_backend("triton")
-    gold = gold_model(x)
-    fused = fused_model(x)
-    torch.testing.assert_close(fused, gold, rtol=0, atol=0)
-    torch.testing.assert_close(fused_model.state_dict(), gold_model.state_dict(), rtol=0, atol=0)
-
-
-def test_groupnorm_and_float64_fall_back(device):
+def test_groupnorm_falls_back_and_float64_runs_only_interpreted(device):
     gn = build(
         fastres.ResNet, device, depth=18, norm_cfg=dict(type="GN", num_groups=4), **ONE_STAGE
     )
@@ -185,7 +173,12 @@ def test_groupnorm_and_float64_fall_back(device):
         torch.testing.assert_close(copy.deepcopy(gn).set_backend("triton")(x), gold)
         bn = build(fastres.ResNet, device, depth=18, **ONE_STAGE).eval().double()
         gold = bn(x.double())
-        torch.testing.assert_close(bn.set_backend("triton")(x.double()), gold, rtol=0, atol=0)
+        fused = bn.set_backend("triton")(x.double())
+    if device.type == "cuda":
+        torch.testing.assert_close(fused, gold, rtol=0, atol=0)  # the oracle ran
+    else:
+        # The interpreter runs float64 through the kernels, for float64 tests of whole models.
+        torch.testing.assert_close(fused, gold)
 
 
 def test_fold_cache_tracks_parameter_updates(device):

@@ -238,7 +238,7 @@ def sync_batch_stats(
     return mean, m2, int(total.item())
 
 
-def _all_reduce_sums(tensors: list[Tensor], group_name: str) -> list[Tensor]:
+def all_reduce_sums(tensors: list[Tensor], group_name: str) -> list[Tensor]:
     """Sums each [C] tensor over the processes of the group (one collective for all)."""
     flat = torch.cat(tensors)
     torch.distributed.all_reduce(flat, group=_process_group(group_name))
@@ -294,7 +294,7 @@ def _train_act_backward(ctx, grad_out):
     )
     if ctx.group:
         # SyncBN: the batch-statistics terms of the gradient are over every process's batch.
-        sums = _all_reduce_sums(list(sums), ctx.group)
+        sums = all_reduce_sums(list(sums), ctx.group)
     sum_dy, sum_dy_xmu, sum_dy_rmu = sums
     want_r = r is not None and bool(need[6] or need[7])
     grad_y, grad_r = torch.ops.fastres.bn_backward_elemt(

@@ -33,6 +33,17 @@ from torch import Tensor
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+
+def kernel_dtypes() -> tuple[torch.dtype, ...]:
+    """The dtypes the kernels take: float64 too under the interpreter (for float64 tests)."""
+    return (*_FLOAT_DTYPES, torch.float64) if interpreting() else _FLOAT_DTYPES
+
+
+def stats_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of the per-channel statistics (the accumulator's): fp64 for fp64, else fp32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 # Tuned launch configurations, keyed on (shape class, dtype, precision mode, device name).
 _TUNED_CONFIGS: dict[tuple, dict] = {}
 # FASTRES_TRITON_TUNE=0 skips the timing of candidate configurations on CUDA (the first, a
@@ -91,10 +102,10 @@ def _check_inputs(
             f"expected x [N, C_in, H, W] and weight [C_out, C_in, KH, KW], got "
             f"{tuple(x.shape)} and {tuple(weight.shape)}"
         )
-    if x.dtype not in _FLOAT_DTYPES or weight.dtype != x.dtype:
+    if x.dtype not in kernel_dtypes() or weight.dtype != x.dtype:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in kernel_dtypes())
         raise TypeError(
-            f"x and weight must share a dtype among float32, float16, bfloat16; got {x.dtype} "
-            f"and {weight.dtype}"
+            f"x and weight must share a dtype among {allowed}; got {x.dtype} and {weight.dtype}"
         )
     if weight.device != x.device:
         raise ValueError(f"weight is on {weight.device}, x on {x.device}")
@@ -147,6 +158,8 @@ def _check_inputs(
 
 
 def _dot_mode(x: Tensor, allow_tf32: bool) -> int:
+    if x.dtype == torch.float64:
+        return 3
     if interpreting() or (x.dtype == torch.float32 and not allow_tf32):
         return 1
     return 2 if x.dtype == torch.float32 else 0
@@ -162,7 +175,7 @@ def _launch(
     input_scale: Tensor | None,
     input_shift: Tensor | None,
     out: Tensor,
-    stats: tuple[Tensor, Tensor] | None,
+    stats: bool,
     stride: list[int],
     padding: list[int],
     dilation: list[int],
@@ -172,9 +185,14 @@ def _launch(
     allow_tf32: bool,
     input_add: Tensor | None = None,
     groups: int = 1,
-) -> None:
-    """Launches the kernel that writes `out` (and accumulates into `stats`, zeroed here)."""
+) -> tuple[Tensor, Tensor] | None:
+    """Launches the kernel that writes `out`.
+
+    Returns, when `stats`, the per-channel mean and M2 of `out` ([C_out] in `stats_dtype`, from
+    the accumulator before rounding), else None.
+    """
     import triton
+    import triton.language as tl
 
     from fastres.kernels.conv2d_configs import (
         FLAT_K_MAX_C_IN,
@@ -196,27 +214,39 @@ def _launch(
     ph, pw, oh, ow = _output_size(x, weight, stride, padding, dilation, input_pool)
     m = n * oh * ow
     if m == 0 or c_out == 0:
-        return
+        if not stats:
+            return None
+        zeros = torch.zeros(weight.shape[0], dtype=stats_dtype(x), device=x.device)
+        return zeros, zeros.clone()
     flat_k = c_in < FLAT_K_MAX_C_IN
     res = residual if residual is not None else out
     x2 = input_add if input_add is not None else x
-    sum_buf, sumsq_buf = stats if stats is not None else (None, None)
+    tiles: dict[int, tuple[Tensor, Tensor]] = {}  # BLOCK_M -> per-tile partials
     dot_mode = _dot_mode(x, allow_tf32)
     residual_mode = 2 if residual_scale is not None else int(residual is not None)
+    acc_dtype = tl.float64 if x.dtype == torch.float64 else tl.float32
 
     def launch(config: dict) -> None:
-        grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(c_out, config["BLOCK_N"]), groups)
+        tiles_m = triton.cdiv(m, config["BLOCK_M"])
+        tile_sum = tile_m2 = None
+        if stats:
+            shape = (tiles_m, weight.shape[0])
+            tile_sum = torch.empty(shape, dtype=stats_dtype(x), device=x.device)
+            tile_m2 = torch.empty_like(tile_sum)
+            tiles[config["BLOCK_M"]] = (tile_sum, tile_m2)
+        grid = (tiles_m * triton.cdiv(c_out, config["BLOCK_N"]), groups)
         conv2d_fused_kernel[grid](
             x, input_add, weight, bias, res, residual_scale, residual_shift, input_scale,
-            input_shift, out, sum_buf, sumsq_buf,
+            input_shift, out, tile_sum, tile_m2,
             n, h, w, c_in, ph, pw, oh, ow, c_out,
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
             *x.stride(), *x2.stride(), *weight.stride(), *res.stride(), *out.stride(),
-            KH=kh, KW=kw, POOL=input_pool,
+            weight.shape[0], KH=kh, KW=kw, POOL=input_pool,
             IN_AFFINE=int(input_scale is not None), IN_RELU=int(input_relu),
             IN_ADD=int(input_add is not None),
             HAS_BIAS=int(bias is not None), RESIDUAL=residual_mode, RELU=int(relu),
-            STATS=int(stats is not None), DOT_MODE=dot_mode, EMULATE_RTNE=int(interpreting()),
+            STATS=int(stats), DOT_MODE=dot_mode, ACC=acc_dtype,
+            EMULATE_RTNE=int(interpreting()),
             FLAT_K=int(flat_k),
             **config,
         )  # fmt: skip
@@ -239,10 +269,20 @@ def _launch(
             else:
                 config = _tune(launch, candidates)
             _TUNED_CONFIGS[key] = config
-    if stats is not None:
-        for buf in stats:
-            buf.zero_()
     launch(config)
+    if not stats:
+        return None
+    return _merge_tiles(*tiles[config["BLOCK_M"]], m, config["BLOCK_M"])
+
+
+def _merge_tiles(tile_sum: Tensor, tile_m2: Tensor, m: int, block_m: int) -> tuple[Tensor, Tensor]:
+    """Per-tile (sum, M2) [tiles, C] of m rows in tiles of block_m -> mean [C], M2 [C]."""
+    from .batchnorm import combine_stats
+
+    counts = torch.full((tile_sum.shape[0],), block_m, dtype=tile_sum.dtype, device=tile_sum.device)
+    counts[-1] = m - (tile_sum.shape[0] - 1) * block_m
+    _, mean, m2 = combine_stats(counts, tile_sum / counts.unsqueeze(1), tile_m2)
+    return mean, m2
 
 
 @functools.cache
@@ -353,15 +393,17 @@ def _conv2d_fused_op(
         stride, padding, dilation, input_relu, input_pool, input_add, groups,
     )  # fmt: skip
     out = _allocate_out(x, weight, sizes)
-    n_stats = weight.shape[0] if stats else 0
-    sum_buf = torch.zeros(n_stats, dtype=torch.float32, device=x.device)
-    sumsq_buf = torch.zeros(n_stats, dtype=torch.float32, device=x.device)
-    _launch(
+    moments = _launch(
         x, weight, bias, residual, residual_scale, residual_shift, input_scale, input_shift,
-        out, (sum_buf, sumsq_buf) if stats else None,
-        stride, padding, dilation, input_relu, input_pool, relu, allow_tf32, input_add, groups,
+        out, stats, stride, padding, dilation, input_relu, input_pool, relu, allow_tf32,
+        input_add, groups,
     )  # fmt: skip
-    return out, sum_buf, sumsq_buf
+    if moments is None:
+        empty = x.new_empty(0, dtype=stats_dtype(x))
+        return out, empty, empty.clone()
+    count = out.numel() // out.shape[1]
+    mean, m2 = moments
+    return out, mean * count, m2 + mean * mean * count
 
 
 @_conv2d_fused_op.register_fake
@@ -374,8 +416,8 @@ def _(
     n_stats = weight.shape[0] if stats else 0
     return (
         _allocate_out(x, weight, sizes),
-        x.new_empty(n_stats, dtype=torch.float32),
-        x.new_empty(n_stats, dtype=torch.float32),
+        x.new_empty(n_stats, dtype=stats_dtype(x)),
+        x.new_empty(n_stats, dtype=stats_dtype(x)),
     )
 
 
@@ -393,7 +435,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _channel_sum(t: Tensor) -> Tensor:
-    return t.sum((0, 2, 3), dtype=torch.float32)
+    return t.sum((0, 2, 3), dtype=stats_dtype(t))
 
 
 def _backward(ctx, grad_out: Tensor, _grad_sum, _grad_sumsq):
@@ -495,7 +537,7 @@ def _conv2d_fused_out_op(
             raise ValueError(f"out must not share memory with {name}")
     _launch(
         x, weight, bias, residual, residual_scale, residual_shift, input_scale, input_shift,
-        out, None, stride, padding, dilation, input_relu, input_pool, relu, allow_tf32,
+        out, False, stride, padding, dilation, input_relu, input_pool, relu, allow_tf32,
         input_add, groups,
     )  # fmt: skip
 
