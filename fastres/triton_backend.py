@@ -15,10 +15,14 @@ For a block whose BatchNorms are in eval mode (`model.eval()`, norm_eval, frozen
   block's chunk convs are one grouped launch; the last chunk is written there by conv1 itself
   or pooled there by a small Triton kernel.
 
+For a block whose BatchNorms are in training mode (batch statistics), the fused training path
+at the end of this file (`_train_block`): raw conv outputs with their statistics from the
+kernel's epilogue, each BN + ReLU applied in the next conv's input load, the tail in one pass.
+
 The stem max-pool stays in PyTorch. Activations come out channels_last in the compute dtype
 (the input's, or the autocast dtype). Falls back to the oracle (`forward_reference` /
-`stem_reference`) for what the fused path does not cover yet: BatchNorm in training mode (batch
-statistics), GroupNorm, float64.
+`stem_reference`) for GroupNorm, BNs in mixed modes within a block, and float64 on CUDA (the
+interpreter runs float64 through the kernels, for tests).
 """
 
 from __future__ import annotations
