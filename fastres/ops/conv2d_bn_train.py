@@ -171,8 +171,10 @@ def _backward(ctx, grad_y: Tensor, _grad_mean, _grad_m2):
         grads[0] = grad_input
         return tuple(grads)
     sums = bn.bn_backward_reduce(grad_input, x, scale, shift, None, None, None, True, in_mean, None)
+    # The affine parameters' gradients are this process's share (as nn.SyncBatchNorm's: DDP
+    # reduces them); the input gradient's batch-statistics terms are over every process's batch.
+    local_dy, local_dy_xmu, _ = sums
     if ctx.in_group:
-        # SyncBN: the batch-statistics terms of the gradient are over every process's batch.
         sums = bn.all_reduce_sums(list(sums), ctx.in_group)
     sum_dy, sum_dy_xmu, _ = sums
     if needs[0]:
@@ -180,8 +182,8 @@ def _backward(ctx, grad_y: Tensor, _grad_mean, _grad_m2):
             grad_input, x, scale, shift, None, None, None, True, in_mean, invstd, sum_dy,
             sum_dy_xmu, None, None, None, ctx.in_count, False,
         )  # fmt: skip
-    grads[4] = (sum_dy_xmu * invstd).to(in_weight.dtype) if needs[4] else None
-    grads[5] = sum_dy.to(in_bias.dtype) if needs[5] else None
+    grads[4] = (local_dy_xmu * invstd).to(in_weight.dtype) if needs[4] else None
+    grads[5] = local_dy.to(in_bias.dtype) if needs[5] else None
     return tuple(grads)
 
 
