@@ -501,6 +501,8 @@ class Result:
     peak_memory_bytes: int | None
     memory_kind: str
     speedup: float | None = None
+    # Peak memory over eager channels_last's in the same group (SPEC 6, training: <= 0.6x).
+    memory_ratio: float | None = None
 
 
 @dataclass
@@ -612,12 +614,17 @@ def run_group(
 
 
 def add_speedups(results: Iterable[Result]) -> None:
-    """Sets each result's speedup over PyTorch eager channels_last in the same group."""
+    """Sets each result's speedup and peak-memory ratio over PyTorch eager channels_last in the
+    same group (the ratio where both peaks were measured)."""
     results = list(results)
-    baseline = {r.group: r.img_per_s for r in results if r.system == SPEEDUP_BASELINE}
+    baseline = {r.group: r for r in results if r.system == SPEEDUP_BASELINE}
     for r in results:
-        if r.group in baseline:
-            r.speedup = r.img_per_s / baseline[r.group]
+        base = baseline.get(r.group)
+        if base is None:
+            continue
+        r.speedup = r.img_per_s / base.img_per_s
+        if r.peak_memory_bytes is not None and (base.peak_memory_bytes or 0) > 0:
+            r.memory_ratio = r.peak_memory_bytes / base.peak_memory_bytes
 
 
 def _format_bytes(n: int | None) -> str:
@@ -627,9 +634,10 @@ def _format_bytes(n: int | None) -> str:
 
 
 def format_table(results: Iterable[Result]) -> str:
-    """A plain-text table: group, system, img/s, speedup, error, check, peak memory, and the
-    first call's time (building the model, the check; torch.compile's compilation); then the
-    Res2Net / ResNet speed ratios where both models ran."""
+    """A plain-text table: group, system, img/s, speedup, peak memory ratio (both over eager
+    channels_last), error, check, peak memory, and the first call's time (building the model,
+    the check; torch.compile's compilation); then the Res2Net / ResNet speed ratios where both
+    models ran."""
     results = list(results)
     header = (
         "group",
@@ -637,6 +645,7 @@ def format_table(results: Iterable[Result]) -> str:
         "img/s",
         "ms/iter",
         "speedup",
+        "mem ratio",
         "max err",
         "check",
         "peak mem",
@@ -651,6 +660,7 @@ def format_table(results: Iterable[Result]) -> str:
                 f"{r.img_per_s:,.1f}",
                 f"{r.ms_per_iter:,.1f}",
                 "-" if r.speedup is None else f"{r.speedup:.2f}x",
+                "-" if r.memory_ratio is None else f"{r.memory_ratio:.2f}x",
                 f"{r.max_error:.1e}",
                 "ok" if r.check_passed else "FAIL",
                 _format_bytes(r.peak_memory_bytes),

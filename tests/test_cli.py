@@ -35,7 +35,9 @@ def test_bench_prints_table_and_writes_json(tmp_path, capsys, one_thread):
     for group in ("resnet18-b2x32-fp32-infer", "resnet18-b2x32-fp32-train"):
         rows = [line.split() for line in out.splitlines() if line.startswith(group)]
         assert [row[1] for row in rows] == systems
-        assert all(row[6] == "ok" for row in rows)
+        assert all(row[7] == "ok" for row in rows)
+        # The peak-memory ratio column: eager-cl over itself, where the peak could be measured.
+        assert rows[1][5] in ("1.00x", "-")
 
     payload = json.loads(path.read_text())
     assert payload["environment"]["device_type"] == "cpu"
@@ -49,11 +51,50 @@ def test_bench_prints_table_and_writes_json(tmp_path, capsys, one_thread):
         assert r["check_passed"] and 0 < r["max_error"] < 1
         assert r["peak_memory_bytes"] is None or r["peak_memory_bytes"] > 0
     baseline = {r["group"]: r["img_per_s"] for r in results if r["system"] == "eager-cl"}
+    peaks = {r["group"]: r["peak_memory_bytes"] for r in results if r["system"] == "eager-cl"}
     for r in results:
         assert r["speedup"] == pytest.approx(r["img_per_s"] / baseline[r["group"]])
+        if r["peak_memory_bytes"] is not None and peaks[r["group"]]:
+            assert r["memory_ratio"] == pytest.approx(r["peak_memory_bytes"] / peaks[r["group"]])
+        else:
+            assert r["memory_ratio"] is None
     train = [r for r in results if r["mode"] == "train"]
     # The worst of the logits, loss, every gradient and every running statistic.
     assert all(r["worst_tensor"] for r in train)
+
+
+def _result(group: str, system: str, img_per_s: float, peak: int | None) -> bm.Result:
+    return bm.Result(
+        group=group, model=group.split("-")[0], mode="train", system=system, backend="torch",
+        batch=8, image_size=32, dtype="fp32", device="cpu", img_per_s=img_per_s,
+        ms_per_iter=8e3 / img_per_s, times_ms=[8e3 / img_per_s], first_call_s=1.0,
+        max_error=1e-6, worst_tensor="logits", check_passed=True, check_failures=[],
+        worst_grad_error=None, worst_grad=None, peak_memory_bytes=peak, memory_kind="test",
+    )  # fmt: skip
+
+
+def test_speedup_and_memory_ratio_over_eager_cl():
+    """Both ratios divide by eager-cl of the same group; an unmeasured peak gives no ratio."""
+    mib = 2**20
+    peak_a, peak_b = torch.randint(1, 1000, (2,)).tolist()
+    results = [
+        _result("resnet50-a", "eager", 50.0, 3 * peak_a * mib),
+        _result("resnet50-a", "eager-cl", 100.0, 2 * peak_a * mib),
+        _result("resnet50-a", "fastres-triton", 150.0, peak_a * mib),
+        _result("resnet50-b", "eager-cl", 10.0, peak_b * mib),
+        _result("resnet50-b", "fastres-native", 30.0, None),
+        _result("resnet50-c", "fastres-native", 30.0, mib),  # no eager-cl in its group
+    ]
+    bm.add_speedups(results)
+    assert [r.speedup for r in results] == pytest.approx([0.5, 1, 1.5, 1, 3, None])
+    ratios = [r.memory_ratio for r in results]
+    assert ratios[:4] == pytest.approx([1.5, 1, 0.5, 1]) and ratios[4:] == [None, None]
+    lines = bm.format_table(results).splitlines()
+    assert lines[0].split()[4:7] == ["speedup", "mem", "ratio"]
+    cells = {(row[0], row[1]): row[4:6] for row in (line.split() for line in lines[2:])}
+    assert cells["resnet50-a", "fastres-triton"] == ["1.50x", "0.50x"]
+    assert cells["resnet50-b", "fastres-native"] == ["3.00x", "-"]
+    assert cells["resnet50-c", "fastres-native"] == ["-", "-"]
 
 
 def test_bench_rejects_unavailable_backend(one_thread):
