@@ -24,8 +24,8 @@ import functools
 
 import pytest
 import torch
+from shapes import resnet50_layers
 
-import fastres
 from fastres.ops.conv2d_fused import arrange_weight, conv2d_fused
 from fastres.testing import assert_matches_oracle
 
@@ -38,56 +38,7 @@ CHECK_IMAGES = 4  # images compared with the float64 oracle
 SYSTEMS = ("fused", "eager", "conv")
 
 
-def resnet50_layers() -> dict[str, dict]:
-    """Every distinct conv of ResNet-50 at IMAGE_SIZE: name -> shape and epilogue.
-
-    Found by running the oracle once on one image with hooks on every nn.Conv2d.
-    """
-    model = fastres.ResNet(depth=50, backend="torch").eval()
-    seen, layers = set(), {}
-
-    def hook(name):
-        def record(conv, inputs, _output):
-            h, w = inputs[0].shape[2:]
-            if name.endswith("conv3"):
-                epilogue = "bias_add_relu"
-            elif "downsample" in name:
-                epilogue = "bias"
-            else:
-                epilogue = "bias_relu"
-            key = (
-                conv.in_channels,
-                conv.out_channels,
-                conv.kernel_size[0],
-                conv.stride[0],
-                h,
-                epilogue,
-            )
-            if key in seen:
-                return
-            seen.add(key)
-            k, s = conv.kernel_size[0], conv.stride[0]
-            label = f"{name}-{conv.in_channels}x{h}-{k}x{k}s{s}-{conv.out_channels}-{epilogue}"
-            layers[label] = dict(
-                c_in=conv.in_channels, c_out=conv.out_channels, kernel=k, stride=s,
-                padding=conv.padding[0], h=h, w=w, epilogue=epilogue,
-            )  # fmt: skip
-
-        return record
-
-    handles = [
-        m.register_forward_hook(hook(n))
-        for n, m in model.named_modules()
-        if isinstance(m, torch.nn.Conv2d)
-    ]
-    with torch.no_grad():
-        model(torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE))
-    for handle in handles:
-        handle.remove()
-    return layers
-
-
-LAYERS = resnet50_layers()
+LAYERS = resnet50_layers(IMAGE_SIZE)
 
 
 def _time_ms(fn, reps: int = 50) -> float:
