@@ -197,22 +197,31 @@ void stats_kernel(const scalar_t* x, const Geometry& g, acc_t* mean_out, acc_t* 
     std::fill(m2_out, m2_out + C, acc_t(0));
     return;
   }
-  // Per chunk: count, mean[C], m2[C]; merged per channel afterwards.
+  // Per part: count, mean[C], m2[C] in fp64; merged per channel afterwards. Channels_last: one
+  // part per thread, into which the thread merges each of its chunks as it finishes it (a
+  // part per chunk would leave a long serial merge); NCHW: one part per sample.
   std::vector<int64_t> counts;
-  std::vector<acc_t> means, m2s;
+  std::vector<double> means, m2s;
   int64_t chunks;
   if (g.channels_last) {
     const int64_t rows = g.n * g.s;
     const int64_t chunk_rows = std::max<int64_t>(1, kStatsChunkElems / C);
-    chunks = (rows + chunk_rows - 1) / chunk_rows;
-    counts.resize(chunks);
-    means.assign(chunks * C, acc_t(0));
-    m2s.assign(chunks * C, acc_t(0));
-    at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+    chunks = at::get_num_threads();
+    counts.assign(chunks, 0);
+    means.assign(chunks * C, 0.0);
+    m2s.assign(chunks * C, 0.0);
+    at::parallel_for(0, (rows + chunk_rows - 1) / chunk_rows, 1, [&](int64_t k0, int64_t k1) {
+      const int64_t t = at::get_thread_num();
+      TORCH_INTERNAL_ASSERT(t < chunks);
+      std::vector<acc_t> buf(2 * C);
+      acc_t* __restrict m = buf.data();
+      acc_t* __restrict q = buf.data() + C;
+      double* __restrict pm = means.data() + t * C;
+      double* __restrict pq = m2s.data() + t * C;
+      int64_t n = counts[t];
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t r0 = k * chunk_rows, r1 = std::min(rows, r0 + chunk_rows);
-        acc_t* __restrict m = means.data() + k * C;
-        acc_t* __restrict q = m2s.data() + k * C;
+        std::fill(buf.begin(), buf.end(), acc_t(0));
         for (int64_t r = r0; r < r1; ++r) {
           const scalar_t* __restrict row = x + r * C;
           for (int64_t c = 0; c < C; ++c) m[c] += static_cast<acc_t>(row[c]);
@@ -226,15 +235,25 @@ void stats_kernel(const scalar_t* x, const Geometry& g, acc_t* mean_out, acc_t* 
             q[c] += d * d;
           }
         }
-        counts[k] = r1 - r0;
+        // Chan's merge of the chunk into the thread's part.
+        const int64_t nb = r1 - r0, total = n + nb;
+        const double wb = static_cast<double>(nb) / static_cast<double>(total);
+        const double cross = static_cast<double>(n) * wb;
+        for (int64_t c = 0; c < C; ++c) {
+          const double delta = static_cast<double>(m[c]) - pm[c];
+          pm[c] += delta * wb;
+          pq[c] += static_cast<double>(q[c]) + delta * delta * cross;
+        }
+        n = total;
       }
+      counts[t] = n;
     });
   } else {
     // One chunk per (n, c) plane, stored as chunk n of channel c.
     chunks = g.n;
     counts.assign(chunks, g.s);
-    means.assign(chunks * C, acc_t(0));
-    m2s.assign(chunks * C, acc_t(0));
+    means.assign(chunks * C, 0.0);
+    m2s.assign(chunks * C, 0.0);
     at::parallel_for(0, g.n * C, std::max<int64_t>(1, kChunkElems / g.s), [&](int64_t p0,
                                                                                int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
@@ -259,6 +278,7 @@ void stats_kernel(const scalar_t* x, const Geometry& g, acc_t* mean_out, acc_t* 
     for (int64_t c = c0; c < c1; ++c) {
       double n = 0, mean = 0, m2 = 0;
       for (int64_t k = 0; k < chunks; ++k) {
+        if (counts[k] == 0) continue;  // a thread without chunks
         const double nb = static_cast<double>(counts[k]);
         const double mb = means[k * C + c], qb = m2s[k * C + c];
         const double total = n + nb;
@@ -396,29 +416,32 @@ std::tuple<Tensor, Tensor, Tensor> bn_backward_reduce_cpu(
     const scalar_t* go = dy.const_data_ptr<scalar_t>();
     const acc_t* m = mu.const_data_ptr<acc_t>();
     const acc_t* mr = mu_r.const_data_ptr<acc_t>();
-    // Partial sums per chunk: [chunks, 3, C], merged in fp64.
-    int64_t chunks, chunk_len;
-    if (g.channels_last) {
-      chunk_len = std::max<int64_t>(1, kChunkElems / C);  // rows per chunk
-      chunks = (g.n * g.s + chunk_len - 1) / chunk_len;
-    } else {
-      chunk_len = g.s;
-      chunks = g.n;
-    }
-    std::vector<acc_t> part(std::max<int64_t>(chunks, 1) * 3 * C, acc_t(0));
+    // Partial sums [parts, 3, C] in fp64. Channels_last: one part per thread, to which the
+    // thread adds the fp32 sums of each chunk of kChunkElems (a part per chunk would leave a
+    // long serial merge); NCHW: one part per sample.
+    const int64_t parts = g.channels_last ? at::get_num_threads() : g.n;
+    std::vector<double> part(std::max<int64_t>(parts, 1) * 3 * C, 0.0);
     dispatch_tail(p.r.defined(), p.scale_r.defined(), relu, [&](auto hr, auto hs, auto rl) {
       constexpr bool HR = decltype(hr)::value, HS = decltype(hs)::value, RL = decltype(rl)::value;
       if (g.channels_last) {
         const int64_t rows = g.n * g.s;
+        const int64_t chunk_rows = std::max<int64_t>(1, kChunkElems / C);
+        const int64_t chunks = (rows + chunk_rows - 1) / chunk_rows;
         at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+          const int64_t tid = at::get_thread_num();
+          TORCH_INTERNAL_ASSERT(tid < parts);
+          double* __restrict acc = part.data() + tid * 3 * C;
+          std::vector<acc_t> buf(3 * C);
+          acc_t* __restrict s0 = buf.data();
           for (int64_t k = k0; k < k1; ++k) {
-            acc_t* s0 = part.data() + k * 3 * C;
-            const int64_t r1 = std::min(rows, (k + 1) * chunk_len);
-            for (int64_t row = k * chunk_len; row < r1; ++row) {
+            std::fill(buf.begin(), buf.end(), acc_t(0));
+            const int64_t r1 = std::min(rows, (k + 1) * chunk_rows);
+            for (int64_t row = k * chunk_rows; row < r1; ++row) {
               const int64_t base = row * C;
               reduce_row<scalar_t, acc_t, HR, HS, RL>(go + base, x + base, HR ? r + base : nullptr,
                                                        t, m, mr, s0, s0 + C, s0 + 2 * C, C);
             }
+            for (int64_t i = 0; i < 3 * C; ++i) acc[i] += static_cast<double>(s0[i]);
           }
         });
       } else {
@@ -430,7 +453,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_backward_reduce_cpu(
             reduce_plane<scalar_t, acc_t, HR, HS, RL>(go + base, x + base,
                                                        HR ? r + base : nullptr, t, c, m[c], mr[c],
                                                        g.s, sums);
-            acc_t* s = part.data() + n * 3 * C;
+            double* s = part.data() + n * 3 * C;
             s[c] = sums[0];
             s[C + c] = sums[1];
             s[2 * C + c] = sums[2];
@@ -443,8 +466,8 @@ std::tuple<Tensor, Tensor, Tensor> bn_backward_reduce_cpu(
     acc_t* o2 = want_r ? sum_dy_rmu.data_ptr<acc_t>() : nullptr;
     for (int64_t c = 0; c < C; ++c) {
       double a0 = 0, a1 = 0, a2 = 0;
-      for (int64_t k = 0; k < chunks; ++k) {
-        const acc_t* s = part.data() + k * 3 * C;
+      for (int64_t k = 0; k < parts; ++k) {
+        const double* s = part.data() + k * 3 * C;
         a0 += s[c];
         a1 += s[C + c];
         a2 += s[2 * C + c];
