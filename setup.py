@@ -17,6 +17,7 @@ Environment switches:
 
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -43,7 +44,14 @@ def _extensions() -> tuple[list, dict]:
         return [], {}
 
     sources = ["csrc/fastres.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
-    cxx_flags = ["-O3"]
+    # at::parallel_for is a header template that forks with `#pragma omp parallel` inside the
+    # extension's own code: without -fopenmp it silently runs on one thread.
+    openmp = (
+        ["-fopenmp"]
+        if sys.platform.startswith("linux") and "OpenMP" in torch.__config__.parallel_info()
+        else []
+    )
+    cxx_flags = ["-O3", *openmp]
     want_cuda = _flag("FASTRES_CUDA")
     has_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if want_cuda and not has_cuda:
@@ -65,9 +73,12 @@ def _extensions() -> tuple[list, dict]:
                 "cxx": cxx_flags,
                 "nvcc": ["-O3", "--use_fast_math", "-lineinfo"],
             },
+            extra_link_args=openmp,
         )
     else:
-        ext = cpp_extension.CppExtension("fastres._C", sources, extra_compile_args=cxx_flags)
+        ext = cpp_extension.CppExtension(
+            "fastres._C", sources, extra_compile_args=cxx_flags, extra_link_args=openmp
+        )
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
     return [ext], {"build_ext": build_ext}
 

@@ -169,7 +169,10 @@ def test_frozen_bn_training_matches_oracle(name):
     assert not any(m.training for m in model.modules() if isinstance(m, nn.BatchNorm2d))
     x = torch.randn(2, 3, 32, 32)
     native, base, gold = three_runs(model, x, torch.float32, layout=torch.channels_last)
-    check_run(native, base, gold, torch.float32)
+    # Gradients in float64: in float32 a pre-activation rounding across a ReLU kink in one run
+    # and not the other moves a weight gradient by a whole upstream gradient (rare, but seen).
+    check_run(native, base, gold, torch.float32, what=("outs", "buffers"))
+    check_run(*float64_runs(model, x), torch.float64)
     assert len(native[2]) == len(list(model.parameters()))
 
 
