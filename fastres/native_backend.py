@@ -174,9 +174,19 @@ def _folded(conv: nn.Conv2d, bn: nn.Module, x: Tensor) -> _Folded:
 
 
 def _fused_conv(
-    conv: nn.Conv2d, bn: nn.Module, x: Tensor, relu: bool = True, residual: Tensor | None = None
+    conv: nn.Conv2d,
+    bn: nn.Module,
+    x: Tensor,
+    relu: bool = True,
+    residual: Tensor | None = None,
+    residual_is_scratch: bool = False,
 ) -> Tensor:
-    """act(conv_folded(x) [+ residual]) in one oneDNN call (inference only, see _fast_eval)."""
+    """act(conv_folded(x) [+ residual]) in one oneDNN call (inference only, see _fast_eval).
+
+    residual_is_scratch: the residual is a temporary of this backend (a shortcut conv's
+    output) that oneDNN may overwrite with the result, which saves a fresh output buffer
+    (its page faults cost more than the copy-free add on CPU).
+    """
     f = _folded(conv, bn, x)
     geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
     unary = "relu" if relu else "none"
@@ -184,7 +194,12 @@ def _fused_conv(
         return torch.ops.mkldnn._convolution_pointwise(
             x, f.weight, f.bias, *geometry, unary, [], ""
         )
-    residual = residual.contiguous(memory_format=bn_ops.memory_format_of(x))
+    fmt = bn_ops.memory_format_of(x)
+    if residual_is_scratch and residual.is_contiguous(memory_format=fmt):
+        return torch.ops.mkldnn._convolution_pointwise_.binary(
+            residual, x, f.weight, f.bias, *geometry, "add", 1.0, unary, [], "",
+        )  # fmt: skip
+    residual = residual.contiguous(memory_format=fmt)
     return torch.ops.mkldnn._convolution_pointwise.binary(
         x, residual, f.weight, f.bias, *geometry, "add", 1.0, unary, [], "",
     )  # fmt: skip
@@ -203,7 +218,9 @@ def _conv_bn_act(
         if shortcut is not None:
             residual = _fused_conv(*shortcut, relu=False)
         if residual is None or residual.dtype == x.dtype:
-            return _fused_conv(conv, bn, x, relu, residual)
+            return _fused_conv(
+                conv, bn, x, relu, residual, residual_is_scratch=shortcut is not None
+            )
     if shortcut is not None:
         conv_d, bn_d, x_d = shortcut
         return _bn_act(bn, _conv(conv, x), relu, residual, (bn_d, _conv(conv_d, x_d)))
