@@ -292,8 +292,10 @@ def _train_act_backward(ctx, grad_out):
     sums = torch.ops.fastres.bn_backward_reduce(
         grad_out, y, scale, shift, r, scale_d, shift_d, ctx.relu, mean, mu_d
     )
+    # The affine parameters' gradients are this process's share (as nn.SyncBatchNorm's: DDP
+    # reduces them); the input gradient's batch-statistics terms are over every process's batch.
+    local_dy, local_dy_xmu, local_dy_rmu = sums
     if ctx.group:
-        # SyncBN: the batch-statistics terms of the gradient are over every process's batch.
         sums = all_reduce_sums(list(sums), ctx.group)
     sum_dy, sum_dy_xmu, sum_dy_rmu = sums
     want_r = r is not None and bool(need[6] or need[7])
@@ -301,14 +303,14 @@ def _train_act_backward(ctx, grad_out):
         grad_out, y, scale, shift, r, scale_d, shift_d, ctx.relu, mean, invstd, sum_dy,
         sum_dy_xmu, mu_d, invstd_d, sum_dy_rmu if ctx.two_bn else None, count, want_r,
     )  # fmt: skip
-    grad_w = (sum_dy_xmu * invstd).to(weight.dtype) if need[3] else None
-    grad_b = sum_dy.to(bias.dtype) if need[4] else None
+    grad_w = (local_dy_xmu * invstd).to(weight.dtype) if need[3] else None
+    grad_b = local_dy.to(bias.dtype) if need[4] else None
     grad_residual = grad_r if want_r and not ctx.two_bn else None
     grad_y_d = grad_r if want_r and ctx.two_bn else None
     grad_w_d = grad_b_d = None
     if ctx.two_bn:
-        grad_w_d = (sum_dy_rmu * invstd_d).to(weight_d.dtype) if need[10] else None
-        grad_b_d = sum_dy.to(bias_d.dtype) if need[11] else None
+        grad_w_d = (local_dy_rmu * invstd_d).to(weight_d.dtype) if need[10] else None
+        grad_b_d = local_dy.to(bias_d.dtype) if need[11] else None
     return (
         grad_y, None, None, grad_w, grad_b, None, grad_residual, grad_y_d, None, None,
         grad_w_d, grad_b_d, None, None, None, None,
