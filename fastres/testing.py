@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 TOLERANCE = {
     # Not in SPEC: float64 compares exact math, so any real error is far above this; below it
@@ -92,3 +93,17 @@ def randomize_norms(model: torch.nn.Module, seed: int | None = None) -> torch.nn
                     m.running_mean.copy_(torch.randn(c, generator=gen) * 0.1)
                     m.running_var.copy_(torch.rand(c, generator=gen) * 0.5 + 0.75)
     return model
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records the names of the operators dispatched inside the context (e.g. to prove that a
+    fused forward ran no PyTorch convolution or BatchNorm): `with OpRecorder() as r: ...`,
+    then `r.ops`, e.g. ['fastres.conv2d_bn_train.default', 'aten.cat.default', ...]."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))

@@ -30,12 +30,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastres
 from fastres.ops import batchnorm as bn_ops
 from fastres.testing import (
     TRAJECTORY_SLACK,
+    OpRecorder,
     assert_matches_oracle,
     randomize_norms,
     trajectory_deviation,
@@ -107,18 +107,6 @@ def split(t: torch.Tensor, sizes) -> list[torch.Tensor]:
     return [part.clone() for part in t.split(list(sizes))]
 
 
-class OpRecorder(TorchDispatchMode):
-    """Records the names of the operators that run under it."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.add(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 # -- the processes ---------------------------------------------------------------------------------
 
 
@@ -168,7 +156,7 @@ def step(model: nn.Module, x: torch.Tensor, weights: list[torch.Tensor]) -> dict
         "x_grad": x.grad,
         "grads": {k: p.grad for k, p in model.named_parameters() if p.grad is not None},
         "buffers": {k: b.detach().clone() for k, b in model.named_buffers()},
-        "ops": recorder.ops,
+        "ops": set(recorder.ops),
     }
 
 
@@ -196,7 +184,7 @@ def _ddp_train(rank, model, backend, xs, targets, layout):
         opt.step()
         losses.append(loss.detach())
     state = {"loss": torch.stack(losses), **model.state_dict()}
-    return {"state": state, "grads": grads, "ops": recorder.ops}
+    return {"state": state, "grads": grads, "ops": set(recorder.ops)}
 
 
 JOBS = {"syncbn_step": _syncbn_step, "ddp_train": _ddp_train}

@@ -21,11 +21,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastres
 from fastres.models.res2net import Bottle2neck
-from fastres.testing import assert_matches_oracle, randomize_norms
+from fastres.testing import OpRecorder, assert_matches_oracle, randomize_norms
 
 pytest.importorskip("triton")
 
@@ -34,18 +33,6 @@ from fastres.ops.res2net_fused import res2net_pool  # noqa: E402
 
 CL = torch.channels_last
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-class OpRecorder(TorchDispatchMode):
-    """Records the names of the operators dispatched inside the context."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def nhwc(*shape, device, dtype=torch.float64) -> torch.Tensor:

@@ -12,10 +12,9 @@ import pickle
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastres
-from fastres.testing import assert_matches_oracle, randomize_norms
+from fastres.testing import OpRecorder, assert_matches_oracle, randomize_norms
 
 pytest.importorskip("triton")
 
@@ -35,18 +34,6 @@ def build(cls, device, **kwargs) -> torch.nn.Module:
 
 def as_tuple(out) -> tuple[torch.Tensor, ...]:
     return out if isinstance(out, tuple) else (out,)
-
-
-class OpRecorder(TorchDispatchMode):
-    """Records the names of the operators a forward dispatches."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def check_eval_forward(model, x, dtype, *, channels_last_input=False):

@@ -23,12 +23,12 @@ from typing import NamedTuple
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastres
 from fastres.ops import batchnorm as bn_ops
 from fastres.testing import (
     TRAJECTORY_SLACK,
+    OpRecorder,
     assert_matches_oracle,
     randomize_norms,
     trajectory_deviation,
@@ -57,18 +57,6 @@ def build(cls, device, **kwargs) -> nn.Module:
 
 def as_tuple(out) -> tuple[torch.Tensor, ...]:
     return out if isinstance(out, tuple) else (out,)
-
-
-class OpRecorder(TorchDispatchMode):
-    """Records the names of the operators a forward dispatches."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def assert_fused_training_forward(model: nn.Module, ops: list[str]) -> None:
