@@ -54,15 +54,7 @@ def _eval_affine(bn: nn.Module, acc: torch.dtype) -> tuple[Tensor, Tensor]:
 def _batch_stats(bn: nn.Module, y: Tensor, group: str) -> tuple[Tensor, Tensor, int]:
     """(mean, m2, count) of y's batch (every process's for SyncBN); updates bn's running stats."""
     mean, m2 = bn_ops.bn_stats(y.detach())  # constants to autograd: see `bn_train_act`
-    count = y.numel() // y.shape[1]
-    if group:
-        mean, m2, count = bn_ops.sync_batch_stats(mean, m2, count, group)
-    if count <= 1:
-        raise ValueError(
-            f"Expected more than 1 value per channel when training, got input size {y.size()}"
-        )
-    bn_ops.update_running_stats(bn, mean, m2, count)
-    return mean, m2, count
+    return bn_ops.batch_stats([bn], y, mean, m2, group)
 
 
 def _common_dtype(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:

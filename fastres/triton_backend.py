@@ -470,21 +470,9 @@ class _Raw(NamedTuple):
 def _global_stats(
     bns: list[nn.Module], y: Tensor, mean: Tensor, m2: Tensor
 ) -> tuple[tuple[Tensor, Tensor, int], str]:
-    """Batch statistics of y over every process (SyncBN), and the running-stats update of
-    `bns`, which normalize consecutive equal channel ranges of y."""
+    """`batch_stats` of y for `bns` (consecutive equal channel ranges), and their SyncBN group."""
     group = bn_ops.sync_group_name(bns[0])
-    count = y.numel() // y.shape[1]
-    if group:
-        mean, m2, count = bn_ops.sync_batch_stats(mean, m2, count, group)
-    if count <= 1:
-        raise ValueError(
-            f"Expected more than 1 value per channel when training, got input size {y.size()}"
-        )
-    width = y.shape[1] // len(bns)
-    for i, bn in enumerate(bns):
-        part = slice(i * width, (i + 1) * width)
-        bn_ops.update_running_stats(bn, mean[part], m2[part], count)
-    return (mean, m2, count), group
+    return bn_ops.batch_stats(bns, y, mean, m2, group), group
 
 
 def _train_conv(

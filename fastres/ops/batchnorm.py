@@ -216,6 +216,29 @@ def sync_group_name(bn: torch.nn.Module) -> str:
     return group.group_name if dist.get_world_size(group) > 1 else ""
 
 
+def batch_stats(
+    bns: list[torch.nn.Module], y: Tensor, mean: Tensor, m2: Tensor, group: str
+) -> tuple[Tensor, Tensor, int]:
+    """This process's batch statistics of y -> (mean, m2, count) over the group's batch.
+
+    Synchronizes them for SyncBN (`group`, see `sync_group_name`), rejects one value per
+    channel as nn.BatchNorm2d does, and updates the running statistics of `bns`, which
+    normalize consecutive equal channel ranges of y [N, C, H, W].
+    """
+    count = y.numel() // y.shape[1]
+    if group:
+        mean, m2, count = sync_batch_stats(mean, m2, count, group)
+    if count <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {y.size()}"
+        )
+    width = y.shape[1] // len(bns)
+    for i, bn in enumerate(bns):
+        part = slice(i * width, (i + 1) * width)
+        update_running_stats(bn, mean[part], m2[part], count)
+    return mean, m2, count
+
+
 def _process_group(name: str):
     return torch.distributed.distributed_c10d._resolve_process_group(name)
 
