@@ -14,6 +14,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/block_cache.h"
+
 TORCH_LIBRARY(fastres, m) {
   m.def("bn_stats(Tensor x) -> (Tensor mean, Tensor m2)");
   m.def(
@@ -34,8 +36,54 @@ TORCH_LIBRARY(fastres, m) {
 }
 
 // A plain module object: importing fastres._C loads this library, whose static initialisers
-// register the operators above with the dispatcher. No pybind11, to keep the build short.
+// register the operators above with the dispatcher. Its functions are the CPU block cache's
+// (cpu/block_cache.h), called once per block, so no pybind11, to keep the build short.
+namespace {
+
+PyObject* cpu_cache_enter(PyObject*, PyObject*) { return PyBool_FromLong(fastres::cpu_cache_enter()); }
+
+PyObject* cpu_cache_exit(PyObject*, PyObject*) {
+  fastres::cpu_cache_exit();
+  Py_RETURN_NONE;
+}
+
+PyObject* cpu_cache_pause(PyObject*, PyObject*) { return PyLong_FromLong(fastres::cpu_cache_pause()); }
+
+PyObject* cpu_cache_resume(PyObject*, PyObject* depth) {
+  const long value = PyLong_AsLong(depth);
+  if (value == -1 && PyErr_Occurred()) {
+    return nullptr;
+  }
+  fastres::cpu_cache_resume(static_cast<int>(value));
+  Py_RETURN_NONE;
+}
+
+PyObject* cpu_cache_release(PyObject*, PyObject*) {
+  fastres::cpu_cache_release();
+  Py_RETURN_NONE;
+}
+
+PyObject* cpu_cache_stats(PyObject*, PyObject*) {
+  const fastres::CpuCacheStats s = fastres::cpu_cache_stats();
+  return Py_BuildValue("(KKKK)", static_cast<unsigned long long>(s.live_bytes),
+                       static_cast<unsigned long long>(s.cached_bytes),
+                       static_cast<unsigned long long>(s.hits),
+                       static_cast<unsigned long long>(s.misses));
+}
+
+PyMethodDef methods[] = {
+    {"cpu_cache_enter", cpu_cache_enter, METH_NOARGS, "Enters a CPU block-cache scope on this thread."},
+    {"cpu_cache_exit", cpu_cache_exit, METH_NOARGS, "Leaves the innermost CPU block-cache scope."},
+    {"cpu_cache_pause", cpu_cache_pause, METH_NOARGS, "Leaves this thread's scopes; returns their depth."},
+    {"cpu_cache_resume", cpu_cache_resume, METH_O, "Re-enters the scopes cpu_cache_pause left."},
+    {"cpu_cache_release", cpu_cache_release, METH_NOARGS, "Frees the cached CPU blocks."},
+    {"cpu_cache_stats", cpu_cache_stats, METH_NOARGS, "(live bytes, cached bytes, hits, misses)."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
+
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }

@@ -16,6 +16,9 @@ PyTorch's own convolution (oneDNN on CPU, cuDNN on CUDA) followed by one fused e
 - A downsample shortcut's BN is applied in the same pass as the block's last BN (the two-BN
   form of `bn_apply`).
 
+On CPU, the stem and every block run inside a `cpu_cache.scope`: their large buffers come from
+blocks that earlier forwards freed, which are still mapped (no first-touch page faults).
+
 Blocks with norms this backend does not fuse (GroupNorm, BN without affine parameters) and
 degenerate inputs (an empty batch, one value per channel in training) run the oracle.
 """
@@ -28,6 +31,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from . import cpu_cache
 from .backends import Backend
 from .ops import batchnorm as bn_ops
 
@@ -152,7 +156,8 @@ def _folded(conv: nn.Conv2d, bn: nn.Module, x: Tensor) -> _Folded:
     cached = _FOLDED.get(conv)
     if cached is not None and cached.key == key:
         return cached
-    with torch.no_grad():
+    # Weights live as long as the model: outside the block cache, whose size limit they would raise.
+    with torch.no_grad(), cpu_cache.paused():
         scale, shift = _eval_affine(bn, torch.float32)
         weight = conv.weight * scale.view(-1, 1, 1, 1)
         bias = shift if conv.bias is None else shift + conv.bias * scale
@@ -263,15 +268,21 @@ class NativeBackend(Backend):
         units = list(model.stem) if model.deep_stem else [model.conv1, model.norm1, model.relu]
         if not (_norms_fusable(units) and _batch_ok(x)):
             return model.stem_reference(x)
-        for i in range(0, len(units), 3):
-            x = _conv_bn_act(units[i], units[i + 1], x)
-        return model.maxpool(x)
+        with cpu_cache.scope(x.device):
+            for i in range(0, len(units), 3):
+                x = _conv_bn_act(units[i], units[i + 1], x)
+            return model.maxpool(x)
 
     def run_block(self, block: nn.Module, x: Tensor) -> Tensor:
         if not (_norms_fusable(block.modules()) and _batch_ok(x)):
             return block.forward_reference(x)
+        with cpu_cache.scope(x.device):
+            return self._block(block, x)
+
+    @staticmethod
+    def _block(block: nn.Module, x: Tensor) -> Tensor:
         if hasattr(block, "convs"):
-            return self._bottle2neck(block, x)
+            return NativeBackend._bottle2neck(block, x)
         identity, shortcut = _shortcut(block, x)
         if hasattr(block, "conv3"):
             out = _conv_bn_act(block.conv1, block.norm1, x)

@@ -1,0 +1,137 @@
+"""The native backend's CPU block cache (fastres.cpu_cache, csrc/cpu/block_cache.cpp)."""
+
+import threading
+
+import pytest
+import torch
+
+from fastres import ResNet, cpu_cache
+from fastres.ops.batchnorm import EXTENSION_ERROR
+
+pytestmark = pytest.mark.skipif(EXTENSION_ERROR is not None, reason=str(EXTENSION_ERROR))
+
+CPU = torch.device("cpu")
+MIB = 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def empty_cache():
+    cpu_cache.release()
+    yield
+    cpu_cache.release()
+
+
+def _delta(before: cpu_cache.CacheStats, after: cpu_cache.CacheStats) -> dict[str, int]:
+    return {name: getattr(after, name) - getattr(before, name) for name in ("hits", "misses")}
+
+
+def test_a_freed_block_serves_the_next_allocation_of_its_size():
+    with cpu_cache.scope(CPU):
+        first = torch.rand(MIB)  # 4 MiB
+        ptr = first.data_ptr()
+        assert cpu_cache.stats().live_bytes == 4 * MIB
+        del first
+        assert cpu_cache.stats().cached_bytes == 4 * MIB
+        before = cpu_cache.stats()
+        second = torch.empty(MIB)
+        assert second.data_ptr() == ptr
+        assert _delta(before, cpu_cache.stats()) == {"hits": 1, "misses": 0}
+        assert cpu_cache.stats().cached_bytes == 0
+
+
+def test_small_allocations_and_allocations_outside_a_scope_are_not_cached():
+    before = cpu_cache.stats()
+    outside = torch.empty(2 * MIB)
+    with cpu_cache.scope(CPU):
+        small = torch.empty(MIB // 4 - 1)  # just under 1 MiB
+    assert cpu_cache.stats() == before
+    del outside, small
+    assert cpu_cache.stats() == before
+
+
+def test_other_threads_are_not_cached():
+    held = []
+    worker = threading.Thread(target=lambda: held.append(torch.empty(2 * MIB)))
+    with cpu_cache.scope(CPU):
+        before = cpu_cache.stats()
+        worker.start()
+        worker.join()
+    assert cpu_cache.stats().live_bytes == before.live_bytes
+    assert held[0].numel() == 2 * MIB
+
+
+def test_a_cached_tensor_outlives_its_scope():
+    with cpu_cache.scope(CPU):
+        kept = torch.arange(MIB, dtype=torch.float32)
+    assert kept[-1].item() == MIB - 1
+    assert cpu_cache.stats().live_bytes == 4 * MIB
+    del kept
+    assert cpu_cache.stats().live_bytes == 0
+    assert cpu_cache.stats().cached_bytes == 4 * MIB
+
+
+def test_blocks_no_allocation_takes_are_freed_after_256_scopes():
+    with cpu_cache.scope(CPU):
+        torch.empty(MIB)  # freed at once
+    assert cpu_cache.stats().cached_bytes == 4 * MIB
+    for _ in range(200):
+        with cpu_cache.scope(CPU):
+            pass
+    assert cpu_cache.stats().cached_bytes == 4 * MIB  # still inside the window
+    for _ in range(100):
+        with cpu_cache.scope(CPU):
+            pass
+    assert cpu_cache.stats().cached_bytes == 0
+
+
+def test_a_block_taken_again_stays_cached():
+    before = cpu_cache.stats()
+    for _ in range(20):
+        with cpu_cache.scope(CPU):
+            torch.empty(MIB)
+        for _ in range(100):
+            with cpu_cache.scope(CPU):
+                pass
+    assert cpu_cache.stats().cached_bytes == 4 * MIB
+    assert _delta(before, cpu_cache.stats()) == {"hits": 19, "misses": 1}
+
+
+def test_release_frees_what_is_cached_and_paused_allocations_are_not_cached():
+    with cpu_cache.scope(CPU):
+        torch.empty(MIB)  # freed at once
+        with cpu_cache.paused():
+            weights = torch.empty(2 * MIB)
+        assert cpu_cache.stats().live_bytes == 0
+        more = torch.empty(3 * MIB)  # the scope is back after the pause
+    assert cpu_cache.stats().live_bytes == 12 * MIB
+    cpu_cache.release()
+    assert cpu_cache.stats().cached_bytes == 0
+    del weights, more
+    assert cpu_cache.stats().cached_bytes == 12 * MIB  # a block held during release comes back
+
+
+def test_the_native_backend_repeats_a_forward_from_cached_blocks():
+    torch.manual_seed(0)
+    model = ResNet(depth=18, backend="native").eval()
+    x = torch.randn(4, 3, 96, 96).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        first = model(x)
+        del first
+        before = cpu_cache.stats()
+        second = model(x)
+    delta = _delta(before, cpu_cache.stats())
+    assert delta["misses"] == 0 and delta["hits"] > 0
+    model.set_backend("torch")
+    with torch.no_grad():
+        torch.testing.assert_close(second, model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_native_training_step_reuses_the_last_steps_blocks():
+    torch.manual_seed(0)
+    model = ResNet(depth=18, backend="native").train()
+    x = torch.randn(4, 3, 96, 96)
+    model(x)[-1].sum().backward()
+    before = cpu_cache.stats()
+    model(x)[-1].sum().backward()
+    delta = _delta(before, cpu_cache.stats())
+    assert delta["misses"] == 0 and delta["hits"] > 0
