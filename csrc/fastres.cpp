@@ -40,14 +40,18 @@ TORCH_LIBRARY(fastres, m) {
 // (cpu/block_cache.h), called once per block, so no pybind11, to keep the build short.
 namespace {
 
-PyObject* cpu_cache_enter(PyObject*, PyObject*) { return PyBool_FromLong(fastres::cpu_cache_enter()); }
+PyObject* cpu_cache_enter(PyObject*, PyObject*) {
+  return PyBool_FromLong(fastres::cpu_cache_enter());
+}
 
 PyObject* cpu_cache_exit(PyObject*, PyObject*) {
   fastres::cpu_cache_exit();
   Py_RETURN_NONE;
 }
 
-PyObject* cpu_cache_pause(PyObject*, PyObject*) { return PyLong_FromLong(fastres::cpu_cache_pause()); }
+PyObject* cpu_cache_pause(PyObject*, PyObject*) {
+  return PyLong_FromLong(fastres::cpu_cache_pause());
+}
 
 PyObject* cpu_cache_resume(PyObject*, PyObject* depth) {
   const long value = PyLong_AsLong(depth);
@@ -72,9 +76,9 @@ PyObject* cpu_cache_stats(PyObject*, PyObject*) {
 }
 
 PyMethodDef methods[] = {
-    {"cpu_cache_enter", cpu_cache_enter, METH_NOARGS, "Enters a CPU block-cache scope on this thread."},
+    {"cpu_cache_enter", cpu_cache_enter, METH_NOARGS, "Enters a block-cache scope on this thread."},
     {"cpu_cache_exit", cpu_cache_exit, METH_NOARGS, "Leaves the innermost CPU block-cache scope."},
-    {"cpu_cache_pause", cpu_cache_pause, METH_NOARGS, "Leaves this thread's scopes; returns their depth."},
+    {"cpu_cache_pause", cpu_cache_pause, METH_NOARGS, "Leaves all scopes; returns how many."},
     {"cpu_cache_resume", cpu_cache_resume, METH_O, "Re-enters the scopes cpu_cache_pause left."},
     {"cpu_cache_release", cpu_cache_release, METH_NOARGS, "Frees the cached CPU blocks."},
     {"cpu_cache_stats", cpu_cache_stats, METH_NOARGS, "(live bytes, cached bytes, hits, misses)."},
