@@ -23,6 +23,7 @@ from fastres import native_backend
 from fastres.ops import batchnorm as bn_ops
 from fastres.testing import (
     TRAJECTORY_SLACK,
+    OpRecorder,
     assert_matches_oracle,
     randomize_norms,
     trajectory_deviation,
@@ -252,6 +253,30 @@ def test_train_mode_block_matches_oracle(block, dtype, layout):
     assert native[1].dtype == base[1].dtype
     for k, grad in native[2].items():
         assert grad.dtype == base[2][k].dtype and torch.isfinite(grad).all(), k
+
+
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("stage_type", ["normal", "stage"])
+def test_res2net_inference_concatenates_in_place(stage_type, dtype, layout):
+    """Without autograd, a stride-1 Bottle2neck's chunk results overwrite conv1's output, which
+    conv3 then reads: no torch.cat, and the output of the oracle's split-conv-cat."""
+    module = fastres.models.res2net.Bottle2neck(
+        64, 16, scales=4, base_width=26, stage_type=stage_type
+    )
+    module = randomize_norms(module).eval()
+    x = torch.randn(2, 64, 13, 11)
+    module.backend = "torch"
+    with torch.no_grad():
+        gold = module.double()(x.double())
+        module.to(dtype).to(memory_format=layout)
+        x = x.to(dtype).contiguous(memory_format=layout)
+        base = module(x)
+        module.backend = "native"
+        with OpRecorder() as recorder:
+            out = module(x)
+    assert "aten.cat.default" not in recorder.ops
+    assert_matches_oracle(out, base, gold, dtype)
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
