@@ -7,6 +7,7 @@ Example:
     >>> res2net = fastres.Res2Net(depth=50, scales=4, base_width=26)
 """
 
+from . import cpu_cache
 from .backends import BackendStatus, available_backends
 from .checkpoint import CheckpointError, LoadReport, load_checkpoint
 from .models import Res2Net, ResNet, ResNetV1c, ResNetV1d
@@ -22,5 +23,6 @@ __all__ = [
     "ResNetV1c",
     "ResNetV1d",
     "available_backends",
+    "cpu_cache",
     "load_checkpoint",
 ]
