@@ -68,6 +68,30 @@ def _eval_affine(t: dict, suffix: str = "") -> tuple[torch.Tensor, torch.Tensor]
     return scale, t["bias" + suffix] - t["running_mean"] * scale
 
 
+def _away_from_relu_kink(op: str, t: dict, margin: float = 1e-3) -> None:
+    """Moves the few x values whose pre-activation lies within `margin` of the ReLU's kink.
+
+    There the fused op (x * scale + shift) and eager ((x - mean) * invstd * w + b) may round to
+    different sides of zero: that element is then off by a whole value, and in the backward it
+    moves a per-channel sum by a whole upstream gradient (seen in 3 of 40 random draws).
+    """
+    x, per_channel = t["x"].double(), (1, -1, 1, 1)
+    if op.startswith("train"):
+        mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+        scale = t["weight"].double() * torch.rsqrt(var + 1e-5)
+        shift = t["bias"].double() - mean * scale
+    else:
+        scale, shift = (v.double() for v in _eval_affine(t))
+    z = x * scale.view(per_channel) + shift.view(per_channel)
+    if op == "apply_residual":
+        z = z + t["r"].double()
+    elif op == "apply_two_bn":
+        scale_r, shift_r = (v.double().view(per_channel) for v in _eval_affine(t, "_r"))
+        z = z + t["r"].double() * scale_r + shift_r
+    x = torch.where(z.abs() < margin, x + 2 * margin / scale.view(per_channel), x)
+    t["x"] = x.to(t["x"].dtype).contiguous(memory_format=torch.channels_last)
+
+
 def _eager(op: str, t: dict):
     """The PyTorch eager sequence the fused op replaces: a callable and its result."""
     bn = lambda x, w, b: F.batch_norm(x, t["running_mean"], t["running_var"], w, b, False)
@@ -151,6 +175,7 @@ def _check(op: str, t: dict) -> None:
 def test_bench_batchnorm(benchmark, op: str, shape: str, system: str) -> None:
     c, hw = SHAPES[shape]
     t = _tensors(c, hw)
+    _away_from_relu_kink(op, t)
     mode = "train" if op.startswith("train") else "infer"
     benchmark.group = f"{op}-{shape}x{BATCH}-fp32-{mode}"
     if system == "fused":
