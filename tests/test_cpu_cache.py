@@ -135,3 +135,12 @@ def test_a_native_training_step_reuses_the_last_steps_blocks():
     model(x)[-1].sum().backward()
     delta = _delta(before, cpu_cache.stats())
     assert delta["misses"] == 0 and delta["hits"] > 0
+
+
+def test_torch_profiler_sees_cached_blocks():
+    with cpu_cache.scope(CPU):
+        torch.empty(MIB)  # the block the profiled allocation takes
+    with torch.profiler.profile(profile_memory=True) as prof, cpu_cache.scope(CPU):
+        torch.empty(MIB)
+    usage = [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage]
+    assert 4 * MIB in usage and -4 * MIB in usage

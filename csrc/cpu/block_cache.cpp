@@ -17,7 +17,6 @@
 #include <c10/core/impl/alloc_cpu.h>
 #include <pthread.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <iterator>
 #include <mutex>
@@ -52,10 +51,12 @@ class BlockCache final : public c10::Allocator {
     if (!hit) {
       ptr = c10::alloc_cpu(size);  // throws on out-of-memory
     }
-    std::lock_guard<std::mutex> lock(mutex_);
-    ++(hit ? hits_ : misses_);
-    live_.emplace(ptr, size);
-    live_bytes_ += size;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      ++(hit ? hits_ : misses_);
+      live_.emplace(ptr, size);
+      live_bytes_ += size;
+    }
     report(ptr, static_cast<int64_t>(size));
     return {ptr, ptr, &free_block, c10::Device(c10::DeviceType::CPU)};
   }
@@ -124,26 +125,23 @@ class BlockCache final : public c10::Allocator {
   }
 
   void give_back(void* ptr) {
-    std::vector<void*> to_free;
+    size_t size = 0;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       auto it = live_.find(ptr);
-      if (it == live_.end()) {
-        to_free.push_back(nullptr);
-      } else {
-        const size_t size = it->second;
+      if (it != live_.end()) {
+        size = it->second;
         live_.erase(it);
         live_bytes_ -= size;
-        report(ptr, -static_cast<int64_t>(size));
         cached_[size].push_back({ptr, scopes_});
         cached_bytes_ += size;
       }
     }
-    if (!to_free.empty() && to_free.front() == nullptr) {
+    if (size == 0) {
       base_raw_deleter_(ptr);  // not a cached block: the base allocator's (raw_deallocate)
       return;
     }
-    free_all(to_free);
+    report(ptr, -static_cast<int64_t>(size));
   }
 
   // Moves the cached blocks that `evict` picks into to_free (freed after the lock is released).
@@ -171,9 +169,20 @@ class BlockCache final : public c10::Allocator {
     }
   }
 
-  void report(void* ptr, int64_t delta) const {
+  // To torch.profiler's memory view, as PyTorch's own CPU allocator reports (outside the lock).
+  void report(void* ptr, int64_t delta) {
+    if (!c10::memoryProfilingEnabled()) {
+      return;
+    }
+    size_t live = 0;
+    size_t cached = 0;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      live = live_bytes_;
+      cached = cached_bytes_;
+    }
     c10::reportMemoryUsageToProfiler(
-        ptr, delta, live_bytes_, live_bytes_ + cached_bytes_, c10::Device(c10::DeviceType::CPU));
+        ptr, delta, live, live + cached, c10::Device(c10::DeviceType::CPU));
   }
 
   c10::Allocator* const base_;
