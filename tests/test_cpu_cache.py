@@ -1,5 +1,6 @@
 """The native backend's CPU block cache (fastres.cpu_cache, csrc/cpu/block_cache.cpp)."""
 
+import os
 import threading
 
 import pytest
@@ -144,3 +145,23 @@ def test_torch_profiler_sees_cached_blocks():
         torch.empty(MIB)
     usage = [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage]
     assert 4 * MIB in usage and -4 * MIB in usage
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_frees_and_takes_cached_blocks():
+    """DataLoader workers are forked: the child frees the parent's blocks and caches its own."""
+    with cpu_cache.scope(CPU):
+        inherited = torch.empty(MIB)
+    pid = os.fork()
+    if pid == 0:  # the child: no pytest from here on, only an exit status
+        status = 1
+        try:
+            del inherited
+            with cpu_cache.scope(CPU):
+                taken = torch.empty(MIB)
+            status = 0 if cpu_cache.stats().live_bytes == 4 * MIB and taken.numel() else 2
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert cpu_cache.stats().live_bytes == 4 * MIB  # the parent's block is still its own
