@@ -156,7 +156,7 @@ def _folded(conv: nn.Conv2d, bn: nn.Module, x: Tensor) -> _Folded:
     cached = _FOLDED.get(conv)
     if cached is not None and cached.key == key:
         return cached
-    # Weights live as long as the model: outside the block cache, whose size limit they would raise.
+    # Weights live as long as the model: when it goes, they go back to the C library, not the cache.
     with torch.no_grad(), cpu_cache.paused():
         scale, shift = _eval_affine(bn, torch.float32)
         weight = conv.weight * scale.view(-1, 1, 1, 1)
@@ -196,10 +196,10 @@ def _fused_conv(
         return torch.ops.mkldnn._convolution_pointwise_.binary(
             residual, x, f.weight, f.bias, *geometry, "add", 1.0, unary, [], "",
         )  # fmt: skip
-    # oneDNN's binary-add post-op runs far below its sum post-op (3.5 against 2 ms over the
-    # plain convolution for a 104 -> 256 1x1 at 56x56, batch 8): a separate add + ReLU pass.
-    out = torch.ops.mkldnn._convolution_pointwise(x, f.weight, f.bias, *geometry, "none", [], "")
-    return torch.ops.aten._add_relu_(out, residual) if relu else out.add_(residual)
+    residual = residual.contiguous(memory_format=fmt)
+    return torch.ops.mkldnn._convolution_pointwise.binary(
+        x, residual, f.weight, f.bias, *geometry, "add", 1.0, unary, [], "",
+    )  # fmt: skip
 
 
 def _conv_bn_act(
