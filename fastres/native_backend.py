@@ -140,10 +140,11 @@ def _fast_eval(conv: nn.Conv2d, bn: nn.Module, x: Tensor) -> bool:
         return False
     if conv.weight.dtype != torch.float32:
         return False
-    params = (*conv.parameters(), *bn.parameters())
-    return not (
-        torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
-    )
+    if not torch.is_grad_enabled():
+        return True
+    # The parameters by name: Module.parameters() walks the module tree, about 50 us per unit.
+    params = (x, conv.weight, conv.bias, bn.weight, bn.bias)
+    return not any(p is not None and p.requires_grad for p in params)
 
 
 def _folded(conv: nn.Conv2d, bn: nn.Module, x: Tensor) -> _Folded:
