@@ -77,6 +77,7 @@ def release() -> None:
 
 
 def stats() -> CacheStats:
+    """The cache's counters (all zero without the extension)."""
     if EXTENSION_ERROR is None:
         return CacheStats(*_C.cpu_cache_stats())
     return CacheStats(0, 0, 0, 0)

@@ -15,7 +15,10 @@
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
+
+#if !defined(_WIN32)
 #include <pthread.h>
+#endif
 
 #include <cstdint>
 #include <iterator>
@@ -212,7 +215,9 @@ bool install() {
       return false;
     }
     installed_cache = candidate;
+#if !defined(_WIN32)
     pthread_atfork(nullptr, nullptr, [] { installed_cache->reset_mutex_after_fork(); });
+#endif
     return true;
   }();
   return installed;
