@@ -8,6 +8,8 @@ weights; a fused result passes when `err(fused) <= 4 * err(base) + TOLERANCE[dty
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -74,6 +76,38 @@ def trajectory_deviation(a: Tensor, b: Tensor) -> float:
         return 0.0
     a, b = a.detach().double(), b.detach().double()
     return (a - b).abs().max().item() / (b.abs().max().item() + 1)
+
+
+def sgd_trajectory(model: torch.nn.Module, xs, targets, layout: torch.memory_format) -> dict:
+    """Trains a copy of `model` in `layout`: one SGD step (lr 1e-3, momentum 0.9, cross-entropy)
+    per (x, target). Returns {"loss": the losses [steps], **the final state_dict}."""
+    model = copy.deepcopy(model).to(memory_format=layout).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    losses = []
+    for x, target in zip(xs, targets, strict=True):
+        optimizer.zero_grad()
+        out = model(x.contiguous(memory_format=layout))
+        loss = torch.nn.functional.cross_entropy(out, target)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+    return {"loss": torch.stack(losses), **model.state_dict()}
+
+
+def assert_trajectory_matches(fused: dict, oracle: dict, oracle_cl: dict, what: str = "") -> None:
+    """The trajectory rule per loss and state tensor (dicts as `sgd_trajectory` returns them).
+
+    The fused run may deviate from the oracle's (NCHW) by 4x the oracle's own channels_last
+    deviation + TRAJECTORY_SLACK; integer tensors (step counts) must be equal.
+    """
+    for key, b in oracle.items():
+        a, c = fused[key], oracle_cl[key]
+        if not b.is_floating_point():
+            assert torch.equal(a, b), f"{what}{key}"
+            continue
+        bound = 4 * trajectory_deviation(c, b) + TRAJECTORY_SLACK
+        dev = trajectory_deviation(a, b)
+        assert dev <= bound, f"{what}{key}: deviation {dev:.3e} > {bound:.3e}"
 
 
 def randomize_norms(model: torch.nn.Module, seed: int | None = None) -> torch.nn.Module:

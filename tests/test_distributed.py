@@ -34,11 +34,10 @@ from torch import nn
 import fastres
 from fastres.ops import batchnorm as bn_ops
 from fastres.testing import (
-    TRAJECTORY_SLACK,
     OpRecorder,
     assert_matches_oracle,
+    assert_trajectory_matches,
     randomize_norms,
-    trajectory_deviation,
 )
 
 pytestmark = [
@@ -337,14 +336,7 @@ def check_ddp(tmp_path, model, backend, per_rank, steps, dtype):
     for name, _ in model.named_parameters():
         assert torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]), name
     for rank, r in enumerate(ranks):
-        for key, b in oracle[rank].items():
-            a, c = r["state"][key], oracle_cl[rank][key]
-            if not b.is_floating_point():
-                assert torch.equal(a, b), key
-                continue
-            bound = 4 * trajectory_deviation(c, b) + TRAJECTORY_SLACK
-            dev = trajectory_deviation(a, b)
-            assert dev <= bound, f"rank {rank} {key}: deviation {dev:.3e} > {bound:.3e}"
+        assert_trajectory_matches(r["state"], oracle[rank], oracle_cl[rank], f"rank {rank} ")
 
 
 def test_native_ddp_matches_oracle(tmp_path):

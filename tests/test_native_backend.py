@@ -22,11 +22,11 @@ import fastres
 from fastres import native_backend
 from fastres.ops import batchnorm as bn_ops
 from fastres.testing import (
-    TRAJECTORY_SLACK,
     OpRecorder,
     assert_matches_oracle,
+    assert_trajectory_matches,
     randomize_norms,
-    trajectory_deviation,
+    sgd_trajectory,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -324,29 +324,11 @@ def test_trajectory_matches_oracle(name):
     xs = [torch.randn(2, 3, 40, 40, dtype=torch.float64) for _ in range(3)]
     targets = [torch.randint(0, 5, (2,)) for _ in range(3)]
 
-    def trajectory(m, layout):
-        m = copy.deepcopy(m).to(memory_format=layout)
-        opt = torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)
-        losses = []
-        for x, t in zip(xs, targets, strict=True):
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(m(x.contiguous(memory_format=layout)), t)
-            loss.backward()
-            opt.step()
-            losses.append(loss.detach())
-        return [torch.stack(losses), *m.state_dict().values()]
-
-    oracle = trajectory(model, torch.contiguous_format)
-    oracle_cl = trajectory(model, torch.channels_last)
-    native = trajectory(copy.deepcopy(model).set_backend("native"), torch.channels_last)
-    names = ["loss", *model.state_dict()]
-    for key, a, b, c in zip(names, native, oracle, oracle_cl, strict=True):
-        if not a.is_floating_point():
-            assert torch.equal(a, b), key
-            continue
-        bound = 4 * trajectory_deviation(c, b) + TRAJECTORY_SLACK
-        dev = trajectory_deviation(a, b)
-        assert dev <= bound, f"{name} {key}: deviation {dev:.3e} > {bound:.3e}"
+    oracle = sgd_trajectory(model, xs, targets, torch.contiguous_format)
+    oracle_cl = sgd_trajectory(model, xs, targets, torch.channels_last)
+    native = copy.deepcopy(model).set_backend("native")
+    native = sgd_trajectory(native, xs, targets, torch.channels_last)
+    assert_trajectory_matches(native, oracle, oracle_cl, f"{name} ")
 
 
 def test_autocast_bf16_returns_what_the_oracle_returns():

@@ -27,11 +27,11 @@ from torch import nn
 import fastres
 from fastres.ops import batchnorm as bn_ops
 from fastres.testing import (
-    TRAJECTORY_SLACK,
     OpRecorder,
     assert_matches_oracle,
+    assert_trajectory_matches,
     randomize_norms,
-    trajectory_deviation,
+    sgd_trajectory,
 )
 
 pytest.importorskip("triton")
@@ -250,29 +250,10 @@ def test_trajectory_matches_oracle(device, mode):
     xs = torch.randn(steps, 4, 3, 32, 32, device=device)
     targets = torch.randint(0, 5, (steps, 4), device=device)
 
-    def trajectory(m, layout):
-        m = copy.deepcopy(m).to(memory_format=layout).train()
-        opt = torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)
-        losses = []
-        for x, t in zip(xs, targets, strict=True):
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(m(x.contiguous(memory_format=layout)), t)
-            loss.backward()
-            opt.step()
-            losses.append(loss.detach())
-        return [torch.stack(losses), *m.state_dict().values()]
-
-    oracle = trajectory(model, NCHW)
-    oracle_cl = trajectory(model, CL)
-    fused = trajectory(copy.deepcopy(model).set_backend("triton"), CL)
-    names = ["loss", *model.state_dict()]
-    for key, a, b, c in zip(names, fused, oracle, oracle_cl, strict=True):
-        if not a.is_floating_point():
-            assert torch.equal(a, b), key
-            continue
-        bound = 4 * trajectory_deviation(c, b) + TRAJECTORY_SLACK
-        dev = trajectory_deviation(a, b)
-        assert dev <= bound, f"{key}: deviation {dev:.3e} > {bound:.3e}"
+    oracle = sgd_trajectory(model, xs, targets, NCHW)
+    oracle_cl = sgd_trajectory(model, xs, targets, CL)
+    fused = sgd_trajectory(copy.deepcopy(model).set_backend("triton"), xs, targets, CL)
+    assert_trajectory_matches(fused, oracle, oracle_cl)
 
 
 def test_with_cp_matches_plain_run(device):
