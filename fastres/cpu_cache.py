@@ -5,7 +5,10 @@ fault per 4 KiB page when it is first written: 10-30 thousand faults, about a te
 ResNet-50 forward at batch 8, 224 px on 2 cores. Inside `scope()`, this thread's CPU
 allocations of 1 MiB or more come from a cache of freed blocks of the same size instead
 (`csrc/cpu/block_cache.cpp`, installed as the CPU allocator on first use; every other
-allocation still goes to PyTorch's own). The native backend runs each CPU block in a scope.
+allocation still goes to PyTorch's own). The native backend runs each CPU block in a scope,
+and, in training, the backward pass from its first block on (`scope_backward`): the gradient
+buffers are as large as the activations, and the backward frees the saved activations that
+the next forward takes again.
 
 A cached block that no allocation takes within 256 scopes (a few forwards of the deepest
 model) is freed: after the input shape changes, or after the caller drops outputs it had kept.
@@ -15,9 +18,11 @@ while a model runs, and keeps it when the model stops running: `release()` frees
 
 from __future__ import annotations
 
+import threading
 from typing import NamedTuple
 
 import torch
+from torch import Tensor
 
 from .ops.batchnorm import EXTENSION_ERROR
 
@@ -55,6 +60,46 @@ class scope:
     def __exit__(self, *exc) -> None:
         if self._active:
             _C.cpu_cache_exit()
+
+
+# Whether this thread's backward pass runs in a scope that `_close_backward_scope` leaves.
+_backward = threading.local()
+
+
+def scope_backward(output: Tensor) -> None:
+    """Runs the backward pass that reaches `output`, from its grad_fn to the end, in a scope.
+
+    The scope opens when the backward reaches `output`'s grad_fn (once per backward pass, on
+    the thread that runs it) and closes when that pass ends. A no-op where `scope` is one and
+    for outputs without a grad_fn.
+    """
+    if torch.compiler.is_compiling() or output.device.type != "cpu" or EXTENSION_ERROR:
+        return
+    if output.grad_fn is not None:
+        output.grad_fn.register_prehook(_open_backward_scope)
+
+
+def _open_backward_scope(grad_outputs):
+    if getattr(_backward, "open", False) or not _C.cpu_cache_enter():
+        return
+    _backward.open = True
+    # Runs when this backward pass has finished; CPU backward passes run on the calling thread.
+    torch.autograd.Variable._execution_engine.queue_callback(_close_backward_scope)
+
+
+def _close_backward_scope() -> None:
+    if getattr(_backward, "open", False):
+        _backward.open = False
+        _C.cpu_cache_exit()
+
+
+def close_stale_backward_scope() -> None:
+    """Closes a backward scope that a failed backward pass left open (its end callback only
+    runs when the pass succeeds); call where a new forward starts outside any backward."""
+    if torch.compiler.is_compiling() or not getattr(_backward, "open", False):
+        return
+    if torch._C._current_graph_task_id() < 0:
+        _close_backward_scope()
 
 
 class paused:

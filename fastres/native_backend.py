@@ -269,16 +269,21 @@ class NativeBackend(Backend):
         units = list(model.stem) if model.deep_stem else [model.conv1, model.norm1, model.relu]
         if not (_norms_fusable(units) and _batch_ok(x)):
             return model.stem_reference(x)
+        cpu_cache.close_stale_backward_scope()
         with cpu_cache.scope(x.device):
             for i in range(0, len(units), 3):
                 x = _conv_bn_act(units[i], units[i + 1], x)
-            return model.maxpool(x)
+            x = model.maxpool(x)
+        cpu_cache.scope_backward(x)
+        return x
 
     def run_block(self, block: nn.Module, x: Tensor) -> Tensor:
         if not (_norms_fusable(block.modules()) and _batch_ok(x)):
             return block.forward_reference(x)
         with cpu_cache.scope(x.device):
-            return self._block(block, x)
+            out = self._block(block, x)
+        cpu_cache.scope_backward(out)
+        return out
 
     @staticmethod
     def _block(block: nn.Module, x: Tensor) -> Tensor:

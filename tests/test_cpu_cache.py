@@ -131,11 +131,60 @@ def test_a_native_training_step_reuses_the_last_steps_blocks():
     torch.manual_seed(0)
     model = ResNet(depth=18, backend="native").train()
     x = torch.randn(4, 3, 96, 96)
-    model(x)[-1].sum().backward()
+    # The first backward allocates the gradients (kept), the second settles what remains.
+    for _ in range(2):
+        model(x)[-1].sum().backward()
     before = cpu_cache.stats()
     model(x)[-1].sum().backward()
     delta = _delta(before, cpu_cache.stats())
     assert delta["misses"] == 0 and delta["hits"] > 0
+
+
+def _allocation_is_cached() -> bool:
+    before = cpu_cache.stats().live_bytes
+    probe = torch.empty(MIB)
+    cached = cpu_cache.stats().live_bytes == before + 4 * MIB
+    del probe
+    return cached
+
+
+def test_a_native_backward_runs_in_a_scope_from_the_model_to_its_end():
+    torch.manual_seed(0)
+    model = ResNet(depth=18, backend="native").train()
+    x = torch.randn(2, 3, 64, 64, requires_grad=True)
+    outs = model(x)
+    seen = {}
+
+    def probe(name):
+        def hook(grad):
+            seen[name] = _allocation_is_cached()
+
+        return hook
+
+    # The head's gradient runs before the backward reaches the model; the input's, last.
+    outs[-1].register_hook(probe("head"))
+    x.register_hook(probe("input"))
+    before = cpu_cache.stats()
+    (outs[-1] * 2).sum().backward()
+    assert seen == {"head": False, "input": True}
+    assert cpu_cache.stats().hits + cpu_cache.stats().misses > before.hits + before.misses
+    assert not _allocation_is_cached()  # closed when the backward pass ended
+
+
+def test_a_failed_native_backward_leaves_a_scope_the_next_forward_closes():
+    torch.manual_seed(0)
+    model = ResNet(depth=18, backend="native").train()
+    x = torch.randn(2, 3, 64, 64, requires_grad=True)
+
+    def fail(grad):
+        raise RuntimeError("failed in backward")
+
+    x.register_hook(fail)
+    with pytest.raises(RuntimeError, match="failed in backward"):
+        model(x)[-1].sum().backward()
+    assert _allocation_is_cached()  # the end-of-pass callback did not run
+    model(x.detach())
+    assert not _allocation_is_cached()
 
 
 def test_torch_profiler_sees_cached_blocks():
