@@ -22,7 +22,8 @@ from . import benchmark as bm
 # with torch.compile only for inference (see `compile_modes`), so that the whole run takes about
 # two minutes on 2 idle cores; `--image-size 224` gives SPEC's image size (about 3x the time).
 # Each system takes one untimed step alone after its check call (warmup; its peak memory is
-# measured there), then the systems of a group are timed in turns: the median of 3 on the CPU.
+# measured there), then the systems of a group are timed in turns: the median of 3 on the CPU,
+# where each system runs in a process of its own (`benchmark.isolates`).
 # GPU: SPEC's configuration (bf16 autocast, batch 256, 224x224).
 DEFAULTS = {
     "cpu": {"batch": 8, "image_size": 128, "dtype": "fp32", "iters": 3, "warmup": 1},
@@ -94,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="on CPU, also compile the training step (off by default: it compiles for ~2 min "
         "on 2 cores and runs slower than eager; SPEC sets no CPU training target against it)",
+    )
+    bench.add_argument(
+        "--same-process",
+        action="store_true",
+        help="time every system in this process (default on CPU: each system in a process of "
+        "its own, as a user runs it; systems sharing a process share the C library's heap, "
+        "and with it each other's page faults)",
     )
     bench.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
 
@@ -191,6 +199,7 @@ def run_bench(args: argparse.Namespace) -> int:
         peers = [bm.EAGER, bm.EAGER_CL] + ([bm.COMPILE] if config.mode in compiled else [])
         return peers + [bm.fastres_system(name) for name in chosen]
 
+    isolate = bm.isolates(args.device) and not args.same_process
     print(f"fastres bench on {bm.device_name(args.device)}")
     if hasattr(os, "getloadavg"):
         load = os.getloadavg()[0]
@@ -203,7 +212,8 @@ def run_bench(args: argparse.Namespace) -> int:
         f"  models {', '.join(c.label for c in configs[:: len(modes)])}, modes {', '.join(modes)}, "
         f"batch {args.batch}, image {args.image_size}x{args.image_size}, {args.dtype}"
         f"{' (autocast)' if args.dtype != 'fp32' else ''}, iters {args.iters} "
-        f"(+{max(args.warmup, 1)} warmup; the systems of a group take turns), seed {args.seed}"
+        f"(+{max(args.warmup, 1)} warmup; the systems of a group take turns"
+        f"{', each in its own process' if isolate else ''}), seed {args.seed}"
     )
     compile_note = f"compile (channels_last; {', '.join(sorted(compiled))}), " if compiled else ""
     print(
@@ -242,7 +252,9 @@ def run_bench(args: argparse.Namespace) -> int:
             progress.advance()
             progress.show(f"{group}: {label}")
 
-        results += bm.run_group(case, systems_for(config), args.iters, args.warmup, on_phase)
+        results += bm.run_group(
+            case, systems_for(config), args.iters, args.warmup, on_phase, isolate=isolate
+        )
         progress.advance()
         del case
     progress.close()
@@ -267,6 +279,7 @@ def run_bench(args: argparse.Namespace) -> int:
             seed=args.seed,
             backends=chosen,
             compile_modes=sorted(compiled),
+            process_per_system=isolate,
             command=" ".join(sys.argv),
             total_s=elapsed,
         )

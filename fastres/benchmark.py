@@ -28,6 +28,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -334,7 +335,7 @@ class Case:
     """
 
     def __init__(self, config: BenchConfig, seed: int = 0):
-        self.config = config
+        self.config, self.seed = config, seed
         self.device = torch.device(config.device)
         if self.device.type == "cuda":
             # PyTorch eager's best configuration times cuDNN's convolution algorithms first.
@@ -515,6 +516,17 @@ class Prepared:
     peak_memory_bytes: int | None
     memory_kind: str
 
+    @property
+    def system(self) -> System:
+        return self.runner.system
+
+    def step_time(self) -> float:
+        """Seconds of one synchronised step."""
+        return time_steps(self.runner.step, self.runner.device, 1, 0)[0]
+
+    def close(self) -> None:
+        pass
+
 
 def prepare_system(case: Case, system: System, warmup: int) -> Prepared:
     """Builds `system`, checks it once against the oracle, then runs `max(warmup, 1)` untimed
@@ -534,8 +546,8 @@ def prepare_system(case: Case, system: System, warmup: int) -> Prepared:
     return Prepared(runner, check, first_call_s, peak, meter.kind)
 
 
-def _result(case: Case, prepared: Prepared, times: list[float]) -> Result:
-    config, system, check = case.config, prepared.runner.system, prepared.check
+def _result(case: Case, prepared: Prepared | Isolated, times: list[float]) -> Result:
+    config, system, check = case.config, prepared.system, prepared.check
     median = statistics.median(times)
     return Result(
         group=config.group,
@@ -580,12 +592,98 @@ def run_system(
     return result
 
 
+class Isolated:
+    """A system prepared in a process of its own (`_isolated_worker`), stepped on request.
+
+    The same interface as `Prepared`: `system`, `check`, `first_call_s`, `peak_memory_bytes`,
+    `memory_kind`, `step_time()`, `close()`.
+    """
+
+    def __init__(self, case: Case, system: System, warmup: int):
+        self.system = system
+        # Spawned, not forked: a fork would inherit this process's heap, threads and CUDA state.
+        ctx = torch.multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        layouts = {system.channels_last}
+        state = (case.config, case.seed, case.gold(), {k: case.base(k) for k in layouts})
+        self._process = ctx.Process(
+            target=_isolated_worker,
+            args=(child, state, system, warmup, torch.get_num_threads()),
+            daemon=True,
+        )
+        self._process.start()
+        child.close()
+        try:
+            self.check, self.first_call_s, self.peak_memory_bytes, self.memory_kind = (
+                self._receive()
+            )
+        except BaseException:
+            self.close()
+            raise
+
+    def _receive(self):
+        try:
+            ok, payload = self._conn.recv()
+        except EOFError:
+            raise RuntimeError(
+                f"the benchmark process of {self.system.name} died "
+                f"(exit code {self._process.exitcode})"
+            ) from None
+        if not ok:
+            raise RuntimeError(f"{self.system.name} failed in its benchmark process:\n{payload}")
+        return payload
+
+    def step_time(self) -> float:
+        self._conn.send("step")
+        return self._receive()
+
+    def close(self) -> None:
+        if self._process.is_alive():
+            with contextlib.suppress(OSError):
+                self._conn.send("stop")
+            self._process.join(timeout=60)
+        if self._process.is_alive():
+            self._process.kill()
+        self._conn.close()
+
+
+def _isolated_worker(conn, state, system: System, warmup: int, threads: int) -> None:
+    """The body of an `Isolated` system's process: prepare, then one step per "step" message."""
+    try:
+        torch.set_num_threads(threads)
+        config, seed, gold, bases = state
+        case = Case(config, seed)
+        case._gold, case._bases = gold, bases
+        prepared = prepare_system(case, system, warmup)
+        check = prepared.check
+        conn.send((True, (check, prepared.first_call_s, prepared.peak_memory_bytes,
+                          prepared.memory_kind)))  # fmt: skip
+        while conn.recv() == "step":
+            conn.send((True, prepared.step_time()))
+    except Exception:  # reported to the parent, which raises it
+        conn.send((False, traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+def isolates(device: torch.device | str) -> bool:
+    """Whether `run_group` gives each system a process of its own on `device` (CPU).
+
+    Systems in one process share the C library's heap: which of them takes page faults on
+    fresh buffers, and how many, depends on what the others freed before it. In a process of
+    its own each system runs as a user's training or inference process does. (CUDA memory
+    comes from PyTorch's caching allocator, so GPU systems share a process.)
+    """
+    return torch.device(device).type == "cpu"
+
+
 def run_group(
     case: Case,
     systems: Sequence[System],
     iters: int,
     warmup: int,
     on_phase: Callable[[str], None] | None = None,
+    isolate: bool | None = None,
 ) -> list[Result]:
     """Prepares every system of `case`, then times them in turns, one step each per round.
 
@@ -596,21 +694,31 @@ def run_group(
     Args:
         on_phase: called with a label as each system's preparation, then the timing, starts
             (progress display).
+        isolate: each system in a process of its own (default: `isolates(case.device)`).
     """
     report = on_phase or (lambda label: None)
-    prepared = []
-    for system in systems:
-        report(f"{system.name}: build, check, warmup")
-        prepared.append(prepare_system(case, system, warmup))
-    report(f"timing {len(prepared)} systems in turns, {iters} rounds")
-    times: list[list[float]] = [[] for _ in prepared]
-    for _ in range(iters):
-        for p, p_times in zip(prepared, times):
-            p_times.extend(time_steps(p.runner.step, case.device, 1, 0))
-    results = [_result(case, p, t) for p, t in zip(prepared, times)]
-    del prepared
-    free_memory()
-    return results
+    if isolate is None:
+        isolate = isolates(case.device)
+    prepared: list[Prepared | Isolated] = []
+    try:
+        for system in systems:
+            where = " (own process)" if isolate else ""
+            report(f"{system.name}: build, check, warmup{where}")
+            if isolate:
+                prepared.append(Isolated(case, system, warmup))
+            else:
+                prepared.append(prepare_system(case, system, warmup))
+        report(f"timing {len(prepared)} systems in turns, {iters} rounds")
+        times: list[list[float]] = [[] for _ in prepared]
+        for _ in range(iters):
+            for p, p_times in zip(prepared, times):
+                p_times.append(p.step_time())
+        return [_result(case, p, t) for p, t in zip(prepared, times)]
+    finally:
+        for p in prepared:
+            p.close()
+        del prepared
+        free_memory()
 
 
 def add_speedups(results: Iterable[Result]) -> None:

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from fastres import available_backends
+from fastres import available_backends, cpu_cache
 from fastres import benchmark as bm
 from fastres.__main__ import main
 
@@ -103,6 +103,28 @@ def test_bench_rejects_unavailable_backend(one_thread):
     assert "triton" in missing  # only interpreted on CPU: never timed
     with pytest.raises(SystemExit, match="cannot run on cpu"):
         main(["bench", *TINY, "--backend", missing[0]])
+
+
+@pytest.mark.skipif(not available_backends()["native"].available, reason="needs fastres._C")
+@pytest.mark.parametrize("isolate", [True, False])
+def test_run_group_gives_each_system_its_own_process_on_request(isolate, one_thread):
+    """Isolated, the native system's CPU block cache is its process's, not this one's."""
+    config = bm.BenchConfig("resnet", 18, batch=4, image_size=64, mode="train")
+    case = bm.Case(config, seed=3)
+    before = cpu_cache.stats()
+    systems = [bm.EAGER_CL, bm.fastres_system("native")]
+    results = bm.run_group(case, systems, iters=2, warmup=1, isolate=isolate)
+    assert [r.system for r in results] == ["eager-cl", "fastres-native"]
+    assert all(r.check_passed and len(r.times_ms) == 2 for r in results)
+    used_here = cpu_cache.stats().hits + cpu_cache.stats().misses > before.hits + before.misses
+    assert used_here != isolate
+
+
+def test_a_system_that_fails_in_its_process_raises_here(one_thread):
+    config = bm.BenchConfig("resnet", 18, batch=2, image_size=32, mode="infer")
+    broken = bm.System("broken", backend="no-such-backend")
+    with pytest.raises(RuntimeError, match="(?s)broken failed in its benchmark process.*no-such"):
+        bm.run_group(bm.Case(config), [bm.EAGER_CL, broken], iters=1, warmup=0, isolate=True)
 
 
 def test_check_catches_a_wrong_system(one_thread):
