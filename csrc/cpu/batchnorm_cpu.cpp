@@ -59,6 +59,18 @@ void run_avx2(const F& f) {
 inline bool cpu_has_avx2() { return false; }
 #endif
 
+// On a loop: its iterations carry no memory dependence (the outputs alias no input). GCC
+// otherwise versions these loops with run-time overlap checks of every pointer pair, which
+// fail on adjacent buffers and leave the scalar loop running: bn_backward_reduce with a
+// residual ran 2-3.5x slower than with this.
+#if defined(__clang__)
+#define FASTRES_NO_ALIAS _Pragma("clang loop vectorize(assume_safety)")
+#elif defined(__GNUC__)
+#define FASTRES_NO_ALIAS _Pragma("GCC ivdep")
+#else
+#define FASTRES_NO_ALIAS
+#endif
+
 template <typename F>
 void run_baseline(const F& f) {
   f();
@@ -179,6 +191,7 @@ FASTRES_INLINE inline void reduce_row(const scalar_t* __restrict go, const scala
                 acc_t* __restrict s2, int64_t C) {
   const acc_t *__restrict ts = t.scale, *__restrict tt = t.shift;
   const acc_t *__restrict tsr = t.scale_r, *__restrict ttr = t.shift_r;
+FASTRES_NO_ALIAS
   for (int64_t c = 0; c < C; ++c) {
     const acc_t xv = static_cast<acc_t>(x[c]);
     const acc_t rv = HR ? static_cast<acc_t>(r[c]) : acc_t(0);
@@ -222,6 +235,7 @@ FASTRES_INLINE inline void elemt_span(const scalar_t* __restrict go, const scala
                 scalar_t* __restrict gx, scalar_t* __restrict gr, int64_t n) {
   const acc_t *__restrict ts = t.scale, *__restrict tt = t.shift;
   const acc_t *__restrict tsr = t.scale_r, *__restrict ttr = t.shift_r;
+FASTRES_NO_ALIAS
   for (int64_t i = 0; i < n; ++i) {
     const int64_t c = ROW ? i : c0;
     const acc_t xv = static_cast<acc_t>(x[i]);
@@ -427,9 +441,11 @@ Tensor bn_apply_cpu(const Tensor& x_in, const Tensor& scale, const Tensor& shift
       for_each_block(
           g,
           [&](int64_t base) FASTRES_INLINE {
+FASTRES_NO_ALIAS
             for (int64_t c = 0; c < g.c; ++c) store(base + c, c);
           },
           [&](int64_t base, int64_t c) FASTRES_INLINE {
+FASTRES_NO_ALIAS
             for (int64_t i = base; i < base + g.s; ++i) store(i, c);
           });
     });
