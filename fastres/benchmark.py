@@ -592,6 +592,10 @@ def run_system(
     return result
 
 
+# More than libgomp's default spin-wait (300,000 pauses, a few ms) before it sleeps.
+SPIN_SETTLE_S = 0.05
+
+
 class Isolated:
     """A system prepared in a process of its own (`_isolated_worker`), stepped on request.
 
@@ -634,6 +638,10 @@ class Isolated:
         return payload
 
     def step_time(self) -> float:
+        # The system that stepped last is another process, whose OpenMP threads spin-wait for
+        # a few milliseconds after its step (libgomp's default policy) on the cores this step
+        # needs: let them go to sleep first.
+        time.sleep(SPIN_SETTLE_S)
         self._conn.send("step")
         return self._receive()
 
