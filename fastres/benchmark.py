@@ -662,12 +662,11 @@ def _isolated_worker(conn, state, system: System, warmup: int, threads: int) -> 
         config, seed, gold, bases = state
         case = Case(config, seed)
         case._gold, case._bases = gold, bases
-        prepared = prepare_system(case, system, warmup)
-        check = prepared.check
-        conn.send((True, (check, prepared.first_call_s, prepared.peak_memory_bytes,
-                          prepared.memory_kind)))  # fmt: skip
+        ready = prepare_system(case, system, warmup)
+        conn.send((True, (ready.check, ready.first_call_s, ready.peak_memory_bytes,
+                          ready.memory_kind)))  # fmt: skip
         while conn.recv() == "step":
-            conn.send((True, prepared.step_time()))
+            conn.send((True, ready.step_time()))
     except Exception:  # reported to the parent, which raises it
         conn.send((False, traceback.format_exc()))
     finally:

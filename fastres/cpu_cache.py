@@ -73,9 +73,9 @@ def scope_backward(output: Tensor) -> None:
     the thread that runs it) and closes when that pass ends. A no-op where `scope` is one and
     for outputs without a grad_fn.
     """
-    if torch.compiler.is_compiling() or output.device.type != "cpu" or EXTENSION_ERROR:
+    if EXTENSION_ERROR is not None or torch.compiler.is_compiling():
         return
-    if output.grad_fn is not None:
+    if output.device.type == "cpu" and output.grad_fn is not None:
         output.grad_fn.register_prehook(_open_backward_scope)
 
 
