@@ -876,6 +876,9 @@ def environment(device: torch.device | str) -> dict:
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "versions": versions(),
         "platform": platform.platform(),
+        "threads": torch.get_num_threads(),
+        # OpenMP's settings change eager PyTorch's CPU timings more than fastres' (see README).
+        "openmp_env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_"))},
         "backends": {n: s.reason for n, s in backends.available_backends().items()},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

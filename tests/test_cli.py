@@ -42,6 +42,8 @@ def test_bench_prints_table_and_writes_json(tmp_path, capsys, one_thread):
     payload = json.loads(path.read_text())
     assert payload["environment"]["device_type"] == "cpu"
     assert payload["environment"]["versions"]["torch"] == torch.__version__
+    omp = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_"))}
+    assert payload["environment"]["openmp_env"] == omp
     assert payload["settings"]["batch"] == 2 and payload["settings"]["compile_modes"] == []
     results = payload["results"]
     assert len(results) == 2 * len(systems)
