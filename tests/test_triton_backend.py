@@ -113,17 +113,22 @@ GRAD_CASES = {
 @pytest.mark.parametrize("case", GRAD_CASES.values(), ids=GRAD_CASES.keys())
 def test_bn_eval_training_gradients(device, case):
     """In training with BN in eval mode (norm_eval, frozen stages) the fused folded path runs,
-    and every gradient (conv weights, BN weight / bias through the fold, the input) matches."""
+    and every gradient (conv weights, BN weight / bias through the fold, the input) matches.
+
+    Under the interpreter the gradients are compared in float64, as in test_triton_training: in
+    float32 a pre-activation within rounding of a ReLU kink (seen at 3e-9 of the tensor's
+    largest value) lands on the other side in the fused run, and its element then moves an
+    upstream weight gradient by a whole gradient (stem.0.weight by 3%)."""
     cls, kwargs = case
     model = build(cls, device, **kwargs).train()
     assert not any(m.training for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     x = torch.randn(2, 3, 32, 32, device=device)
     grad_outs = None
 
-    def run(m, dtype):
+    def run(m, dtype, layout=torch.contiguous_format):
         nonlocal grad_outs
-        m = m.to(dtype)
-        xi = x.to(dtype).requires_grad_()
+        m = m.to(dtype).to(memory_format=layout)
+        xi = x.to(dtype, memory_format=layout, copy=True).requires_grad_()
         outs = as_tuple(m(xi))
         if grad_outs is None:
             grad_outs = [torch.randn_like(o, dtype=torch.float64) for o in outs]
@@ -132,22 +137,32 @@ def test_bn_eval_training_gradients(device, case):
         grads = {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
         return outs, grads, xi.grad
 
+    def check(fused, base, gold, dtype, grads=True):
+        for i, (a, b, g) in enumerate(zip(fused[0], base[0], gold[0], strict=True)):
+            assert_matches_oracle(a, b, g, dtype, f"output {i}")
+        assert gold[1].keys() == fused[1].keys() and gold[1]
+        for name in gold[1]:
+            assert fused[1][name] is not None, f"no gradient reached {name}"
+            if grads:
+                assert_matches_oracle(fused[1][name], base[1][name], gold[1][name], dtype, name)
+        if grads:
+            assert_matches_oracle(fused[2], base[2], gold[2], dtype, "input gradient")
+
     gold = run(copy.deepcopy(model), torch.float64)
     base = run(copy.deepcopy(model), torch.float32)
     fused_model = copy.deepcopy(model).set_backend("triton")
     with OpRecorder() as recorder:
         fused = run(fused_model, torch.float32)
     assert "aten.convolution.default" not in recorder.ops, "forward ran a PyTorch convolution"
-    for i, (a, b, g) in enumerate(zip(fused[0], base[0], gold[0], strict=True)):
-        assert_matches_oracle(a, b, g, torch.float32, f"output {i}")
-    assert gold[1].keys() == fused[1].keys() and gold[1]
-    for name in gold[1]:
-        assert fused[1][name] is not None, f"no gradient reached {name}"
-        assert_matches_oracle(fused[1][name], base[1][name], gold[1][name], torch.float32, name)
-    assert_matches_oracle(fused[2], base[2], gold[2], torch.float32, "input gradient")
+    check(fused, base, gold, torch.float32, grads=device.type == "cuda")
     for name, p in fused_model.named_parameters():
         if not p.requires_grad:
             assert p.grad is None, f"frozen parameter {name} got a gradient"
+    if device.type == "cpu":
+        # The float64 oracle in channels_last (another summation order) is the base.
+        base = run(copy.deepcopy(model), torch.float64, torch.channels_last)
+        fused = run(copy.deepcopy(model).set_backend("triton"), torch.float64)
+        check(fused, base, gold, torch.float64)
 
 
 def test_groupnorm_falls_back_and_float64_runs_only_interpreted(device):
