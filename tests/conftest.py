@@ -27,8 +27,9 @@ def device(request) -> torch.device:
 
 @pytest.fixture(autouse=True)
 def _fresh_seed():
-    """Fresh random data every run, but the seed is printed so a failure can be replayed."""
-    seed = int.from_bytes(os.urandom(4), "little")
+    """Fresh random data every run, but the seed is printed so that a failure can be replayed:
+    FASTRES_TEST_SEED=<seed> runs the test on that seed's data."""
+    seed = int(os.environ.get("FASTRES_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
     torch.manual_seed(seed)
     print(f"torch seed {seed}")
     yield
