@@ -235,6 +235,10 @@ def run_bench(args: argparse.Namespace) -> int:
             else "peak RSS (VmHWM, reset through /proc/self/clear_refs) above the RSS before "
             "the system was built"
         ),
+    )
+    print(
+        "  faults/it: the process's minor page faults per timed step (first touches of memory "
+        "the C library had given back to the kernel)",
         flush=True,
     )
 

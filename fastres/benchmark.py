@@ -32,6 +32,7 @@ import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,11 @@ from torch import Tensor, nn
 from . import backends
 from .models import Res2Net, ResNet
 from .testing import assert_matches_oracle, randomize_norms, relative_error
+
+try:
+    import resource
+except ImportError:  # not a Unix: page faults are not counted
+    resource = None
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODELS = {"resnet": ResNet, "res2net": Res2Net}
@@ -460,6 +466,27 @@ class MemoryMeter:
 # -- timing and results ---------------------------------------------------------------------
 
 
+def minor_page_faults() -> int | None:
+    """This process's minor page faults so far, all threads (None where they are not counted).
+
+    On CPU they are first touches of memory that the C library had returned to the kernel, and
+    they cost: glibc gives large freed blocks back, so a step that allocates fresh activation
+    buffers faults every 4 KiB page of them in again (tens of thousands per ResNet-50 step).
+    """
+    return None if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _faults_since(before: int | None) -> int | None:
+    return None if before is None else minor_page_faults() - before
+
+
+class Sample(NamedTuple):
+    """One timed step."""
+
+    seconds: float
+    page_faults: int | None  # minor page faults of the step's process during it
+
+
 def time_steps(
     step: Callable[[], None], device: torch.device, iters: int, warmup: int
 ) -> list[float]:
@@ -504,6 +531,8 @@ class Result:
     speedup: float | None = None
     # Peak memory over eager channels_last's in the same group (SPEC 6, training: <= 0.6x).
     memory_ratio: float | None = None
+    # Mean minor page faults per timed step (`minor_page_faults`); None where not counted.
+    page_faults_per_iter: float | None = None
 
 
 @dataclass
@@ -520,9 +549,11 @@ class Prepared:
     def system(self) -> System:
         return self.runner.system
 
-    def step_time(self) -> float:
-        """Seconds of one synchronised step."""
-        return time_steps(self.runner.step, self.runner.device, 1, 0)[0]
+    def step_time(self) -> Sample:
+        """One synchronised step: its seconds and this process's page faults during it."""
+        before = minor_page_faults()
+        seconds = time_steps(self.runner.step, self.runner.device, 1, 0)[0]
+        return Sample(seconds, _faults_since(before))
 
     def close(self) -> None:
         pass
@@ -546,7 +577,10 @@ def prepare_system(case: Case, system: System, warmup: int) -> Prepared:
     return Prepared(runner, check, first_call_s, peak, meter.kind)
 
 
-def _result(case: Case, prepared: Prepared | Isolated, times: list[float]) -> Result:
+def _result(
+    case: Case, prepared: Prepared | Isolated, times: list[float], page_faults: int | None
+) -> Result:
+    """page_faults: the total over the timed steps, or None where they were not counted."""
     config, system, check = case.config, prepared.system, prepared.check
     median = statistics.median(times)
     return Result(
@@ -571,6 +605,7 @@ def _result(case: Case, prepared: Prepared | Isolated, times: list[float]) -> Re
         worst_grad=check.worst_grad,
         peak_memory_bytes=prepared.peak_memory_bytes,
         memory_kind=prepared.memory_kind,
+        page_faults_per_iter=None if page_faults is None else page_faults / len(times),
     )
 
 
@@ -585,8 +620,9 @@ def run_system(
     """
     prepared = prepare_system(case, system, warmup)
     step = prepared.runner.step
+    before = minor_page_faults()
     times = time_steps(step, case.device, iters, 0) if timer is None else timer(step)
-    result = _result(case, prepared, times)
+    result = _result(case, prepared, times, _faults_since(before))
     del prepared, step
     free_memory()
     return result
@@ -637,7 +673,7 @@ class Isolated:
             raise RuntimeError(f"{self.system.name} failed in its benchmark process:\n{payload}")
         return payload
 
-    def step_time(self) -> float:
+    def step_time(self) -> Sample:
         # The system that stepped last is another process, whose OpenMP threads spin-wait for
         # a few milliseconds after its step (libgomp's default policy) on the cores this step
         # needs: let them go to sleep first.
@@ -716,16 +752,22 @@ def run_group(
             else:
                 prepared.append(prepare_system(case, system, warmup))
         report(f"timing {len(prepared)} systems in turns, {iters} rounds")
-        times: list[list[float]] = [[] for _ in prepared]
+        samples: list[list[Sample]] = [[] for _ in prepared]
         for _ in range(iters):
-            for p, p_times in zip(prepared, times):
-                p_times.append(p.step_time())
-        return [_result(case, p, t) for p, t in zip(prepared, times)]
+            for p, p_samples in zip(prepared, samples):
+                p_samples.append(p.step_time())
+        return [_result(case, p, *_totals(s)) for p, s in zip(prepared, samples)]
     finally:
         for p in prepared:
             p.close()
         del prepared
         free_memory()
+
+
+def _totals(samples: list[Sample]) -> tuple[list[float], int | None]:
+    """The seconds of each step, and the page faults of all of them (None if uncounted)."""
+    faults = [s.page_faults for s in samples]
+    return [s.seconds for s in samples], None if None in faults else sum(faults)
 
 
 def add_speedups(results: Iterable[Result]) -> None:
@@ -750,9 +792,9 @@ def _format_bytes(n: int | None) -> str:
 
 def format_table(results: Iterable[Result]) -> str:
     """A plain-text table: group, system, img/s, speedup, peak memory ratio (both over eager
-    channels_last), error, check, peak memory, and the first call's time (building the model,
-    the check; torch.compile's compilation); then the Res2Net / ResNet speed ratios where both
-    models ran."""
+    channels_last), error, check, peak memory, the first call's time (building the model,
+    the check; torch.compile's compilation) and the page faults per step; then the Res2Net /
+    ResNet speed ratios where both models ran."""
     results = list(results)
     header = (
         "group",
@@ -765,6 +807,7 @@ def format_table(results: Iterable[Result]) -> str:
         "check",
         "peak mem",
         "1st call",
+        "faults/it",
     )
     rows = [header]
     for r in results:
@@ -780,6 +823,7 @@ def format_table(results: Iterable[Result]) -> str:
                 "ok" if r.check_passed else "FAIL",
                 _format_bytes(r.peak_memory_bytes),
                 f"{r.first_call_s:.1f} s",
+                "-" if r.page_faults_per_iter is None else f"{r.page_faults_per_iter:,.0f}",
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -867,6 +911,11 @@ def versions() -> dict[str, str | None]:
     }
 
 
+# Environment variables that change how the CPU allocator maps memory (besides glibc's MALLOC_*):
+# glibc's tunables, a preloaded allocator (jemalloc, tcmalloc), PyTorch's huge-page switch.
+ALLOCATOR_ENV = ("GLIBC_TUNABLES", "LD_PRELOAD", "THP_MEM_ALLOC_ENABLE")
+
+
 def environment(device: torch.device | str) -> dict:
     """What a results file records about where it was measured."""
     return {
@@ -879,6 +928,10 @@ def environment(device: torch.device | str) -> dict:
         "threads": torch.get_num_threads(),
         # OpenMP's settings change eager PyTorch's CPU timings more than fastres' (see README).
         "openmp_env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_"))},
+        # The C library's allocator settings decide how many page faults eager PyTorch takes.
+        "allocator_env": {
+            k: v for k, v in os.environ.items() if k in ALLOCATOR_ENV or k.startswith("MALLOC_")
+        },
         "backends": {n: s.reason for n, s in backends.available_backends().items()},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

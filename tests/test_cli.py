@@ -1,9 +1,11 @@
 """`python -m fastres {bench,profile,info}` on tiny configurations."""
 
 import json
+import mmap
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -44,6 +46,8 @@ def test_bench_prints_table_and_writes_json(tmp_path, capsys, one_thread):
     assert payload["environment"]["versions"]["torch"] == torch.__version__
     omp = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_"))}
     assert payload["environment"]["openmp_env"] == omp
+    malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+    assert malloc.items() <= payload["environment"]["allocator_env"].items()
     assert payload["settings"]["batch"] == 2 and payload["settings"]["compile_modes"] == []
     results = payload["results"]
     assert len(results) == 2 * len(systems)
@@ -52,6 +56,7 @@ def test_bench_prints_table_and_writes_json(tmp_path, capsys, one_thread):
         assert r["img_per_s"] == pytest.approx(2e3 / r["ms_per_iter"])
         assert r["check_passed"] and 0 < r["max_error"] < 1
         assert r["peak_memory_bytes"] is None or r["peak_memory_bytes"] > 0
+        assert r["page_faults_per_iter"] >= 0  # Linux counts them
     baseline = {r["group"]: r["img_per_s"] for r in results if r["system"] == "eager-cl"}
     peaks = {r["group"]: r["peak_memory_bytes"] for r in results if r["system"] == "eager-cl"}
     for r in results:
@@ -92,7 +97,7 @@ def test_speedup_and_memory_ratio_over_eager_cl():
     ratios = [r.memory_ratio for r in results]
     assert ratios[:4] == pytest.approx([1.5, 1, 0.5, 1]) and ratios[4:] == [None, None]
     lines = bm.format_table(results).splitlines()
-    assert lines[0].split()[4:7] == ["speedup", "mem", "ratio"]
+    assert lines[0].split()[4:7] == ["speedup", "mem", "ratio"] and lines[0].endswith("faults/it")
     cells = {(row[0], row[1]): row[4:6] for row in (line.split() for line in lines[2:])}
     assert cells["resnet50-a", "fastres-triton"] == ["1.50x", "0.50x"]
     assert cells["resnet50-b", "fastres-native"] == ["3.00x", "-"]
@@ -118,8 +123,29 @@ def test_run_group_gives_each_system_its_own_process_on_request(isolate, one_thr
     results = bm.run_group(case, systems, iters=2, warmup=1, isolate=isolate)
     assert [r.system for r in results] == ["eager-cl", "fastres-native"]
     assert all(r.check_passed and len(r.times_ms) == 2 for r in results)
+    assert all(r.page_faults_per_iter >= 0 for r in results)  # counted in either process
     used_here = cpu_cache.stats().hits + cpu_cache.stats().misses > before.hits + before.misses
     assert used_here != isolate
+
+
+def _prepared(step) -> bm.Prepared:
+    runner = SimpleNamespace(step=step, device=torch.device("cpu"))
+    return bm.Prepared(runner, check=None, first_call_s=0.0, peak_memory_bytes=None, memory_kind="")
+
+
+def test_a_step_counts_the_page_faults_it_takes():
+    """A timed step's page faults are the first touches of fresh memory during it."""
+    pages = int(torch.randint(300, 600, ()))
+
+    def touch_fresh_pages():
+        with mmap.mmap(-1, pages * mmap.PAGESIZE) as buf:
+            for i in range(pages):
+                buf[i * mmap.PAGESIZE] = 1
+
+    sample = _prepared(touch_fresh_pages).step_time()
+    assert sample.seconds > 0
+    assert pages <= sample.page_faults < pages + 100
+    assert _prepared(lambda: None).step_time().page_faults < 20
 
 
 def test_a_system_that_fails_in_its_process_raises_here(one_thread):
