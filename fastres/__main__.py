@@ -103,7 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
         "its own, as a user runs it; systems sharing a process share the C library's heap, "
         "and with it each other's page faults)",
     )
-    bench.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
+    bench.add_argument(
+        "--process-per-system",
+        action="store_true",
+        help="each system in a process of its own also on CUDA (a system that breaks the "
+        "CUDA context then costs only its own figures)",
+    )
+    bench.add_argument(
+        "--json",
+        metavar="PATH",
+        help="write the results as JSON to PATH (rewritten after every group, so that an "
+        "interrupted run keeps what it measured)",
+    )
 
     profile = sub.add_parser(
         "profile",
@@ -199,7 +210,9 @@ def run_bench(args: argparse.Namespace) -> int:
         peers = [bm.EAGER, bm.EAGER_CL] + ([bm.COMPILE] if config.mode in compiled else [])
         return peers + [bm.fastres_system(name) for name in chosen]
 
-    isolate = bm.isolates(args.device) and not args.same_process
+    if args.same_process and args.process_per_system:
+        raise SystemExit("error: --same-process and --process-per-system exclude each other")
+    isolate = args.process_per_system or (bm.isolates(args.device) and not args.same_process)
     print(f"fastres bench on {bm.device_name(args.device)}")
     if hasattr(os, "getloadavg"):
         load = os.getloadavg()[0]
@@ -242,6 +255,20 @@ def run_bench(args: argparse.Namespace) -> int:
         flush=True,
     )
 
+    settings = {
+        key: getattr(args, key)
+        for key in ("model", "depth", "batch", "image_size", "dtype", "device", "mode")
+    }
+    settings.update(
+        iters=args.iters,
+        warmup=args.warmup,
+        seed=args.seed,
+        backends=chosen,
+        compile_modes=sorted(compiled),
+        process_per_system=isolate,
+        command=" ".join(sys.argv),
+    )
+
     # Per group: the float64 oracle, each system's build + check + warmup, the timed rounds.
     total = sum(len(systems_for(c)) + 2 for c in configs)
     progress = bm.Progress(total)
@@ -261,8 +288,10 @@ def run_bench(args: argparse.Namespace) -> int:
         )
         progress.advance()
         del case
+        bm.add_speedups(results)
+        if args.json:
+            bm.write_json(args.json, results, {**settings, "total_s": time.perf_counter() - start})
     progress.close()
-    bm.add_speedups(results)
     print()
     print(bm.format_table(results))
     elapsed = time.perf_counter() - start
@@ -273,22 +302,7 @@ def run_bench(args: argparse.Namespace) -> int:
         for line in r.check_failures:
             print(f"  {line}")
     if args.json:
-        settings = {
-            key: getattr(args, key)
-            for key in ("model", "depth", "batch", "image_size", "dtype", "device", "mode")
-        }
-        settings.update(
-            iters=args.iters,
-            warmup=args.warmup,
-            seed=args.seed,
-            backends=chosen,
-            compile_modes=sorted(compiled),
-            process_per_system=isolate,
-            command=" ".join(sys.argv),
-            total_s=elapsed,
-        )
-        path = bm.write_json(args.json, results, settings)
-        print(f"results written to {path}")
+        print(f"results written to {args.json}")
     return 1 if failed else 0
 
 

@@ -609,6 +609,39 @@ def _result(
     )
 
 
+def _failed_result(case: Case, system: System, error: Exception) -> Result:
+    """The result of a system that could not be built, checked or warmed up: no timing, a
+    failed check whose failure is the error (its first and last lines)."""
+    lines = f"{type(error).__name__}: {error}".splitlines()
+    if len(lines) > 5:
+        lines = [lines[0], "...", *lines[-3:]]
+    config = case.config
+    nan = float("nan")
+    return Result(
+        group=config.group,
+        model=config.label,
+        mode=config.mode,
+        system=system.name,
+        backend=system.backend,
+        batch=config.batch,
+        image_size=config.image_size,
+        dtype=config.dtype,
+        device=str(case.device),
+        img_per_s=nan,
+        ms_per_iter=nan,
+        times_ms=[],
+        first_call_s=nan,
+        max_error=float("inf"),
+        worst_tensor="error",
+        check_passed=False,
+        check_failures=["\n".join(lines)],
+        worst_grad_error=None,
+        worst_grad=None,
+        peak_memory_bytes=None,
+        memory_kind="",
+    )
+
+
 def run_system(
     case: Case, system: System, iters: int, warmup: int, timer: Callable | None = None
 ) -> Result:
@@ -732,7 +765,8 @@ def run_group(
 
     Taking turns spreads whatever else runs on the machine (other processes on shared CPU
     cores, GPU clock changes) over all systems alike, so the speedups stay fair when the
-    absolute figures are noisy.
+    absolute figures are noisy. A system whose preparation raises is not timed: its result
+    carries the error as a failed check, and the other systems go on.
 
     Args:
         on_phase: called with a label as each system's preparation, then the timing, starts
@@ -743,20 +777,27 @@ def run_group(
     if isolate is None:
         isolate = isolates(case.device)
     prepared: list[Prepared | Isolated] = []
+    failed: dict[str, Result] = {}
     try:
         for system in systems:
             where = " (own process)" if isolate else ""
             report(f"{system.name}: build, check, warmup{where}")
-            if isolate:
-                prepared.append(Isolated(case, system, warmup))
-            else:
-                prepared.append(prepare_system(case, system, warmup))
+            try:
+                if isolate:
+                    prepared.append(Isolated(case, system, warmup))
+                else:
+                    prepared.append(prepare_system(case, system, warmup))
+            except Exception as error:
+                # One broken system must not cost the figures of the others.
+                traceback.print_exc()
+                failed[system.name] = _failed_result(case, system, error)
         report(f"timing {len(prepared)} systems in turns, {iters} rounds")
         samples: list[list[Sample]] = [[] for _ in prepared]
         for _ in range(iters):
             for p, p_samples in zip(prepared, samples):
                 p_samples.append(p.step_time())
-        return [_result(case, p, *_totals(s)) for p, s in zip(prepared, samples)]
+        timed = {p.system.name: _result(case, p, *_totals(s)) for p, s in zip(prepared, samples)}
+        return [timed.get(s.name) or failed[s.name] for s in systems]
     finally:
         for p in prepared:
             p.close()

@@ -1,247 +1,205 @@
 #!/usr/bin/env bash
-# One command for a GPU machine (H100 / H200, no package registry): build and install the
-# checkout offline, run the GPU benchmarks and the CUDA tests, then the rest of the suite, and
-# keep every log and JSON result.
+# The GPU check, sized for a lent GPU session (15 minutes of device time, machine starts
+# included, at most 10 minutes a command): two calls of about 6 minutes each, every figure
+# written to $OUT as soon as it exists, so that a call stopped at its limit still returns what
+# it measured.
 #
-#   bash scripts/gpu_check.sh                 # from the repository root
-#   GPU_CHECK_DRY_RUN=1 bash scripts/gpu_check.sh   # CPU: same steps, tiny configurations,
-#                                                   # no install (checks the script's logic)
-#   GPU_CHECK_STEPS="install tests-cuda bench-layers-train" bash scripts/gpu_check.sh
-#                                             # only these steps (and the import check)
+#   bash scripts/gpu_check.sh                      # call 1: build, smoke checks, figures
+#   GPU_CHECK_CALL=2 bash scripts/gpu_check.sh     # call 2: compile peers, layers, CUDA suite
+#   GPU_CHECK_DRY_RUN=1 bash scripts/gpu_check.sh  # rehearsal on a CPU machine: the same
+#                                                  # steps, tiny sizes, nothing built
 #
-# Steps, most important figures first (SPEC section 6: ResNet-50 / Res2Net-50, 224x224, bf16
-# autocast, batch 256, inference and training step):
-#   install (build-inplace as its fallback), import,
-#   bench-resnet50            eager, eager channels_last and every fastres backend (no compile)
-#   bench-compile-resnet50    eager, eager-cl, torch.compile (inference and training step), triton
-#   bench-res2net50, bench-compile-res2net50   the same for Res2Net-50
-#   tests-cuda-training       the CUDA tests of the fused training path (and distributed ones)
-#   tests-cuda                the other CUDA tests
-#   bench-layers-train        bench/test_bench_conv2d_bn_train.py (training unit per layer)
-#   bench-layers              the other per-layer bench files
-#   bench-pytest              pytest bench/test_bench_models.py (ResNet-50, no compile)
-#   tests-rest                the CPU tests
-# and at the end bench-table.log: this run's whole-model tables side by side (speedups and
-# peak-memory ratios over eager-cl, Res2Net / ResNet speed ratios).
-# torch.compile of a training step compiles for minutes on a GPU host, so it has steps of its
-# own after the eager figures. One run of 570 s does not reach the last steps; a second call
-# runs them (add install on a fresh machine):
-#   GPU_CHECK_STEPS="install bench-res2net50 tests-cuda-training tests-cuda bench-compile-res2net50
-#     bench-layers-train bench-layers" bash scripts/gpu_check.sh
+# Call 1 (most important first):
+#   build        the extension in place for the visible GPU (in the background, while the
+#                Triton inference smoke checks compile their kernels);
+#   smoke-*      tests/test_cuda_models.py: ResNet-50 and Res2Net-50, inference and a training
+#                step, bf16, every backend, against the float64 oracle (batch 32: the kernels
+#                of batch 256); one process per Triton case, so that a kernel that breaks its
+#                CUDA context costs only its own case;
+#   bench-*      python -m fastres bench, b256 bf16 224 px, inference and training step:
+#                eager, eager-cl and the fastres backends whose smoke checks passed.
+# Call 2: the torch.compile peers (bench-compile-*), the per-layer benchmarks of the fused
+#   convolution (bench-layers), the Triton backend with tuned tiles (bench-tuned-*), the CUDA
+#   tests (tests-cuda).
 #
-# Logs and results are written to bench/results/local/gpu-check-<time>/; when $OUT is set (the
-# device machine's return folder, which takes at most 8 files) the summary, the benchmark JSON
-# and logs and a tarball of everything are copied there. The whole run stays inside
-# GPU_CHECK_BUDGET seconds (default 570, under a 10-minute limit): every step runs under
-# `timeout` with what is left of the budget, capped by its own limit, and a step that fails or
-# times out is recorded and the script goes on. Exit status: 0 when every step passed.
+# Results: $OUT when set (the device tool's return folder, at most 8 files: summary.txt,
+# steps.log with every step's output, the bench JSONs, logs.tar.gz with the logs and JUnit
+# files of every step), else
+# bench/results/local/gpu-check-<time>/. Every step runs under `timeout` with what is left of
+# GPU_CHECK_BUDGET seconds (default 360); a step that fails or times out is recorded and the
+# script goes on. Exit status 0 when every step passed.
 #
-# Environment: PYTHON (default .venv/bin/python where it exists, else python3),
-# GPU_CHECK_BUDGET, GPU_CHECK_DRY_RUN, GPU_CHECK_STEPS (space-separated step names; default
-# all), MAX_JOBS (parallel compile jobs, default 16).
+# Environment: PYTHON (default python3; the GPU machine's has torch and Triton),
+# GPU_CHECK_CALL (1 or 2), GPU_CHECK_BUDGET, GPU_CHECK_DRY_RUN, MAX_JOBS (default 16).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-if [ -z "${PYTHON:-}" ]; then
-  PYTHON=python3
-  [ -x .venv/bin/python ] && PYTHON=.venv/bin/python
-fi
-BUDGET=${GPU_CHECK_BUDGET:-570}
+PYTHON=${PYTHON:-python3}
+CALL=${GPU_CHECK_CALL:-1}
+BUDGET=${GPU_CHECK_BUDGET:-360}
 DRY_RUN=${GPU_CHECK_DRY_RUN:-0}
-STEPS=${GPU_CHECK_STEPS:-}
 START=$SECONDS
-results=bench/results/local/gpu-check-$(date -u +%Y%m%d-%H%M%S)
+if [ -n "${OUT:-}" ]; then
+  results=$OUT
+else
+  results=bench/results/local/gpu-check-$(date -u +%Y%m%d-%H%M%S)
+fi
 mkdir -p "$results"
 results=$(cd "$results" && pwd)
+# Per-step logs outside the results: $OUT returns at most 8 files, so they travel as one tarball.
+logs=$(mktemp -d)/logs
+mkdir -p "$logs"
 summary=$results/summary.txt
 : >"$summary"
 export PYTHONUNBUFFERED=1
-failures=0
 
 note() { echo "$*" | tee -a "$summary"; }
+left() { echo $((BUDGET - (SECONDS - START))); }
 
-selected() { [ -z "$STEPS" ] || [[ " $STEPS " == *" $1 "* ]]; }
-
-# step NAME LIMIT_S COMMAND...: where NAME is selected (GPU_CHECK_STEPS), runs COMMAND under
-# timeout (the smaller of LIMIT_S and the budget left, keeping 10 s for the summary), logs to
-# $results/NAME.log, records status and duration. A step not selected returns 0.
-step() {
-  selected "$1" || return 0
-  run_step "$@"
-}
-
+# run_step NAME LIMIT_S COMMAND...: runs COMMAND under timeout (the smaller of LIMIT_S and the
+# budget left), its output in logs/NAME.log and appended to steps.log; records the outcome.
 run_step() {
   local name=$1 limit=$2
   shift 2
-  local left=$((BUDGET - (SECONDS - START) - 10))
-  if [ "$left" -lt 20 ]; then
+  local budget_left
+  budget_left=$(($(left) - 5))
+  if [ "$budget_left" -lt 15 ]; then
     note "SKIP  $name: out of time budget"
-    failures=$((failures + 1))
     return 1
   fi
-  [ "$limit" -gt "$left" ] && limit=$left
-  echo "=== $name (limit ${limit}s): $*"
+  [ "$limit" -gt "$budget_left" ] && limit=$budget_left
   local t0=$SECONDS rc
-  timeout --kill-after=10 "$limit" "$@" >"$results/$name.log" 2>&1
+  timeout --kill-after=5 "$limit" "$@" >"$logs/$name.log" 2>&1
   rc=$?
-  tail -n 25 "$results/$name.log"
+  { echo "=== $name (limit ${limit}s, exit $rc, $((SECONDS - t0)) s): $*"; cat "$logs/$name.log"; } \
+    >>"$results/steps.log"
   if [ "$rc" -eq 0 ]; then
     note "OK    $name ($((SECONDS - t0)) s)"
   elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
     note "TIME  $name: stopped after ${limit} s"
-    failures=$((failures + 1))
   else
-    note "FAIL  $name: exit $rc ($((SECONDS - t0)) s)"
-    failures=$((failures + 1))
+    note "FAIL  $name: exit $rc ($((SECONDS - t0)) s): $(tail -n 3 "$logs/$name.log" | tr '\n' ' ')"
   fi
   return "$rc"
 }
 
-has_module() { "$PYTHON" -c "import $1" >/dev/null 2>&1; }
+# parallel NAME1 'CMD1' NAME2 'CMD2' ...: run_step of each pair at once, with the same limit.
+parallel_steps() {
+  local limit=$1 pids=()
+  shift
+  while [ "$#" -ge 2 ]; do
+    run_step "$1" "$limit" bash -c "$2" &
+    pids+=("$!")
+    shift 2
+  done
+  for pid in "${pids[@]}"; do wait "$pid"; done
+}
+
+finish() {
+  # Counted from the summary: steps run in parallel record their outcome from subshells.
+  local failures
+  failures=$(grep -cE "^(FAIL|TIME|SKIP) " "$summary")
+  note "total $((SECONDS - START)) s, $failures step(s) not OK"
+  tar -czf "$results/logs.tar.gz" -C "$(dirname "$logs")" logs
+  [ "$failures" -eq 0 ]
+  exit $?
+}
 
 # -- environment -------------------------------------------------------------------------------
 {
-  echo "date: $(date -u +%FT%TZ)"
-  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown) $(git status --porcelain 2>/dev/null | wc -l) changed files"
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 || echo "no nvidia-smi"
-  nvcc --version 2>&1 | tail -n 1 || echo "no nvcc"
-  "$PYTHON" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())'
-  "$PYTHON" -c 'import triton; print("triton", triton.__version__)' 2>&1
-  lscpu 2>/dev/null | grep -E "Model name|^CPU\(s\)"
-} >>"$summary" 2>&1
-[ -n "$STEPS" ] && echo "steps: $STEPS" >>"$summary"
+  echo "date: $(date -u +%FT%TZ), call $CALL, budget $BUDGET s"
+  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \
+    --format=csv,noheader 2>&1 || echo "no nvidia-smi"
+  "$PYTHON" -c 'import sys, torch, triton, numpy; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__, "numpy", numpy.__version__, "gpu", torch.cuda.is_available())' 2>&1
+} >>"$summary"
 cat "$summary"
 
 if [ "$DRY_RUN" = 1 ]; then
-  note "dry run: CPU, tiny configurations, no install"
   device=cpu
+  export TRITON_INTERPRET=1
+  size_args=(--device cpu --batch 4 --image-size 64 --iters 1 --warmup 0)
 else
+  device=cuda
   if ! "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-    note "FAIL  no CUDA device visible to $PYTHON (use GPU_CHECK_DRY_RUN=1 on a CPU machine)"
+    note "FAIL  no CUDA device visible to $PYTHON (GPU_CHECK_DRY_RUN=1 rehearses on a CPU)"
     exit 1
   fi
-  device=cuda
-  # Offline install: no build isolation (reuse the installed torch / setuptools), no index.
-  # MAX_JOBS: the extension's .cu files compile in parallel with ninja.
-  export MAX_JOBS=${MAX_JOBS:-16}
-  if ! step install 240 "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -e .; then
-    # Fallback: build the extension in place and import the checkout through PYTHONPATH;
-    # kernels/ is installed as fastres.kernels, which a link stands in for here.
-    run_step build-inplace 240 "$PYTHON" setup.py build_ext --inplace
-    [ -e fastres/kernels ] || ln -s ../kernels fastres/kernels
-    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+  size_args=(--device cuda --batch 256 --image-size 224 --dtype bf16 --iters 10 --warmup 3)
+fi
+
+# The checkout runs in place: the extension built next to the sources, kernels/ reached as
+# fastres.kernels through a link (an install would map it there).
+[ -e fastres/kernels ] || ln -s ../kernels fastres/kernels
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export MAX_JOBS=${MAX_JOBS:-16}
+# Untuned Triton tiles in call 1: tuning compiles every candidate of every shape first.
+export FASTRES_TRITON_TUNE=${FASTRES_TRITON_TUNE:-0}
+
+build() {
+  if [ "$DRY_RUN" = 1 ]; then
+    run_step build 60 "$PYTHON" -c 'import fastres.ops.batchnorm as b; assert b.EXTENSION_ERROR is None, b.EXTENSION_ERROR'
+  else
+    run_step build 240 "$PYTHON" setup.py build_ext --inplace
   fi
-fi
+}
 
-# Which fastres runs (the checkout's), its versions and backends.
-run_step import 60 "$PYTHON" -c 'import fastres, fastres.benchmark as bm; print(fastres.__file__); print(bm.versions()); print(fastres.available_backends())'
+smoke() {  # smoke NAME PYTEST_K: one process of tests/test_cuda_models.py
+  local cuda=(-m cuda)
+  [ "$DRY_RUN" = 1 ] && cuda=(-p no:cacheprovider --co)
+  echo "$1" "$PYTHON -m pytest tests/test_cuda_models.py ${cuda[*]} -q -ra -k '$2' --junitxml=$logs/$1.xml"
+}
 
-# -- whole-model benchmarks, most important first ----------------------------------------------
-if [ "$device" = cuda ]; then
-  # SPEC's GPU configuration (the CLI's CUDA defaults): bf16 autocast, batch 256, 224x224.
-  # Fewer iterations than the CLI's defaults (20 + 5) to stay inside the budget: most of the
-  # time goes into torch.compile, Triton's tuning and the float64 check anyway.
-  bench_args=(--device cuda --iters 10 --warmup 3)
-  # Peers eager, eager-cl and torch.compile (on CUDA of both modes), and the triton backend.
-  compile_args=(--backend triton)
-  pytest_bench_env=(FASTRES_BENCH_ROUNDS=10 FASTRES_BENCH_WARMUP=3)
-else
-  bench_args=(--device cpu --depth 50 --batch 2 --image-size 64 --iters 2 --warmup 1)
-  # On a CPU, compiling a training step takes minutes: the dry run checks the steps' logic.
-  compile_args=(--no-compile)
-  pytest_bench_env=(FASTRES_BENCH_BATCH=2 FASTRES_BENCH_IMAGE_SIZE=64 FASTRES_BENCH_ROUNDS=2)
-fi
-# bench-MODEL: eager figures first; bench-compile-MODEL: the compiled peers, in their own step.
-bench_model() {
+# Which fastres backends the bench times: those whose smoke checks passed (the oracle alone
+# when none did, so that the peers are still measured).
+bench_backends() {
+  local args=() name names=(native triton)
+  [ "$DRY_RUN" = 1 ] && names=(native)  # Triton on CPU is interpreted: not worth timing
+  for name in "${names[@]}"; do
+    if ! grep -qE "^(FAIL|TIME|SKIP) +smoke-.*$name" "$summary"; then args+=(--backend "$name"); fi
+  done
+  [ "${#args[@]}" -eq 0 ] && args=(--backend torch)
+  echo "${args[@]}"
+}
+
+bench() {  # bench NAME MODEL LIMIT EXTRA...: python -m fastres bench, JSON into the results
   local name=$1 model=$2 limit=$3
   shift 3
-  step "$name" "$limit" "$PYTHON" -m fastres bench --model "$model" --mode both \
-    "${bench_args[@]}" "$@" --json "$results/$name.json"
+  run_step "$name" "$limit" "$PYTHON" -m fastres bench --model "$model" --mode both \
+    "${size_args[@]}" "$@" --json "$results/$name.json"
 }
-bench_model bench-resnet50 resnet 180 --no-compile
-bench_model bench-compile-resnet50 resnet 300 "${compile_args[@]}"
-bench_model bench-res2net50 res2net 180 --no-compile
 
-# -- CUDA tests --------------------------------------------------------------------------------
-# One GPU, one process: the fused training path's tests and the distributed tests (their CUDA
-# cases; the gloo cases run on CPU with tests-rest) first, then the other CUDA tests.
-if [ "$DRY_RUN" = 1 ]; then
-  # Only the CLI tests: the point is the script's logic, not the suite.
-  step tests-cli 180 "$PYTHON" -m pytest tests/test_cli.py -q -x \
-    --junitxml="$results/tests-cli.xml"
-else
-  training=(tests/test_triton_training.py)
-  [ -f tests/test_distributed.py ] && training+=(tests/test_distributed.py)
-  step tests-cuda-training 150 "$PYTHON" -m pytest "${training[@]}" -m cuda -q -ra \
-    --junitxml="$results/tests-cuda-training.xml"
-  step tests-cuda 150 "$PYTHON" -m pytest tests "${training[@]/#/--ignore=}" -m cuda -q -ra \
-    --junitxml="$results/tests-cuda.xml"
+if [ "$CALL" = 1 ]; then
+  build &
+  build_pid=$!
+  # Triton inference needs no extension: its kernels compile while the extension builds.
+  read -r n1 c1 < <(smoke smoke-resnet-infer-triton "resnet and infer and triton")
+  read -r n2 c2 < <(smoke smoke-res2net-infer-triton "res2net and infer and triton")
+  parallel_steps 200 "$n1" "$c1" "$n2" "$c2"
+  wait "$build_pid"
+  run_step import 60 "$PYTHON" -m fastres info
+  read -r n3 c3 < <(smoke smoke-torch-native "not triton")
+  read -r n4 c4 < <(smoke smoke-resnet-train-triton "resnet and train and triton")
+  read -r n5 c5 < <(smoke smoke-res2net-train-triton "res2net and train and triton")
+  parallel_steps 150 "$n3" "$c3" "$n4" "$c4" "$n5" "$c5"
+  read -r -a backends < <(bench_backends)
+  bench bench-resnet50 resnet 150 --no-compile "${backends[@]}"
+  bench bench-res2net50 res2net 150 --no-compile "${backends[@]}"
+  finish
 fi
 
-bench_model bench-compile-res2net50 res2net 300 "${compile_args[@]}"
-
-# -- per-layer and pytest benchmarks -----------------------------------------------------------
-if has_module pytest_benchmark; then
-  # The per-layer files skip without a GPU. The training unit first, in its own step: it
-  # compiles one forward + backward graph per layer shape for its torch.compile peer.
-  step bench-layers-train 300 "$PYTHON" -m pytest bench/test_bench_conv2d_bn_train.py \
-    --benchmark-only -q -ra --benchmark-json="$results/bench-layers-train.json"
-  step bench-layers 180 "$PYTHON" -m pytest bench/ --ignore=bench/test_bench_models.py \
-    --ignore=bench/test_bench_conv2d_bn_train.py --benchmark-only -q -ra \
-    --benchmark-json="$results/bench-layers.json"
-  # The whole-model pytest path (ResNet-50; torch.compile is measured by bench-compile-*):
-  # bench-pytest-fastres.json is the fastres table of this run (speedups, errors, memory).
-  step bench-pytest 180 env "${pytest_bench_env[@]}" FASTRES_BENCH_COMPILE=none \
-    FASTRES_BENCH_DEVICE="$device" FASTRES_BENCH_RESULTS="$results/bench-pytest-fastres.json" \
-    "$PYTHON" -m pytest bench/test_bench_models.py -k "resnet and not res2net" --benchmark-only \
-    -q -ra --benchmark-json="$results/bench-pytest.json"
-else
-  note "SKIP  bench-layers-train, bench-layers, bench-pytest: pytest-benchmark is not installed"
+# -- call 2 ------------------------------------------------------------------------------------
+build
+compile_args=(--backend triton)
+[ "$DRY_RUN" = 1 ] && compile_args=(--no-compile --backend native)
+bench bench-compile-resnet50 resnet 200 "${compile_args[@]}"
+if "$PYTHON" -c 'import pytest_benchmark' 2>/dev/null; then
+  run_step bench-layers 90 "$PYTHON" -m pytest bench/test_bench_conv2d_fused.py --benchmark-only \
+    -q -ra --benchmark-json="$results/bench-layers.json"
 fi
-
-# -- the rest of the test suite (CI runs it on CPU too) -----------------------------------------
+FASTRES_TRITON_TUNE=1 bench bench-tuned-resnet50 resnet 120 --no-compile --backend triton
 if [ "$DRY_RUN" != 1 ]; then
-  xdist=()
-  has_module xdist && xdist=(-n 8)
-  step tests-rest 180 "$PYTHON" -m pytest tests -m "not cuda" -q -ra "${xdist[@]}" \
-    --junitxml="$results/tests-rest.xml"
+  run_step tests-cuda 120 "$PYTHON" -m pytest tests -m cuda -q -ra -x \
+    --junitxml="$logs/tests-cuda.xml"
 fi
-
-# The whole-model tables of this run side by side (a few seconds, after the budget's steps):
-# with both models of a kind, the Res2Net / ResNet speed ratios (SPEC: >= 0.95 on GPU), here
-# across the two processes.
-if ls "$results"/bench-*50.json >/dev/null 2>&1; then
-  timeout 60 "$PYTHON" - "$results" >"$results/bench-table.log" 2>&1 <<'EOF'
-import json, sys
-from pathlib import Path
-from fastres import benchmark as bm
-
-for kind in ("bench", "bench-compile"):
-    results = []
-    for model in ("resnet50", "res2net50"):
-        path = Path(sys.argv[1]) / f"{kind}-{model}.json"
-        if path.exists():
-            results += [bm.Result(**r) for r in json.loads(path.read_text())["results"]]
-    if results:
-        print(f"== {kind}-*.json\n{bm.format_table(results)}\n")
-EOF
-  [ $? -eq 0 ] || note "FAIL  bench-table (see bench-table.log)"
-  cat "$results/bench-table.log"
-fi
-
-note "total $((SECONDS - START)) s, $failures step(s) not OK; results in $results"
-if [ -n "${OUT:-}" ]; then
-  mkdir -p "$OUT"
-  tar -czf "$OUT/gpu-check.tar.gz" -C "$(dirname "$results")" "$(basename "$results")"
-  # $OUT takes 8 files: the tarball and the first 7 of these that this run wrote.
-  copied=0
-  for f in summary.txt bench-table.log bench-resnet50.json bench-compile-resnet50.json \
-    bench-res2net50.json bench-compile-res2net50.json tests-cuda-training.log tests-cuda.log \
-    bench-layers-train.log bench-layers.log tests-rest.log; do
-    if [ -f "$results/$f" ] && [ "$copied" -lt 7 ]; then
-      cp "$results/$f" "$OUT/"
-      copied=$((copied + 1))
-    fi
-  done
-fi
-[ "$failures" -eq 0 ]
+finish

@@ -148,11 +148,20 @@ def test_a_step_counts_the_page_faults_it_takes():
     assert _prepared(lambda: None).step_time().page_faults < 20
 
 
-def test_a_system_that_fails_in_its_process_raises_here(one_thread):
+@pytest.mark.parametrize("isolate", [True, False])
+def test_a_system_that_fails_is_reported_and_the_others_timed(isolate, one_thread):
     config = bm.BenchConfig("resnet", 18, batch=2, image_size=32, mode="infer")
     broken = bm.System("broken", backend="no-such-backend")
-    with pytest.raises(RuntimeError, match="(?s)broken failed in its benchmark process.*no-such"):
-        bm.run_group(bm.Case(config), [bm.EAGER_CL, broken], iters=1, warmup=0, isolate=True)
+    systems = [broken, bm.EAGER_CL]
+    results = bm.run_group(bm.Case(config), systems, iters=2, warmup=0, isolate=isolate)
+    assert [r.system for r in results] == ["broken", "eager-cl"]
+    failed, timed = results
+    assert not failed.check_passed and failed.times_ms == [] and failed.worst_tensor == "error"
+    assert "no-such-backend" in failed.check_failures[0]
+    if isolate:
+        assert "broken failed in its benchmark process" in failed.check_failures[0]
+    assert timed.check_passed and len(timed.times_ms) == 2
+    assert "FAIL" in bm.format_table(results)
 
 
 def test_check_catches_a_wrong_system(one_thread):
