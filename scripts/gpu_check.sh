@@ -18,9 +18,10 @@
 #                CUDA context costs only its own case;
 #   bench-*      python -m fastres bench, b256 bf16 224 px, inference and training step:
 #                eager, eager-cl and the fastres backends whose smoke checks passed.
-# Call 2: the torch.compile peers (bench-compile-*), the per-layer benchmarks of the fused
-#   convolution (bench-layers), the Triton backend with tuned tiles (bench-tuned-*), the CUDA
-#   tests (tests-cuda).
+# Call 2: the Triton backend with tuned tiles (bench-tuned-infer, then bench-tuned-train with
+#   native beside it once the extension is built), the tuning cache returned in the results
+#   (cache/triton-configs.json, the defaults to ship for the GPU), then the torch.compile peers
+#   (bench-compile-*).
 #
 # Results: $OUT when set (the device tool's return folder, at most 8 files: summary.txt,
 # steps.log with every step's output, the bench JSONs, logs.tar.gz with the logs and JUnit
@@ -128,9 +129,8 @@ else
   size_args=(--device cuda --batch 256 --image-size 224 --dtype bf16 --iters 10 --warmup 3)
 fi
 
-# The checkout runs in place: the extension built next to the sources, kernels/ reached as
-# fastres.kernels through a link (an install would map it there).
-[ -e fastres/kernels ] || ln -s ../kernels fastres/kernels
+# The checkout runs in place: the extension built next to the sources (fastres/kernels is a
+# link to kernels/), nothing installed.
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export MAX_JOBS=${MAX_JOBS:-16}
 # Untuned Triton tiles in call 1: tuning compiles every candidate of every shape first.
@@ -189,17 +189,19 @@ if [ "$CALL" = 1 ]; then
 fi
 
 # -- call 2 ------------------------------------------------------------------------------------
-build
-compile_args=(--backend triton)
-[ "$DRY_RUN" = 1 ] && compile_args=(--no-compile --backend native)
-bench bench-compile-resnet50 resnet 200 "${compile_args[@]}"
-if "$PYTHON" -c 'import pytest_benchmark' 2>/dev/null; then
-  run_step bench-layers 90 "$PYTHON" -m pytest bench/test_bench_conv2d_fused.py --benchmark-only \
-    -q -ra --benchmark-json="$results/bench-layers.json"
+# Tuned Triton tiles, chosen once and kept in the results (cache/triton-configs.json: the
+# defaults to ship for this GPU), then the peers torch.compile.
+export FASTRES_TRITON_TUNE=1 FASTRES_CACHE_DIR=$results/cache
+build &
+build_pid=$!
+if [ "$DRY_RUN" = 1 ]; then
+  tuned=(--backend native) compiled=(--no-compile --backend native)
+else
+  tuned=(--backend triton) compiled=(--backend triton)
 fi
-FASTRES_TRITON_TUNE=1 bench bench-tuned-resnet50 resnet 120 --no-compile --backend triton
-if [ "$DRY_RUN" != 1 ]; then
-  run_step tests-cuda 120 "$PYTHON" -m pytest tests -m cuda -q -ra -x \
-    --junitxml="$logs/tests-cuda.xml"
-fi
+bench bench-tuned-infer both 150 --mode infer --no-compile "${tuned[@]}"
+wait "$build_pid"
+bench bench-tuned-train both 150 --mode train --no-compile --backend native "${tuned[@]}"
+bench bench-compile-resnet50 resnet 200 "${compiled[@]}"
+bench bench-compile-res2net50 res2net 200 "${compiled[@]}"
 finish

@@ -15,7 +15,7 @@ Both take `groups` (a grouped convolution in one launch) and `input_add` (a seco
 to the first after its prologue: Res2Net's hierarchical add).
 
 The launcher checks its inputs, allocates the output (channels_last), picks the launch
-configuration (benchmarked once per shape class and GPU on CUDA unless FASTRES_TRITON_TUNE=0,
+configuration (on CUDA timed once per shape class and GPU and kept on disk, see `tuning`;
 derived from the shape under the Triton interpreter) and launches. It never touches
 `torch.cuda` for CPU tensors, so it runs under TRITON_INTERPRET=1 on a machine without a GPU.
 """
@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import tuning
+
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -42,14 +44,6 @@ def kernel_dtypes() -> tuple[torch.dtype, ...]:
 def stats_dtype(x: Tensor) -> torch.dtype:
     """The dtype of the per-channel statistics (the accumulator's): fp64 for fp64, else fp32."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-# Tuned launch configurations, keyed on (shape class, dtype, precision mode, device name).
-_TUNED_CONFIGS: dict[tuple, dict] = {}
-# FASTRES_TRITON_TUNE=0 skips the timing of candidate configurations on CUDA (the first, a
-# generally good tile, is used): for quick runs on a fresh machine, where every candidate
-# costs a compilation.
-TUNE_ENV_VAR = "FASTRES_TRITON_TUNE"
 
 
 def interpreting() -> bool:
@@ -226,7 +220,7 @@ def _launch(
     residual_mode = 2 if residual_scale is not None else int(residual is not None)
     acc_dtype = tl.float64 if x.dtype == torch.float64 else tl.float32
 
-    def launch(config: dict) -> None:
+    def launch(config: dict, compile_only: bool = False) -> None:
         tiles_m = triton.cdiv(m, config["BLOCK_M"])
         tile_sum = tile_m2 = None
         if stats:
@@ -235,7 +229,11 @@ def _launch(
             tile_m2 = torch.empty_like(tile_sum)
             tiles[config["BLOCK_M"]] = (tile_sum, tile_m2)
         grid = (tiles_m * triton.cdiv(c_out, config["BLOCK_N"]), groups)
-        conv2d_fused_kernel[grid](
+        if compile_only:
+            kernel = functools.partial(conv2d_fused_kernel.warmup, grid=grid)
+        else:
+            kernel = conv2d_fused_kernel[grid]
+        kernel(
             x, input_add, weight, bias, res, residual_scale, residual_shift, input_scale,
             input_shift, out, tile_sum, tile_m2,
             n, h, w, c_in, ph, pw, oh, ow, c_out,
@@ -254,21 +252,12 @@ def _launch(
     if interpreting():
         config = interpreter_config(m, kh * kw * c_in if flat_k else c_in, c_out)
     else:
-        key = (
-            shape_class(m, c_in, c_out, kh, kw, stride[0], input_pool),
-            groups,
-            x.dtype,
-            dot_mode,
-            _device_name(x.device.index),
+        shape = "x".join(map(str, shape_class(m, c_in, c_out, kh, kw, stride[0], input_pool)))
+        key = f"conv2d_fused {shape} g{groups} {str(x.dtype).removeprefix('torch.')} dot{dot_mode}"
+        candidates = candidate_configs(m, kh * kw * c_in, c_in, c_out, flat_k, x.element_size())
+        config = tuning.choose(
+            x.device, key, candidates, launch, functools.partial(launch, compile_only=True)
         )
-        config = _TUNED_CONFIGS.get(key)
-        if config is None:
-            candidates = candidate_configs(m, kh * kw * c_in, c_in, c_out, flat_k, x.element_size())
-            if os.environ.get(TUNE_ENV_VAR, "1") == "0":
-                config = candidates[0]
-            else:
-                config = _tune(launch, candidates)
-            _TUNED_CONFIGS[key] = config
     launch(config)
     if not stats:
         return None
@@ -283,29 +272,6 @@ def _merge_tiles(tile_sum: Tensor, tile_m2: Tensor, m: int, block_m: int) -> tup
     counts[-1] = m - (tile_sum.shape[0] - 1) * block_m
     _, mean, m2 = combine_stats(counts, tile_sum / counts.unsqueeze(1), tile_m2)
     return mean, m2
-
-
-@functools.cache
-def _device_name(index: int | None) -> str:
-    return torch.cuda.get_device_name(index)
-
-
-def _tune(launch, candidates: list[dict]) -> dict:
-    """Times every candidate configuration once and returns the fastest (CUDA only)."""
-    import triton
-    import triton.testing
-
-    best, best_ms = None, float("inf")
-    for config in candidates:
-        try:
-            ms = triton.testing.do_bench(lambda c=config: launch(c), warmup=5, rep=25)
-        except triton.runtime.errors.OutOfResources:
-            continue  # too much shared memory / registers for this GPU
-        if ms < best_ms:
-            best, best_ms = config, ms
-    if best is None:
-        raise RuntimeError("no launch configuration of the fused convolution fits this GPU")
-    return best
 
 
 def _may_overlap(a: Tensor, b: Tensor) -> bool:
