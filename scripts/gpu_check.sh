@@ -20,8 +20,8 @@
 #                eager, eager-cl and the fastres backends whose smoke checks passed.
 # Call 2: the Triton backend with tuned tiles (bench-tuned-infer, then bench-tuned-train with
 #   native beside it once the extension is built), the tuning cache returned in the results
-#   (cache/triton-configs.json, the defaults to ship for the GPU), then the torch.compile peers
-#   (bench-compile-*).
+#   (cache/triton-configs.json, the defaults to ship for the GPU), torch.profiler tables of a
+#   ResNet-50 step per backend (profile-*), then the torch.compile peers (bench-compile-*).
 #
 # Results: $OUT when set (the device tool's return folder, at most 8 files: summary.txt,
 # steps.log with every step's output, the bench JSONs, logs.tar.gz with the logs and JUnit
@@ -119,14 +119,16 @@ cat "$summary"
 if [ "$DRY_RUN" = 1 ]; then
   device=cpu
   export TRITON_INTERPRET=1
-  size_args=(--device cpu --batch 4 --image-size 64 --iters 1 --warmup 0)
+  shape_args=(--device cpu --batch 4 --image-size 64)
+  size_args=("${shape_args[@]}" --iters 1 --warmup 0)
 else
   device=cuda
   if ! "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     note "FAIL  no CUDA device visible to $PYTHON (GPU_CHECK_DRY_RUN=1 rehearses on a CPU)"
     exit 1
   fi
-  size_args=(--device cuda --batch 256 --image-size 224 --dtype bf16 --iters 10 --warmup 3)
+  shape_args=(--device cuda --batch 256 --image-size 224 --dtype bf16)
+  size_args=("${shape_args[@]}" --iters 10 --warmup 3)
 fi
 
 # The checkout runs in place: the extension built next to the sources (fastres/kernels is a
@@ -202,6 +204,11 @@ fi
 bench bench-tuned-infer both 150 --mode infer --no-compile "${tuned[@]}"
 wait "$build_pid"
 bench bench-tuned-train both 150 --mode train --no-compile --backend native "${tuned[@]}"
+# Where the time of a ResNet-50 step goes, per op, for the oracle (eager-cl) and the backends.
+for system in torch-infer native-infer torch-train native-train triton-train; do
+  run_step "profile-$system" 45 "$PYTHON" -m fastres profile "${shape_args[@]}" \
+    --backend "${system%-*}" --mode "${system#*-}" --iters 5 --warmup 3 --profile-iters 1 --top 25
+done
 bench bench-compile-resnet50 resnet 200 "${compiled[@]}"
 bench bench-compile-res2net50 res2net 200 "${compiled[@]}"
 finish
