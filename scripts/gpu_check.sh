@@ -21,7 +21,8 @@
 # Call 2: the Triton backend with tuned tiles (bench-tuned-infer, then bench-tuned-train with
 #   native beside it once the extension is built), the tuning cache returned in the results
 #   (cache/triton-configs.json, the defaults to ship for the GPU), torch.profiler tables of a
-#   ResNet-50 step per backend (profile-*), then the torch.compile peers (bench-compile-*).
+#   ResNet-50 step per backend (profile-*), every ResNet-50 conv shape against cuDNN
+#   (bench-layers), then the torch.compile peers (bench-compile-*).
 #
 # Results: $OUT when set (the device tool's return folder, at most 8 files: summary.txt,
 # steps.log with every step's output, the bench JSONs, logs.tar.gz with the logs and JUnit
@@ -209,6 +210,11 @@ for system in torch-infer native-infer torch-train native-train triton-train; do
   run_step "profile-$system" 45 "$PYTHON" -m fastres profile "${shape_args[@]}" \
     --backend "${system%-*}" --mode "${system#*-}" --iters 5 --warmup 3 --profile-iters 1 --top 25
 done
+# Every ResNet-50 conv shape: the fused Triton conv (the tiles tuned above) against cuDNN.
+if "$PYTHON" -c 'import pytest_benchmark' 2>/dev/null; then
+  run_step bench-layers 150 "$PYTHON" -m pytest bench/test_bench_conv2d_fused.py --benchmark-only \
+    -q -ra --benchmark-json="$results/bench-layers.json"
+fi
 bench bench-compile-resnet50 resnet 200 "${compiled[@]}"
 bench bench-compile-res2net50 res2net 200 "${compiled[@]}"
 finish
