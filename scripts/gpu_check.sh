@@ -132,8 +132,9 @@ else
   size_args=("${shape_args[@]}" --iters 10 --warmup 3)
 fi
 
-# The checkout runs in place: the extension built next to the sources (fastres/kernels is a
-# link to kernels/), nothing installed.
+# The checkout runs in place, nothing installed: the extension built next to the sources,
+# kernels/ reached as fastres.kernels through a link (an install maps it there).
+if [ "$DRY_RUN" != 1 ] && [ ! -e fastres/kernels ]; then ln -s ../kernels fastres/kernels; fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export MAX_JOBS=${MAX_JOBS:-16}
 # Untuned Triton tiles in call 1: tuning compiles every candidate of every shape first.
