@@ -152,14 +152,19 @@ def check_step(fused: Step, base: Step, gold: Step, dtype=torch.float32, grads=T
 # the oracle in channels_last fails the rule against the oracle in NCHW as base in 4-6 of 10
 # seeds (by up to 1e4x), so there only the forward, the loss and the running statistics are
 # compared, and the gradients for presence, dtype and finiteness; the whole depths' gradients
-# are compared in float64 (test_whole_depth_training_step_float64).
+# are compared in float64 (test_whole_depth_training_step_float64). The whole-depth case runs
+# at 64x64: at 32x32 layer4 is 1x1, its BatchNorms normalize over the batch's 4 values alone, and
+# the float32 forward is chaotic there too (layer4's output off by 2e-4 to 5e-3 in the oracle
+# itself, 3x apart between its two layouts; the fused run failed the 4x rule once in CI, seed
+# 3639064001, at 5x a lucky base). At 64x64 (16 values) the oracle's error there is 5e-5 to 1e-4
+# and the fused run's is 0.4-0.8x of it at every output over 9 seeds.
 R50_FULL = dict(depth=50)
 STEP_CASES = {
     "resnet18-nchw": (fastres.ResNet, dict(depth=18), NCHW, (8, 32, 32), True),
     "resnet50-channels_last": (
         fastres.ResNet, dict(depth=50, **TWO_STAGES), CL, (4, 32, 32), True
     ),
-    "resnet50-all-stages": (fastres.ResNet, R50_FULL, CL, (4, 32, 32), False),
+    "resnet50-all-stages": (fastres.ResNet, R50_FULL, CL, (4, 64, 64), False),
     "resnetv1d50-odd": (fastres.ResNetV1d, dict(depth=50, **TWO_STAGES), NCHW, (4, 33, 29), True),
     "resnet50-caffe-dilated": (
         fastres.ResNet,
