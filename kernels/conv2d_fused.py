@@ -83,6 +83,13 @@ def conv2d_fused_name(spec) -> str:
 
 
 @triton.jit
+def _relu(x):
+    """max(x, 0) that keeps NaN, as torch.relu does (Triton's default maximum drops it on GPUs:
+    a model that hid a NaN would hide a diverged run)."""
+    return tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _load_input_tile(
     x_row,
     x2_row,
@@ -124,7 +131,7 @@ def _load_input_tile(
         if IN_AFFINE:
             v = v * in_scale + in_shift
         if IN_RELU:
-            v = tl.maximum(v, 0.0)
+            v = _relu(v)
         if IN_AFFINE:
             # Zero padding is applied after the (lazy) BatchNorm, not before it.
             v = tl.where(valid, v, 0.0)
@@ -148,7 +155,7 @@ def _load_input_tile(
                 if IN_AFFINE:
                     u = u * in_scale + in_shift
                 if IN_RELU:
-                    u = tl.maximum(u, 0.0)
+                    u = _relu(u)
                 total += tl.where(ok, u, 0.0)
                 count += ok.to(ACC)
         # count_include_pad=False: divide by the pixels inside the image (ceil_mode windows).
@@ -375,7 +382,7 @@ def conv2d_fused_kernel(
             r = r * r_scale[None, :] + r_shift[None, :]
         acc += r
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = _relu(acc)
     if STATS:
         # This tile's per-channel sum and M2 about its own mean (row pid_m of the [tiles,
         # channels] partials); the launcher merges the tiles with Chan's formula. Deterministic,

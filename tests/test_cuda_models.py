@@ -46,3 +46,26 @@ def test_whole_model_matches_oracle_on_cuda(model, mode, backend):
     check = case.check(case.runner(bm.fastres_system(backend)))
     print(f"max error {check.max_error:.2e} ({check.worst}); worst gradient {check.worst_grad}")
     assert check.passed, "\n".join(check.failures)
+
+
+@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("mode", bm.MODES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_inputs_propagate_as_in_the_oracle_on_cuda(backend, mode, bad):
+    """One NaN or Inf pixel reaches the same output elements as in the oracle: a backend that
+    dropped it (a ReLU that maps NaN to 0, as GPU max instructions do by default) would hide a
+    diverged run. The interpreter cannot show this: its maximum keeps NaN either way."""
+    reason = bm.backend_reasons("cuda")[backend]
+    if reason is not None:
+        pytest.skip(reason)
+    model = bm.build_model("resnet", 50, seed=int(torch.randint(0, 2**31, ()))).cuda()
+    model.train(mode == "train")
+    x = torch.randn(4, 3, 64, 64, device="cuda").contiguous(memory_format=torch.channels_last)
+    x[1, int(torch.randint(3, ())), int(torch.randint(64, ())), int(torch.randint(64, ()))] = bad
+    masks = {}
+    for name in ("torch", backend):
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model.set_backend(name)(x)
+        masks[name] = ~torch.isfinite(logits)
+    assert masks["torch"].any()
+    assert torch.equal(masks[backend], masks["torch"])
