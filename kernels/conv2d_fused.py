@@ -181,7 +181,9 @@ def _mma(a, b, acc, DOT_MODE: tl.constexpr):
     if DOT_MODE == 0:
         acc = tl.dot(a, b, acc)
     elif DOT_MODE == 3:
-        acc = tl.dot(a.to(tl.float64), b.to(tl.float64), acc, input_precision="ieee")
+        # out_dtype named: Triton 3.6 checks the accumulator against it (fp32 by default).
+        a, b = a.to(tl.float64), b.to(tl.float64)
+        acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=tl.float64)
     elif DOT_MODE == 1:
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
