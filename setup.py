@@ -5,8 +5,10 @@ as `fastres.kernels` (a top-level package named `kernels` exists on PyPI), both 
 and an editable install.
 
 The C++/CUDA extension `fastres._C` (folder `csrc/`) is built with ninja against the installed
-torch: its CPU part everywhere, its CUDA part where the installed torch is a CUDA build and nvcc
-exists. Build with `pip install --no-build-isolation -e .` so that the installed torch is used.
+torch: its CPU part everywhere, its CUDA part where the installed torch is a CUDA build and a CUDA
+toolkit is found (`find_cuda_toolkit`: CUDA_HOME, CUDA_PATH, the toolkit behind `nvcc` on PATH
+even through a wrapper script, /usr/local/cuda[-*]; the first with nvcc and the runtime headers).
+Build with `pip install --no-build-isolation -e .` so that the installed torch is used.
 Environment switches:
 
 - FASTRES_BUILD_EXT=0: skip the extension (fastres then runs with the 'torch' backend only);
@@ -17,6 +19,8 @@ Environment switches:
 
 import glob
 import os
+import re
+import shutil
 import sys
 
 from setuptools import find_packages, setup
@@ -31,6 +35,49 @@ def _flag(name: str) -> bool | None:
     return value.lower() not in ("0", "false", "no", "off")
 
 
+DEFAULT_CUDA_ROOTS = ("/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True))
+
+
+def _toolkit_behind(nvcc: str) -> str:
+    """The toolkit root of an nvcc on PATH: through links, and through a wrapper script that
+    execs another nvcc (torch would take the wrapper's parent folder, which has no headers)."""
+    real = os.path.realpath(nvcc)
+    try:
+        with open(real, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        head = b""
+    target = re.search(rb"exec\s+[\"']?(/\S*?/nvcc)\b", head) if head.startswith(b"#!") else None
+    if target:
+        real = os.path.realpath(target.group(1).decode())
+    return os.path.dirname(os.path.dirname(real))
+
+
+def find_cuda_toolkit(default_roots=DEFAULT_CUDA_ROOTS) -> tuple[str | None, list[str]]:
+    """The CUDA toolkit to build with: the first of CUDA_HOME, CUDA_PATH, the toolkit behind
+    `nvcc` on PATH and the conventional folders that holds nvcc and the runtime's headers.
+
+    Returns:
+        (its root, or None; a line per candidate: taken, or passed over and why).
+    """
+    candidates = [(os.environ[v], v) for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append((_toolkit_behind(nvcc), f"nvcc on PATH, {nvcc}"))
+    candidates += [(root, "conventional folder") for root in default_roots]
+    lines = []
+    for root, origin in candidates:
+        missing = [
+            part
+            for part in ("bin/nvcc", "include/cuda_runtime_api.h")
+            if not os.path.isfile(os.path.join(root, part))
+        ]
+        if not missing:
+            return root, [*lines, f"{root} ({origin}): taken"]
+        lines.append(f"{root} ({origin}): passed over, no {' or '.join(missing)}")
+    return None, lines
+
+
 def _extensions() -> tuple[list, dict]:
     if _flag("FASTRES_BUILD_EXT") is False:
         return [], {}
@@ -38,10 +85,18 @@ def _extensions() -> tuple[list, dict]:
     # package still installs.
     try:
         import torch
-        from torch.utils import cpp_extension
     except ImportError:
         print("fastres: torch is not importable, building without the extension fastres._C")
         return [], {}
+    want_cuda = _flag("FASTRES_CUDA")
+    cuda_root = None
+    if torch.version.cuda is not None and want_cuda is not False:
+        # torch.utils.cpp_extension settles on CUDA_HOME when it is imported: choose it first.
+        cuda_root, lines = find_cuda_toolkit()
+        print("fastres: CUDA toolkit candidates:\n  " + "\n  ".join(lines or ["none"]))
+        if cuda_root is not None:
+            os.environ["CUDA_HOME"] = cuda_root
+    from torch.utils import cpp_extension
 
     sources = ["csrc/fastres.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     # at::parallel_for is a header template that forks with `#pragma omp parallel` inside the
@@ -52,12 +107,12 @@ def _extensions() -> tuple[list, dict]:
         else []
     )
     cxx_flags = ["-O3", *openmp]
-    want_cuda = _flag("FASTRES_CUDA")
-    has_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    has_cuda = cuda_root is not None
     if want_cuda and not has_cuda:
         raise RuntimeError(
-            "FASTRES_CUDA=1 but the installed torch is not a CUDA build or nvcc was not found "
-            f"(torch.version.cuda={torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME})"
+            "FASTRES_CUDA=1 but the installed torch is not a CUDA build or no CUDA toolkit with "
+            f"nvcc and headers was found (torch.version.cuda={torch.version.cuda}; candidates "
+            "above; set CUDA_HOME to the toolkit's root)"
         )
     if want_cuda is None:
         want_cuda = has_cuda
@@ -83,11 +138,11 @@ def _extensions() -> tuple[list, dict]:
     return [ext], {"build_ext": build_ext}
 
 
-ext_modules, cmdclass = _extensions()
-
-setup(
-    packages=packages,
-    package_dir={"fastres.kernels": "kernels"},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+if __name__ == "__main__":  # setuptools runs this file as __main__; tests import its functions
+    ext_modules, cmdclass = _extensions()
+    setup(
+        packages=packages,
+        package_dir={"fastres.kernels": "kernels"},
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+    )
