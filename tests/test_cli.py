@@ -104,6 +104,11 @@ def test_speedup_and_memory_ratio_over_eager_cl():
     assert cells["resnet50-c", "fastres-native"] == ["-", "-"]
 
 
+def test_bench_process_options_exclude_each_other():
+    with pytest.raises(SystemExit, match="exclude each other"):
+        main(["bench", *TINY, "--same-process", "--process-per-system"])
+
+
 def test_bench_rejects_unavailable_backend(one_thread):
     reasons = bm.backend_reasons("cpu")
     missing = [name for name, reason in reasons.items() if reason is not None]
