@@ -577,13 +577,10 @@ def prepare_system(case: Case, system: System, warmup: int) -> Prepared:
     return Prepared(runner, check, first_call_s, peak, meter.kind)
 
 
-def _result(
-    case: Case, prepared: Prepared | Isolated, times: list[float], page_faults: int | None
-) -> Result:
-    """page_faults: the total over the timed steps, or None where they were not counted."""
-    config, system, check = case.config, prepared.system, prepared.check
-    median = statistics.median(times)
-    return Result(
+def _what_ran(case: Case, system: System) -> dict:
+    """The fields of a Result that name the case and the system."""
+    config = case.config
+    return dict(
         group=config.group,
         model=config.label,
         mode=config.mode,
@@ -593,6 +590,17 @@ def _result(
         image_size=config.image_size,
         dtype=config.dtype,
         device=str(case.device),
+    )
+
+
+def _result(
+    case: Case, prepared: Prepared | Isolated, times: list[float], page_faults: int | None
+) -> Result:
+    """page_faults: the total over the timed steps, or None where they were not counted."""
+    config, system, check = case.config, prepared.system, prepared.check
+    median = statistics.median(times)
+    return Result(
+        **_what_ran(case, system),
         img_per_s=config.batch / median,
         ms_per_iter=median * 1e3,
         times_ms=[t * 1e3 for t in times],
@@ -615,18 +623,9 @@ def _failed_result(case: Case, system: System, error: Exception) -> Result:
     lines = f"{type(error).__name__}: {error}".splitlines()
     if len(lines) > 5:
         lines = [lines[0], "...", *lines[-3:]]
-    config = case.config
     nan = float("nan")
     return Result(
-        group=config.group,
-        model=config.label,
-        mode=config.mode,
-        system=system.name,
-        backend=system.backend,
-        batch=config.batch,
-        image_size=config.image_size,
-        dtype=config.dtype,
-        device=str(case.device),
+        **_what_ran(case, system),
         img_per_s=nan,
         ms_per_iter=nan,
         times_ms=[],
