@@ -35,7 +35,16 @@ def _flag(name: str) -> bool | None:
     return value.lower() not in ("0", "false", "no", "off")
 
 
-DEFAULT_CUDA_ROOTS = ("/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True))
+def newest_first(roots: list[str]) -> list[str]:
+    """cuda-X.Y folders by version, newest first (as text, cuda-9.0 would precede cuda-13.0)."""
+
+    def version(root: str) -> tuple[int, ...]:
+        return tuple(int(n) for n in re.findall(r"\d+", os.path.basename(root)))
+
+    return sorted(roots, key=version, reverse=True)
+
+
+DEFAULT_CUDA_ROOTS = ("/usr/local/cuda", *newest_first(glob.glob("/usr/local/cuda-*")))
 
 
 def _toolkit_behind(nvcc: str) -> str:
@@ -97,6 +106,9 @@ def _extensions() -> tuple[list, dict]:
         if cuda_root is not None:
             os.environ["CUDA_HOME"] = cuda_root
     from torch.utils import cpp_extension
+
+    if cuda_root is not None:
+        cpp_extension.CUDA_HOME = cuda_root  # in case it was imported before this ran
 
     sources = ["csrc/fastres.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     # at::parallel_for is a header template that forks with `#pragma omp parallel` inside the

@@ -75,3 +75,13 @@ def test_cuda_path_is_a_candidate_too(env, tmp_path):
 def test_no_toolkit_says_why(env, tmp_path):
     root, lines = setup_py.find_cuda_toolkit(default_roots=(str(tmp_path / "nothing"),))
     assert root is None and len(lines) == 1 and "passed over" in lines[0]
+
+
+def test_versioned_folders_are_tried_newest_first():
+    roots = ["/usr/local/cuda-9.0", "/usr/local/cuda-12.10", "/usr/local/cuda-13.0", "/x/cuda-12.8"]
+    assert setup_py.newest_first(roots) == [
+        "/usr/local/cuda-13.0",
+        "/usr/local/cuda-12.10",
+        "/x/cuda-12.8",
+        "/usr/local/cuda-9.0",
+    ]
