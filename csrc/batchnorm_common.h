@@ -88,7 +88,15 @@ inline Prepared prepare(const at::Tensor& x_in, const at::Tensor& scale,
 
 // Per-channel coefficients [6, C] (accumulation dtype) of bn_backward_elemt:
 // grad_x = c0 * g + c1 * x + c2 and grad_r = c3 * g + c4 * r + c5, g = grad_out * ReLU mask.
-inline at::Tensor elemt_coefficients(
+// The x terms (c1, c2) exist only where x's norm trains (train_x), the r terms (c4, c5) only
+// where r's does (train_r); elsewhere the kernels leave x and r out of the gradient.
+struct ElemtCoefficients {
+  at::Tensor coef;
+  bool train_x;
+  bool train_r;
+};
+
+inline ElemtCoefficients elemt_coefficients(
     const Prepared& p, const std::optional<at::Tensor>& mean,
     const std::optional<at::Tensor>& invstd, const std::optional<at::Tensor>& sum_dy,
     const std::optional<at::Tensor>& sum_dy_xmu, const std::optional<at::Tensor>& mean_r,
@@ -131,7 +139,7 @@ inline at::Tensor elemt_coefficients(
   } else if (want_r) {
     coef[3].fill_(1);
   }
-  return coef;
+  return {coef, train_x, train_r};
 }
 
 }  // namespace fastres

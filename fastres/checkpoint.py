@@ -12,7 +12,10 @@ Layouts (detected automatically, several may combine):
   OpenMMLab deep stem `stem.{0,1,3,4,6,7}`;
 - timm deep stem (resnet*d, res2net*d): `conv1.{0,1,3,4,6}` + `bn1` -> `stem.{0,1,3,4,6,7}`;
 - mmpretrain deep stem (ConvModules): `stem.{i}.conv` -> `stem.{3i}`,
-  `stem.{i}.bn` -> `stem.{3i+1}`;
+  `stem.{i}.bn` / `stem.{i}.gn` -> `stem.{3i+1}`;
+- mmpretrain avg_down shortcuts: mmpretrain adds the average pool only where the stride is not
+  1, so a stride-1 shortcut (`layer1.0`, dilated stages) is `downsample.{0,1}` = conv, norm;
+  where the model's pool there is the identity (stride 1), those keys move to `.{1,2}`;
 - wrappers `state_dict` / `model` (mmengine, DeiT-style), the DDP prefix `module.`, the OpenMMLab
   prefix `backbone.` (keys outside it, such as a detector's neck and heads, are ignored) and the
   mmpretrain classifier head `head.fc.*` -> `fc.*`.
@@ -51,13 +54,11 @@ _TIMM_DEEP_STEM = {
     "conv1.6": "stem.6",
     "bn1": "stem.7",
 }
+# mmcv's ConvModule names its norm after the norm type: `bn` (BN, SyncBN) or `gn` (GN).
 _MMPRETRAIN_DEEP_STEM = {
-    "stem.0.conv": "stem.0",
-    "stem.0.bn": "stem.1",
-    "stem.1.conv": "stem.3",
-    "stem.1.bn": "stem.4",
-    "stem.2.conv": "stem.6",
-    "stem.2.bn": "stem.7",
+    f"stem.{i}.{part}": f"stem.{3 * i + offset}"
+    for i in range(3)
+    for part, offset in (("conv", 0), ("bn", 1), ("gn", 1))
 }
 _BLOCK_KEY = re.compile(r"layer(\d+)\.(\d+)\.")
 
@@ -251,6 +252,19 @@ def _rename(key: str, table: dict[str, str]) -> str:
     return key
 
 
+def _identity_pool_shortcuts(model: nn.Module) -> list[str]:
+    """Names of the avg_down shortcuts whose leading pool has stride 1 (the identity)."""
+    return [
+        name
+        for name, m in model.named_modules()
+        if name.endswith("downsample")
+        and isinstance(m, nn.Sequential)
+        and len(m) == 3
+        and isinstance(m[0], nn.AvgPool2d)
+        and m[0].stride in (1, (1, 1))
+    ]
+
+
 def _match(
     model: nn.Module, state: dict[str, Tensor], notes: list[str]
 ) -> tuple[LoadReport, dict[str, tuple[str, Tensor]]]:
@@ -285,14 +299,22 @@ def _match(
         stem = "fastres/torchvision/timm/OpenMMLab keys"
     layout = stem + "".join(f", {note}" for note in notes)
 
+    targets = {}
+    for key in state:
+        target = original_to_model(key)
+        targets[key] = target if stem_table is None else _rename(target, stem_table)
+    shifted = [p for p in _identity_pool_shortcuts(model) if f"{p}.0.weight" in targets.values()]
+    if shifted:
+        layout += ", mmpretrain shortcuts without a stride-1 pool"
+        table = {f"{p}.{i}": f"{p}.{i + 1}" for p in shifted for i in (1, 0)}
+        targets = {key: _rename(target, table) for key, target in targets.items()}
+
     model_stages = {int(m.group(1)) for k in expected if (m := _BLOCK_KEY.match(k))}
     has_fc = any(k.startswith("fc.") for k in expected)
     candidates: dict[str, tuple[str, Tensor]] = {}
     unexpected = []
     for key, value in state.items():
-        target = original_to_model(key)
-        if stem_table is not None:
-            target = _rename(target, stem_table)
+        target = targets[key]
         stage = _BLOCK_KEY.match(target)
         if (target.startswith("fc.") and not has_fc) or (
             stage and model_stages and int(stage.group(1)) not in model_stages

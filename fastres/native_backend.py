@@ -105,7 +105,7 @@ def _conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
     return conv._conv_forward(x, conv.weight, conv.bias)
 
 
-# oneDNN's fused convolution (prepacked weights, bias + ReLU / add + ReLU post-ops), as
+# oneDNN's fused convolution (prepacked weights, bias / add post-ops), as
 # torch.compile uses it on CPU; absent from builds without oneDNN.
 _MKLDNN_CONV = torch.backends.mkldnn.is_available() and hasattr(
     torch.ops.mkldnn, "_convolution_pointwise"
@@ -179,7 +179,8 @@ def _fused_conv(
     residual: Tensor | None = None,
     residual_is_scratch: bool = False,
 ) -> Tensor:
-    """act(conv_folded(x) [+ residual]) in one oneDNN call (inference only, see _fast_eval).
+    """act(conv_folded(x) [+ residual]): one oneDNN call and the ReLU (inference only, see
+    _fast_eval).
 
     residual_is_scratch: the residual is a temporary of this backend (a shortcut conv's
     output) that oneDNN may overwrite with the result, which saves a fresh output buffer
@@ -191,20 +192,22 @@ def _fused_conv(
         x = x.contiguous(memory_format=torch.channels_last)
     f = _folded(conv, bn, x)
     geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
-    unary = "relu" if relu else "none"
     if residual is None:
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, f.weight, f.bias, *geometry, unary, [], ""
-        )
-    fmt = bn_ops.memory_format_of(x)
-    if residual_is_scratch and residual.is_contiguous(memory_format=fmt):
-        return torch.ops.mkldnn._convolution_pointwise_.binary(
-            residual, x, f.weight, f.bias, *geometry, "add", 1.0, unary, [], "",
-        )  # fmt: skip
-    residual = residual.contiguous(memory_format=fmt)
-    return torch.ops.mkldnn._convolution_pointwise.binary(
-        x, residual, f.weight, f.bias, *geometry, "add", 1.0, unary, [], "",
-    )  # fmt: skip
+        y = torch.ops.mkldnn._convolution_pointwise(x, f.weight, f.bias, *geometry, "none", [], "")
+    else:
+        fmt = bn_ops.memory_format_of(x)
+        if residual_is_scratch and residual.is_contiguous(memory_format=fmt):
+            y = torch.ops.mkldnn._convolution_pointwise_.binary(
+                residual, x, f.weight, f.bias, *geometry, "add", 1.0, None, [], "",
+            )  # fmt: skip
+        else:
+            y = torch.ops.mkldnn._convolution_pointwise.binary(
+                x, residual.contiguous(memory_format=fmt), f.weight, f.bias, *geometry,
+                "add", 1.0, None, [], "",
+            )  # fmt: skip
+    # The ReLU runs after oneDNN, not as its post-op: oneDNN's ReLU maps NaN to 0, which
+    # would hide a diverged model; torch's keeps NaN, as PyTorch's own model does.
+    return y.relu_() if relu else y
 
 
 def _conv_bn_act(

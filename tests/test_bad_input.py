@@ -1,5 +1,7 @@
 """SPEC section 5: bad input gets a clear error; edge cases behave as torch does."""
 
+import copy
+
 import pytest
 import torch
 
@@ -130,3 +132,49 @@ def test_autocast_accepts_fp32_model_with_bf16_compute():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         outs = model(torch.randn(2, 3, 32, 32))
     assert all(o.dtype == torch.bfloat16 for o in outs)
+
+
+NON_FINITE_MODES = ("eval", "bn-frozen", "train")
+
+
+def _non_finite_masks(model, x, mode):
+    """Which output elements (and input-gradient elements) are NaN or Inf."""
+    model.train(mode != "eval")
+    with torch.set_grad_enabled(mode != "eval"):
+        x = x.clone().requires_grad_(mode != "eval")
+        outs = model(x)
+        masks = [~torch.isfinite(o) for o in outs]
+        if mode != "eval":
+            sum(o.nan_to_num().sum() for o in outs).backward()
+            masks.append(~torch.isfinite(x.grad))
+    return masks
+
+
+@pytest.mark.parametrize("where", ["nan-pixel", "inf-pixel", "nan-weight"])
+@pytest.mark.parametrize("mode", NON_FINITE_MODES)
+@pytest.mark.parametrize("arch", ["resnet", "res2net"])
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_non_finite_values_propagate_as_in_pytorch(backend, arch, mode, where):
+    """A NaN or Inf (in the input, or a weight of a diverged model) reaches exactly the output
+    elements it reaches in the oracle, on every backend and in every mode: a backend that
+    dropped it (oneDNN's ReLU post-op maps NaN to 0) would hide a diverged run."""
+    status = fastres.available_backends()[backend]
+    if not status.available:
+        pytest.skip(status.reason)
+    # The Triton interpreter is slow: two stages of a narrow model there.
+    stages = dict(num_stages=2, strides=(1, 2), dilations=(1, 1), out_indices=(0, 1))
+    kwargs = dict(depth=50, base_channels=8, norm_eval=mode != "train", zero_init_residual=False)
+    cls = fastres.ResNet if arch == "resnet" else fastres.Res2Net
+    model = cls(**kwargs, **(stages if backend == "triton" else {}))
+    x = torch.randn(2, 3, 32, 32)
+    pixel = (1, int(torch.randint(3, ())), int(torch.randint(32, ())), int(torch.randint(32, ())))
+    if where == "nan-weight":
+        with torch.no_grad():
+            model.layer2[0].conv1.weight[0, 0, 0, 0] = float("nan")
+    else:
+        x[pixel] = float("nan") if where == "nan-pixel" else float("inf")
+    oracle = _non_finite_masks(copy.deepcopy(model).set_backend("torch"), x, mode)
+    fused = _non_finite_masks(model.set_backend(backend), x, mode)
+    assert any(m.any() for m in oracle)
+    for i, (a, b) in enumerate(zip(fused, oracle, strict=True)):
+        assert torch.equal(a, b), f"output {i}: {int((a != b).sum())} elements differ"

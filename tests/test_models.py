@@ -125,16 +125,17 @@ def test_res2net_pool_rules():
 
 @pytest.mark.parametrize("depth,block", [(18, BasicBlock), (50, Bottleneck)])
 def test_output_shapes_and_out_indices_order(depth, block):
-    model = fastres.ResNet(depth=depth, out_indices=(3, 0, 2)).eval()
+    # OpenMMLab returns the selected stages in stage order, whatever the order given.
+    model = fastres.ResNet(depth=depth, out_indices=(3, 0, 2, 0)).eval()
     assert isinstance(model.layer1[0], block)
     outs = model(torch.randn(2, 3, 64, 96))
     e = block.expansion
     assert [o.shape for o in outs] == [
-        (2, 512 * e, 2, 3),
         (2, 64 * e, 16, 24),
         (2, 256 * e, 4, 6),
+        (2, 512 * e, 2, 3),
     ]
-    assert model.out_channels == (512 * e, 64 * e, 256 * e)
+    assert model.out_channels == (64 * e, 256 * e, 512 * e)
 
 
 def test_num_stages_strides_dilations():

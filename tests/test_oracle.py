@@ -79,7 +79,7 @@ def functional_forward(model, x, pool_rule="strided"):
             else:
                 x = basic(block, x, model.avg_down)
         outs.append(x)
-    return [outs[i] for i in model.out_indices]
+    return [out for i, out in enumerate(outs) if i in model.out_indices]
 
 
 CASES = {

@@ -183,6 +183,13 @@ FASTRES_INLINE inline acc_t tail_at(acc_t xv, acc_t rv, const acc_t* __restrict 
   return z;
 }
 
+// ReLU's gradient as PyTorch's threshold_backward: 0 where z <= 0, g elsewhere, NaN z included
+// (the NaN itself propagates through the other terms, as in PyTorch).
+template <typename acc_t>
+FASTRES_INLINE inline acc_t relu_grad(acc_t z, acc_t g) {
+  return z <= acc_t(0) ? acc_t(0) : g;
+}
+
 // One channels_last row of bn_backward_reduce: s0[c] += g, s1[c] += g (x - m), s2[c] += g (r - mr).
 template <typename scalar_t, typename acc_t, bool HR, bool HS, bool RL>
 FASTRES_INLINE inline void reduce_row(const scalar_t* __restrict go, const scalar_t* __restrict x,
@@ -196,7 +203,7 @@ FASTRES_NO_ALIAS
     const acc_t xv = static_cast<acc_t>(x[c]);
     const acc_t rv = HR ? static_cast<acc_t>(r[c]) : acc_t(0);
     acc_t gv = static_cast<acc_t>(go[c]);
-    if constexpr (RL) gv = tail_at<acc_t, HR, HS>(xv, rv, ts, tt, tsr, ttr, c) > acc_t(0) ? gv : acc_t(0);
+    if constexpr (RL) gv = relu_grad(tail_at<acc_t, HR, HS>(xv, rv, ts, tt, tsr, ttr, c), gv);
     s0[c] += gv;
     s1[c] += gv * (xv - m[c]);
     if constexpr (HS) s2[c] += gv * (rv - mr[c]);
@@ -217,7 +224,7 @@ FASTRES_INLINE inline void reduce_plane(const scalar_t* __restrict go, const sca
     if constexpr (RL) {
       acc_t z = xv * sc + sh;
       if constexpr (HR) z += rv * sc_r + sh_r;
-      gv = z > acc_t(0) ? gv : acc_t(0);
+      gv = relu_grad(z, gv);
     }
     l[0][j] += gv;
     l[1][j] += gv * (xv - m);
@@ -226,8 +233,11 @@ FASTRES_INLINE inline void reduce_plane(const scalar_t* __restrict go, const sca
 }
 
 // bn_backward_elemt over n contiguous elements: a channels_last row (ROW, channels 0..n-1) or
-// an NCHW plane of channel c.
-template <typename scalar_t, typename acc_t, bool HR, bool HS, bool RL, bool WR, bool ROW>
+// an NCHW plane of channel c. TX / TR: the x / r norm trains (batch statistics), so its gradient
+// has the terms in x / r; without them x and r are not read into it, so that a NaN there does
+// not leak into a gradient that PyTorch computes from g alone.
+template <typename scalar_t, typename acc_t, bool HR, bool HS, bool RL, bool WR, bool ROW,
+          bool TX, bool TR>
 FASTRES_INLINE inline void elemt_span(const scalar_t* __restrict go, const scalar_t* __restrict x,
                 const scalar_t* __restrict r, const Tail<acc_t>& t, const acc_t* __restrict A,
                 const acc_t* __restrict B, const acc_t* __restrict K, const acc_t* __restrict AR,
@@ -241,9 +251,11 @@ FASTRES_NO_ALIAS
     const acc_t xv = static_cast<acc_t>(x[i]);
     const acc_t rv = HR ? static_cast<acc_t>(r[i]) : acc_t(0);
     acc_t gv = static_cast<acc_t>(go[i]);
-    if constexpr (RL) gv = tail_at<acc_t, HR, HS>(xv, rv, ts, tt, tsr, ttr, c) > acc_t(0) ? gv : acc_t(0);
-    gx[i] = static_cast<scalar_t>(A[c] * gv + B[c] * xv + K[c]);
-    if constexpr (WR && HR) gr[i] = static_cast<scalar_t>(AR[c] * gv + BR[c] * rv + KR[c]);
+    if constexpr (RL) gv = relu_grad(tail_at<acc_t, HR, HS>(xv, rv, ts, tt, tsr, ttr, c), gv);
+    gx[i] = static_cast<scalar_t>(TX ? A[c] * gv + B[c] * xv + K[c] : A[c] * gv);
+    if constexpr (WR && HR) {
+      gr[i] = static_cast<scalar_t>(TR ? AR[c] * gv + BR[c] * rv + KR[c] : AR[c] * gv);
+    }
   }
 }
 
@@ -571,8 +583,9 @@ std::tuple<Tensor, Tensor> bn_backward_elemt_cpu(
   const Geometry& g = p.g;
   const int64_t C = g.c;
   const bool want_r = grad_residual && p.r.defined();
-  const Tensor coef = elemt_coefficients(p, mean, invstd, sum_dy, sum_dy_xmu, mean_r, invstd_r,
-                                         sum_dy_rmu, count, grad_residual);
+  const ElemtCoefficients ec = elemt_coefficients(p, mean, invstd, sum_dy, sum_dy_xmu, mean_r,
+                                                  invstd_r, sum_dy_rmu, count, grad_residual);
+  const Tensor& coef = ec.coef;
   Tensor grad_x = at::empty_like(p.x, p.x.options(), p.fmt);
   Tensor grad_r = want_r ? at::empty_like(p.x, p.x.options(), p.fmt)
                          : at::empty({0}, p.x.options());
@@ -588,29 +601,40 @@ std::tuple<Tensor, Tensor> bn_backward_elemt_cpu(
                 *KR = cf + 5 * C;
     scalar_t* gx = grad_x.data_ptr<scalar_t>();
     scalar_t* gr = want_r ? grad_r.data_ptr<scalar_t>() : nullptr;
-    auto run = [&](auto want_tag) {
-      constexpr bool WR = decltype(want_tag)::value;
+    auto run = [&](auto want_tag, auto tx_tag, auto tr_tag) {
+      constexpr bool WR = decltype(want_tag)::value, TX = decltype(tx_tag)::value,
+                     TR = decltype(tr_tag)::value;
       dispatch_tail(p.r.defined(), p.scale_r.defined(), relu, [&](auto hr, auto hs, auto rl) {
         constexpr bool HR = decltype(hr)::value, HS = decltype(hs)::value,
                        RL = decltype(rl)::value;
         for_each_block(
             g,
             [&](int64_t base) FASTRES_INLINE {
-              elemt_span<scalar_t, acc_t, HR, HS, RL, WR, true>(
+              elemt_span<scalar_t, acc_t, HR, HS, RL, WR, true, TX, TR>(
                   go + base, x + base, HR ? r + base : nullptr, t, A, B, K, AR, BR, KR, 0,
                   gx + base, WR ? gr + base : nullptr, C);
             },
             [&](int64_t base, int64_t c) FASTRES_INLINE {
-              elemt_span<scalar_t, acc_t, HR, HS, RL, WR, false>(
+              elemt_span<scalar_t, acc_t, HR, HS, RL, WR, false, TX, TR>(
                   go + base, x + base, HR ? r + base : nullptr, t, A, B, K, AR, BR, KR, c,
                   gx + base, WR ? gr + base : nullptr, g.s);
             });
       });
     };
+    // train_r implies train_x (elemt_coefficients checks it): three cases, times want_r.
+    auto run_terms = [&](auto want_tag) {
+      if (ec.train_r) {
+        run(want_tag, std::true_type{}, std::true_type{});
+      } else if (ec.train_x) {
+        run(want_tag, std::true_type{}, std::false_type{});
+      } else {
+        run(want_tag, std::false_type{}, std::false_type{});
+      }
+    };
     if (want_r) {
-      run(std::true_type{});
+      run_terms(std::true_type{});
     } else {
-      run(std::false_type{});
+      run_terms(std::false_type{});
     }
   });
   return {grad_x, grad_r};

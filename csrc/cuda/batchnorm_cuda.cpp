@@ -153,16 +153,17 @@ std::tuple<Tensor, Tensor> bn_backward_elemt_cuda(
   const c10::cuda::CUDAGuard guard(x_in.device());
   const Prepared p = prepare(x_in, scale, shift, residual, scale_r, shift_r);
   const Tensor dy = like_x(grad_out, x_in, p.fmt, "grad_out");
-  const Tensor coef = elemt_coefficients(p, mean, invstd, sum_dy, sum_dy_xmu, mean_r, invstd_r,
-                                         sum_dy_rmu, count, grad_residual);
+  const ElemtCoefficients ec = elemt_coefficients(p, mean, invstd, sum_dy, sum_dy_xmu, mean_r,
+                                                  invstd_r, sum_dy_rmu, count, grad_residual);
   const bool want_r = grad_residual && p.r.defined();
   Tensor grad_x = at::empty_like(p.x, p.x.options(), p.fmt);
   Tensor grad_r =
       want_r ? at::empty_like(p.x, p.x.options(), p.fmt) : at::empty({0}, p.x.options());
   if (p.x.numel() == 0) return {grad_x, grad_r};
   check(cuda::launch_bn_backward_elemt(dtype_of(p.x), dy.const_data_ptr(), p.x.const_data_ptr(),
-                                       tail_of(p, relu), coef.const_data_ptr(),
-                                       cuda_geometry(p.g), grad_x.data_ptr(),
+                                       tail_of(p, relu), ec.coef.const_data_ptr(),
+                                       ec.train_x, ec.train_r, cuda_geometry(p.g),
+                                       grad_x.data_ptr(),
                                        want_r ? grad_r.data_ptr() : nullptr,
                                        c10::cuda::getCurrentCUDAStream()),
         "bn_backward_elemt");

@@ -259,6 +259,13 @@ __global__ void finalize_kernel(const A* __restrict__ mean, const A* __restrict_
 // ---------------------------------------------------------------------------------------------
 // Apply and backward element-wise
 
+// ReLU's gradient as PyTorch's threshold_backward: 0 where z <= 0, g elsewhere, NaN z included
+// (the NaN itself propagates through the other terms, as in PyTorch).
+template <typename A>
+__device__ __forceinline__ A relu_grad(A z, A g) {
+  return z <= A(0) ? A(0) : g;
+}
+
 template <typename T, int VEC, bool HAS_R, bool HAS_SR, bool RELU>
 __global__ void __launch_bounds__(kPlaneThreads)
     apply_kernel(const T* __restrict__ x, TailEval<T, VEC, HAS_R, HAS_SR> t, Geometry g,
@@ -281,7 +288,9 @@ __global__ void __launch_bounds__(kPlaneThreads)
   }
 }
 
-template <typename T, int VEC, bool HAS_R, bool HAS_SR, bool RELU, bool GRAD_R>
+// TX / TR: the x / r norm trains, so its gradient has the terms in x / r; without them x and r
+// stay out of the gradient, so that a NaN there does not leak into one PyTorch computes from g.
+template <typename T, int VEC, bool HAS_R, bool HAS_SR, bool RELU, bool GRAD_R, bool TX, bool TR>
 __global__ void __launch_bounds__(kPlaneThreads)
     backward_elemt_kernel(const T* __restrict__ grad_out, const T* __restrict__ x,
                           TailEval<T, VEC, HAS_R, HAS_SR> t,
@@ -307,12 +316,11 @@ __global__ void __launch_bounds__(kPlaneThreads)
       const int64_t cj = g.channels_last ? c + j : c;
       const A xa = to_acc(xv.v[j]);
       A gr = to_acc(gv.v[j]);
-      if constexpr (RELU) {
-        if (!(t.z(xa, rv, j, c, g.channels_last) > A(0))) gr = A(0);
-      }
-      ox.v[j] = from_acc<T>(ca[cj] * gr + cb[cj] * xa + ck[cj]);
+      if constexpr (RELU) gr = relu_grad(t.z(xa, rv, j, c, g.channels_last), gr);
+      ox.v[j] = from_acc<T>(TX ? ca[cj] * gr + cb[cj] * xa + ck[cj] : ca[cj] * gr);
       if constexpr (GRAD_R && HAS_R) {
-        orr.v[j] = from_acc<T>(ra[cj] * gr + rb[cj] * to_acc(rv.v[j]) + rk[cj]);
+        orr.v[j] =
+            from_acc<T>(TR ? ra[cj] * gr + rb[cj] * to_acc(rv.v[j]) + rk[cj] : ra[cj] * gr);
       }
     }
     store<T, VEC>(grad_x, i, ox);
@@ -348,9 +356,7 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock)
       for (int j = 0; j < VEC; ++j) {
         const A xa = to_acc(xv.v[j]);
         A gr = to_acc(gv.v[j]);
-        if constexpr (RELU) {
-          if (!(t.z(xa, rv, j, c0, true) > A(0))) gr = A(0);
-        }
+        if constexpr (RELU) gr = relu_grad(t.z(xa, rv, j, c0, true), gr);
         s0[j] += gr;
         s1[j] += gr * (xa - mean[c0 + j]);
         if constexpr (HAS_SR) s2[j] += gr * (to_acc(rv.v[j]) - mean_r[c0 + j]);
@@ -413,7 +419,7 @@ __global__ void __launch_bounds__(kPlaneThreads)
         if constexpr (RELU) {
           A z = xa * sc + sh;
           if constexpr (HAS_R) z += to_acc(rv.v[j]) * sc_r + sh_r;
-          if (!(z > A(0))) gr = A(0);
+          gr = relu_grad(z, gr);
         }
         a0 += gr;
         a1 += gr * (xa - mu);
@@ -600,8 +606,8 @@ void apply_typed(const T* x, const Tail& tail, Geometry g, T* out, cudaStream_t 
 }
 
 template <typename T, int VEC>
-void elemt_typed(const T* grad_out, const T* x, const Tail& tail, const void* coef, Geometry g,
-                 T* grad_x, T* grad_r, cudaStream_t stream) {
+void elemt_typed(const T* grad_out, const T* x, const Tail& tail, const void* coef, bool train_x,
+                 bool train_r, Geometry g, T* grad_x, T* grad_r, cudaStream_t stream) {
   using A = typename Acc<T>::type;
   const int64_t numel = g.n * g.c * g.s;
   const auto blocks = static_cast<unsigned>(elementwise_blocks(numel / VEC));
@@ -609,12 +615,25 @@ void elemt_typed(const T* grad_out, const T* x, const Tail& tail, const void* co
   dispatch_tail(tail, [&](auto hr, auto hs, auto rl) {
     constexpr bool HR = decltype(hr)::value, HS = decltype(hs)::value, RL = decltype(rl)::value;
     const auto t = tail_eval<T, VEC, HR, HS>(tail);
+    auto launch = [&](auto grad_r_tag, auto tx_tag, auto tr_tag) {
+      backward_elemt_kernel<T, VEC, HR, HS, RL, decltype(grad_r_tag)::value,
+                            decltype(tx_tag)::value, decltype(tr_tag)::value>
+          <<<blocks, kPlaneThreads, 0, stream>>>(grad_out, x, t, cf, g, numel, grad_x, grad_r);
+    };
+    // train_r implies train_x: three cases, times grad_r.
+    auto with_terms = [&](auto grad_r_tag) {
+      if (train_r) {
+        launch(grad_r_tag, std::true_type{}, std::true_type{});
+      } else if (train_x) {
+        launch(grad_r_tag, std::true_type{}, std::false_type{});
+      } else {
+        launch(grad_r_tag, std::false_type{}, std::false_type{});
+      }
+    };
     if (grad_r) {
-      backward_elemt_kernel<T, VEC, HR, HS, RL, true>
-          <<<blocks, kPlaneThreads, 0, stream>>>(grad_out, x, t, cf, g, numel, grad_x, grad_r);
+      with_terms(std::true_type{});
     } else {
-      backward_elemt_kernel<T, VEC, HR, HS, RL, false>
-          <<<blocks, kPlaneThreads, 0, stream>>>(grad_out, x, t, cf, g, numel, grad_x, grad_r);
+      with_terms(std::false_type{});
     }
   });
 }
@@ -696,8 +715,8 @@ cudaError_t launch_bn_backward_reduce(DType dtype, const void* grad_out, const v
 }
 
 cudaError_t launch_bn_backward_elemt(DType dtype, const void* grad_out, const void* x, Tail tail,
-                                     const void* coef, Geometry g, void* grad_x, void* grad_r,
-                                     cudaStream_t stream) {
+                                     const void* coef, bool train_x, bool train_r, Geometry g,
+                                     void* grad_x, void* grad_r, cudaStream_t stream) {
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const T* gp = static_cast<const T*>(grad_out);
@@ -705,9 +724,9 @@ cudaError_t launch_bn_backward_elemt(DType dtype, const void* grad_out, const vo
     T* gx = static_cast<T*>(grad_x);
     T* gr = static_cast<T*>(grad_r);
     if (can_vectorize<T>(g, grad_out, x, tail.residual, grad_x, grad_r)) {
-      elemt_typed<T, vec_width<T>()>(gp, xp, tail, coef, g, gx, gr, stream);
+      elemt_typed<T, vec_width<T>()>(gp, xp, tail, coef, train_x, train_r, g, gx, gr, stream);
     } else {
-      elemt_typed<T, 1>(gp, xp, tail, coef, g, gx, gr, stream);
+      elemt_typed<T, 1>(gp, xp, tail, coef, train_x, train_r, g, gx, gr, stream);
     }
   });
 }

@@ -52,10 +52,11 @@ cudaError_t launch_bn_backward_reduce(DType dtype, const void* grad_out, const v
                                       void* workspace, cudaStream_t stream);
 
 // coef: [6, C] acc, grad_x = coef0 * g + coef1 * x + coef2, grad_r = coef3 * g + coef4 * r +
-// coef5 with g = grad_out * ReLU mask. grad_r may be nullptr.
+// coef5 with g = grad_out * ReLU mask; the x terms only with train_x, the r terms only with
+// train_r (which needs train_x). grad_r may be nullptr.
 cudaError_t launch_bn_backward_elemt(DType dtype, const void* grad_out, const void* x, Tail tail,
-                                     const void* coef, Geometry g, void* grad_x, void* grad_r,
-                                     cudaStream_t stream);
+                                     const void* coef, bool train_x, bool train_r, Geometry g,
+                                     void* grad_x, void* grad_r, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastres

@@ -40,13 +40,16 @@ class Bottle2neck(Bottleneck):
         norm_cfg = kwargs.get("norm_cfg") or {"type": "BN"}
         self.scales, self.stage_type = scales, stage_type
         self.width = width = math.floor(planes * base_width / base_channels)
-        # Replace the Bottleneck's conv1 / norm1 / conv2 / norm2 / conv3 / norm3 by the
-        # Res2Net ones, keeping OpenMMLab's attribute order (and so its state_dict order).
-        del self.conv2, self.conv3
+        # Replace the Bottleneck's convolutions and norms by the Res2Net ones in OpenMMLab's
+        # registration order (conv1, norm1, conv3, norm3, relu, downsample, pool, convs, bns):
+        # reassigning a submodule keeps its place, so the state_dict and the parameter order
+        # (which an optimizer state saved by OpenMMLab relies on) match theirs.
+        del self.conv2
         delattr(self, self.norm2_name)
-        delattr(self, self.norm3_name)
         self.conv1 = nn.Conv2d(inplanes, width * scales, 1, self.conv1_stride, bias=False)
         self.add_module(self.norm1_name, build_norm_layer(norm_cfg, width * scales))
+        self.conv3 = nn.Conv2d(width * scales, planes * self.expansion, 1, bias=False)
+        self.add_module(self.norm3_name, build_norm_layer(norm_cfg, planes * self.expansion))
         self.pools_last_chunk = stage_type == "stage" and (
             pool_last_chunk == "always" or self.conv2_stride != 1
         )
@@ -65,12 +68,6 @@ class Bottle2neck(Bottleneck):
             for _ in range(scales - 1)
         )
         self.bns = nn.ModuleList(build_norm_layer(norm_cfg, width) for _ in range(scales - 1))
-        self.conv3 = nn.Conv2d(width * scales, planes * self.expansion, 1, bias=False)
-        self.add_module(self.norm3_name, build_norm_layer(norm_cfg, planes * self.expansion))
-        # relu and downsample move behind the new layers, as in OpenMMLab.
-        relu, downsample = self.relu, self.downsample
-        del self.relu, self.downsample
-        self.relu, self.downsample = relu, downsample
 
     def forward_reference(self, x: Tensor) -> Tensor:
         out = self.relu(self.norm1(self.conv1(x)))

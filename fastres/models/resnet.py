@@ -197,8 +197,8 @@ class ResNet(nn.Module):
     """ResNet backbone (OpenMMLab defaults), or classifier when `num_classes` is given.
 
     Args: see the table in SPEC section 1.1. forward(x: [N, in_channels, H, W]) returns the
-    tuple of stage outputs named by `out_indices` ([N, C_i, H / s_i, W / s_i] each), or logits
-    [N, num_classes] for a classifier.
+    stage outputs selected by `out_indices`, in stage order whatever the order of `out_indices`
+    (as OpenMMLab), [N, C_i, H / s_i, W / s_i] each, or logits [N, num_classes] for a classifier.
     """
 
     arch_settings = {
@@ -304,8 +304,11 @@ class ResNet(nn.Module):
             self.add_module(f"layer{i + 1}", layer)
             self.res_layers.append(f"layer{i + 1}")
         self.feat_dim = self.inplanes
+        # Stage order, whatever the order of out_indices, as OpenMMLab returns the stages.
         self.out_channels = tuple(
-            base_channels * 2**i * self.block.expansion for i in self.out_indices
+            base_channels * 2**i * self.block.expansion
+            for i in range(num_stages)
+            if i in self.out_indices
         )
         if num_classes is not None:
             self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -410,10 +413,12 @@ class ResNet(nn.Module):
     def _freeze_stages(self) -> None:
         if self.frozen_stages < 0:
             return
-        frozen = [self.stem] if self.deep_stem else [self.conv1, self.norm1]
+        # As OpenMMLab: the plain stem's conv keeps its training flag (it has no mode).
+        frozen = [self.stem] if self.deep_stem else [self.norm1]
         frozen += [getattr(self, f"layer{i}") for i in range(1, self.frozen_stages + 1)]
         for m in frozen:
             m.eval()
+        for m in frozen + ([] if self.deep_stem else [self.conv1]):
             for param in m.parameters():
                 param.requires_grad = False
 
@@ -482,12 +487,13 @@ class ResNet(nn.Module):
         self._check_input(x)
         x = backends.resolve(self.backend, x.device).run_stem(self, x)
         outs = []
-        for name in self.res_layers:
+        for i, name in enumerate(self.res_layers):
             x = getattr(self, name)(x)
-            outs.append(x)
+            if i in self.out_indices:
+                outs.append(x)
         if self.num_classes is not None:
             return self.fc(torch.flatten(self.avgpool(x), 1))
-        return tuple(outs[i] for i in self.out_indices)
+        return tuple(outs)
 
 
 def _pretrained_path(pretrained: str | None, init_cfg: dict | None) -> str | None:
