@@ -38,6 +38,7 @@ import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from urllib.parse import urlparse
 
 import torch
 from torch import Tensor, nn
@@ -116,6 +117,7 @@ def load_checkpoint(
     path_or_state_dict: str | os.PathLike | Mapping | nn.Module,
     strict: bool = True,
     *,
+    prefix: str | None = None,
     weights_only: bool = True,
 ) -> LoadReport:
     """Loads a checkpoint of any SPEC section 4 layout into `model`, all or nothing.
@@ -124,9 +126,14 @@ def load_checkpoint(
         model: a fastres model (any nn.Module whose keys follow fastres' naming works).
         path_or_state_dict: a checkpoint file (`torch.save` output, or `.safetensors` where the
             safetensors package is installed), a state_dict, a checkpoint dict with a
-            `state_dict` / `model` entry, or a module whose state_dict to copy.
+            `state_dict` / `model` entry, or a module whose state_dict to copy. A URL or an
+            OpenMMLab model name (`open-mmlab://`, `torchvision://`, `mmcls://`; resolved with
+            mmengine's tables) is read from torch.hub's checkpoint folder, where torch.hub and
+            OpenMMLab keep their downloads; fastres downloads nothing.
         strict: True: any missing or unexpected key is an error. False: load the keys that
             match and report the others. A wrongly shaped tensor is an error either way.
+        prefix: load only the keys under this module prefix (e.g. 'backbone', as mmengine's
+            Pretrained init_cfg takes it), without it; others are ignored.
         weights_only: passed to `torch.load`. Keep True (the file cannot run code); False only
             for trusted files whose metadata holds other Python objects (e.g. numpy scalars in
             an mmengine `meta`).
@@ -136,16 +143,22 @@ def load_checkpoint(
         dtype and device, in place, so optimizers holding them stay valid).
 
     Raises:
-        FileNotFoundError: the path does not exist.
+        FileNotFoundError: the path does not exist, or a URL's file is not in torch.hub's
+            checkpoint folder (the message names the URL and where to put its file).
         CheckpointError (a ValueError): the file is not a checkpoint, or it does not fit the
             model; the message lists the missing, unexpected and wrongly shaped keys, and the
             model is left exactly as it was.
     """
     source = path_or_state_dict
     if isinstance(source, (str, os.PathLike)):
-        source = _read_file(os.fspath(source), weights_only)
+        source = _read_file(local_checkpoint_path(os.fspath(source)), weights_only)
     state, notes = _unwrap(source)
+    ignored = []
+    if prefix is not None:
+        state, ignored = _under_prefix(state, prefix)
+        notes.append(f"prefix {prefix!r} given")
     report, candidates = _match(model, state, notes)
+    report.ignored[:0] = ignored
 
     if report.mismatched or (strict and (report.missing or report.unexpected)):
         raise CheckpointError(_describe_failure(model, report, candidates, strict), report)
@@ -169,6 +182,68 @@ def load_checkpoint(
 
 
 # -- reading -----------------------------------------------------------------------------------
+
+# Model names of OpenMMLab's checkpoint loader, resolved through mmengine's own tables.
+_NAMED_SCHEMES = ("open-mmlab://", "openmmlab://", "torchvision://", "modelzoo://", "mmcls://")
+
+
+def local_checkpoint_path(source: str) -> str:
+    """The local file behind `source`: a path as it is; for a URL or an OpenMMLab model name,
+    the copy in torch.hub's checkpoint folder (`$TORCH_HOME/hub/checkpoints`), where torch.hub
+    and OpenMMLab keep what they download. fastres downloads nothing.
+
+    Raises:
+        FileNotFoundError: the name cannot be resolved, or its file is not there; the message
+            says which URL to fetch and where to put it.
+    """
+    if "://" not in source or os.path.exists(source):
+        return source
+    url = _openmmlab_url(source) if source.startswith(_NAMED_SCHEMES) else source
+    if not url.startswith(("http://", "https://")):
+        if os.path.isfile(url):  # an open-mmlab:// name of a file in mmengine's home
+            return url
+        raise FileNotFoundError(f"checkpoint {source!r} not found ({url!r} is no local file)")
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
+    if os.path.isfile(cached):
+        return cached
+    raise FileNotFoundError(
+        f"checkpoint {source!r} is not a local file, and fastres does not download: fetch {url} "
+        f"to {cached} (torch.hub's and OpenMMLab's download folder), or give a local path"
+    )
+
+
+def _openmmlab_url(source: str) -> str:
+    """The URL (or mmengine-home file) that an OpenMMLab model name stands for."""
+    scheme, name = source.split("://", 1)
+    try:
+        from mmengine.runner import checkpoint as mm_checkpoint
+    except ImportError as e:
+        raise FileNotFoundError(
+            f"checkpoint {source!r} is an OpenMMLab model name; resolving it needs mmengine "
+            "(pip install mmengine), or give the path of a local copy"
+        ) from e
+    if scheme in ("torchvision", "modelzoo"):
+        try:
+            table = mm_checkpoint.get_torchvision_models()
+        except ImportError as e:
+            raise FileNotFoundError(
+                f"checkpoint {source!r}: resolving torchvision:// names needs torchvision; "
+                "give the path of a local copy instead"
+            ) from e
+    elif scheme == "mmcls":
+        table = mm_checkpoint.get_mmcls_models()
+    else:
+        table = mm_checkpoint.get_external_models()
+        name = mm_checkpoint.get_deprecated_model_names().get(name, name)
+    if name not in table:
+        raise FileNotFoundError(
+            f"checkpoint {source!r}: {name!r} is not among the {len(table)} models OpenMMLab "
+            f"knows as {scheme}:// names"
+        )
+    url = table[name]
+    if url.startswith(("http://", "https://")):
+        return url
+    return os.path.join(mm_checkpoint._get_mmengine_home(), url)
 
 
 def _read_file(path: str, weights_only: bool) -> object:
@@ -242,6 +317,18 @@ def _unwrap(source: object) -> tuple[dict[str, Tensor], list[str]]:
     return state, notes
 
 
+def _under_prefix(state: dict[str, Tensor], prefix: str) -> tuple[dict[str, Tensor], list[str]]:
+    """The entries under module `prefix`, without it, and the keys of the others."""
+    head = prefix.rstrip(".") + "."
+    kept = {k[len(head) :]: v for k, v in state.items() if k.startswith(head)}
+    if not kept:
+        raise CheckpointError(
+            f"no key of the checkpoint starts with {head!r} (prefix {prefix!r}); first keys: "
+            f"{', '.join(list(state)[:MAX_LISTED])}"
+        )
+    return kept, [k for k in state if not k.startswith(head)]
+
+
 # -- matching ----------------------------------------------------------------------------------
 
 
@@ -252,17 +339,32 @@ def _rename(key: str, table: dict[str, str]) -> str:
     return key
 
 
-def _identity_pool_shortcuts(model: nn.Module) -> list[str]:
-    """Names of the avg_down shortcuts whose leading pool has stride 1 (the identity)."""
-    return [
-        name
+def _pooled_shortcuts(model: nn.Module) -> dict[str, bool]:
+    """The model's avg_down shortcuts (pool, conv, norm): name -> whether the pool is the
+    identity (stride 1)."""
+    return {
+        name: m[0].stride in (1, (1, 1))
         for name, m in model.named_modules()
         if name.endswith("downsample")
         and isinstance(m, nn.Sequential)
         and len(m) == 3
         and isinstance(m[0], nn.AvgPool2d)
-        and m[0].stride in (1, (1, 1))
-    ]
+    }
+
+
+def _mmpretrain_shortcut_renames(model: nn.Module, keys) -> dict[str, str]:
+    """Renames of an mmpretrain avg_down checkpoint's stride-1 shortcuts (conv, norm at .0, .1)
+    onto the model's (identity pool, conv, norm), or {} where the checkpoint is not one: its
+    strided shortcuts must have the pool (or the model must have none), so that a checkpoint
+    without avg_down still fails on them, with the hint that says so."""
+    keys = set(keys)
+    shortcuts = _pooled_shortcuts(model)
+    identity = [p for p, is_identity in shortcuts.items() if is_identity]
+    strided = [p for p, is_identity in shortcuts.items() if not is_identity]
+    shifted = [p for p in identity if f"{p}.0.weight" in keys]
+    if not shifted or not all(f"{p}.2.weight" in keys for p in strided):
+        return {}
+    return {f"{p}.{i}": f"{p}.{i + 1}" for p in shifted for i in (1, 0)}
 
 
 def _match(
@@ -303,11 +405,10 @@ def _match(
     for key in state:
         target = original_to_model(key)
         targets[key] = target if stem_table is None else _rename(target, stem_table)
-    shifted = [p for p in _identity_pool_shortcuts(model) if f"{p}.0.weight" in targets.values()]
-    if shifted:
+    shortcut_renames = _mmpretrain_shortcut_renames(model, targets.values())
+    if shortcut_renames:
         layout += ", mmpretrain shortcuts without a stride-1 pool"
-        table = {f"{p}.{i}": f"{p}.{i + 1}" for p in shifted for i in (1, 0)}
-        targets = {key: _rename(target, table) for key, target in targets.items()}
+        targets = {key: _rename(target, shortcut_renames) for key, target in targets.items()}
 
     model_stages = {int(m.group(1)) for k in expected if (m := _BLOCK_KEY.match(k))}
     has_fc = any(k.startswith("fc.") for k in expected)

@@ -13,6 +13,11 @@ import sys
 import types
 from types import SimpleNamespace
 
+import torch
+from torch import nn
+
+from fastres.testing import TOLERANCE, randomize_norms, relative_error
+
 
 def _empty_package(name: str) -> types.ModuleType:
     """`name` as a package without its __init__ (submodules still import from its folder)."""
@@ -50,7 +55,9 @@ def mmdet_backbones() -> SimpleNamespace | None:
     sys.modules["mmdet.models.layers"].ResLayer = res_layer.ResLayer
     resnet = importlib.import_module("mmdet.models.backbones.resnet")
     res2net = importlib.import_module("mmdet.models.backbones.res2net")
-    return SimpleNamespace(ResNet=resnet.ResNet, ResNetV1d=resnet.ResNetV1d, Res2Net=res2net.Res2Net)
+    return SimpleNamespace(
+        ResNet=resnet.ResNet, ResNetV1d=resnet.ResNetV1d, Res2Net=res2net.Res2Net
+    )
 
 
 def mmpretrain_backbones() -> SimpleNamespace | None:
@@ -67,3 +74,21 @@ def mmpretrain_backbones() -> SimpleNamespace | None:
         ResNetV1d=resnet.ResNetV1d,
         Res2Net=res2net.Res2Net,
     )
+
+
+def randomize_weights(model: nn.Module) -> nn.Module:
+    """Every parameter and statistic random, so that each one shows where it goes."""
+    randomize_norms(model)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.copy_(torch.randn_like(m.weight) * (2 / m.weight[0].numel()) ** 0.5)
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.num_batches_tracked.fill_(int(torch.randint(1, 1000, ())))
+    return model
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    """The float64 rule of fastres.testing: the two compute the same math."""
+    err = relative_error(a, b)
+    assert err <= TOLERANCE[torch.float64], f"{what}: relative error {err:.2e}"

@@ -277,6 +277,66 @@ def test_pretrained_and_init_cfg(tmp_path):
         )
 
 
+def test_init_cfg_prefix_and_unknown_keys(tmp_path):
+    source = source_model(R18)
+    path = tmp_path / "detector.pth"
+    state = {f"detector.backbone.{k}": v for k, v in source.state_dict().items()}
+    state["detector.neck.weight"] = torch.randn(3)
+    torch.save({"state_dict": state}, path)
+    init_cfg = dict(type="Pretrained", checkpoint=str(path), prefix="detector.backbone.")
+    model = fastres.ResNet(depth=18, init_cfg=dict(init_cfg, map_location="cpu")).eval()
+    assert_state_equal(model, source.state_dict())
+    report = fastres.load_checkpoint(build(R18), str(path), prefix="detector.backbone")
+    assert report.ignored == ["detector.neck.weight"] and "prefix" in report.layout
+    with pytest.raises(CheckpointError, match="no key of the checkpoint starts with 'head.'"):
+        fastres.load_checkpoint(build(R18), str(path), prefix="head")
+    with pytest.raises(ValueError, match=r"unknown keys \['strict'\]"):
+        fastres.ResNet(depth=18, init_cfg=dict(init_cfg, strict=True))
+
+
+URL = "https://download.openmmlab.com/pretrain/third_party/resnet50_v1c-2cccc1ad.pth"
+
+
+def test_url_is_read_from_the_torch_hub_folder(tmp_path, monkeypatch):
+    """What torch.hub and OpenMMLab downloaded before is used; nothing is downloaded."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    arch = (fastres.ResNetV1c, dict(depth=50, base_channels=16))
+    with pytest.raises(FileNotFoundError) as info:
+        build(arch, pretrained=URL)
+    cached = tmp_path / "hub" / "checkpoints" / "resnet50_v1c-2cccc1ad.pth"
+    assert "does not download" in str(info.value) and URL in str(info.value)
+    assert str(cached) in str(info.value)
+    source = source_model(arch)
+    cached.parent.mkdir(parents=True)
+    torch.save(renamed(source.state_dict(), MMPRETRAIN_NAMES), cached)
+    names = [URL]
+    try:
+        import mmengine  # noqa: F401  (resolves open-mmlab:// names)
+
+        names += ["open-mmlab://resnet50_v1c", "openmmlab://resnet50_v1c"]
+    except ImportError:
+        pass
+    for name in names:
+        model = build(arch, init_cfg=dict(type="Pretrained", checkpoint=name))
+        assert_state_equal(model, source.state_dict())
+
+
+@pytest.mark.parametrize(
+    "name, match",
+    [
+        ("open-mmlab://no_such_model", "not among the .* models OpenMMLab knows"),
+        ("torchvision://resnet50", "torchvision"),
+        ("s3://bucket/r50.pth", "no local file"),
+    ],
+)
+def test_unresolvable_names_fail_clearly(name, match, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    if name.startswith(("open-mmlab", "torchvision")):
+        pytest.importorskip("mmengine")
+    with pytest.raises(FileNotFoundError, match=match):
+        fastres.load_checkpoint(build(R18), name)
+
+
 def test_pretrained_mismatch_fails_construction(tmp_path):
     path = tmp_path / "r18.pth"
     torch.save(source_model(R18).state_dict(), path)

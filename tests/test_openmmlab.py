@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from openmmlab_backbones import (
+    assert_close,
+    mmdet_backbones,
+    mmpretrain_backbones,
+    randomize_weights,
+)
 from torch import nn
 
 import fastres
-from fastres.testing import TOLERANCE, relative_error, randomize_norms
-from openmmlab_backbones import mmdet_backbones, mmpretrain_backbones
 
 MMDET = mmdet_backbones()
 MMPRETRAIN = mmpretrain_backbones()
@@ -36,79 +40,110 @@ CASES = {
     "mmdet-resnet18": ("mmdet", "ResNet", fastres.ResNet, dict(depth=18, **SMALL), {}),
     "mmdet-resnet50": ("mmdet", "ResNet", fastres.ResNet, dict(depth=50, **SMALL), {}),
     "mmdet-resnet50-caffe-frozen1": (
-        "mmdet", "ResNet", fastres.ResNet,
-        dict(depth=50, style="caffe", frozen_stages=1, **SMALL), {},
+        "mmdet",
+        "ResNet",
+        fastres.ResNet,
+        dict(depth=50, style="caffe", frozen_stages=1, **SMALL),
+        {},
     ),
     "mmdet-resnet50-out-indices-3-1": (
-        "mmdet", "ResNet", fastres.ResNet, dict(depth=50, out_indices=(3, 1), **SMALL), {},
+        "mmdet",
+        "ResNet",
+        fastres.ResNet,
+        dict(depth=50, out_indices=(3, 1), **SMALL),
+        {},
     ),
     "mmdet-resnet50-dilated-avg-down": (
-        "mmdet", "ResNet", fastres.ResNet,
-        dict(depth=50, avg_down=True, deep_stem=True, **DILATED, **SMALL), {},
+        "mmdet",
+        "ResNet",
+        fastres.ResNet,
+        dict(depth=50, avg_down=True, deep_stem=True, **DILATED, **SMALL),
+        {},
     ),
     "mmdet-resnet50-gn-train-norms": (
-        "mmdet", "ResNet", fastres.ResNet,
-        dict(depth=50, norm_cfg=GN, norm_eval=False, **SMALL), {},
+        "mmdet",
+        "ResNet",
+        fastres.ResNet,
+        dict(depth=50, norm_cfg=GN, norm_eval=False, **SMALL),
+        {},
     ),
     "mmdet-resnet50-bn-frozen-affine": (
-        "mmdet", "ResNet", fastres.ResNet,
-        dict(depth=50, norm_cfg=dict(type="BN", requires_grad=False), **SMALL), {},
+        "mmdet",
+        "ResNet",
+        fastres.ResNet,
+        dict(depth=50, norm_cfg=dict(type="BN", requires_grad=False), **SMALL),
+        {},
     ),
     "mmdet-resnet101-3-stages-cp": (
-        "mmdet", "ResNet", fastres.ResNet,
-        dict(depth=101, with_cp=True, norm_eval=False, **STAGES3, **SMALL), {},
+        "mmdet",
+        "ResNet",
+        fastres.ResNet,
+        dict(depth=101, with_cp=True, norm_eval=False, **STAGES3, **SMALL),
+        {},
     ),
     "mmdet-resnet50-v1d": ("mmdet", "ResNetV1d", fastres.ResNetV1d, dict(depth=50, **SMALL), {}),
     "mmdet-res2net50": ("mmdet", "Res2Net", fastres.Res2Net, dict(depth=50, **R2N), {}),
     # mmdet's Res2Net ignores style, deep_stem and avg_down (always pytorch, True, True).
     "mmdet-res2net101-frozen2": (
-        "mmdet", "Res2Net", fastres.Res2Net,
-        dict(depth=101, frozen_stages=2, norm_eval=False, **STAGES3, **R2N), {},
+        "mmdet",
+        "Res2Net",
+        fastres.Res2Net,
+        dict(depth=101, frozen_stages=2, norm_eval=False, **STAGES3, **R2N),
+        {},
     ),
     # mmpretrain's defaults differ from mmdet's (out_indices=(3,), norm_eval=False): the cases
     # name both; the registry plugin applies them (test_openmmlab_registry.py).
     "mmpretrain-resnet50": (
-        "mmpretrain", "ResNet", fastres.ResNet,
-        dict(depth=50, out_indices=(0, 1, 2, 3), norm_eval=False, **SMALL), {},
+        "mmpretrain",
+        "ResNet",
+        fastres.ResNet,
+        dict(depth=50, out_indices=(0, 1, 2, 3), norm_eval=False, **SMALL),
+        {},
     ),
     "mmpretrain-resnet50-v1c-gn": (
-        "mmpretrain", "ResNetV1c", fastres.ResNetV1c,
-        dict(depth=50, out_indices=(3,), norm_eval=False, norm_cfg=GN, **SMALL), {},
+        "mmpretrain",
+        "ResNetV1c",
+        fastres.ResNetV1c,
+        dict(depth=50, out_indices=(3,), norm_eval=False, norm_cfg=GN, **SMALL),
+        {},
     ),
     "mmpretrain-resnet50-v1d": (
-        "mmpretrain", "ResNetV1d", fastres.ResNetV1d,
-        dict(depth=50, out_indices=(2, 3), norm_eval=True, frozen_stages=1, **SMALL), {},
+        "mmpretrain",
+        "ResNetV1d",
+        fastres.ResNetV1d,
+        dict(depth=50, out_indices=(2, 3), norm_eval=True, frozen_stages=1, **SMALL),
+        {},
     ),
     "mmpretrain-resnet34-v1d-dilated": (
-        "mmpretrain", "ResNetV1d", fastres.ResNetV1d,
-        dict(depth=34, out_indices=(3,), norm_eval=False, **DILATED, **SMALL), {},
+        "mmpretrain",
+        "ResNetV1d",
+        fastres.ResNetV1d,
+        dict(depth=34, out_indices=(3,), norm_eval=False, **DILATED, **SMALL),
+        {},
     ),
     "mmpretrain-res2net50": (
-        "mmpretrain", "Res2Net", fastres.Res2Net,
+        "mmpretrain",
+        "Res2Net",
+        fastres.Res2Net,
         dict(depth=50, out_indices=(0, 1, 2, 3), norm_eval=False, **R2N),
         dict(pool_last_chunk="always"),
     ),
     "mmpretrain-res2net50-caffe-plain": (
-        "mmpretrain", "Res2Net", fastres.Res2Net,
+        "mmpretrain",
+        "Res2Net",
+        fastres.Res2Net,
         dict(
-            depth=50, style="caffe", deep_stem=False, avg_down=False, out_indices=(1, 3),
-            norm_eval=False, **R2N,
+            depth=50,
+            style="caffe",
+            deep_stem=False,
+            avg_down=False,
+            out_indices=(1, 3),
+            norm_eval=False,
+            **R2N,
         ),
         dict(pool_last_chunk="always"),
     ),
 }
-
-
-def randomized(model: nn.Module) -> nn.Module:
-    """Every parameter and statistic random, so that each one shows where it goes."""
-    randomize_norms(model)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Conv2d):
-                m.weight.copy_(torch.randn_like(m.weight) * (2 / m.weight[0].numel()) ** 0.5)
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.num_batches_tracked.fill_(int(torch.randint(1, 1000, ())))
-    return model
 
 
 def build_pair(case: str) -> tuple[nn.Module, nn.Module, bool]:
@@ -117,7 +152,7 @@ def build_pair(case: str) -> tuple[nn.Module, nn.Module, bool]:
     backbones = LIBRARIES[library]
     if backbones is None:
         pytest.skip(f"{library} is not installed (scripts/setup_env.sh installs it)")
-    theirs = randomized(getattr(backbones, name)(**kwargs)).double()
+    theirs = randomize_weights(getattr(backbones, name)(**kwargs)).double()
     ours = ours_cls(**kwargs, **ours_only).double()
     report = fastres.load_checkpoint(ours, theirs.state_dict())
     assert not (report.missing or report.unexpected or report.ignored or report.filled)
@@ -159,11 +194,6 @@ def test_module_tree_state_dict_and_parameter_order(case):
     for mode in (True, False):
         ours.train(mode), theirs.train(mode)
         assert [m.training for _, m in leaves(ours)] == [m.training for _, m in leaves(theirs)]
-
-
-def assert_close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
-    err = relative_error(a, b)
-    assert err <= TOLERANCE[torch.float64], f"{what}: relative error {err:.2e}"
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])

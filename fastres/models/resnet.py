@@ -273,7 +273,7 @@ class ResNet(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         norm_cfg = copy.deepcopy(DEFAULT_NORM_CFG if norm_cfg is None else norm_cfg)
         check_norm_cfg(norm_cfg)
-        checkpoint = _pretrained_path(pretrained, init_cfg)
+        checkpoint = _pretrained_checkpoint(pretrained, init_cfg)
         requested = backends.requested_backend(backend)
 
         self.depth = depth
@@ -314,13 +314,10 @@ class ResNet(nn.Module):
             self.avgpool = nn.AdaptiveAvgPool2d(1)
             self.fc = nn.Linear(self.feat_dim, num_classes)
 
-        self._init_weights()
+        self._pretrained = checkpoint
         self.set_backend(requested)
+        self.init_weights()
         self._freeze_stages()
-        if checkpoint is not None:
-            from ..checkpoint import load_checkpoint
-
-            load_checkpoint(self, checkpoint)
 
     # -- construction ------------------------------------------------------------------------
 
@@ -389,7 +386,21 @@ class ResNet(nn.Module):
         ]
         return nn.Sequential(*blocks)
 
-    def _init_weights(self) -> None:
+    def init_weights(self) -> None:
+        """Initialises every weight as construction did, then loads the checkpoint of
+        `pretrained` / a Pretrained `init_cfg` again.
+
+        Construction calls it; so does OpenMMLab's runner, on the whole model after building
+        it, and after a parent's own init_cfg (which may re-initialise every Conv2d), so that
+        the backbone's pretrained weights have the last word, as OpenMMLab's backbones do.
+        """
+        self._default_init()
+        if self._pretrained is not None:
+            from ..checkpoint import load_checkpoint
+
+            load_checkpoint(self, **self._pretrained)
+
+    def _default_init(self) -> None:
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -496,14 +507,20 @@ class ResNet(nn.Module):
         return tuple(outs)
 
 
-def _pretrained_path(pretrained: str | None, init_cfg: dict | None) -> str | None:
-    """The checkpoint to load after construction, from `pretrained` or a Pretrained init_cfg."""
+# The keys of mmengine's Pretrained init_cfg (map_location does not matter: values are copied
+# into the model's own tensors).
+_PRETRAINED_KEYS = {"type", "checkpoint", "prefix", "map_location"}
+
+
+def _pretrained_checkpoint(pretrained: str | None, init_cfg: dict | None) -> dict | None:
+    """What to load after construction, from `pretrained` or a Pretrained init_cfg: the
+    arguments of load_checkpoint (path, prefix), or None."""
     if pretrained is not None and init_cfg is not None:
         raise ValueError("give either pretrained or init_cfg, not both")
     if pretrained is not None:
         if not isinstance(pretrained, str):
             raise TypeError(f"pretrained must be a checkpoint path (str), got {type(pretrained)}")
-        return pretrained
+        return dict(path_or_state_dict=pretrained)
     if init_cfg is None:
         return None
     if not isinstance(init_cfg, dict) or init_cfg.get("type") != "Pretrained":
@@ -512,7 +529,12 @@ def _pretrained_path(pretrained: str | None, init_cfg: dict | None) -> str | Non
         )
     if "checkpoint" not in init_cfg:
         raise ValueError("init_cfg of type 'Pretrained' needs a 'checkpoint' path")
-    return init_cfg["checkpoint"]
+    unknown = set(init_cfg) - _PRETRAINED_KEYS
+    if unknown:
+        raise ValueError(
+            f"init_cfg has unknown keys {sorted(unknown)}: allowed are {sorted(_PRETRAINED_KEYS)}"
+        )
+    return dict(path_or_state_dict=init_cfg["checkpoint"], prefix=init_cfg.get("prefix"))
 
 
 class ResNetV1c(ResNet):

@@ -1,0 +1,62 @@
+"""OpenMMLab registry plugin: fastres' backbones as `type='fastres.ResNet'` in a config.
+
+In an mmdet / mmpretrain config::
+
+    custom_imports = dict(imports=['fastres.openmmlab'], allow_failed_imports=False)
+    model = dict(..., backbone=dict(type='fastres.ResNet', depth=50, ...))
+
+and likewise 'fastres.ResNetV1c', 'fastres.ResNetV1d', 'fastres.Res2Net'. Importing this module
+registers them in a registry of scope 'fastres' under mmengine's root MODELS registry, which
+mmdet's and mmpretrain's MODELS registries search for a type that starts with 'fastres.'.
+
+The arguments a config leaves out take the defaults of the library whose scope is running
+(mmengine's DefaultScope, which every mmdet / mmpretrain config sets with `default_scope`): under
+mmpretrain out_indices=(3,) and norm_eval=False, and Res2Net pools the last chunk of every
+stage block (pool_last_chunk='always'); elsewhere fastres' own, which are mmdet's. So changing
+the type alone gives the model the config gave before.
+
+Needs mmengine; `import fastres` never imports this module.
+"""
+
+from __future__ import annotations
+
+from mmengine.registry import MODELS as MMENGINE_MODELS
+from mmengine.registry import DefaultScope, Registry
+
+from .models import Res2Net, ResNet, ResNetV1c, ResNetV1d
+
+SCOPE = "fastres"
+
+# Where mmpretrain's defaults differ from fastres' (= mmdet's), per class.
+_MMPRETRAIN_DEFAULTS = {"out_indices": (3,), "norm_eval": False}
+_MMPRETRAIN_RES2NET_DEFAULTS = {**_MMPRETRAIN_DEFAULTS, "pool_last_chunk": "always"}
+
+# Importing twice (a reload) must not register a second 'fastres' child.
+MODELS = MMENGINE_MODELS._children.get(SCOPE) or Registry(
+    "model", parent=MMENGINE_MODELS, scope=SCOPE
+)
+
+
+def running_scope() -> str | None:
+    """The OpenMMLab library whose config is being built ('mmdet', 'mmpretrain', ...), or None."""
+    scope = DefaultScope.get_current_instance()
+    return None if scope is None else scope.scope_name
+
+
+def _builder(cls: type, mmpretrain_defaults: dict):
+    def build(**kwargs):
+        defaults = mmpretrain_defaults if running_scope() == "mmpretrain" else {}
+        return cls(**{**defaults, **kwargs})
+
+    build.__name__ = build.__qualname__ = cls.__name__
+    build.__doc__ = f"fastres.{cls.__name__} with the running OpenMMLab library's defaults."
+    return build
+
+
+for _cls, _defaults in (
+    (ResNet, _MMPRETRAIN_DEFAULTS),
+    (ResNetV1c, _MMPRETRAIN_DEFAULTS),
+    (ResNetV1d, _MMPRETRAIN_DEFAULTS),
+    (Res2Net, _MMPRETRAIN_RES2NET_DEFAULTS),
+):
+    MODELS.register_module(name=_cls.__name__, module=_builder(_cls, _defaults), force=True)
