@@ -5,10 +5,12 @@ from command-line options or environment variables (options win):
 
 | option | variable | default |
 |---|---|---|
+| --bench-preset | FASTRES_BENCH_PRESET | classification (or detection: mmdet's backbone training) |
 | --bench-device | FASTRES_BENCH_DEVICE | cuda if available, else cpu |
 | --bench-depth | FASTRES_BENCH_DEPTH | 50 |
-| --bench-batch | FASTRES_BENCH_BATCH | CPU 8, CUDA 256 |
-| --bench-image-size | FASTRES_BENCH_IMAGE_SIZE | CPU 128 (SPEC: 224), CUDA 224 |
+| --bench-batch | FASTRES_BENCH_BATCH | classification CPU 8, CUDA 256; detection 2 |
+| --bench-image-size | FASTRES_BENCH_IMAGE_SIZE | H or HxW: classification CPU 128 (SPEC: 224), |
+| | | CUDA 224; detection CPU 400x667, CUDA 800x1333, padded to multiples of 32 |
 | --bench-dtype | FASTRES_BENCH_DTYPE | CPU fp32, CUDA bf16 (autocast) |
 | --bench-rounds | FASTRES_BENCH_ROUNDS | CPU 3, CUDA 20 |
 | --bench-warmup | FASTRES_BENCH_WARMUP | CPU 1, CUDA 5 (untimed steps after the check) |
@@ -34,11 +36,8 @@ from fastres import benchmark as bm
 
 RESULTS_DIR = Path(__file__).parent / "results" / "local"
 COMPILE_CHOICES = ("auto", "all", "none")
-DEVICE_DEFAULTS = {
-    "cpu": {"batch": 8, "image_size": 128, "dtype": "fp32", "rounds": 3, "warmup": 1},
-    "cuda": {"batch": 256, "image_size": 224, "dtype": "bf16", "rounds": 20, "warmup": 5},
-}
 _OPTIONS = (
+    "preset",
     "device",
     "depth",
     "batch",
@@ -64,10 +63,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @dataclass(frozen=True)
 class BenchSettings:
+    preset: str
     device: str
     depth: int
     batch: int
-    image_size: int
+    image_size: tuple[int, int]  # (height, width), padded for detection
     dtype: str
     rounds: int
     warmup: int
@@ -86,17 +86,25 @@ def _settings(config: pytest.Config) -> BenchSettings:
         value = config.getoption(f"fastres_bench_{name}")
         raw[name] = value if value is not None else os.environ.get(f"FASTRES_BENCH_{name.upper()}")
     device = raw["device"] or bm.default_device()
-    defaults = DEVICE_DEFAULTS["cuda" if device.startswith("cuda") else "cpu"]
+    preset = raw["preset"] or "classification"
+    if preset not in bm.PRESETS:
+        raise pytest.UsageError(f"--bench-preset must be one of {bm.PRESETS}")
+    defaults = bm.device_defaults(preset, device)
     compile_choice = raw["compile"] or "auto"
     if compile_choice not in COMPILE_CHOICES:
         raise pytest.UsageError(f"--bench-compile must be one of {COMPILE_CHOICES}")
+    try:
+        size = bm.parse_image_size(raw["image_size"]) if raw["image_size"] else None
+    except ValueError as err:
+        raise pytest.UsageError(f"--bench-image-size: {err}") from None
     return BenchSettings(
+        preset=preset,
         device=device,
         depth=int(raw["depth"] or 50),
         batch=int(raw["batch"] or defaults["batch"]),
-        image_size=int(raw["image_size"] or defaults["image_size"]),
+        image_size=bm.input_size(preset, *(size or defaults["image_size"])),
         dtype=raw["dtype"] or defaults["dtype"],
-        rounds=int(raw["rounds"] or defaults["rounds"]),
+        rounds=int(raw["rounds"] or defaults["iters"]),
         warmup=int(raw["warmup"] or defaults["warmup"]),
         compile=compile_choice,
         results=raw["results"],

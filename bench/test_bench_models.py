@@ -6,6 +6,7 @@ of the same oracle model. Each benchmark checks its system once against the floa
 
     pytest bench/ --benchmark-only
     FASTRES_BENCH_IMAGE_SIZE=224 pytest bench/ --benchmark-only -k res2net   # SPEC's size
+    pytest bench/ --benchmark-only --bench-preset detection -k train  # mmdet's backbone training
 """
 
 from __future__ import annotations
@@ -32,14 +33,17 @@ def test_model(benchmark, bench_settings, bench_results, case_cache, model, mode
             pytest.skip(f"backend {system.backend}: {reason}")
         if system.backend not in bm.default_backends(settings.device):
             pytest.skip("backend torch is the oracle, the same computation as eager-cl")
+    height, width = settings.image_size
     config = bm.BenchConfig(
         model,
         settings.depth,
         settings.batch,
-        settings.image_size,
+        height,
         settings.dtype,
         settings.device,
         mode,
+        settings.preset,
+        width,
     )
     case = case_cache.get(config)
     device = case.device

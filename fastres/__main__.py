@@ -2,6 +2,7 @@
 
 python -m fastres bench                 # ResNet-50 and Res2Net-50 against PyTorch
 python -m fastres bench --model resnet --mode train --batch 16 --json out.json
+python -m fastres bench --preset detection   # the backbone as mmdet trains it, 800x1333
 python -m fastres profile --model res2net --trace trace.json
 python -m fastres info                  # versions, device, backends and why not
 """
@@ -18,21 +19,13 @@ import torch
 
 from . import benchmark as bm
 
-# Defaults per device type. CPU: SPEC's CPU configuration (fp32, batch 8) on 128x128 images,
-# with torch.compile only for inference (see `compile_modes`), so that the whole run takes about
-# two minutes on 2 idle cores; `--image-size 224` gives SPEC's image size (about 3x the time).
-# Each system takes one untimed step alone after its check call (warmup; its peak memory is
-# measured there), then the systems of a group are timed in turns: the median of 3 on the CPU,
-# where each system runs in a process of its own (`benchmark.isolates`).
-# GPU: SPEC's configuration (bf16 autocast, batch 256, 224x224).
-DEFAULTS = {
-    "cpu": {"batch": 8, "image_size": 128, "dtype": "fp32", "iters": 3, "warmup": 1},
-    "cuda": {"batch": 256, "image_size": 224, "dtype": "bf16", "iters": 20, "warmup": 5},
-}
 
-
-def _device_defaults(device: str) -> dict:
-    return DEFAULTS["cuda" if device.startswith("cuda") else "cpu"]
+def image_size(text: str) -> tuple[int, int]:
+    """argparse type of --image-size: see benchmark.parse_image_size."""
+    try:
+        return bm.parse_image_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser, profile: bool) -> None:
@@ -42,8 +35,22 @@ def _add_config_arguments(parser: argparse.ArgumentParser, profile: bool) -> Non
         choices=("resnet", "res2net") if profile else ("resnet", "res2net", "both"),
         default="resnet" if profile else "both",
     )
-    parser.add_argument("--batch", type=int, help="batch size (CPU 8, CUDA 256)")
-    parser.add_argument("--image-size", type=int, help="input height = width (CPU 128, CUDA 224)")
+    parser.add_argument(
+        "--preset",
+        choices=bm.PRESETS,
+        default="classification",
+        help="classification: the ImageNet classifier (default); detection: the backbone as "
+        "mmdet trains it (frozen_stages=1, norm_eval, ~800x1333 images padded to 32, batch 2)",
+    )
+    parser.add_argument(
+        "--batch", type=int, help="batch size (classification CPU 8, CUDA 256; detection 2)"
+    )
+    parser.add_argument(
+        "--image-size",
+        type=image_size,
+        help="H or HxW (classification CPU 128, CUDA 224; detection CPU 400x667, CUDA "
+        "800x1333, each padded up to a multiple of 32)",
+    )
     parser.add_argument(
         "--dtype",
         choices=tuple(bm.DTYPES),
@@ -154,11 +161,12 @@ def _resolve_common(args: argparse.Namespace) -> None:
     args.device = args.device or bm.default_device()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but torch.cuda.is_available() is False")
-    defaults = _device_defaults(args.device)
+    defaults = bm.device_defaults(args.preset, args.device)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    for key in ("batch", "image_size", "iters"):
+    args.image_size = bm.input_size(args.preset, *args.image_size)
+    for key in ("batch", "iters"):
         if getattr(args, key) < 1:
             raise SystemExit(f"error: --{key.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
@@ -197,12 +205,7 @@ def run_bench(args: argparse.Namespace) -> int:
         except ValueError as err:
             print(f"skipping {model}: {err}")
             continue
-        configs += [
-            bm.BenchConfig(
-                model, args.depth, args.batch, args.image_size, args.dtype, args.device, mode
-            )
-            for mode in modes
-        ]
+        configs += [bm.config_from_args(args, model, mode) for mode in modes]
     if not configs:
         raise SystemExit("error: nothing to run")
 
@@ -223,7 +226,8 @@ def run_bench(args: argparse.Namespace) -> int:
         )
     print(
         f"  models {', '.join(c.label for c in configs[:: len(modes)])}, modes {', '.join(modes)}, "
-        f"batch {args.batch}, image {args.image_size}x{args.image_size}, {args.dtype}"
+        f"{args.preset}, batch {args.batch}, image {args.image_size[0]}x{args.image_size[1]}, "
+        f"{args.dtype}"
         f"{' (autocast)' if args.dtype != 'fp32' else ''}, iters {args.iters} "
         f"(+{max(args.warmup, 1)} warmup; the systems of a group take turns"
         f"{', each in its own process' if isolate else ''}), seed {args.seed}"
@@ -257,7 +261,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     settings = {
         key: getattr(args, key)
-        for key in ("model", "depth", "batch", "image_size", "dtype", "device", "mode")
+        for key in ("preset", "model", "depth", "batch", "image_size", "dtype", "device", "mode")
     }
     settings.update(
         iters=args.iters,

@@ -50,6 +50,61 @@ except ImportError:  # not a Unix: page faults are not counted
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODELS = {"resnet": ResNet, "res2net": Res2Net}
 MODES = ("infer", "train")
+# classification: the ImageNet classifier (BatchNorm trains, cross-entropy on the logits).
+# detection: the backbone as mmdet's Mask R-CNN / RetinaNet train it: frozen_stages=1 and
+# norm_eval=True (every BatchNorm frozen), the four stage outputs, images of about 800x1333
+# padded to multiples of 32.
+PRESETS = ("classification", "detection")
+DETECTION_PAD = 32
+
+# What `python -m fastres bench` and `pytest bench/` run unless told otherwise, per preset and
+# device type; image sizes are (height, width) before the detection padding. CPU
+# classification: SPEC's configuration (fp32, batch 8) on 128x128 images, so that a run takes
+# minutes on 2 cores (224 is SPEC's size, about 3x the time). The CPU times the median of 3
+# after 1 untimed step, the GPU of 20 after 5.
+DEVICE_DEFAULTS = {
+    "classification": {
+        "cpu": {"batch": 8, "image_size": (128, 128), "dtype": "fp32", "iters": 3, "warmup": 1},
+        "cuda": {
+            "batch": 256, "image_size": (224, 224), "dtype": "bf16", "iters": 20, "warmup": 5,
+        },
+    },
+    "detection": {
+        "cpu": {"batch": 2, "image_size": (400, 667), "dtype": "fp32", "iters": 3, "warmup": 1},
+        "cuda": {
+            "batch": 2, "image_size": (800, 1333), "dtype": "bf16", "iters": 20, "warmup": 5,
+        },
+    },
+}  # fmt: skip
+
+
+def device_defaults(preset: str, device: str) -> dict:
+    """DEVICE_DEFAULTS of `preset` on `device` ('cpu', 'cuda', 'cuda:1', ...)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}: expected one of {', '.join(PRESETS)}")
+    return DEVICE_DEFAULTS[preset]["cuda" if device.startswith("cuda") else "cpu"]
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    """'224' -> (224, 224); '800x1333' -> (800, 1333) (height x width)."""
+    parts = text.lower().split("x")
+    try:
+        height, width = (int(parts[0]),) * 2 if len(parts) == 1 else map(int, parts)
+    except ValueError:
+        raise ValueError(f"expected H or HxW (e.g. 224, 800x1333), got {text!r}") from None
+    if height < 1 or width < 1:
+        raise ValueError(f"image size must be positive, got {text!r}")
+    return height, width
+
+
+def input_size(preset: str, height: int, width: int) -> tuple[int, int]:
+    """The image size the model sees: detection pads each side up to a multiple of 32, as
+    mmdet's data preprocessor does (pad_size_divisor=32)."""
+    if preset != "detection":
+        return height, width
+    return tuple(-(-n // DETECTION_PAD) * DETECTION_PAD for n in (height, width))
+
+
 NUM_CLASSES = 1000
 LEARNING_RATE = 1e-3
 MOMENTUM = 0.9
@@ -133,10 +188,12 @@ class BenchConfig:
     model: str = "resnet"
     depth: int = 50
     batch: int = 8
-    image_size: int = 224
+    image_size: int = 224  # the height; the width too unless image_width is given
     dtype: str = "fp32"
     device: str = "cpu"
     mode: str = "infer"
+    preset: str = "classification"
+    image_width: int | None = None
 
     def __post_init__(self) -> None:
         check_model_depth(self.model, self.depth)
@@ -144,8 +201,17 @@ class BenchConfig:
             raise ValueError(f"unknown dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}: expected one of {', '.join(MODES)}")
-        if self.batch < 1 or self.image_size < 1:
+        if self.preset not in PRESETS:
+            raise ValueError(
+                f"unknown preset {self.preset!r}: expected one of {', '.join(PRESETS)}"
+            )
+        if self.batch < 1 or min(self.input_shape[2:]) < 1:
             raise ValueError(f"batch and image size must be positive, got {self}")
+
+    @property
+    def input_shape(self) -> tuple[int, int, int, int]:
+        width = self.image_size if self.image_width is None else self.image_width
+        return (self.batch, 3, self.image_size, width)
 
     @property
     def label(self) -> str:
@@ -154,31 +220,57 @@ class BenchConfig:
 
     @property
     def group(self) -> str:
-        """The benchmark group name, `<op>-<shape>-<dtype>-<mode>`."""
-        return f"{self.label}-b{self.batch}x{self.image_size}-{self.dtype}-{self.mode}"
+        """The benchmark group name, `<op>[-det]-b<batch>x<size>-<dtype>-<mode>`."""
+        _, _, height, width = self.input_shape
+        size = f"{height}" if height == width else f"{height}x{width}"
+        preset = "-det" if self.preset == "detection" else ""
+        return f"{self.label}{preset}-b{self.batch}x{size}-{self.dtype}-{self.mode}"
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
 
-def build_model(model: str, depth: int, seed: int = 0) -> nn.Module:
-    """The oracle classifier every system of a case copies (fp32, CPU, 'torch' backend).
+def config_from_args(args, model: str, mode: str) -> BenchConfig:
+    """The BenchConfig of `model` in `mode` from the CLI's resolved arguments (image_size a
+    (height, width) pair)."""
+    height, width = args.image_size
+    return BenchConfig(
+        model, args.depth, args.batch, height, args.dtype, args.device, mode, args.preset, width
+    )
+
+
+def build_model(model: str, depth: int, seed: int = 0, preset: str = "classification") -> nn.Module:
+    """The oracle model every system of a case copies (fp32, CPU, 'torch' backend).
 
     zero_init_residual=False and randomised BatchNorm parameters and statistics make every
-    block matter; norm_eval=False so that a training step uses batch statistics, as in
-    ImageNet training.
+    block matter. classification: the classifier, norm_eval=False so that a training step uses
+    batch statistics, as in ImageNet training. detection: the backbone as mmdet configures it
+    (frozen_stages=1, norm_eval=True: the stem and stage 1 frozen, every BatchNorm in eval).
     """
     check_model_depth(model, depth)
     torch.manual_seed(seed)
-    net = MODELS[model](
-        depth,
-        num_classes=NUM_CLASSES,
-        zero_init_residual=False,
-        norm_eval=False,
-        backend="torch",
-    )
+    if preset == "detection":
+        kwargs = dict(frozen_stages=1, norm_eval=True)
+    else:
+        kwargs = dict(num_classes=NUM_CLASSES, norm_eval=False)
+    net = MODELS[model](depth, zero_init_residual=False, backend="torch", **kwargs)
     return randomize_norms(net, seed)
+
+
+def training_loss(out: Tensor | tuple[Tensor, ...], y: Tensor | None) -> Tensor:
+    """classification: cross-entropy of the logits. detection: a stand-in for the neck and
+    heads, the mean square of each stage's features, whose gradient reaches every stage."""
+    if isinstance(out, Tensor):
+        return F.cross_entropy(out.float(), y)
+    return sum(f.float().square().mean() for f in out)
+
+
+def _named_outputs(out: Tensor | tuple[Tensor, ...]) -> dict[str, Tensor]:
+    """The logits, or each stage's features."""
+    if isinstance(out, Tensor):
+        return {"logits": out.detach().cpu()}
+    return {f"stage {i}": f.detach().cpu() for i, f in enumerate(out)}
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
@@ -215,15 +307,15 @@ class Runner:
             self.module = torch.compile(self.model)
         self.optimizer = None
         if config.mode == "train":
-            self.optimizer = torch.optim.SGD(
-                self.model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM
-            )
+            trained = [p for p in self.model.parameters() if p.requires_grad]
+            self.optimizer = torch.optim.SGD(trained, lr=LEARNING_RATE, momentum=MOMENTUM)
 
     def outputs(self) -> dict[str, Tensor]:
         """The tensors the correctness check compares, on CPU.
 
-        infer: the logits [N, 1000]. train: the logits, the loss, every parameter gradient and
-        every BatchNorm running statistic after one forward + backward (no optimizer step).
+        infer: the logits [N, 1000] (detection: the stage features). train: those, the loss,
+        every parameter gradient and every BatchNorm running statistic after one forward +
+        backward (no optimizer step).
         """
         return collect_outputs(self.module, self.model, self.x, self.case.y, self.dtype)
 
@@ -235,7 +327,7 @@ class Runner:
                     self.module(self.x)
                 return
             self.optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(self.module(self.x).float(), self.case.y)
+            loss = training_loss(self.module(self.x), self.case.y)
         loss.backward()
         self.optimizer.step()
 
@@ -251,13 +343,13 @@ def collect_outputs(
     device = x.device
     if not model.training:
         with torch.no_grad(), autocast_context(device, dtype):
-            return {"logits": module(x).detach().cpu()}
+            return _named_outputs(module(x))
     model.zero_grad(set_to_none=True)
     with autocast_context(device, dtype):
-        logits = module(x)
-        loss = F.cross_entropy(logits.float(), y)
+        result = module(x)
+        loss = training_loss(result, y)
     loss.backward()
-    out = {"logits": logits.detach().cpu(), "loss": loss.detach().cpu()}
+    out = {**_named_outputs(result), "loss": loss.detach().cpu()}
     for name, param in model.named_parameters():
         if param.grad is not None:
             out[GRAD_PREFIX + name] = param.grad.detach().cpu()
@@ -346,11 +438,13 @@ class Case:
         if self.device.type == "cuda":
             # PyTorch eager's best configuration times cuDNN's convolution algorithms first.
             torch.backends.cudnn.benchmark = True
-        self.reference = build_model(config.model, config.depth, seed)
+        self.reference = build_model(config.model, config.depth, seed, config.preset)
         gen = torch.Generator().manual_seed(seed + 1)
-        shape = (config.batch, 3, config.image_size, config.image_size)
-        self.x = torch.randn(shape, generator=gen).to(self.device)
-        self.y = torch.randint(0, NUM_CLASSES, (config.batch,), generator=gen).to(self.device)
+        self.x = torch.randn(config.input_shape, generator=gen).to(self.device)
+        self.y = None
+        if config.preset == "classification":
+            labels = torch.randint(0, NUM_CLASSES, (config.batch,), generator=gen)
+            self.y = labels.to(self.device)
         self._gold: dict[str, Tensor] | None = None
         self._bases: dict[bool, dict[str, Tensor]] = {}
 
@@ -513,7 +607,9 @@ class Result:
     system: str
     backend: str
     batch: int
-    image_size: int
+    image_size: int  # the height
+    image_width: int
+    preset: str
     dtype: str
     device: str
     img_per_s: float
@@ -588,6 +684,8 @@ def _what_ran(case: Case, system: System) -> dict:
         backend=system.backend,
         batch=config.batch,
         image_size=config.image_size,
+        image_width=config.input_shape[3],
+        preset=config.preset,
         dtype=config.dtype,
         device=str(case.device),
     )
@@ -896,14 +994,14 @@ def model_ratios(results: Iterable[Result]) -> list[dict]:
     for r in results:
         family = r.model.rstrip("0123456789")
         depth = r.model[len(family) :]
-        key = (depth, r.system, r.batch, r.image_size, r.dtype, r.mode, r.device)
+        key = (r.group.replace(r.model, depth, 1), r.system, r.device)
         by_key.setdefault(key, {})[family] = r
     ratios = []
-    for (depth, system, batch, size, dtype, mode, _), pair in by_key.items():
+    for (setting, system, _), pair in by_key.items():
         if "res2net" in pair and "resnet" in pair:
             ratios.append(
                 {
-                    "setting": f"{depth} b{batch}x{size}-{dtype}-{mode}",
+                    "setting": setting,
                     "system": system,
                     "ratio": pair["res2net"].img_per_s / pair["resnet"].img_per_s,
                     "res2net_img_per_s": pair["res2net"].img_per_s,

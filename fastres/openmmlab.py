@@ -43,10 +43,28 @@ def running_scope() -> str | None:
     return None if scope is None else scope.scope_name
 
 
+def _without_mmpretrain_only_arguments(cls: type, kwargs: dict) -> dict:
+    """mmpretrain's ResNet takes two arguments fastres has not: drop_path_rate (stochastic
+    depth; only 0 can be honoured) and expansion (only the block's own)."""
+    kwargs = dict(kwargs)
+    rate = kwargs.pop("drop_path_rate", 0.0)
+    if rate:
+        raise NotImplementedError(f"drop_path_rate={rate!r} is not supported (only 0)")
+    expansion = kwargs.pop("expansion", None)
+    depth = kwargs.get("depth")
+    block = cls.arch_settings[depth][0] if depth in cls.arch_settings else None
+    if expansion is not None and block is not None and expansion != block.expansion:
+        raise NotImplementedError(
+            f"expansion={expansion!r} is not supported (only {block.expansion}, the block's own)"
+        )
+    return kwargs
+
+
 def _builder(cls: type, mmpretrain_defaults: dict):
     def build(**kwargs):
-        defaults = mmpretrain_defaults if running_scope() == "mmpretrain" else {}
-        return cls(**{**defaults, **kwargs})
+        if running_scope() == "mmpretrain":
+            kwargs = {**mmpretrain_defaults, **_without_mmpretrain_only_arguments(cls, kwargs)}
+        return cls(**kwargs)
 
     build.__name__ = build.__qualname__ = cls.__name__
     build.__doc__ = f"fastres.{cls.__name__} with the running OpenMMLab library's defaults."

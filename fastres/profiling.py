@@ -72,9 +72,7 @@ class BlockRanges:
 
 def run_profile(args: argparse.Namespace) -> int:
     """Runs the configuration in `args` (see `python -m fastres profile --help`)."""
-    config = bm.BenchConfig(
-        args.model, args.depth, args.batch, args.image_size, args.dtype, args.device, args.mode
-    )
+    config = bm.config_from_args(args, args.model, args.mode)
     device = torch.device(args.device)
     backend = args.backend
     if backend == "auto":

@@ -1,10 +1,13 @@
 """SPEC section 3: backend selection, FASTRES_BACKEND, available_backends()."""
 
+import copy
+
 import pytest
 import torch
 
 import fastres
 from fastres import backends
+from fastres.testing import TOLERANCE, OpRecorder, randomize_norms, relative_error
 
 
 @pytest.fixture
@@ -85,3 +88,35 @@ def test_explicit_backend_on_a_device_it_cannot_run_on(monkeypatch):
     )
     with pytest.raises(RuntimeError, match=r"'native' cannot run on cpu tensors: no cpu"):
         backends.resolve("native", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("arch", ["resnet", "res2net"])
+def test_detection_training_runs_fused(backend, arch):
+    """mmdet's backbone training (frozen_stages=1, norm_eval: every BatchNorm frozen) runs the
+    fused BN-frozen path in forward and backward: no PyTorch BatchNorm or ReLU backward (the
+    norms run inside the backend's own ops), and the gradients match the oracle."""
+    status = fastres.available_backends()[backend]
+    if not status.available:
+        pytest.skip(status.reason)
+    cls = fastres.ResNet if arch == "resnet" else fastres.Res2Net
+    two_stages = dict(num_stages=2, strides=(1, 2), dilations=(1, 1), out_indices=(0, 1))
+    model = cls(depth=50, base_channels=8, frozen_stages=1, norm_eval=True, **two_stages)
+    randomize_norms(model.train()).double()
+    oracle = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with OpRecorder() as recorder:
+        grads = _step(model.set_backend(backend), x)
+    gold = _step(oracle.set_backend("torch"), x)
+    assert not [op for op in recorder.ops if "batch_norm" in op or "threshold_backward" in op]
+    fused = "fastres.bn_apply.default" if backend == "native" else "fastres.conv2d_fused.default"
+    assert fused in recorder.ops
+    for a, b in zip(grads, gold, strict=True):
+        assert relative_error(a, b) <= TOLERANCE[torch.float64]
+
+
+def _step(model, x):
+    """The stage outputs and the gradients of the trainable parameters after one backward."""
+    outs = model(x)
+    sum(o.square().mean() for o in outs).backward()
+    return [*outs, *(p.grad for p in model.parameters() if p.requires_grad)]

@@ -70,10 +70,55 @@ def test_bench_prints_table_and_writes_json(tmp_path, capsys, one_thread):
     assert all(r["worst_tensor"] for r in train)
 
 
+def test_bench_detection_preset(tmp_path, capsys, one_thread):
+    """The backbone as mmdet trains it: frozen stem and stage 1, BatchNorm frozen, the four
+    stage outputs checked, odd image sizes padded to multiples of 32."""
+    path = tmp_path / "det.json"
+    args = ["--preset", "detection", "--depth", "18", "--batch", "1", "--image-size", "50x70"]
+    code = main(
+        ["bench", *args, "--model", "resnet", "--iters", "1", "--no-compile", "--json", str(path)]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    payload = json.loads(path.read_text())
+    assert payload["settings"]["preset"] == "detection"
+    assert payload["settings"]["image_size"] == [64, 96]
+    results = payload["results"]
+    assert {r["group"] for r in results} == {
+        "resnet18-det-b1x64x96-fp32-infer",
+        "resnet18-det-b1x64x96-fp32-train",
+    }
+    for r in results:
+        assert r["check_passed"] and r["preset"] == "detection" and r["image_width"] == 96
+    case = bm.Case(bm.BenchConfig("resnet", 18, 1, 64, mode="train", preset="detection"))
+    assert case.reference.frozen_stages == 1 and case.reference.norm_eval
+    gold = case.gold()
+    assert [k for k in gold if k.startswith("stage")] == [f"stage {i}" for i in range(4)]
+    # The frozen stem and stage 1 get no gradients; every BatchNorm keeps its statistics.
+    assert not any(k.startswith(("grad conv1", "grad bn1", "grad layer1")) for k in gold)
+    assert any(k.startswith("grad layer2") for k in gold)
+    for name, buf in case.reference.named_buffers():
+        if name.endswith("running_mean"):
+            assert torch.equal(gold[name], buf.double()), name
+
+
+def test_image_size_argument():
+    assert bm.parse_image_size("224") == (224, 224)
+    assert bm.parse_image_size("800x1333") == (800, 1333)
+    assert bm.input_size("detection", 800, 1333) == (800, 1344)
+    assert bm.input_size("classification", 100, 130) == (100, 130)
+    for bad in ("0", "8x", "axb", "-3x4"):
+        with pytest.raises(ValueError, match="H or HxW|positive"):
+            bm.parse_image_size(bad)
+    with pytest.raises(SystemExit):
+        main(["bench", "--image-size", "12x"])
+
+
 def _result(group: str, system: str, img_per_s: float, peak: int | None) -> bm.Result:
     return bm.Result(
         group=group, model=group.split("-")[0], mode="train", system=system, backend="torch",
-        batch=8, image_size=32, dtype="fp32", device="cpu", img_per_s=img_per_s,
+        batch=8, image_size=32, image_width=32, preset="classification", dtype="fp32",
+        device="cpu", img_per_s=img_per_s,
         ms_per_iter=8e3 / img_per_s, times_ms=[8e3 / img_per_s], first_call_s=1.0,
         max_error=1e-6, worst_tensor="logits", check_passed=True, check_failures=[],
         worst_grad_error=None, worst_grad=None, peak_memory_bytes=peak, memory_kind="test",

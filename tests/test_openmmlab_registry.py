@@ -129,6 +129,18 @@ def test_without_a_scope_fastres_defaults_apply():
     assert model.pool_last_chunk == "strided"
 
 
+def test_mmpretrain_only_arguments():
+    with DefaultScope.overwrite_default_scope("mmpretrain"):
+        import_modules_from_strings("fastres.openmmlab")
+        config = dict(type="fastres.ResNet", depth=18, base_channels=16)
+        model = MMPRETRAIN_MODELS.build(dict(config, drop_path_rate=0.0, expansion=1))
+        assert model.out_indices == (3,)
+        with pytest.raises(NotImplementedError, match=r"drop_path_rate=0.1 .*only 0"):
+            MMPRETRAIN_MODELS.build(dict(config, drop_path_rate=0.1))
+        with pytest.raises(NotImplementedError, match=r"expansion=2 .*only 1"):
+            MMPRETRAIN_MODELS.build(dict(config, expansion=2))
+
+
 def test_a_detector_keeps_the_pretrained_backbone_through_init_weights(tmp_path):
     """mmengine's runner calls the detector's init_weights() after building it; the backbone's
     Pretrained weights, loaded when it was built, must survive that."""
