@@ -151,7 +151,7 @@ def load_checkpoint(
     """
     source = path_or_state_dict
     if isinstance(source, (str, os.PathLike)):
-        source = _read_file(local_checkpoint_path(os.fspath(source)), weights_only)
+        source = _read_file(_local_file(os.fspath(source)), weights_only)
     state, notes = _unwrap(source)
     ignored = []
     if prefix is not None:
@@ -187,7 +187,7 @@ def load_checkpoint(
 _NAMED_SCHEMES = ("open-mmlab://", "openmmlab://", "torchvision://", "modelzoo://", "mmcls://")
 
 
-def local_checkpoint_path(source: str) -> str:
+def _local_file(source: str) -> str:
     """The local file behind `source`: a path as it is; for a URL or an OpenMMLab model name,
     the copy in torch.hub's checkpoint folder (`$TORCH_HOME/hub/checkpoints`), where torch.hub
     and OpenMMLab keep what they download. fastres downloads nothing.
