@@ -51,6 +51,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false")
 
 
+def check_triton_device(x: Tensor, what: str) -> None:
+    """Raises unless Triton can run `what` on x: CUDA tensors, or any under the interpreter.
+    (scripts/compile_report.py replaces it to compile for a GPU on a machine without one.)"""
+    if x.device.type != "cuda" and not interpreting():
+        raise RuntimeError(
+            f"{what} runs on CUDA tensors, or on {x.device.type} tensors only under "
+            f"TRITON_INTERPRET=1 (the Triton interpreter)"
+        )
+
+
 def arrange_weight(weight: Tensor) -> Tensor:
     """The weight stored as [KH, KW, C_in, C_out], returned as a [C_out, C_in, KH, KW] view.
 
@@ -196,11 +206,7 @@ def _launch(
     )
     from fastres.kernels.conv2d_fused import conv2d_fused_kernel
 
-    if x.device.type != "cuda" and not interpreting():
-        raise RuntimeError(
-            f"the fused convolution runs on CUDA tensors, or on {x.device.type} tensors only "
-            f"under TRITON_INTERPRET=1 (the Triton interpreter)"
-        )
+    check_triton_device(x, "the fused convolution")
     n, _, h, w = x.shape
     # Per group: the kernel's C_in / C_out are one group's channels.
     c_out, c_in, kh, kw = weight.shape

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import conv2d_fused
 from .conv2d_fused import _may_overlap, interpreting
 
 # Tile of one program: pixels x channels (channels cover a Res2Net chunk of 26..208 in 1..4).
@@ -48,11 +49,7 @@ def _res2net_pool_out_op(x: Tensor, out: Tensor, kernel: int, stride: int, paddi
         )
     if _may_overlap(x, out):
         raise ValueError("out must not share memory with x")
-    if x.device.type != "cuda" and not interpreting():
-        raise RuntimeError(
-            f"the Res2Net pool runs on CUDA tensors, or on {x.device.type} tensors only under "
-            f"TRITON_INTERPRET=1 (the Triton interpreter)"
-        )
+    conv2d_fused.check_triton_device(x, "the Res2Net pool")
     m = n * oh * ow
     if m == 0 or c == 0:
         return
