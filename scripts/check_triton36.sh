@@ -7,7 +7,8 @@
 #
 #   bash scripts/check_triton36.sh          # after `make env`
 #
-# The tests: the fused convolution's, the Res2Net ones and the training unit's files, which
+# The tests: the sm_90 compile report (tests/test_compile_report.py: Triton 3.6's real compiler,
+# no interpreter), and the fused convolution's, the Res2Net ones and the training unit's files, which
 # between them launch every switch of the kernels (flat and tap-major K, the pool, BN and ReLU
 # prologues, the input add, bias, both residual forms, ReLU, statistics, groups) in fp16, bf16,
 # fp32 and fp64 (each DOT_MODE), and the Res2Net last-chunk pool kernel.
@@ -25,4 +26,4 @@ if ! "$python" -c 'import triton, torch, numpy, pytest, sys; sys.exit(triton.__v
 fi
 "$python" -c 'import triton, fastres.ops.batchnorm as b; print("triton", triton.__version__); assert b.EXTENSION_ERROR is None, b.EXTENSION_ERROR'
 "$python" -m pytest tests/test_conv2d_fused.py tests/test_res2net_fused.py \
-  tests/test_conv2d_bn_train.py -q -p no:cacheprovider
+  tests/test_conv2d_bn_train.py tests/test_compile_report.py -q -p no:cacheprovider
