@@ -47,6 +47,22 @@ _CUDA_TILES = (
 # Below this many input channels the flat K order wastes fewer MMA columns than tap-major.
 FLAT_K_MAX_C_IN = 16
 
+# Shared memory one block may use where the GPU cannot say (sm_80's; sm_90 allows 232,448).
+DEFAULT_SHARED_MEMORY_LIMIT = 166_912
+
+
+def shared_memory_bound(
+    block_m: int, block_n: int, block_k: int, stages: int, pool: int, elt_bytes: int
+) -> int:
+    """An upper bound of the shared memory (bytes) of a tile: num_stages copies of the A tile
+    (pool^2 input pixels per output pixel) and of the B tile, and 2 KiB for the epilogue.
+
+    Measured with scripts/compile_report.py (bench/results/README.md): exact for a pipelined
+    POOL=1 tile but for the 1 KiB the statistics epilogue adds; above every other (a POOL=2
+    128x128x64 3-stage bf16 tile bounds 245,760, takes 196,608 on sm_90 and 180,224 on sm_80).
+    """
+    return stages * (block_m * block_k * pool * pool + block_k * block_n) * elt_bytes + 2048
+
 
 def shape_class(m: int, c_in: int, c_out: int, kh: int, kw: int, stride: int, pool: int) -> tuple:
     """The key under which a tuned configuration is cached.
@@ -57,12 +73,25 @@ def shape_class(m: int, c_in: int, c_out: int, kh: int, kw: int, stride: int, po
     return (triton.next_power_of_2(max(m, 1)), c_in, c_out, kh, kw, stride, pool)
 
 
-def candidate_configs(m: int, k: int, c_in: int, c_out: int, flat_k: bool, elt_bytes: int):
-    """Configurations worth timing for one shape: tiles no larger than the problem needs.
+def candidate_configs(
+    m: int,
+    k: int,
+    c_in: int,
+    c_out: int,
+    flat_k: bool,
+    elt_bytes: int,
+    pool: int = 1,
+    shared_memory_limit: int = DEFAULT_SHARED_MEMORY_LIMIT,
+):
+    """Configurations worth timing for one shape: tiles no larger than the problem needs, with
+    no more pipeline stages than fit the GPU's shared memory (`shared_memory_bound`), so that
+    the first one, used without tuning, always launches.
 
     Args:
         m: output pixels N*OH*OW. k: GEMM depth KH*KW*C_in. c_in, c_out: channels.
         flat_k: the flat K order is used. elt_bytes: operand size (2 for fp16/bf16, 4 for fp32).
+        pool: the input average pool's window (2 for a fused avg_down shortcut).
+        shared_memory_limit: bytes of shared memory one block may use on the GPU.
     Returns:
         A list of dicts with BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages.
     """
@@ -72,7 +101,14 @@ def candidate_configs(m: int, k: int, c_in: int, c_out: int, flat_k: bool, elt_b
     configs, seen = [], set()
     for block_m, block_n, block_k, warps, stages in _CUDA_TILES:
         block_k = max(16, block_k * 2 // elt_bytes)
-        tile = (min(block_m, max_m), min(block_n, max_n), min(block_k, max_k), warps, stages)
+        block_m, block_n, block_k = min(block_m, max_m), min(block_n, max_n), min(block_k, max_k)
+        while (
+            stages > 1
+            and shared_memory_bound(block_m, block_n, block_k, stages, pool, elt_bytes)
+            > shared_memory_limit
+        ):
+            stages -= 1
+        tile = (block_m, block_n, block_k, warps, stages)
         if tile in seen:
             continue
         seen.add(tile)

@@ -72,6 +72,7 @@ class Recorder:
         real_run, real_choose = JITFunction.run, tuning.choose
         real_check = conv2d_fused.check_triton_device
         real_reason = TritonBackend.unavailable_reason
+        real_limit = tuning.shared_memory_limit
         recorder = self
 
         def run(fn, *args, grid, warmup, **kwargs):
@@ -100,12 +101,14 @@ class Recorder:
         JITFunction.run, tuning.choose = run, choose
         conv2d_fused.check_triton_device = lambda x, what: None
         TritonBackend.unavailable_reason = lambda self, device_type=None: None
+        tuning.shared_memory_limit = lambda device: SMEM_LIMIT[arch]
         try:
             yield
         finally:
             JITFunction.run, tuning.choose = real_run, real_choose
             conv2d_fused.check_triton_device = real_check
             TritonBackend.unavailable_reason = real_reason
+            tuning.shared_memory_limit = real_limit
             if real_driver is not None:
                 triton_driver.set_active(real_driver)
 
@@ -153,7 +156,8 @@ def ptxas_report(ptx: str, arch: int) -> dict:
         with open(path, "w") as f:
             f.write(ptx)
         done = subprocess.run(
-            [ptxas, "-v", f"-arch=sm_{arch}a", path, "-o", os.path.join(tmp, "k.cubin")],
+            [ptxas, "-v", f"-arch=sm_{arch}{'a' if arch >= 90 else ''}", path, "-o",
+             os.path.join(tmp, "k.cubin")],
             capture_output=True, text=True,
         )  # fmt: skip
         if done.returncode:
@@ -170,7 +174,7 @@ def ptxas_report(ptx: str, arch: int) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", type=int, default=90, help="compute capability (90, 80, ...)")
+    parser.add_argument("--arch", type=int, default=90, choices=sorted(SMEM_LIMIT))
     parser.add_argument("--json", help="write the report to this file")
     parser.add_argument("--all-candidates", action="store_true")
     parser.add_argument("--workload", action="append", choices=tuple(WORKLOADS))

@@ -117,3 +117,27 @@ def test_cache_dir_follows_xdg(monkeypatch, tmp_path):
     assert tuning.cache_dir() == tmp_path / "fastres"
     monkeypatch.setenv(tuning.CACHE_ENV_VAR, str(tmp_path / "mine"))
     assert tuning.cache_dir() == tmp_path / "mine"
+
+
+@pytest.mark.parametrize("elt_bytes", [2, 4])
+@pytest.mark.parametrize("limit", [166_912, 232_448, 101_376])
+def test_candidates_fit_the_shared_memory_limit(elt_bytes, limit):
+    """Every candidate's shared-memory bound fits the GPU's limit, by dropping pipeline stages
+    where the tile needs it (the pooled avg_down shortcut's A tile is 4x larger); tiles that
+    fit keep their stages."""
+    from fastres.kernels.conv2d_configs import candidate_configs, shared_memory_bound
+
+    m, c_in, c_out = 256 * 28 * 28, 512, 1024
+    for pool in (1, 2):
+        configs = candidate_configs(m, c_in, c_in, c_out, False, elt_bytes, pool, limit)
+        unlimited = candidate_configs(m, c_in, c_in, c_out, False, elt_bytes, pool, 10**9)
+        assert configs and len(configs) == len(unlimited)
+        for config, free in zip(configs, unlimited, strict=True):
+            tile = [config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_stages")]
+            assert shared_memory_bound(*tile, pool, elt_bytes) <= limit, config
+            if shared_memory_bound(*tile[:3], free["num_stages"], pool, elt_bytes) <= limit:
+                assert config == free
+            else:
+                assert config["num_stages"] < free["num_stages"]
+    first_pooled = candidate_configs(m, c_in, c_in, c_out, False, elt_bytes, 2, 166_912)[0]
+    assert first_pooled["num_stages"] == 2  # 3 stages measured 180,224 bytes on sm_80

@@ -260,7 +260,10 @@ def _launch(
     else:
         shape = "x".join(map(str, shape_class(m, c_in, c_out, kh, kw, stride[0], input_pool)))
         key = f"conv2d_fused {shape} g{groups} {str(x.dtype).removeprefix('torch.')} dot{dot_mode}"
-        candidates = candidate_configs(m, kh * kw * c_in, c_in, c_out, flat_k, x.element_size())
+        candidates = candidate_configs(
+            m, kh * kw * c_in, c_in, c_out, flat_k, x.element_size(), input_pool,
+            tuning.shared_memory_limit(x.device),
+        )  # fmt: skip
         config = tuning.choose(
             x.device, key, candidates, launch, functools.partial(launch, compile_only=True)
         )

@@ -56,6 +56,17 @@ def device_key(device: torch.device) -> str:
     return f"{name} | torch {torch.__version__} | triton {triton.__version__}"
 
 
+def shared_memory_limit(device: torch.device) -> int:
+    """Bytes of shared memory one block may use on `device` (opt-in maximum); elsewhere (the
+    interpreter, scripts/compile_report.py) the launchers' conservative default."""
+    from fastres.kernels.conv2d_configs import DEFAULT_SHARED_MEMORY_LIMIT
+
+    if device.type != "cuda":
+        return DEFAULT_SHARED_MEMORY_LIMIT
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", DEFAULT_SHARED_MEMORY_LIMIT)
+
+
 def _shipped_file(device_name: str) -> Path:
     return SHIPPED_DIR / (re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-") + ".json")
 
