@@ -33,18 +33,7 @@ def test_model(benchmark, bench_settings, bench_results, case_cache, model, mode
             pytest.skip(f"backend {system.backend}: {reason}")
         if system.backend not in bm.default_backends(settings.device):
             pytest.skip("backend torch is the oracle, the same computation as eager-cl")
-    height, width = settings.image_size
-    config = bm.BenchConfig(
-        model,
-        settings.depth,
-        settings.batch,
-        height,
-        settings.dtype,
-        settings.device,
-        mode,
-        settings.preset,
-        width,
-    )
+    config = bm.config_from_args(settings, model, mode)
     case = case_cache.get(config)
     device = case.device
 

@@ -232,8 +232,9 @@ class BenchConfig:
 
 
 def config_from_args(args, model: str, mode: str) -> BenchConfig:
-    """The BenchConfig of `model` in `mode` from the CLI's resolved arguments (image_size a
-    (height, width) pair)."""
+    """The BenchConfig of `model` in `mode` from resolved settings (the CLI's arguments,
+    bench/conftest.py's BenchSettings): preset, depth, batch, image_size as (height, width),
+    dtype, device."""
     height, width = args.image_size
     return BenchConfig(
         model, args.depth, args.batch, height, args.dtype, args.device, mode, args.preset, width

@@ -47,9 +47,6 @@ _CUDA_TILES = (
 # Below this many input channels the flat K order wastes fewer MMA columns than tap-major.
 FLAT_K_MAX_C_IN = 16
 
-# Shared memory one block may use where the GPU cannot say (sm_80's; sm_90 allows 232,448).
-DEFAULT_SHARED_MEMORY_LIMIT = 166_912
-
 
 def shared_memory_bound(
     block_m: int, block_n: int, block_k: int, stages: int, pool: int, elt_bytes: int
@@ -80,8 +77,8 @@ def candidate_configs(
     c_out: int,
     flat_k: bool,
     elt_bytes: int,
-    pool: int = 1,
-    shared_memory_limit: int = DEFAULT_SHARED_MEMORY_LIMIT,
+    pool: int,
+    shared_memory_limit: int,
 ):
     """Configurations worth timing for one shape: tiles no larger than the problem needs, with
     no more pipeline stages than fit the GPU's shared memory (`shared_memory_bound`), so that
@@ -91,7 +88,8 @@ def candidate_configs(
         m: output pixels N*OH*OW. k: GEMM depth KH*KW*C_in. c_in, c_out: channels.
         flat_k: the flat K order is used. elt_bytes: operand size (2 for fp16/bf16, 4 for fp32).
         pool: the input average pool's window (2 for a fused avg_down shortcut).
-        shared_memory_limit: bytes of shared memory one block may use on the GPU.
+        shared_memory_limit: bytes of shared memory one block may use on the GPU
+            (fastres.ops.tuning.shared_memory_limit).
     Returns:
         A list of dicts with BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages.
     """

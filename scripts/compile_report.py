@@ -36,9 +36,6 @@ import fastres  # noqa: E402
 from fastres.ops import conv2d_fused, tuning  # noqa: E402
 from fastres.triton_backend import TritonBackend  # noqa: E402
 
-# The most shared memory one block may use, per compute capability (CUDA programming guide).
-SMEM_LIMIT = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
-
 
 class CompileOnlyDriver:
     """What JITFunction.run asks of the active driver, answered for a GPU that is not here."""
@@ -64,7 +61,7 @@ class Recorder:
 
     def __init__(self, all_candidates: bool):
         self.all_candidates = all_candidates
-        self.kernels: dict[tuple, dict] = {}
+        self.kernels: dict[int, dict] = {}
         self.context = "?"
 
     @contextlib.contextmanager
@@ -78,10 +75,11 @@ class Recorder:
         def run(fn, *args, grid, warmup, **kwargs):
             kernel = real_run(fn, *args, grid=grid, warmup=True, **kwargs)
             constexprs = {k: v for k, v in kwargs.items() if k.isupper() or k.startswith("num_")}
-            key = (fn.__name__, json.dumps(constexprs, sort_keys=True, default=str), id(kernel))
+            # One entry per compiled kernel: the JIT returns the same one for the same
+            # specialization, and the entries keep them alive, so their ids stay distinct.
             recorder.kernels.setdefault(
-                key, {"kernel": fn.__name__, "constexprs": constexprs, "compiled": kernel,
-                      "first_seen": recorder.context},
+                id(kernel), {"kernel": fn.__name__, "constexprs": constexprs, "compiled": kernel,
+                             "first_seen": recorder.context},
             )  # fmt: skip
             return kernel
 
@@ -101,7 +99,7 @@ class Recorder:
         JITFunction.run, tuning.choose = run, choose
         conv2d_fused.check_triton_device = lambda x, what: None
         TritonBackend.unavailable_reason = lambda self, device_type=None: None
-        tuning.shared_memory_limit = lambda device: SMEM_LIMIT[arch]
+        tuning.shared_memory_limit = lambda device: tuning.SHARED_MEMORY_LIMIT[arch]
         try:
             yield
         finally:
@@ -174,7 +172,7 @@ def ptxas_report(ptx: str, arch: int) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", type=int, default=90, choices=sorted(SMEM_LIMIT))
+    parser.add_argument("--arch", type=int, default=90, choices=sorted(tuning.SHARED_MEMORY_LIMIT))
     parser.add_argument("--json", help="write the report to this file")
     parser.add_argument("--all-candidates", action="store_true")
     parser.add_argument("--workload", action="append", choices=tuple(WORKLOADS))
@@ -196,7 +194,7 @@ def main() -> int:
                     print(f"{recorder.context}: {len(recorder.kernels) - before} new kernels, "
                           f"{time.perf_counter() - start:.0f} s", flush=True)  # fmt: skip
 
-    limit = SMEM_LIMIT.get(args.arch)
+    limit = tuning.SHARED_MEMORY_LIMIT[args.arch]
     rows = []
     for entry in recorder.kernels.values():
         compiled = entry.pop("compiled")
@@ -209,7 +207,7 @@ def main() -> int:
             "pipelined": "cp.async" in ptx,
             **ptxas_report(ptx, args.arch),
         }
-        row["fits_shared"] = limit is None or row["shared_bytes"] <= limit
+        row["fits_shared"] = row["shared_bytes"] <= limit
         rows.append(row)
     spilling = [r for r in rows if r["spill_store_bytes"]]
     too_big = [r for r in rows if not r["fits_shared"]]

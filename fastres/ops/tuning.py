@@ -14,6 +14,7 @@ first candidate.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -56,15 +57,18 @@ def device_key(device: torch.device) -> str:
     return f"{name} | torch {torch.__version__} | triton {triton.__version__}"
 
 
-def shared_memory_limit(device: torch.device) -> int:
-    """Bytes of shared memory one block may use on `device` (opt-in maximum); elsewhere (the
-    interpreter, scripts/compile_report.py) the launchers' conservative default."""
-    from fastres.kernels.conv2d_configs import DEFAULT_SHARED_MEMORY_LIMIT
+# Shared memory one block may use (opt-in maximum, bytes) per compute capability.
+SHARED_MEMORY_LIMIT = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
 
+
+@functools.cache
+def shared_memory_limit(device: torch.device) -> int:
+    """Bytes of shared memory one block may use on `device` (its opt-in maximum); where the
+    device cannot say (CPU tensors: the interpreter), sm_80's."""
     if device.type != "cuda":
-        return DEFAULT_SHARED_MEMORY_LIMIT
+        return SHARED_MEMORY_LIMIT[80]
     props = torch.cuda.get_device_properties(device)
-    return getattr(props, "shared_memory_per_block_optin", DEFAULT_SHARED_MEMORY_LIMIT)
+    return getattr(props, "shared_memory_per_block_optin", SHARED_MEMORY_LIMIT[80])
 
 
 def _shipped_file(device_name: str) -> Path:
