@@ -99,10 +99,9 @@ class TritonBackend(Backend):
             out = _conv_bn(block.conv1, block.norm1, x, relu=True)
             return _conv_bn(block.conv2, block.norm2, out, relu=True, residual=identity)
         if isinstance(block, Bottle2neck):
-            out = _res2net_split_conv_concat(block, x)
-        else:
-            out = _conv_bn(block.conv1, block.norm1, x, relu=True)
-            out = _conv_bn(block.conv2, block.norm2, out, relu=True)
+            return _res2net_forward(block, x, identity)
+        out = _conv_bn(block.conv1, block.norm1, x, relu=True)
+        out = _conv_bn(block.conv2, block.norm2, out, relu=True)
         return _conv_bn(block.conv3, block.norm3, out, relu=True, residual=identity)
 
 
@@ -300,15 +299,52 @@ def _last_chunk_pool(block: nn.Module) -> tuple[int, int, int] | None:
     return sizes[0], sizes[1], sizes[2]
 
 
-def _res2net_launch_weights(block: nn.Module, dtype: torch.dtype, shared: bool):
-    """The folded weights the no-copy Bottle2neck path launches with, cached per block.
+# Res2Net's chunks in the fused paths: each chunk of `width` channels is stored in a slot of
+# `_chunk_slot(width)` channels, zero-padded. Res2Net widths (26, 52, 104) are no multiple of 8:
+# unpadded, a chunk starts at a channel offset that is not 16-byte aligned and its channel count
+# is not divisible by 16, so Triton can neither vectorize the loads nor pipeline them (cp.async),
+# and the scalar loads spilled registers (bench/results/README.md). Padded, every chunk conv
+# reads and writes aligned slots of 16k channels. The weights get zero rows and columns for the
+# pad channels (`_pad_chunks`), so the convs write zeros there: 0 * x sums to 0 but where x is
+# not finite, and those pixels' real channels are not finite either.
 
-    Returns (conv1 weight, conv1 bias, convs): conv1's output channels rotated so that the
-    last chunk comes first when `shared` (see `_res2net_split_conv_concat`); convs is one
-    stacked (weight [(scales-1)*width, width, 3, 3], bias) pair for a 'stage' block's grouped
-    launch, else a list of (weight, bias) per conv.
+
+def _chunk_slot(width: int) -> int:
+    """The channels one Res2Net chunk occupies in the fused paths: width rounded up to 16."""
+    return -(-width // 16) * 16
+
+
+def _pad_chunks(t: Tensor, dim: int, chunks: int) -> Tensor:
+    """t with each of its `chunks` equal parts along `dim` zero-padded to `_chunk_slot` entries.
+
+    Differentiable; t itself when no padding is needed.
     """
-    pieces = [_folded(block.conv1, block.norm1, dtype)]
+    width = t.shape[dim] // chunks
+    pad = _chunk_slot(width) - width
+    if pad == 0:
+        return t
+    parts = t.unflatten(dim, (chunks, width))
+    # F.pad lists (before, after) pairs from the last dimension backwards.
+    spec = [0, 0] * (parts.dim() - dim - 2) + [0, pad]
+    return nn.functional.pad(parts, spec).flatten(dim, dim + 1)
+
+
+def _unpad_chunks(t: Tensor, chunks: int, width: int) -> Tensor:
+    """The real channels of a [chunks * _chunk_slot(width)] per-channel vector."""
+    return t.unflatten(0, (chunks, -1))[:, :width].flatten()
+
+
+def _res2net_launch_weights(block: nn.Module, dtype: torch.dtype, rotate: bool):
+    """The folded, chunk-padded weights of a Bottle2neck's fused path, cached per block.
+
+    Returns (w1, b1, convs, w3, b3): conv1's output chunks padded to slots (the last chunk
+    first when `rotate`, see `_res2net_split_conv_concat`); convs one stacked (weight
+    [(scales-1)*slot, slot, 3, 3], bias) pair for a 'stage' block's grouped launch, else a list
+    of ([slot, slot, 3, 3], [slot]) pairs; conv3's input chunks padded to slots. Differentiable
+    (and not cached) where a folded piece wants gradients.
+    """
+    scales = block.scales
+    pieces = [_folded(block.conv1, block.norm1, dtype), _folded(block.conv3, block.norm3, dtype)]
     pieces += [_folded(conv, bn, dtype) for conv, bn in zip(block.convs, block.bns)]
     cacheable = not torch.compiler.is_compiling() and not any(
         t.requires_grad for piece in pieces for t in piece
@@ -316,41 +352,54 @@ def _res2net_launch_weights(block: nn.Module, dtype: torch.dtype, shared: bool):
     cached = _RES2NET_CACHE.get(block) if cacheable else None
     if (
         cached is not None
-        and cached[0] == shared
+        and cached[0] == rotate
         and all(a is b for a, b in zip(cached[1], pieces, strict=True))
     ):
         return cached[2]
-    (w1, b1), *convs = pieces
-    if shared:
-        split = (block.scales - 1) * block.width
-        w1 = arrange_weight(torch.cat([w1[split:], w1[:split]]))
-        b1 = torch.cat([b1[split:], b1[:split]])
+    (w1, b1), (w3, b3), *convs = pieces
+    if rotate:
+        split = (scales - 1) * block.width
+        w1, b1 = torch.cat([w1[split:], w1[:split]]), torch.cat([b1[split:], b1[:split]])
+    w1, b1 = arrange_weight(_pad_chunks(w1, 0, scales)), _pad_chunks(b1, 0, scales)
+    w3 = arrange_weight(_pad_chunks(w3, 1, scales))
+    convs = [(_pad_chunks(_pad_chunks(w, 0, 1), 1, 1), _pad_chunks(b, 0, 1)) for w, b in convs]
     if block.stage_type == "stage":
         convs = (arrange_weight(torch.cat([w for w, _ in convs])), torch.cat([b for _, b in convs]))
-    launch = (w1, b1, convs)
+    else:
+        convs = [(arrange_weight(w), b) for w, b in convs]
+    launch = (w1, b1, convs, w3, b3)
     if cacheable:
-        _RES2NET_CACHE[block] = (shared, pieces, launch)
+        _RES2NET_CACHE[block] = (rotate, pieces, launch)
     return launch
 
 
-def _res2net_split_conv_concat(block: nn.Module, x: Tensor) -> Tensor:
+def _res2net_forward(block: nn.Module, x: Tensor, identity: Tensor) -> Tensor:
+    """A Bottle2neck in eval / BN-frozen mode: `_res2net_split_conv_concat`, then conv3 with
+    its BN, the shortcut and the ReLU in one kernel."""
+    cat, w3, b3 = _res2net_split_conv_concat(block, x)
+    return conv2d_fused(cat, w3, b3, relu=True, residual=identity)
+
+
+def _res2net_split_conv_concat(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """conv1 -> split -> 3x3 convs -> concat of a Bottle2neck: the input of its conv3.
 
     Args:
         x: [N, inplanes, H, W], the block input.
 
     Returns:
-        [N, width * scales, OH, OW], channels_last (possibly a channel slice of a larger buffer).
+        The concatenation [N, scales * slot, OH, OW] channels_last, each chunk in a zero-padded
+        slot of `_chunk_slot(width)` channels (possibly a channel slice of a larger buffer),
+        and conv3's folded weight and bias for that layout.
 
     Without autograd (inference), nothing is copied and no tensor is formed between the convs:
 
     - last chunk not pooled: one buffer [sp_0 .. sp_{s-2} | chunk_{s-1} | chunk_0 .. chunk_{s-2}]:
-      conv1, its output channels rotated (the last chunk first), writes the last two parts;
+      conv1, its output chunks rotated (the last chunk first), writes the last two parts;
       each 3x3 conv reads its chunk there and writes sp_i; conv3 reads the first `scales`
       parts, so the last chunk is where conv3 reads it without a copy, and conv3's read starts
       at the buffer's aligned channel 0;
     - last chunk pooled: conv1 writes its own buffer, the Triton pool writes the pooled chunk
-      into the last slice of the concatenation buffer;
+      into the last slot of the concatenation buffer;
     - 'normal' block: conv i's input load adds sp_{i-1} to chunk i; 'stage' block: the scales - 1
       chunk convs are one grouped launch.
 
@@ -365,11 +414,11 @@ def _res2net_split_conv_concat(block: nn.Module, x: Tensor) -> Tensor:
     )
     if differentiable:
         return _res2net_autograd(block, x)
-    width, scales = block.width, block.scales
+    slot, scales = _chunk_slot(block.width), block.scales
     conv1, conv = block.conv1, block.convs[0]
     pool = _last_chunk_pool(block) if block.pools_last_chunk else None
     shared = not block.pools_last_chunk
-    w1, b1, convs = _res2net_launch_weights(block, x.dtype, shared)
+    w1, b1, convs, w3, b3 = _res2net_launch_weights(block, x.dtype, rotate=shared)
     h1 = (x.shape[2] - 1) // conv1.stride[0] + 1
     w1_out = (x.shape[3] - 1) // conv1.stride[1] + 1
     oh, ow = (
@@ -378,17 +427,17 @@ def _res2net_split_conv_concat(block: nn.Module, x: Tensor) -> Tensor:
         + 1
         for i, size in enumerate((h1, w1_out))
     )
-    split = (scales - 1) * width
+    split = (scales - 1) * slot
     if shared:
-        buf = _nhwc_empty(x, (2 * scales - 1) * width, h1, w1_out)
+        buf = _nhwc_empty(x, (2 * scales - 1) * slot, h1, w1_out)
         conv2d_fused(
-            x, w1, b1, stride=conv1.stride, relu=True, out=buf[:, split : split + split + width]
+            x, w1, b1, stride=conv1.stride, relu=True, out=buf[:, split : split + split + slot]
         )
-        cat, chunks = buf[:, : scales * width], buf[:, scales * width : scales * width + split]
+        cat, chunks = buf[:, : scales * slot], buf[:, scales * slot : scales * slot + split]
     else:
-        out1 = _nhwc_empty(x, scales * width, h1, w1_out)
+        out1 = _nhwc_empty(x, scales * slot, h1, w1_out)
         conv2d_fused(x, w1, b1, stride=conv1.stride, relu=True, out=out1)
-        cat, chunks = _nhwc_empty(x, scales * width, oh, ow), out1[:, :split]
+        cat, chunks = _nhwc_empty(x, scales * slot, oh, ow), out1[:, :split]
         if pool is None:
             cat[:, split:].copy_(block.pool(out1[:, split:]))
         else:
@@ -400,38 +449,38 @@ def _res2net_split_conv_concat(block: nn.Module, x: Tensor) -> Tensor:
     if block.stage_type == "stage":
         weight, bias = convs
         conv2d_fused(chunks, weight, bias, groups=scales - 1, out=cat[:, :split], **geometry)
-        return cat
+        return cat, w3, b3
     previous = None
     for i, (weight, bias) in enumerate(convs):
-        dest = cat[:, i * width : (i + 1) * width]
-        chunk = chunks[:, i * width : (i + 1) * width]
+        dest = cat[:, i * slot : (i + 1) * slot]
+        chunk = chunks[:, i * slot : (i + 1) * slot]
         conv2d_fused(chunk, weight, bias, input_add=previous, out=dest, **geometry)
         previous = dest
-    return cat
+    return cat, w3, b3
 
 
-def _res2net_autograd(block: nn.Module, x: Tensor) -> Tensor:
+def _res2net_autograd(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The differentiable Bottle2neck middle (see `_res2net_split_conv_concat`)."""
-    width, scales = block.width, block.scales
-    out = _conv_bn(block.conv1, block.norm1, x, relu=True)
+    slot, scales = _chunk_slot(block.width), block.scales
+    w1, b1, convs, w3, b3 = _res2net_launch_weights(block, x.dtype, rotate=False)
+    out = conv2d_fused(x, w1, b1, stride=block.conv1.stride, relu=True)
     conv = block.convs[0]
     geometry = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, relu=True)
-    folded = [_folded(c, bn, out.dtype) for c, bn in zip(block.convs, block.bns)]
-    split = (scales - 1) * width
+    split = (scales - 1) * slot
     if block.stage_type == "stage":
-        weight = arrange_weight(torch.cat([w for w, _ in folded]))
-        bias = torch.cat([b for _, b in folded])
+        weight, bias = convs
         outs = [conv2d_fused(out[:, :split], weight, bias, groups=scales - 1, **geometry)]
     else:
         outs, previous = [], None
-        for i, (weight, bias) in enumerate(folded):
-            chunk = out[:, i * width : (i + 1) * width]
+        for i, (weight, bias) in enumerate(convs):
+            chunk = out[:, i * slot : (i + 1) * slot]
             previous = conv2d_fused(chunk, weight, bias, input_add=previous, **geometry)
             outs.append(previous)
     last = out[:, split:]
     if block.pools_last_chunk:
         last = block.pool(last)
-    return torch.cat([*outs, last], 1).contiguous(memory_format=torch.channels_last)
+    cat = torch.cat([*outs, last], 1).contiguous(memory_format=torch.channels_last)
+    return cat, w3, b3
 
 
 # The fused training path (BatchNorm in training mode: batch statistics).
@@ -480,15 +529,20 @@ def _train_conv(
     bn: nn.Module,
     x: Tensor | _Raw,
     *,
+    weight: Tensor | None = None,
     input_pool: int = 1,
     input_add: Tensor | None = None,
 ) -> _Raw:
-    """conv(x) with its batch statistics; x a _Raw is normalized (+ ReLU) in the input load."""
+    """conv(x) with its batch statistics; x a _Raw is normalized (+ ReLU) in the input load.
+
+    weight: conv.weight in another channel layout (Res2Net's padded chunks), else None.
+    """
     input_bn = None
     if isinstance(x, _Raw):
         x, input_bn = x.y, x.input_bn()
+    weight = conv.weight if weight is None else weight
     y, mean, m2 = conv2d_bn_train(
-        x, arrange_weight(conv.weight.to(x.dtype)), stride=conv.stride, padding=conv.padding,
+        x, arrange_weight(weight.to(x.dtype)), stride=conv.stride, padding=conv.padding,
         dilation=conv.dilation, input_bn=input_bn, input_pool=input_pool, input_add=input_add,
     )  # fmt: skip
     stats, group = _global_stats([bn], y, mean, m2)
@@ -518,7 +572,8 @@ def _train_block(block: nn.Module, x: Tensor) -> Tensor:
     if isinstance(block, BasicBlock):
         raw = _train_conv(block.conv2, block.norm2, _train_conv(block.conv1, block.norm1, x))
     elif isinstance(block, Bottle2neck):
-        raw = _train_conv(block.conv3, block.norm3, _train_res2net_middle(block, x))
+        cat, weight = _train_res2net_middle(block, x)
+        raw = _train_conv(block.conv3, block.norm3, cat, weight=weight)
     else:
         raw = _train_conv(block.conv1, block.norm1, x)
         raw = _train_conv(block.conv2, block.norm2, raw)
@@ -527,35 +582,58 @@ def _train_block(block: nn.Module, x: Tensor) -> Tensor:
     return raw.apply(residual=x if shortcut is None else None, shortcut=shortcut)
 
 
-def _train_res2net_middle(block: nn.Module, x: Tensor) -> Tensor:
+def _train_res2net_middle(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     """split -> 3x3 convs -> concat of a training-mode Bottle2neck: the input of its conv3.
 
-    conv1's and every chunk conv's activation are written out (the chunks and the hierarchical
-    add feed several consumers); chunks are read in place as channel slices, the add happens in
-    the next conv's input load, and a 'stage' block's chunk convs are one grouped launch whose
-    BNs apply in one pass.
+    Returns the concatenation, each chunk in a zero-padded slot of `_chunk_slot(width)`
+    channels (see `_pad_chunks`), and conv3's weight for that layout. conv1's and every chunk
+    conv's activation are written out (the chunks and the hierarchical add feed several
+    consumers); chunks are read in place as channel slices, the add happens in the next conv's
+    input load, and a 'stage' block's chunk convs are one grouped launch whose BNs apply in
+    one pass.
     """
-    width, scales = block.width, block.scales
-    out = _train_conv(block.conv1, block.norm1, x).apply()
-    split = (scales - 1) * width
-    conv, bns = block.convs[0], list(block.bns)
+    width, scales, slot = block.width, block.scales, _chunk_slot(block.width)
+    conv = block.convs[0]
+    geometry = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
+    weight = _pad_chunks(block.conv1.weight, 0, scales)
+    y, mean, m2 = conv2d_bn_train(x, arrange_weight(weight.to(x.dtype)), stride=block.conv1.stride)
+    out = _train_padded_bn_relu([block.norm1], y, mean, m2, scales, width)
+    split = (scales - 1) * slot
+    bns = list(block.bns)
     if block.stage_type == "stage" and len({bn.eps for bn in bns}) == 1:
-        weight = torch.cat([c.weight for c in block.convs]).to(out.dtype)
+        weight = torch.cat([_pad_chunks(_pad_chunks(c.weight, 0, 1), 1, 1) for c in block.convs])
         y, mean, m2 = conv2d_bn_train(
-            out[:, :split], arrange_weight(weight), stride=conv.stride, padding=conv.padding,
-            dilation=conv.dilation, groups=scales - 1,
-        )  # fmt: skip
-        stats, group = _global_stats(bns, y, mean, m2)
-        affine = [torch.cat([bn.weight for bn in bns]), torch.cat([bn.bias for bn in bns])]
-        outs = [bn_ops.bn_train_act(y, stats, *affine, bns[0].eps, group=group)]
+            out[:, :split], arrange_weight(weight.to(out.dtype)), groups=scales - 1, **geometry
+        )
+        outs = [_train_padded_bn_relu(bns, y, mean, m2, scales - 1, width)]
     else:
         outs, previous = [], None
         for i, (conv, bn) in enumerate(zip(block.convs, bns)):
-            chunk = out[:, i * width : (i + 1) * width]
+            chunk = out[:, i * slot : (i + 1) * slot]
             add = previous if block.stage_type == "normal" else None
-            previous = _train_conv(conv, bn, chunk, input_add=add).apply()
+            weight = _pad_chunks(_pad_chunks(conv.weight, 0, 1), 1, 1).to(out.dtype)
+            y, mean, m2 = conv2d_bn_train(chunk, arrange_weight(weight), input_add=add, **geometry)
+            previous = _train_padded_bn_relu([bn], y, mean, m2, 1, width)
             outs.append(previous)
     last = out[:, split:]
     if block.pools_last_chunk:
         last = block.pool(last)
-    return torch.cat([*outs, last], 1).contiguous(memory_format=torch.channels_last)
+    cat = torch.cat([*outs, last], 1).contiguous(memory_format=torch.channels_last)
+    return cat, _pad_chunks(block.conv3.weight, 1, scales)
+
+
+def _train_padded_bn_relu(
+    bns: list[nn.Module], y: Tensor, mean: Tensor, m2: Tensor, chunks: int, width: int
+) -> Tensor:
+    """ReLU(BN(y)) with batch statistics for a raw conv output of `chunks` padded chunk slots,
+    the i-th chunk normalized by bns[i * len(bns) // chunks]: running statistics from the real
+    channels; the pad channels get weight, bias, mean and M2 zero, so they stay zero."""
+    real = y.narrow(1, 0, chunks * width)  # the count and channel count batch_stats reads
+    group = bn_ops.sync_group_name(bns[0])
+    mean, m2, count = bn_ops.batch_stats(
+        bns, real, _unpad_chunks(mean, chunks, width), _unpad_chunks(m2, chunks, width), group
+    )
+    affine = [torch.cat([bn.weight for bn in bns]), torch.cat([bn.bias for bn in bns])]
+    stats = (_pad_chunks(mean, 0, chunks), _pad_chunks(m2, 0, chunks), count)
+    weight, bias = (_pad_chunks(t, 0, chunks) for t in affine)
+    return bn_ops.bn_train_act(y, stats, weight, bias, bns[0].eps, group=group)
