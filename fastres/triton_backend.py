@@ -13,7 +13,8 @@ For a block whose BatchNorms are in eval mode (`model.eval()`, norm_eval, frozen
   add tensor. Without autograd each 3x3 conv reads its chunk in place and writes its slice of
   the buffer conv3 reads; the 'normal' block's add happens in the conv's input load; a 'stage'
   block's chunk convs are one grouped launch; the last chunk is written there by conv1 itself
-  or pooled there by a small Triton kernel.
+  or pooled there by a small Triton kernel. Every Res2Net path stores each chunk in an aligned,
+  padded slot of channels (`_chunk_slot`).
 
 For a block whose BatchNorms are in training mode (batch statistics), the fused training path
 at the end of this file (`_train_block`): raw conv outputs with their statistics from the
@@ -27,6 +28,7 @@ interpreter runs float64 through the kernels, for tests).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import weakref
 from typing import NamedTuple
@@ -300,13 +302,16 @@ def _last_chunk_pool(block: nn.Module) -> tuple[int, int, int] | None:
 
 
 # Res2Net's chunks in the fused paths: each chunk of `width` channels is stored in a slot of
-# `_chunk_slot(width)` channels, zero-padded. Res2Net widths (26, 52, 104) are no multiple of 8:
-# unpadded, a chunk starts at a channel offset that is not 16-byte aligned and its channel count
-# is not divisible by 16, so Triton can neither vectorize the loads nor pipeline them (cp.async),
-# and the scalar loads spilled registers (bench/results/README.md). Padded, every chunk conv
-# reads and writes aligned slots of 16k channels. The weights get zero rows and columns for the
-# pad channels (`_pad_chunks`), so the convs write zeros there: 0 * x sums to 0 but where x is
-# not finite, and those pixels' real channels are not finite either.
+# `_chunk_slot(width)` channels. Res2Net widths (26, 52, 104) are no multiple of 8: unpadded, a
+# chunk starts at a channel offset that is not 16-byte aligned and its channel count is not
+# divisible by 16, so Triton can neither vectorize the loads nor pipeline them (cp.async), and
+# the scalar loads spilled registers (bench/results/README.md). Padded, every chunk conv reads
+# and writes aligned slots of 16k channels. A pad channel is a copy of its chunk's first channel
+# (`_pad_outputs`: the producing weight row, bias and BN entries repeated) and meets zero weight
+# columns in its consumers (`_pad_inputs`). Not zeros: a zero row would turn an Inf input into
+# 0 * Inf = NaN where PyTorch's value stays finite (ReLU of -Inf); a copy makes a pad non-finite
+# only where a real channel that enters the same sum is, so every NaN / Inf lands where it
+# lands in PyTorch.
 
 
 def _chunk_slot(width: int) -> int:
@@ -314,19 +319,35 @@ def _chunk_slot(width: int) -> int:
     return -(-width // 16) * 16
 
 
-def _pad_chunks(t: Tensor, dim: int, chunks: int) -> Tensor:
-    """t with each of its `chunks` equal parts along `dim` zero-padded to `_chunk_slot` entries.
+def _pad_outputs(t: Tensor, chunks: int) -> Tensor:
+    """t with each of its `chunks` equal parts along dim 0 (output channels: weight rows, bias,
+    BN parameters, statistics) filled up to `_chunk_slot` entries with copies of the part's
+    first entry. Differentiable; t itself when no padding is needed."""
+    width = t.shape[0] // chunks
+    if _chunk_slot(width) == width:
+        return t
+    return t.index_select(0, _pad_index(chunks, width, t.device))
 
-    Differentiable; t itself when no padding is needed.
-    """
-    width = t.shape[dim] // chunks
+
+@functools.cache
+def _pad_index(chunks: int, width: int, device: torch.device) -> Tensor:
+    """The source entry of each padded entry (`_pad_outputs`), made once per device."""
+    pad = _chunk_slot(width) - width
+    within = torch.cat([torch.arange(width), torch.zeros(pad, dtype=torch.long)])
+    return (torch.arange(chunks)[:, None] * width + within).flatten().to(device)
+
+
+def _pad_inputs(weight: Tensor, chunks: int) -> Tensor:
+    """weight with each of its `chunks` equal parts along dim 1 (input channels) zero-padded to
+    `_chunk_slot` columns. Differentiable; weight itself when no padding is needed."""
+    width = weight.shape[1] // chunks
     pad = _chunk_slot(width) - width
     if pad == 0:
-        return t
-    parts = t.unflatten(dim, (chunks, width))
+        return weight
+    parts = weight.unflatten(1, (chunks, width))
     # F.pad lists (before, after) pairs from the last dimension backwards.
-    spec = [0, 0] * (parts.dim() - dim - 2) + [0, pad]
-    return nn.functional.pad(parts, spec).flatten(dim, dim + 1)
+    spec = [0, 0] * (parts.dim() - 3) + [0, pad]
+    return nn.functional.pad(parts, spec).flatten(1, 2)
 
 
 def _unpad_chunks(t: Tensor, chunks: int, width: int) -> Tensor:
@@ -360,9 +381,9 @@ def _res2net_launch_weights(block: nn.Module, dtype: torch.dtype, rotate: bool):
     if rotate:
         split = (scales - 1) * block.width
         w1, b1 = torch.cat([w1[split:], w1[:split]]), torch.cat([b1[split:], b1[:split]])
-    w1, b1 = arrange_weight(_pad_chunks(w1, 0, scales)), _pad_chunks(b1, 0, scales)
-    w3 = arrange_weight(_pad_chunks(w3, 1, scales))
-    convs = [(_pad_chunks(_pad_chunks(w, 0, 1), 1, 1), _pad_chunks(b, 0, 1)) for w, b in convs]
+    w1, b1 = arrange_weight(_pad_outputs(w1, scales)), _pad_outputs(b1, scales)
+    w3 = arrange_weight(_pad_inputs(w3, scales))
+    convs = [(_pad_inputs(_pad_outputs(w, 1), 1), _pad_outputs(b, 1)) for w, b in convs]
     if block.stage_type == "stage":
         convs = (arrange_weight(torch.cat([w for w, _ in convs])), torch.cat([b for _, b in convs]))
     else:
@@ -387,8 +408,8 @@ def _res2net_split_conv_concat(block: nn.Module, x: Tensor) -> tuple[Tensor, Ten
         x: [N, inplanes, H, W], the block input.
 
     Returns:
-        The concatenation [N, scales * slot, OH, OW] channels_last, each chunk in a zero-padded
-        slot of `_chunk_slot(width)` channels (possibly a channel slice of a larger buffer),
+        The concatenation [N, scales * slot, OH, OW] channels_last, each chunk in a padded slot
+        of `_chunk_slot(width)` channels (possibly a channel slice of a larger buffer),
         and conv3's folded weight and bias for that layout.
 
     Without autograd (inference), nothing is copied and no tensor is formed between the convs:
@@ -585,23 +606,22 @@ def _train_block(block: nn.Module, x: Tensor) -> Tensor:
 def _train_res2net_middle(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     """split -> 3x3 convs -> concat of a training-mode Bottle2neck: the input of its conv3.
 
-    Returns the concatenation, each chunk in a zero-padded slot of `_chunk_slot(width)`
-    channels (see `_pad_chunks`), and conv3's weight for that layout. conv1's and every chunk
-    conv's activation are written out (the chunks and the hierarchical add feed several
-    consumers); chunks are read in place as channel slices, the add happens in the next conv's
-    input load, and a 'stage' block's chunk convs are one grouped launch whose BNs apply in
-    one pass.
+    Returns the concatenation, each chunk in a padded slot of `_chunk_slot(width)` channels,
+    and conv3's weight for that layout. conv1's and every chunk conv's activation are written
+    out (the chunks and the hierarchical add feed several consumers); chunks are read in place
+    as channel slices, the add happens in the next conv's input load, and a 'stage' block's
+    chunk convs are one grouped launch whose BNs apply in one pass.
     """
     width, scales, slot = block.width, block.scales, _chunk_slot(block.width)
     conv = block.convs[0]
     geometry = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
-    weight = _pad_chunks(block.conv1.weight, 0, scales)
+    weight = _pad_outputs(block.conv1.weight, scales)
     y, mean, m2 = conv2d_bn_train(x, arrange_weight(weight.to(x.dtype)), stride=block.conv1.stride)
     out = _train_padded_bn_relu([block.norm1], y, mean, m2, scales, width)
     split = (scales - 1) * slot
     bns = list(block.bns)
     if block.stage_type == "stage" and len({bn.eps for bn in bns}) == 1:
-        weight = torch.cat([_pad_chunks(_pad_chunks(c.weight, 0, 1), 1, 1) for c in block.convs])
+        weight = torch.cat([_pad_inputs(_pad_outputs(c.weight, 1), 1) for c in block.convs])
         y, mean, m2 = conv2d_bn_train(
             out[:, :split], arrange_weight(weight.to(out.dtype)), groups=scales - 1, **geometry
         )
@@ -611,7 +631,7 @@ def _train_res2net_middle(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
         for i, (conv, bn) in enumerate(zip(block.convs, bns)):
             chunk = out[:, i * slot : (i + 1) * slot]
             add = previous if block.stage_type == "normal" else None
-            weight = _pad_chunks(_pad_chunks(conv.weight, 0, 1), 1, 1).to(out.dtype)
+            weight = _pad_inputs(_pad_outputs(conv.weight, 1), 1).to(out.dtype)
             y, mean, m2 = conv2d_bn_train(chunk, arrange_weight(weight), input_add=add, **geometry)
             previous = _train_padded_bn_relu([bn], y, mean, m2, 1, width)
             outs.append(previous)
@@ -619,7 +639,7 @@ def _train_res2net_middle(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     if block.pools_last_chunk:
         last = block.pool(last)
     cat = torch.cat([*outs, last], 1).contiguous(memory_format=torch.channels_last)
-    return cat, _pad_chunks(block.conv3.weight, 1, scales)
+    return cat, _pad_inputs(block.conv3.weight, scales)
 
 
 def _train_padded_bn_relu(
@@ -627,13 +647,14 @@ def _train_padded_bn_relu(
 ) -> Tensor:
     """ReLU(BN(y)) with batch statistics for a raw conv output of `chunks` padded chunk slots,
     the i-th chunk normalized by bns[i * len(bns) // chunks]: running statistics from the real
-    channels; the pad channels get weight, bias, mean and M2 zero, so they stay zero."""
+    channels; each pad channel gets its chunk's first channel's statistics and affine
+    parameters, so it stays a copy of that channel (see `_chunk_slot`)."""
     real = y.narrow(1, 0, chunks * width)  # the count and channel count batch_stats reads
     group = bn_ops.sync_group_name(bns[0])
     mean, m2, count = bn_ops.batch_stats(
         bns, real, _unpad_chunks(mean, chunks, width), _unpad_chunks(m2, chunks, width), group
     )
     affine = [torch.cat([bn.weight for bn in bns]), torch.cat([bn.bias for bn in bns])]
-    stats = (_pad_chunks(mean, 0, chunks), _pad_chunks(m2, 0, chunks), count)
-    weight, bias = (_pad_chunks(t, 0, chunks) for t in affine)
+    stats = (_pad_outputs(mean, chunks), _pad_outputs(m2, chunks), count)
+    weight, bias = (_pad_outputs(t, chunks) for t in affine)
     return bn_ops.bn_train_act(y, stats, weight, bias, bns[0].eps, group=group)

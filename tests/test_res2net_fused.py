@@ -281,6 +281,41 @@ def test_block_bn_frozen_gradients(device, name):
     assert_matches_oracle(fused[2], base[2], gold[2], torch.float32, "input gradient")
 
 
+@pytest.mark.parametrize("mode", ["eval", "bn-frozen", "train"])
+def test_inf_reaches_what_it_reaches_in_pytorch(device, mode):
+    """The fused paths store each 26-channel chunk in a 32-channel slot. An Inf input pixel
+    whose conv1 outputs are all -Inf (ReLU: 0) leaves PyTorch's chunk convs finite there; pad
+    channels computed as 0 * Inf would be NaN and spread over the 3x3 neighbourhood. The pads
+    copy a real channel instead, so exactly the oracle's elements are non-finite."""
+    block = make_block(BLOCKS["normal-w26x4"], device)
+    block.train(mode != "eval")
+    if mode == "bn-frozen":
+        for m in block.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+    with torch.no_grad():
+        block.conv1.weight[:, 0] = -block.conv1.weight[:, 0].abs() - 0.1
+    x = torch.randn(2, block.conv1.in_channels, 7, 7, device=device)
+    x[1, 0, int(torch.randint(7, ())), int(torch.randint(7, ()))] = float("inf")
+
+    def masks(fused: bool) -> list[torch.Tensor]:
+        b = copy.deepcopy(block)
+        with torch.set_grad_enabled(mode != "eval"):
+            xi = x.clone().requires_grad_(mode != "eval")
+            y = run_triton(b, xi) if fused else b.forward_reference(xi)
+            out = [~torch.isfinite(y)]
+            if mode != "eval":
+                y.nan_to_num().sum().backward()
+                out.append(~torch.isfinite(xi.grad))
+        return out
+
+    oracle, fused = masks(False), masks(True)
+    if mode != "train":  # batch statistics make the whole batch non-finite
+        assert 0 < int(oracle[0].sum()) <= block.conv3.out_channels
+    for i, (a, b) in enumerate(zip(fused, oracle, strict=True)):
+        assert torch.equal(a, b), f"mask {i}: {int((a != b).sum())} elements differ"
+
+
 # Operators the no-grad Bottle2neck middle may dispatch besides the fused kernels: allocating
 # the buffers and taking channel slices of them (views, no data movement).
 VIEW_OPS = {
