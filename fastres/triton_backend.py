@@ -44,7 +44,7 @@ from .ops.res2net_fused import res2net_pool
 
 # conv module -> (key of the tensors it was folded from, (arranged weight, bias)).
 _FOLD_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# Bottle2neck -> (layout, the folded pieces it was built from, its launch weights).
+# Bottle2neck -> (rotated, the folded pieces it was built from, its launch weights).
 _RES2NET_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 

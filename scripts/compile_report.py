@@ -2,12 +2,15 @@
 launches, and reports each one's shared memory, registers, spills and software pipelining.
 
     .venv/bin/python scripts/compile_report.py --arch 90 --json report.json [--all-candidates]
+        [--check]
 
 The models run on CPU tensors with the triton backend while Triton sees a stand-in driver
 whose current target is `cuda:<arch>`: each launch compiles (with the specialization the JIT
 derives from the real arguments: pointer alignment, integer divisibility) and launches nothing,
 so outputs are garbage and only the kernels count. By default each shape gets its first
 candidate tile, the one used when tuning is off; `--all-candidates` compiles every candidate.
+`--check` exits 1 if a kernel exceeds the GPU's shared memory, spills, or (a convolution) is not
+software-pipelined.
 Registers and spills come from ptxas -v on the PTX (Triton fills them only on a real GPU).
 """
 
@@ -183,6 +186,8 @@ def main() -> int:
     parser.add_argument("--dtype", action="append", choices=tuple(DTYPES))
     parser.add_argument("--batch", type=int, default=32, help="batch (32 gives b256's kernels)")
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--check", action="store_true", help="exit 1 on an overrun, a spill or "
+                        "a convolution that is not pipelined")  # fmt: skip
     args = parser.parse_args()
 
     recorder = Recorder(args.all_candidates)
@@ -225,13 +230,15 @@ def main() -> int:
         "seconds": round(time.perf_counter() - start),
     }
     print(json.dumps(summary))
-    for r in spilling + too_big:
+    unpipelined = [r for r in rows if r["pipelined"] is False]
+    for r in spilling + too_big + unpipelined:
         print(f"  {r['kernel']} {r['first_seen']}: shared {r['shared_bytes']}, "
-              f"spills {r['spill_store_bytes']} B, {r['constexprs']}")  # fmt: skip
+              f"spills {r['spill_store_bytes']} B, pipelined {r['pipelined']}, "
+              f"{r['constexprs']}")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"summary": summary, "kernels": rows}, f, indent=1, default=str)
-    return 0
+    return int(args.check and bool(spilling or too_big or unpipelined))
 
 
 if __name__ == "__main__":
