@@ -8,7 +8,7 @@
 #   bash scripts/check_triton36.sh          # after `make env`
 #
 # The tests: the sm_90 compile report (tests/test_compile_report.py: Triton 3.6's real compiler,
-# no interpreter; then the whole report, below), and the fused convolution's, the Res2Net ones
+# no interpreter; then the whole report, scripts/check_sm90_compile.sh), and the fused convolution's, the Res2Net ones
 # and the training unit's files, which between them launch every switch of the kernels (flat and
 # tap-major K, the pool, BN and ReLU prologues, the input add, bias, both residual forms, ReLU,
 # statistics, groups) in fp16, bf16, fp32 and fp64 (each DOT_MODE), and the Res2Net last-chunk
@@ -28,9 +28,4 @@ fi
 "$python" -c 'import triton, fastres.ops.batchnorm as b; print("triton", triton.__version__); assert b.EXTENSION_ERROR is None, b.EXTENSION_ERROR'
 "$python" -m pytest tests/test_conv2d_fused.py tests/test_res2net_fused.py \
   tests/test_conv2d_bn_train.py tests/test_compile_report.py -q -p no:cacheprovider
-# Every kernel the triton backend launches for the four report models in every mode, bf16 and
-# TF32 (fp16 compiles as bf16 and its CPU backward is slow), compiled for sm_90 by Triton 3.6
-# with its first tile: fails on a shared-memory overrun, a spill or an unpipelined convolution.
-mkdir -p bench/results/local
-"$python" scripts/compile_report.py --arch 90 --batch 16 --dtype bf16 --dtype tf32 --check \
-  --json bench/results/local/sm90-first-tiles-triton36.json | grep -v "new kernels"
+bash scripts/check_sm90_compile.sh "$python"
