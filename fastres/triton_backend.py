@@ -350,8 +350,9 @@ def _pad_inputs(weight: Tensor, chunks: int) -> Tensor:
     return nn.functional.pad(parts, spec).flatten(1, 2)
 
 
-def _unpad_chunks(t: Tensor, chunks: int, width: int) -> Tensor:
-    """The real channels of a [chunks * _chunk_slot(width)] per-channel vector."""
+def _unpad_outputs(t: Tensor, chunks: int, width: int) -> Tensor:
+    """The real entries of a [chunks * _chunk_slot(width)] per-channel vector (undoes
+    `_pad_outputs`)."""
     return t.unflatten(0, (chunks, -1))[:, :width].flatten()
 
 
@@ -652,7 +653,7 @@ def _train_padded_bn_relu(
     real = y.narrow(1, 0, chunks * width)  # the count and channel count batch_stats reads
     group = bn_ops.sync_group_name(bns[0])
     mean, m2, count = bn_ops.batch_stats(
-        bns, real, _unpad_chunks(mean, chunks, width), _unpad_chunks(m2, chunks, width), group
+        bns, real, _unpad_outputs(mean, chunks, width), _unpad_outputs(m2, chunks, width), group
     )
     affine = [torch.cat([bn.weight for bn in bns]), torch.cat([bn.bias for bn in bns])]
     stats = (_pad_outputs(mean, chunks), _pad_outputs(m2, chunks), count)
