@@ -36,8 +36,8 @@ from triton.runtime import driver as triton_driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 import fastres  # noqa: E402
+from fastres.backends.triton import TritonBackend  # noqa: E402
 from fastres.ops import conv2d_fused, tuning  # noqa: E402
-from fastres.triton_backend import TritonBackend  # noqa: E402
 
 
 class CompileOnlyDriver:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import fastres
-from fastres import native_backend
+from fastres.backends import native as native_backend
 from fastres.ops import batchnorm as bn_ops
 from fastres.testing import (
     OpRecorder,

@@ -24,6 +24,7 @@ class Bottle2neck(Bottleneck):
     """
 
     expansion = 4
+    kind = "bottle2neck"
 
     def __init__(
         self,

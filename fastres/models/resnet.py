@@ -41,9 +41,13 @@ def _preserved_batchnorm_state(module: nn.Module):
 
 
 class ResBlock(nn.Module):
-    """What every residual block shares: backend dispatch and gradient checkpointing."""
+    """What every residual block shares: backend dispatch and gradient checkpointing.
+
+    `kind` names the block's wiring for the backends, which import no model class.
+    """
 
     expansion = 1
+    kind = ""
 
     def __init__(self, with_cp: bool = False):
         super().__init__()
@@ -75,6 +79,7 @@ class BasicBlock(ResBlock):
     """conv3x3(stride, dilation) -> norm -> ReLU -> conv3x3 -> norm -> + shortcut -> ReLU."""
 
     expansion = 1
+    kind = "basic"
 
     def __init__(
         self,
@@ -127,6 +132,7 @@ class Bottleneck(ResBlock):
     """
 
     expansion = 4
+    kind = "bottleneck"
 
     def __init__(
         self,

@@ -6,7 +6,7 @@ writes AvgPool2d(3, stride, padding=1, count_include_pad=True) of a channel slic
 channel slice of the concatenation buffer that conv3 reads, with no tensor of its own. The rest
 of the fused Bottle2neck (hierarchical add in the input load, 'stage' blocks as one grouped
 launch, convs writing into their concatenation slices) is `fastres.ops.conv2d_fused`;
-`fastres/triton_backend.py` composes them.
+`fastres/backends/triton/res2net.py` composes them.
 
 `fastres::res2net_pool_out` mutates `out` and has no gradient (the differentiable path uses
 PyTorch's pool); it has a fake implementation, so torch.compile traces it.

@@ -31,9 +31,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from . import cpu_cache
-from .backends import Backend
-from .ops import batchnorm as bn_ops
+from .. import cpu_cache
+from ..ops import batchnorm as bn_ops
+from .base import Backend
+from .folding import bn_scale_shift, fold
 
 
 def _uses_batch_stats(bn: nn.Module) -> bool:
@@ -46,13 +47,6 @@ def _fusable(bn: nn.Module) -> bool:
         return False
     # SyncBN in training mode all-gathers its batch statistics (see `_batch_stats`).
     return type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm)
-
-
-def _eval_affine(bn: nn.Module, acc: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Per-channel scale and shift [C] of an eval-mode BN (differentiable in weight, bias)."""
-    invstd = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
-    scale = bn.weight.to(acc) * invstd
-    return scale, bn.bias.to(acc) - bn.running_mean.to(acc) * scale
 
 
 def _batch_stats(bn: nn.Module, y: Tensor, group: str) -> tuple[Tensor, Tensor, int]:
@@ -94,9 +88,9 @@ def _bn_act(
         shortcut = (y_d, _batch_stats(bn_d, y_d, group), bn_d.weight, bn_d.bias, bn_d.eps)
         return bn_ops.bn_train_act(y, stats, *affine, None, shortcut, relu, group)
     acc = bn_ops.accumulate_dtype(y)
-    scale, shift = _eval_affine(bn, acc)
+    scale, shift = bn_scale_shift(bn, acc)
     if shortcut is not None:
-        scale_d, shift_d = _eval_affine(shortcut[0], acc)
+        scale_d, shift_d = bn_scale_shift(shortcut[0], acc)
         return bn_ops.bn_apply(y, scale, shift, shortcut[1], scale_d, shift_d, relu)
     return bn_ops.bn_apply(y, scale, shift, residual, None, None, relu)
 
@@ -159,9 +153,7 @@ def _folded(conv: nn.Conv2d, bn: nn.Module, x: Tensor) -> _Folded:
         return cached
     # Weights live as long as the model: when it goes, they go back to the C library, not the cache.
     with torch.no_grad(), cpu_cache.paused():
-        scale, shift = _eval_affine(bn, torch.float32)
-        weight = conv.weight * scale.view(-1, 1, 1, 1)
-        bias = shift if conv.bias is None else shift + conv.bias * scale
+        weight, bias = fold(conv, bn, torch.float32)
         weight = torch.ops.mkldnn._reorder_convolution_weight(
             weight.contiguous(), list(conv.padding), list(conv.stride), list(conv.dilation),
             conv.groups, list(x.shape),
@@ -294,15 +286,15 @@ class NativeBackend(Backend):
 
     @staticmethod
     def _block(block: nn.Module, x: Tensor) -> Tensor:
-        if hasattr(block, "convs"):
+        if block.kind == "bottle2neck":
             return NativeBackend._bottle2neck(block, x)
         identity, shortcut = _shortcut(block, x)
-        if hasattr(block, "conv3"):
+        if block.kind == "basic":
             out = _conv_bn_act(block.conv1, block.norm1, x)
-            out = _conv_bn_act(block.conv2, block.norm2, out)
-            return _conv_bn_act(block.conv3, block.norm3, out, True, identity, shortcut)
+            return _conv_bn_act(block.conv2, block.norm2, out, True, identity, shortcut)
         out = _conv_bn_act(block.conv1, block.norm1, x)
-        return _conv_bn_act(block.conv2, block.norm2, out, True, identity, shortcut)
+        out = _conv_bn_act(block.conv2, block.norm2, out)
+        return _conv_bn_act(block.conv3, block.norm3, out, True, identity, shortcut)
 
     @staticmethod
     def _bottle2neck(block: nn.Module, x: Tensor) -> Tensor:

@@ -8,18 +8,22 @@ changes how the stem and each block compute their forward. Backends:
 - 'triton': the fused Triton convolution kernels (CUDA, or CPU under TRITON_INTERPRET=1);
 - 'auto': 'triton' on CUDA, 'native' on CPU, 'torch' where neither can run.
 
-A fused backend is a `Backend` subclass in its own module, listed in `_build_registry`.
+A fused backend is a `Backend` subclass (`base.py`) in its own module of this package, listed
+in `_REGISTRY`: `native.py`, and `triton/` (inference, Res2Net, training). `folding.py` holds the
+eval-mode BatchNorm folding both use. Nothing here imports the models: a backend tells blocks
+apart by their `kind`.
 """
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 
-if TYPE_CHECKING:
-    from torch import Tensor, nn
+from .base import Backend
+from .native import NativeBackend
+from .triton import TritonBackend
 
 BACKEND_ENV_VAR = "FASTRES_BACKEND"
 BACKEND_NAMES = ("auto", "torch", "native", "triton")
@@ -28,37 +32,7 @@ BACKEND_NAMES = ("auto", "torch", "native", "triton")
 _AUTO_PREFERENCE = {"cuda": ("triton", "native"), "cpu": ("native",)}
 
 
-class Backend:
-    """One way of running a model's stem and blocks.
-
-    Subclasses override `unavailable_reason` and the `run_*` methods; the defaults are the
-    oracle's.
-    """
-
-    name = "torch"
-
-    def unavailable_reason(self, device_type: str | None = None) -> str | None:
-        """Why this backend cannot run here (on `device_type`, or on any device if None).
-
-        Returns None when it can run.
-        """
-        return None
-
-    def run_stem(self, model: nn.Module, x: Tensor) -> Tensor:
-        return model.stem_reference(x)
-
-    def run_block(self, block: nn.Module, x: Tensor) -> Tensor:
-        return block.forward_reference(x)
-
-
-def _build_registry() -> dict[str, Backend]:
-    from .native_backend import NativeBackend
-    from .triton_backend import TritonBackend
-
-    return {b.name: b for b in (Backend(), NativeBackend(), TritonBackend())}
-
-
-_REGISTRY = _build_registry()
+_REGISTRY: dict[str, Backend] = {b.name: b for b in (Backend(), NativeBackend(), TritonBackend())}
 
 
 class BackendStatus(NamedTuple):

@@ -1,0 +1,95 @@
+"""The 'triton' backend: every convolution of the model through the fused Triton kernel.
+
+Runs on CUDA, and on CPU tensors under TRITON_INTERPRET=1 (the Triton interpreter, for tests).
+For a block whose BatchNorms are in eval mode (`model.eval()`, norm_eval, frozen stages):
+
+- each BatchNorm is folded into its convolution (w' = w * gamma / sqrt(var + eps),
+  b' = beta - mean * gamma / sqrt(var + eps)), cached per conv until a parameter or buffer
+  changes, never written back; when gradients are wanted the fold is recomputed with autograd
+  ops each forward, so they reach the conv weight and the BN weight / bias (`inference.py`);
+- conv + folded BN + ReLU is one kernel; the block's tail (last BN + shortcut + ReLU) is fused
+  into its last conv; the avg_down pool is fused into the shortcut conv;
+- Bottle2neck (`res2net.py`): no split, no concatenation, no hierarchical
+  add tensor. Without autograd each 3x3 conv reads its chunk in place and writes its slice of
+  the buffer conv3 reads; the 'normal' block's add happens in the conv's input load; a 'stage'
+  block's chunk convs are one grouped launch; the last chunk is written there by conv1 itself
+  or pooled there by a small Triton kernel. Every Res2Net path stores each chunk in an aligned,
+  padded slot of channels (`_chunk_slot`).
+
+For a block whose BatchNorms are in training mode (batch statistics), the fused training path
+(`training.py`): raw conv outputs with their statistics from the
+kernel's epilogue, each BN + ReLU applied in the next conv's input load, the tail in one pass.
+
+The stem max-pool stays in PyTorch. Activations come out channels_last in the compute dtype
+(the input's, or the autocast dtype). Falls back to the oracle (`forward_reference` /
+`stem_reference`) for GroupNorm, BNs in mixed modes within a block, and float64 on CUDA (the
+interpreter runs float64 through the kernels, for tests).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from torch import Tensor, nn
+
+from ...ops.conv2d_fused import interpreting
+from ..base import Backend
+from .inference import block_foldable, compute_dtype, conv_bn, downsample_shortcut, foldable
+from .res2net import res2net_forward
+from .training import conv_bn_pairs, train_block, train_stem, trainable
+
+# Looked up once, without importing triton (slow, and the interpreter switch must be set first).
+_TRITON_MISSING = importlib.util.find_spec("triton") is None
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    def unavailable_reason(self, device_type: str | None = None) -> str | None:
+        if _TRITON_MISSING:
+            return "triton is not installed"
+        if device_type is None:
+            if torch.cuda.is_available() or interpreting():
+                return None
+            return "no CUDA GPU, and CPU tensors run through Triton only under TRITON_INTERPRET=1"
+        if device_type == "cuda":
+            return None if torch.cuda.is_available() else "no CUDA GPU"
+        if device_type == "cpu":
+            if interpreting():
+                return None
+            return "CPU tensors run through Triton only under TRITON_INTERPRET=1 (the interpreter)"
+        return f"Triton kernels do not run on {device_type} tensors"
+
+    def run_stem(self, model: nn.Module, x: Tensor) -> Tensor:
+        if model.deep_stem:
+            pairs = [(model.stem[i], model.stem[i + 1]) for i in (0, 3, 6)]
+        else:
+            pairs = [(model.conv1, model.norm1)]
+        dtype = compute_dtype(x)
+        if dtype is not None and all(foldable(conv, bn) for conv, bn in pairs):
+            x = x.to(dtype).contiguous(memory_format=torch.channels_last)
+            for conv, bn in pairs:
+                x = conv_bn(conv, bn, x, relu=True)
+            return model.maxpool(x)
+        if dtype is not None and trainable(pairs, x):
+            return model.maxpool(train_stem(pairs, x.to(dtype)))
+        return model.stem_reference(x)
+
+    def run_block(self, block: nn.Module, x: Tensor) -> Tensor:
+        dtype = compute_dtype(x)
+        if dtype is not None and trainable(conv_bn_pairs(block), x):
+            return train_block(block, x.to(dtype))
+        if dtype is None or not block_foldable(block):
+            # GroupNorm, float64, BNs in mixed modes: the oracle runs them.
+            return block.forward_reference(x)
+        x = x.to(dtype)
+        identity = x if block.downsample is None else downsample_shortcut(block.downsample, x)
+        if block.kind == "basic":
+            out = conv_bn(block.conv1, block.norm1, x, relu=True)
+            return conv_bn(block.conv2, block.norm2, out, relu=True, residual=identity)
+        if block.kind == "bottle2neck":
+            return res2net_forward(block, x, identity)
+        out = conv_bn(block.conv1, block.norm1, x, relu=True)
+        out = conv_bn(block.conv2, block.norm2, out, relu=True)
+        return conv_bn(block.conv3, block.norm3, out, relu=True, residual=identity)

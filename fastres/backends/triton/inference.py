@@ -1,0 +1,151 @@
+"""The triton backend's eval-mode units: conv + folded BatchNorm (+ residual) (+ ReLU) in one
+kernel, the avg_down shortcut with its pool in the conv's input load.
+
+Each BatchNorm on running statistics is folded into its convolution (`fastres.backends.folding`),
+cached per conv until a parameter or buffer changes, never written back; when gradients are
+wanted the fold is recomputed with autograd ops each forward, so they reach the conv weight and
+the BN weight / bias.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import Tensor, nn
+
+from ...ops.conv2d_fused import arrange_weight, conv2d_fused, kernel_dtypes
+from ..folding import fold
+
+# conv module -> (key of the tensors it was folded from, (arranged weight, bias)).
+_FOLD_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compute_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype the kernels run in (autocast's when enabled), or None if they cannot."""
+    dtype = x.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+    return dtype if dtype in kernel_dtypes() else None
+
+
+def foldable(conv: nn.Module, bn: nn.Module) -> bool:
+    """A conv + BatchNorm pair the fused path computes: BN in eval mode with running stats."""
+    return (
+        isinstance(conv, nn.Conv2d)
+        and conv.groups == 1
+        and isinstance(conv.padding, tuple)
+        and isinstance(bn, nn.modules.batchnorm._BatchNorm)
+        and not bn.training
+        and bn.running_mean is not None
+    )
+
+
+def block_foldable(block: nn.Module) -> bool:
+    norms = [m for m in block.modules() if isinstance(m, (nn.GroupNorm, nn.LayerNorm))]
+    bns = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return not norms and all(not bn.training and bn.running_mean is not None for bn in bns)
+
+
+def _fold(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The conv weight with the BN folded in ([C_out, C_in, KH, KW], arranged for the kernel,
+    in `dtype`) and the folded bias ([C_out] fp32, fp64 for fp64)."""
+    weight, bias = fold(conv, bn, torch.float64 if dtype == torch.float64 else torch.float32)
+    return arrange_weight(weight.to(dtype)), bias
+
+
+def folded(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """`_fold`, cached while the conv and BN tensors are unchanged and no gradient is wanted."""
+    sources = [
+        t for t in (conv.weight, conv.bias, *bn.parameters(), *bn.buffers()) if t is not None
+    ]
+    if torch.compiler.is_compiling() or (
+        torch.is_grad_enabled() and any(t.requires_grad for t in sources)
+    ):
+        return _fold(conv, bn, dtype)
+    key = (
+        dtype,
+        torch.is_inference_mode_enabled(),
+        bn.eps,
+        *[(t.data_ptr(), t._version, t.dtype) for t in sources],
+    )
+    cached = _FOLD_CACHE.get(conv)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    with torch.no_grad():
+        folded = _fold(conv, bn, dtype)
+    _FOLD_CACHE[conv] = (key, folded)
+    return folded
+
+
+def conv_bn(
+    conv: nn.Conv2d,
+    bn: nn.Module,
+    x: Tensor,
+    *,
+    relu: bool,
+    residual: Tensor | None = None,
+    input_pool: int = 1,
+    out: Tensor | None = None,
+) -> Tensor:
+    """relu?(bn(conv(pool?(x))) + residual?) in one kernel."""
+    weight, bias = folded(conv, bn, x.dtype)
+    return conv2d_fused(
+        x,
+        weight,
+        bias,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        residual=residual,
+        input_pool=input_pool,
+        relu=relu,
+        out=out,
+    )
+
+
+def fusable_pool(pool: nn.Module) -> int | None:
+    """The k of an avg_down AvgPool2d(k, stride=k, ceil_mode=True), else None.
+
+    Without padding, count_include_pad makes no difference, so it is not checked.
+    """
+    if not isinstance(pool, nn.AvgPool2d) or pool.divisor_override is not None:
+        return None
+    sizes = [
+        (v, v) if isinstance(v, int) else tuple(v)
+        for v in (pool.kernel_size, pool.stride or pool.kernel_size, pool.padding)
+    ]
+    (k, k_w), stride, padding = sizes
+    if k != k_w or stride != (k, k) or padding != (0, 0):
+        return None
+    # The kernel pools with ceil_mode; floor mode differs unless k == 1.
+    return k if pool.ceil_mode or k == 1 else None
+
+
+def downsample_shortcut(downsample: nn.Sequential, x: Tensor) -> Tensor:
+    """The downsample branch: [AvgPool2d] -> conv1x1 -> BN, the pool fused into the conv."""
+    *pools, conv, bn = downsample
+    input_pool = 1
+    if len(pools) == 1 and fusable_pool(pools[0]) is not None:
+        input_pool = fusable_pool(pools[0])
+    else:
+        for pool in pools:
+            x = pool(x)
+    return conv_bn(conv, bn, x, relu=False, input_pool=input_pool)
+
+
+def nhwc_empty(like: Tensor, channels: int, h: int, w: int) -> Tensor:
+    """An uninitialised [N, channels, h, w] channels_last tensor in like's dtype and device.
+
+    Its pixel stride is rounded up to 16 channels: Res2Net widths (26, 52, ...) are not
+    multiples of 8, and Triton specializes on strides divisible by 16, which lets it prove
+    16-byte alignment of every pixel and vectorize (the padding is never read or written).
+    """
+    padded = -(-channels // 16) * 16
+    buf = torch.empty(
+        (like.shape[0], padded, h, w),
+        dtype=like.dtype,
+        device=like.device,
+        memory_format=torch.channels_last,
+    )
+    return buf[:, :channels]

@@ -1,0 +1,301 @@
+"""The triton backend's Bottle2neck: split -> 3x3 convs -> concat without the split, concat or
+hierarchical-add tensors, in eval / BN-frozen mode (`res2net_forward`) and in training
+(`train_res2net_middle`), each chunk in an aligned slot of channels (`_chunk_slot`).
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+
+import torch
+from torch import Tensor, nn
+
+from ...ops import batchnorm as bn_ops
+from ...ops.conv2d_bn_train import conv2d_bn_train
+from ...ops.conv2d_fused import arrange_weight, conv2d_fused
+from ...ops.res2net_fused import res2net_pool
+from .inference import folded, nhwc_empty
+
+# Bottle2neck -> (rotated, the folded pieces it was built from, its launch weights).
+_RES2NET_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _last_chunk_pool(block: nn.Module) -> tuple[int, int, int] | None:
+    """(kernel, stride, padding) of the block's last-chunk AvgPool2d when the Triton pool
+    computes it (square, count_include_pad, no ceil_mode), else None."""
+    pool = block.pool
+    sizes = [
+        v if isinstance(v, int) else (v[0] if len(set(v)) == 1 else None)
+        for v in (pool.kernel_size, pool.stride or pool.kernel_size, pool.padding)
+    ]
+    if (
+        None in sizes
+        or pool.ceil_mode
+        or not pool.count_include_pad
+        or pool.divisor_override is not None
+        or sizes[2] > sizes[0] // 2
+    ):
+        return None
+    return sizes[0], sizes[1], sizes[2]
+
+
+# Res2Net's chunks in the fused paths: each chunk of `width` channels is stored in a slot of
+# `_chunk_slot(width)` channels. Res2Net widths (26, 52, 104) are no multiple of 8: unpadded, a
+# chunk starts at a channel offset that is not 16-byte aligned and its channel count is not
+# divisible by 16, so Triton can neither vectorize the loads nor pipeline them (cp.async), and
+# the scalar loads spilled registers (bench/results/README.md). Padded, every chunk conv reads
+# and writes aligned slots of 16k channels. A pad channel is a copy of its chunk's first channel
+# (`_pad_outputs`: the producing weight row, bias and BN entries repeated) and meets zero weight
+# columns in its consumers (`_pad_inputs`). Not zeros: a zero row would turn an Inf input into
+# 0 * Inf = NaN where PyTorch's value stays finite (ReLU of -Inf); a copy makes a pad non-finite
+# only where a real channel that enters the same sum is, so every NaN / Inf lands where it
+# lands in PyTorch.
+
+
+def _chunk_slot(width: int) -> int:
+    """The channels one Res2Net chunk occupies in the fused paths: width rounded up to 16."""
+    return -(-width // 16) * 16
+
+
+def _pad_outputs(t: Tensor, chunks: int) -> Tensor:
+    """t with each of its `chunks` equal parts along dim 0 (output channels: weight rows, bias,
+    BN parameters, statistics) filled up to `_chunk_slot` entries with copies of the part's
+    first entry. Differentiable; t itself when no padding is needed."""
+    width = t.shape[0] // chunks
+    if _chunk_slot(width) == width:
+        return t
+    return t.index_select(0, _pad_index(chunks, width, t.device))
+
+
+@functools.cache
+def _pad_index(chunks: int, width: int, device: torch.device) -> Tensor:
+    """The source entry of each padded entry (`_pad_outputs`), made once per device."""
+    pad = _chunk_slot(width) - width
+    within = torch.cat([torch.arange(width), torch.zeros(pad, dtype=torch.long)])
+    return (torch.arange(chunks)[:, None] * width + within).flatten().to(device)
+
+
+def _pad_inputs(weight: Tensor, chunks: int) -> Tensor:
+    """weight with each of its `chunks` equal parts along dim 1 (input channels) zero-padded to
+    `_chunk_slot` columns. Differentiable; weight itself when no padding is needed."""
+    width = weight.shape[1] // chunks
+    pad = _chunk_slot(width) - width
+    if pad == 0:
+        return weight
+    parts = weight.unflatten(1, (chunks, width))
+    # F.pad lists (before, after) pairs from the last dimension backwards.
+    spec = [0, 0] * (parts.dim() - 3) + [0, pad]
+    return nn.functional.pad(parts, spec).flatten(1, 2)
+
+
+def _unpad_outputs(t: Tensor, chunks: int, width: int) -> Tensor:
+    """The real entries of a [chunks * _chunk_slot(width)] per-channel vector (undoes
+    `_pad_outputs`)."""
+    return t.unflatten(0, (chunks, -1))[:, :width].flatten()
+
+
+def _res2net_launch_weights(block: nn.Module, dtype: torch.dtype, rotate: bool):
+    """The folded, chunk-padded weights of a Bottle2neck's fused path, cached per block.
+
+    Returns (w1, b1, convs, w3, b3): conv1's output chunks padded to slots (the last chunk
+    first when `rotate`, see `_res2net_split_conv_concat`); convs one stacked (weight
+    [(scales-1)*slot, slot, 3, 3], bias) pair for a 'stage' block's grouped launch, else a list
+    of ([slot, slot, 3, 3], [slot]) pairs; conv3's input chunks padded to slots. Differentiable
+    (and not cached) where a folded piece wants gradients.
+    """
+    scales = block.scales
+    pieces = [folded(block.conv1, block.norm1, dtype), folded(block.conv3, block.norm3, dtype)]
+    pieces += [folded(conv, bn, dtype) for conv, bn in zip(block.convs, block.bns)]
+    cacheable = not torch.compiler.is_compiling() and not any(
+        t.requires_grad for piece in pieces for t in piece
+    )
+    cached = _RES2NET_CACHE.get(block) if cacheable else None
+    if (
+        cached is not None
+        and cached[0] == rotate
+        and all(a is b for a, b in zip(cached[1], pieces, strict=True))
+    ):
+        return cached[2]
+    (w1, b1), (w3, b3), *convs = pieces
+    if rotate:
+        split = (scales - 1) * block.width
+        w1, b1 = torch.cat([w1[split:], w1[:split]]), torch.cat([b1[split:], b1[:split]])
+    w1, b1 = arrange_weight(_pad_outputs(w1, scales)), _pad_outputs(b1, scales)
+    w3 = arrange_weight(_pad_inputs(w3, scales))
+    convs = [(_pad_inputs(_pad_outputs(w, 1), 1), _pad_outputs(b, 1)) for w, b in convs]
+    if block.stage_type == "stage":
+        convs = (arrange_weight(torch.cat([w for w, _ in convs])), torch.cat([b for _, b in convs]))
+    else:
+        convs = [(arrange_weight(w), b) for w, b in convs]
+    launch = (w1, b1, convs, w3, b3)
+    if cacheable:
+        _RES2NET_CACHE[block] = (rotate, pieces, launch)
+    return launch
+
+
+def res2net_forward(block: nn.Module, x: Tensor, identity: Tensor) -> Tensor:
+    """A Bottle2neck in eval / BN-frozen mode: `_res2net_split_conv_concat`, then conv3 with
+    its BN, the shortcut and the ReLU in one kernel."""
+    cat, w3, b3 = _res2net_split_conv_concat(block, x)
+    return conv2d_fused(cat, w3, b3, relu=True, residual=identity)
+
+
+def _res2net_split_conv_concat(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """conv1 -> split -> 3x3 convs -> concat of a Bottle2neck: the input of its conv3.
+
+    Args:
+        x: [N, inplanes, H, W], the block input.
+
+    Returns:
+        The concatenation [N, scales * slot, OH, OW] channels_last, each chunk in a padded slot
+        of `_chunk_slot(width)` channels (possibly a channel slice of a larger buffer),
+        and conv3's folded weight and bias for that layout.
+
+    Without autograd (inference), nothing is copied and no tensor is formed between the convs:
+
+    - last chunk not pooled: one buffer [sp_0 .. sp_{s-2} | chunk_{s-1} | chunk_0 .. chunk_{s-2}]:
+      conv1, its output chunks rotated (the last chunk first), writes the last two parts;
+      each 3x3 conv reads its chunk there and writes sp_i; conv3 reads the first `scales`
+      parts, so the last chunk is where conv3 reads it without a copy, and conv3's read starts
+      at the buffer's aligned channel 0;
+    - last chunk pooled: conv1 writes its own buffer, the Triton pool writes the pooled chunk
+      into the last slot of the concatenation buffer;
+    - 'normal' block: conv i's input load adds sp_{i-1} to chunk i; 'stage' block: the scales - 1
+      chunk convs are one grouped launch.
+
+    A launch never writes memory it (or another program of it) reads: chunks and outputs are
+    disjoint channel ranges. With autograd (BN-frozen training) the functional, differentiable
+    ops run instead: the chunks are still read in place and the add is still in the input load,
+    but the conv outputs and the last chunk are concatenated by torch.cat (one copy of the
+    concatenation buffer forward, its split backward).
+    """
+    differentiable = torch.is_grad_enabled() and (
+        x.requires_grad or any(p.requires_grad for p in block.parameters())
+    )
+    if differentiable:
+        return _res2net_autograd(block, x)
+    slot, scales = _chunk_slot(block.width), block.scales
+    conv1, conv = block.conv1, block.convs[0]
+    pool = _last_chunk_pool(block) if block.pools_last_chunk else None
+    shared = not block.pools_last_chunk
+    w1, b1, convs, w3, b3 = _res2net_launch_weights(block, x.dtype, rotate=shared)
+    h1 = (x.shape[2] - 1) // conv1.stride[0] + 1
+    w1_out = (x.shape[3] - 1) // conv1.stride[1] + 1
+    oh, ow = (
+        (size + 2 * conv.padding[i] - conv.dilation[i] * (conv.kernel_size[i] - 1) - 1)
+        // conv.stride[i]
+        + 1
+        for i, size in enumerate((h1, w1_out))
+    )
+    split = (scales - 1) * slot
+    if shared:
+        buf = nhwc_empty(x, (2 * scales - 1) * slot, h1, w1_out)
+        conv2d_fused(
+            x, w1, b1, stride=conv1.stride, relu=True, out=buf[:, split : split + split + slot]
+        )
+        cat, chunks = buf[:, : scales * slot], buf[:, scales * slot : scales * slot + split]
+    else:
+        out1 = nhwc_empty(x, scales * slot, h1, w1_out)
+        conv2d_fused(x, w1, b1, stride=conv1.stride, relu=True, out=out1)
+        cat, chunks = nhwc_empty(x, scales * slot, oh, ow), out1[:, :split]
+        if pool is None:
+            cat[:, split:].copy_(block.pool(out1[:, split:]))
+        else:
+            kernel, stride, padding = pool
+            res2net_pool(
+                out1[:, split:], cat[:, split:], kernel=kernel, stride=stride, padding=padding
+            )
+    geometry = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, relu=True)
+    if block.stage_type == "stage":
+        weight, bias = convs
+        conv2d_fused(chunks, weight, bias, groups=scales - 1, out=cat[:, :split], **geometry)
+        return cat, w3, b3
+    previous = None
+    for i, (weight, bias) in enumerate(convs):
+        dest = cat[:, i * slot : (i + 1) * slot]
+        chunk = chunks[:, i * slot : (i + 1) * slot]
+        conv2d_fused(chunk, weight, bias, input_add=previous, out=dest, **geometry)
+        previous = dest
+    return cat, w3, b3
+
+
+def _res2net_autograd(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The differentiable Bottle2neck middle (see `_res2net_split_conv_concat`)."""
+    slot, scales = _chunk_slot(block.width), block.scales
+    w1, b1, convs, w3, b3 = _res2net_launch_weights(block, x.dtype, rotate=False)
+    out = conv2d_fused(x, w1, b1, stride=block.conv1.stride, relu=True)
+    conv = block.convs[0]
+    geometry = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, relu=True)
+    split = (scales - 1) * slot
+    if block.stage_type == "stage":
+        weight, bias = convs
+        outs = [conv2d_fused(out[:, :split], weight, bias, groups=scales - 1, **geometry)]
+    else:
+        outs, previous = [], None
+        for i, (weight, bias) in enumerate(convs):
+            chunk = out[:, i * slot : (i + 1) * slot]
+            previous = conv2d_fused(chunk, weight, bias, input_add=previous, **geometry)
+            outs.append(previous)
+    last = out[:, split:]
+    if block.pools_last_chunk:
+        last = block.pool(last)
+    cat = torch.cat([*outs, last], 1).contiguous(memory_format=torch.channels_last)
+    return cat, w3, b3
+
+
+def train_res2net_middle(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """split -> 3x3 convs -> concat of a training-mode Bottle2neck: the input of its conv3.
+
+    Returns the concatenation, each chunk in a padded slot of `_chunk_slot(width)` channels,
+    and conv3's weight for that layout. conv1's and every chunk conv's activation are written
+    out (the chunks and the hierarchical add feed several consumers); chunks are read in place
+    as channel slices, the add happens in the next conv's input load, and a 'stage' block's
+    chunk convs are one grouped launch whose BNs apply in one pass.
+    """
+    width, scales, slot = block.width, block.scales, _chunk_slot(block.width)
+    conv = block.convs[0]
+    geometry = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
+    weight = _pad_outputs(block.conv1.weight, scales)
+    y, mean, m2 = conv2d_bn_train(x, arrange_weight(weight.to(x.dtype)), stride=block.conv1.stride)
+    out = _train_padded_bn_relu([block.norm1], y, mean, m2, scales, width)
+    split = (scales - 1) * slot
+    bns = list(block.bns)
+    if block.stage_type == "stage" and len({bn.eps for bn in bns}) == 1:
+        weight = torch.cat([_pad_inputs(_pad_outputs(c.weight, 1), 1) for c in block.convs])
+        y, mean, m2 = conv2d_bn_train(
+            out[:, :split], arrange_weight(weight.to(out.dtype)), groups=scales - 1, **geometry
+        )
+        outs = [_train_padded_bn_relu(bns, y, mean, m2, scales - 1, width)]
+    else:
+        outs, previous = [], None
+        for i, (conv, bn) in enumerate(zip(block.convs, bns)):
+            chunk = out[:, i * slot : (i + 1) * slot]
+            add = previous if block.stage_type == "normal" else None
+            weight = _pad_inputs(_pad_outputs(conv.weight, 1), 1).to(out.dtype)
+            y, mean, m2 = conv2d_bn_train(chunk, arrange_weight(weight), input_add=add, **geometry)
+            previous = _train_padded_bn_relu([bn], y, mean, m2, 1, width)
+            outs.append(previous)
+    last = out[:, split:]
+    if block.pools_last_chunk:
+        last = block.pool(last)
+    cat = torch.cat([*outs, last], 1).contiguous(memory_format=torch.channels_last)
+    return cat, _pad_inputs(block.conv3.weight, scales)
+
+
+def _train_padded_bn_relu(
+    bns: list[nn.Module], y: Tensor, mean: Tensor, m2: Tensor, chunks: int, width: int
+) -> Tensor:
+    """ReLU(BN(y)) with batch statistics for a raw conv output of `chunks` padded chunk slots,
+    the i-th chunk normalized by bns[i * len(bns) // chunks]: running statistics from the real
+    channels; each pad channel gets its chunk's first channel's statistics and affine
+    parameters, so it stays a copy of that channel (see `_chunk_slot`)."""
+    real = y.narrow(1, 0, chunks * width)  # the count and channel count batch_stats reads
+    group = bn_ops.sync_group_name(bns[0])
+    mean, m2, count = bn_ops.batch_stats(
+        bns, real, _unpad_outputs(mean, chunks, width), _unpad_outputs(m2, chunks, width), group
+    )
+    affine = [torch.cat([bn.weight for bn in bns]), torch.cat([bn.bias for bn in bns])]
+    stats = (_pad_outputs(mean, chunks), _pad_outputs(m2, chunks), count)
+    weight, bias = (_pad_outputs(t, chunks) for t in affine)
+    return bn_ops.bn_train_act(y, stats, weight, bias, bns[0].eps, group=group)
