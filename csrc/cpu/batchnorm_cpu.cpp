@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "../batchnorm_common.h"
+#include "vec.h"
 
 namespace fastres {
 namespace {
@@ -31,61 +32,6 @@ constexpr int64_t kChunkElems = 16384;
 // few enough of them that the per-channel fp64 merge stays cheap.
 constexpr int64_t kStatsChunkElems = 65536;
 
-// The loops are compiled twice: for the baseline ISA of the build (SSE2 on x86-64: setup.py
-// passes no -march) and, on x86-64 CPUs that have them (checked once), with AVX2 + FMA, which
-// halves their instruction count; ATen's own CPU kernels dispatch on the CPU the same way.
-// Each parallel chunk's body is a lambda marked FASTRES_INLINE, inlined into a caller compiled
-// for the chosen ISA. Results agree to rounding: the AVX2 build may contract a multiply-add
-// into an FMA.
-#if defined(__GNUC__)
-#define FASTRES_INLINE __attribute__((always_inline))
-#else
-#define FASTRES_INLINE
-#endif
-#if defined(__x86_64__) && defined(__GNUC__)
-template <typename F>
-__attribute__((target("avx2,fma"))) void run_avx2(const F& f) {
-  f();
-}
-inline bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-}
-#else
-template <typename F>
-void run_avx2(const F& f) {
-  f();
-}
-inline bool cpu_has_avx2() { return false; }
-#endif
-
-// On a loop: its iterations carry no memory dependence (the outputs alias no input). GCC
-// otherwise versions these loops with run-time overlap checks of every pointer pair, which
-// fail on adjacent buffers and leave the scalar loop running: bn_backward_reduce with a
-// residual ran 1.7x, with the two-BN tail 3x slower than with this.
-#if defined(__clang__)
-#define FASTRES_NO_ALIAS _Pragma("clang loop vectorize(assume_safety)")
-#elif defined(__GNUC__)
-#define FASTRES_NO_ALIAS _Pragma("GCC ivdep")
-#else
-#define FASTRES_NO_ALIAS
-#endif
-
-template <typename F>
-void run_baseline(const F& f) {
-  f();
-}
-
-// Runs f (a FASTRES_INLINE lambda) compiled for the best ISA this CPU has.
-template <typename F>
-inline void with_best_isa(const F& f) {
-  if (cpu_has_avx2()) {
-    run_avx2(f);
-  } else {
-    run_baseline(f);
-  }
-}
-
 // The element-wise tail shared by apply and backward: z = x * scale + shift + residual term.
 template <typename acc_t>
 struct Tail {
@@ -95,8 +41,9 @@ struct Tail {
   const acc_t* shift_r;
 };
 
-// Calls f(c, begin, count, stride_c) style work in both layouts: body(i0, i1, c, step) with
-// elements [i0, i1) of one channel c (NCHW, step 1) or one row [i0, i0 + C) (channels_last).
+// Runs element-wise work over parallel chunks in either layout: row_fn(base) for each
+// channels_last row (channels 0..C-1 at elements [base, base + C)), plane_fn(base, c) for each
+// NCHW plane (channel c at elements [base, base + S)).
 template <typename RowFn, typename PlaneFn>
 void for_each_block(const Geometry& g, RowFn row_fn, PlaneFn plane_fn) {
   if (g.channels_last) {
@@ -118,20 +65,6 @@ void for_each_block(const Geometry& g, RowFn row_fn, PlaneFn plane_fn) {
   }
 }
 
-template <typename scalar_t, typename acc_t, bool HAS_R, bool HAS_SR, bool RELU>
-FASTRES_INLINE inline acc_t tail_z(const scalar_t* x, const scalar_t* r, const Tail<acc_t>& t, int64_t i,
-                    int64_t c) {
-  acc_t z = static_cast<acc_t>(x[i]) * t.scale[c] + t.shift[c];
-  if constexpr (HAS_R) {
-    if constexpr (HAS_SR) {
-      z += static_cast<acc_t>(r[i]) * t.scale_r[c] + t.shift_r[c];
-    } else {
-      z += static_cast<acc_t>(r[i]);
-    }
-  }
-  return z;
-}
-
 // Dispatches the three tail switches to compile-time constants.
 template <typename F>
 void dispatch_tail(bool has_r, bool has_sr, bool relu, F f) {
@@ -151,29 +84,9 @@ void dispatch_tail(bool has_r, bool has_sr, bool relu, F f) {
   }
 }
 
-// Sums f(i) over [0, n) in kLanes independent accumulators: a reduction into one scalar is a
-// loop-carried dependency that the compiler may not reorder (no -ffast-math), so it would stay
-// scalar; kLanes lanes of a fixed-size inner loop vectorize.
-constexpr int kLanes = 16;
-
-template <typename acc_t, int K, typename F>
-FASTRES_INLINE inline void lane_sums(int64_t n, F f, acc_t (&out)[K]) {
-  acc_t lanes[K][kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) f(i + j, lanes, j);
-  }
-  for (; i < n; ++i) f(i, lanes, 0);
-  for (int k = 0; k < K; ++k) {
-    acc_t total = 0;
-    for (int j = 0; j < kLanes; ++j) total += lanes[k][j];
-    out[k] = total;
-  }
-}
-
-
-// z = x * scale + shift [+ r | + r * scale_r + shift_r] for channel c. Callers hold the
-// per-channel vectors in restrict pointers: otherwise the compiler must assume that the outputs
+// The element-wise tail of every op (apply, backward reduce, backward elemt):
+// z = x * scale + shift [+ r | + r * scale_r + shift_r] for channel c. Callers' per-channel
+// vectors come in as restrict pointers: otherwise the compiler must assume that the outputs
 // alias them, and does not vectorize.
 template <typename acc_t, bool HR, bool HS>
 FASTRES_INLINE inline acc_t tail_at(acc_t xv, acc_t rv, const acc_t* __restrict ts, const acc_t* __restrict tt,
@@ -215,16 +128,13 @@ template <typename scalar_t, typename acc_t, bool HR, bool HS, bool RL>
 FASTRES_INLINE inline void reduce_plane(const scalar_t* __restrict go, const scalar_t* __restrict x,
                   const scalar_t* __restrict r, const Tail<acc_t>& t, int64_t c, acc_t m,
                   acc_t mr, int64_t n, acc_t (&out)[3]) {
-  const acc_t sc = t.scale[c], sh = t.shift[c];
-  const acc_t sc_r = HS ? t.scale_r[c] : acc_t(1), sh_r = HS ? t.shift_r[c] : acc_t(0);
   lane_sums<acc_t, 3>(n, [&](int64_t i, auto& l, int j) FASTRES_INLINE {
     const acc_t xv = static_cast<acc_t>(x[i]);
     const acc_t rv = HR ? static_cast<acc_t>(r[i]) : acc_t(0);
     acc_t gv = static_cast<acc_t>(go[i]);
     if constexpr (RL) {
-      acc_t z = xv * sc + sh;
-      if constexpr (HR) z += rv * sc_r + sh_r;
-      gv = relu_grad(z, gv);
+      gv = relu_grad(tail_at<acc_t, HR, HS>(xv, rv, t.scale, t.shift, t.scale_r, t.shift_r, c),
+                     gv);
     }
     l[0][j] += gv;
     l[1][j] += gv * (xv - m);
@@ -447,7 +357,9 @@ Tensor bn_apply_cpu(const Tensor& x_in, const Tensor& scale, const Tensor& shift
     dispatch_tail(p.r.defined(), p.scale_r.defined(), relu, [&](auto hr, auto hs, auto rl) {
       constexpr bool HR = decltype(hr)::value, HS = decltype(hs)::value, RL = decltype(rl)::value;
       auto store = [&](int64_t i, int64_t c) FASTRES_INLINE {
-        const acc_t z = tail_z<scalar_t, acc_t, HR, HS, RL>(x, r, t, i, c);
+        const acc_t rv = HR ? static_cast<acc_t>(r[i]) : acc_t(0);
+        const acc_t z = tail_at<acc_t, HR, HS>(static_cast<acc_t>(x[i]), rv, t.scale, t.shift,
+                                               t.scale_r, t.shift_r, c);
         y[i] = static_cast<scalar_t>(RL && z < acc_t(0) ? acc_t(0) : z);
       };
       for_each_block(

@@ -35,6 +35,7 @@ from .. import cpu_cache
 from ..ops import batchnorm as bn_ops
 from .base import Backend
 from .folding import bn_scale_shift, fold
+from .plan import Implementation, Shortcut, Unit, run_block, run_units
 
 
 def _uses_batch_stats(bn: nn.Module) -> bool:
@@ -224,18 +225,6 @@ def _conv_bn_act(
     return _bn_act(bn, _conv(conv, x), relu, residual)
 
 
-def _shortcut(
-    block: nn.Module, x: Tensor
-) -> tuple[Tensor | None, tuple[nn.Conv2d, nn.Module, Tensor] | None]:
-    """The block's shortcut: (identity, None), or (None, (downsample conv, its BN, its input))."""
-    if block.downsample is None:
-        return x, None
-    *pre, conv, bn = block.downsample
-    for m in pre:  # avg_down's AvgPool2d
-        x = m(x)
-    return None, (conv, bn, x)
-
-
 def _norms_fusable(modules) -> bool:
     return all(
         _fusable(m)
@@ -265,14 +254,12 @@ class NativeBackend(Backend):
         return None
 
     def run_stem(self, model: nn.Module, x: Tensor) -> Tensor:
-        units = list(model.stem) if model.deep_stem else [model.conv1, model.norm1, model.relu]
-        if not (_norms_fusable(units) and _batch_ok(x)):
+        units = model.stem_units()
+        if not (_norms_fusable(u.norm for u in units) and _batch_ok(x)):
             return model.stem_reference(x)
         cpu_cache.close_stale_backward_scope()
         with cpu_cache.scope(x.device):
-            for i in range(0, len(units), 3):
-                x = _conv_bn_act(units[i], units[i + 1], x)
-            x = model.maxpool(x)
+            x = model.maxpool(run_units(_UNITS, units, x))
         cpu_cache.scope_backward(x)
         return x
 
@@ -280,25 +267,28 @@ class NativeBackend(Backend):
         if not (_norms_fusable(block.modules()) and _batch_ok(x)):
             return block.forward_reference(x)
         with cpu_cache.scope(x.device):
-            out = self._block(block, x)
+            out = run_block(_UNITS, block.plan(), x)
         cpu_cache.scope_backward(out)
         return out
 
-    @staticmethod
-    def _block(block: nn.Module, x: Tensor) -> Tensor:
-        if block.kind == "bottle2neck":
-            return NativeBackend._bottle2neck(block, x)
-        identity, shortcut = _shortcut(block, x)
-        if block.kind == "basic":
-            out = _conv_bn_act(block.conv1, block.norm1, x)
-            return _conv_bn_act(block.conv2, block.norm2, out, True, identity, shortcut)
-        out = _conv_bn_act(block.conv1, block.norm1, x)
-        out = _conv_bn_act(block.conv2, block.norm2, out)
-        return _conv_bn_act(block.conv3, block.norm3, out, True, identity, shortcut)
 
-    @staticmethod
-    def _bottle2neck(block: nn.Module, x: Tensor) -> Tensor:
-        out = _conv_bn_act(block.conv1, block.norm1, x)
+class _Units(Implementation):
+    """The native unit operations: PyTorch's convolution + one fused BatchNorm pass each
+    (`_conv_bn_act`)."""
+
+    def unit(self, unit: Unit, x: Tensor) -> Tensor:
+        return _conv_bn_act(unit.conv, unit.norm, x, unit.relu)
+
+    def tail(self, unit: Unit, h: Tensor, x: Tensor, shortcut: Shortcut | None) -> Tensor:
+        if shortcut is None:
+            return _conv_bn_act(unit.conv, unit.norm, h, True, residual=x)
+        for pool in shortcut.pools:  # avg_down's AvgPool2d
+            x = pool(x)
+        downsample = (shortcut.unit.conv, shortcut.unit.norm, x)
+        return _conv_bn_act(unit.conv, unit.norm, h, True, shortcut=downsample)
+
+    def res2net(self, block: nn.Module, conv1: Unit, x: Tensor) -> Tensor:
+        out = self.unit(conv1, x)
         # Chunks stay views of conv1's output.
         chunks = torch.split(out, block.width, 1)
         # Without autograd, and where the chunk convolutions keep the spatial size, conv1's
@@ -309,7 +299,7 @@ class NativeBackend(Backend):
         )
         outs = []
 
-        def done(i: int, sp: Tensor) -> None:
+        def store(i: int, sp: Tensor) -> None:
             if in_place:
                 chunks[i].copy_(sp)
             else:
@@ -318,14 +308,14 @@ class NativeBackend(Backend):
         sp = _conv_bn_act(block.convs[0], block.bns[0], chunks[0])
         for i in range(1, block.scales - 1):
             sp_in = chunks[i] if block.stage_type == "stage" else sp + chunks[i]
-            done(i - 1, sp)
+            store(i - 1, sp)
             sp = _conv_bn_act(block.convs[i], block.bns[i], sp_in)
-        done(block.scales - 2, sp)
+        store(block.scales - 2, sp)
         if in_place:
-            cat = out
-        else:
-            last = chunks[block.scales - 1]
-            outs.append(block.pool(last) if block.pools_last_chunk else last)
-            cat = torch.cat(outs, 1)
-        identity, shortcut = _shortcut(block, x)
-        return _conv_bn_act(block.conv3, block.norm3, cat, True, identity, shortcut)
+            return out
+        last = chunks[block.scales - 1]
+        outs.append(block.pool(last) if block.pools_last_chunk else last)
+        return torch.cat(outs, 1)
+
+
+_UNITS = _Units()

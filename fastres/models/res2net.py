@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
+from ..backends.plan import BlockPlan, Unit, shortcut_of
 from .norm import build_norm_layer
 from .resnet import Bottleneck, ResNet
 
@@ -70,20 +70,9 @@ class Bottle2neck(Bottleneck):
         )
         self.bns = nn.ModuleList(build_norm_layer(norm_cfg, width) for _ in range(scales - 1))
 
-    def forward_reference(self, x: Tensor) -> Tensor:
-        out = self.relu(self.norm1(self.conv1(x)))
-        chunks = torch.split(out, self.width, 1)
-        sp = self.relu(self.bns[0](self.convs[0](chunks[0].contiguous())))
-        outs = [sp]
-        for i in range(1, self.scales - 1):
-            sp = chunks[i] if self.stage_type == "stage" else sp + chunks[i]
-            sp = self.relu(self.bns[i](self.convs[i](sp.contiguous())))
-            outs.append(sp)
-        last = chunks[self.scales - 1]
-        outs.append(self.pool(last) if self.pools_last_chunk else last)
-        out = self.norm3(self.conv3(torch.cat(outs, 1)))
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + identity)
+    def plan(self) -> BlockPlan:
+        units = (Unit(self.conv1, self.norm1), Unit(self.conv3, self.norm3))
+        return BlockPlan(units, shortcut_of(self.downsample), res2net=self)
 
 
 class Res2Net(ResNet):

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.utils import checkpoint as torch_checkpoint
 
 from .. import backends
+from ..backends.plan import REFERENCE, BlockPlan, Unit, run_block, run_units, shortcut_of
 from .norm import build_norm_layer, check_norm_cfg, norm_name
 
 DEFAULT_NORM_CFG = {"type": "BN", "requires_grad": True}
@@ -66,8 +67,13 @@ class ResBlock(nn.Module):
             )
         return backend.run_block(self, x)
 
-    def forward_reference(self, x: Tensor) -> Tensor:
+    def plan(self) -> BlockPlan:
+        """How the block's units connect (`fastres.backends.plan`)."""
         raise NotImplementedError
+
+    def forward_reference(self, x: Tensor) -> Tensor:
+        """The oracle: the plan run with PyTorch's modules."""
+        return run_block(REFERENCE, self.plan(), x)
 
     @property
     def last_norm(self) -> nn.Module:
@@ -118,11 +124,9 @@ class BasicBlock(ResBlock):
     def last_norm(self) -> nn.Module:
         return self.norm2
 
-    def forward_reference(self, x: Tensor) -> Tensor:
-        out = self.relu(self.norm1(self.conv1(x)))
-        out = self.norm2(self.conv2(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + identity)
+    def plan(self) -> BlockPlan:
+        units = (Unit(self.conv1, self.norm1), Unit(self.conv2, self.norm2))
+        return BlockPlan(units, shortcut_of(self.downsample))
 
 
 class Bottleneck(ResBlock):
@@ -180,12 +184,13 @@ class Bottleneck(ResBlock):
     def last_norm(self) -> nn.Module:
         return self.norm3
 
-    def forward_reference(self, x: Tensor) -> Tensor:
-        out = self.relu(self.norm1(self.conv1(x)))
-        out = self.relu(self.norm2(self.conv2(out)))
-        out = self.norm3(self.conv3(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + identity)
+    def plan(self) -> BlockPlan:
+        units = (
+            Unit(self.conv1, self.norm1),
+            Unit(self.conv2, self.norm2),
+            Unit(self.conv3, self.norm3),
+        )
+        return BlockPlan(units, shortcut_of(self.downsample))
 
 
 def _check_tuple(name: str, value: Sequence[int], length: int) -> tuple[int, ...]:
@@ -495,10 +500,15 @@ class ResNet(nn.Module):
                 f"model (model.to({x.dtype})) or run under torch.autocast"
             )
 
+    def stem_units(self) -> list[Unit]:
+        """The stem's conv -> norm -> ReLU units, before its max-pool."""
+        if self.deep_stem:
+            return [Unit(self.stem[i], self.stem[i + 1]) for i in (0, 3, 6)]
+        return [Unit(self.conv1, self.norm1)]
+
     def stem_reference(self, x: Tensor) -> Tensor:
         """The oracle stem: conv(s) + norm + ReLU, then the 3x3/2 max-pool."""
-        x = self.stem(x) if self.deep_stem else self.relu(self.norm1(self.conv1(x)))
-        return self.maxpool(x)
+        return self.maxpool(run_units(REFERENCE, self.stem_units(), x))
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...] | Tensor:
         self._check_input(x)

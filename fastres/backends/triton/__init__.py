@@ -33,11 +33,12 @@ import importlib.util
 import torch
 from torch import Tensor, nn
 
-from ...ops.conv2d_fused import interpreting
+from ...ops.conv2d_fused import conv2d_fused, interpreting
 from ..base import Backend
+from ..plan import Implementation, Shortcut, Unit, run_block, run_units
 from .inference import block_foldable, compute_dtype, conv_bn, downsample_shortcut, foldable
-from .res2net import res2net_forward
-from .training import conv_bn_pairs, train_block, train_stem, trainable
+from .res2net import split_conv_concat
+from .training import TrainUnits, plan_pairs, trainable
 
 # Looked up once, without importing triton (slow, and the interpreter switch must be set first).
 _TRITON_MISSING = importlib.util.find_spec("triton") is None
@@ -62,34 +63,45 @@ class TritonBackend(Backend):
         return f"Triton kernels do not run on {device_type} tensors"
 
     def run_stem(self, model: nn.Module, x: Tensor) -> Tensor:
-        if model.deep_stem:
-            pairs = [(model.stem[i], model.stem[i + 1]) for i in (0, 3, 6)]
-        else:
-            pairs = [(model.conv1, model.norm1)]
+        units = model.stem_units()
+        pairs = [(u.conv, u.norm) for u in units]
         dtype = compute_dtype(x)
         if dtype is not None and all(foldable(conv, bn) for conv, bn in pairs):
             x = x.to(dtype).contiguous(memory_format=torch.channels_last)
-            for conv, bn in pairs:
-                x = conv_bn(conv, bn, x, relu=True)
-            return model.maxpool(x)
+            return model.maxpool(run_units(_EVAL, units, x))
         if dtype is not None and trainable(pairs, x):
-            return model.maxpool(train_stem(pairs, x.to(dtype)))
+            x = x.to(dtype).contiguous(memory_format=torch.channels_last)
+            return model.maxpool(run_units(_TRAIN, units, x))
         return model.stem_reference(x)
 
     def run_block(self, block: nn.Module, x: Tensor) -> Tensor:
+        plan = block.plan()
         dtype = compute_dtype(x)
-        if dtype is not None and trainable(conv_bn_pairs(block), x):
-            return train_block(block, x.to(dtype))
+        if dtype is not None and trainable(plan_pairs(plan), x):
+            return run_block(_TRAIN, plan, x.to(dtype))
         if dtype is None or not block_foldable(block):
             # GroupNorm, float64, BNs in mixed modes: the oracle runs them.
             return block.forward_reference(x)
-        x = x.to(dtype)
-        identity = x if block.downsample is None else downsample_shortcut(block.downsample, x)
-        if block.kind == "basic":
-            out = conv_bn(block.conv1, block.norm1, x, relu=True)
-            return conv_bn(block.conv2, block.norm2, out, relu=True, residual=identity)
-        if block.kind == "bottle2neck":
-            return res2net_forward(block, x, identity)
-        out = conv_bn(block.conv1, block.norm1, x, relu=True)
-        out = conv_bn(block.conv2, block.norm2, out, relu=True)
-        return conv_bn(block.conv3, block.norm3, out, relu=True, residual=identity)
+        return run_block(_EVAL, plan, x.to(dtype))
+
+
+class _EvalUnits(Implementation):
+    """The eval-mode unit operations: conv + folded BN (+ residual) (+ ReLU), one kernel each;
+    a Bottle2neck's middle without split or concat copies (`res2net.py`)."""
+
+    def unit(self, unit: Unit, x: Tensor) -> Tensor:
+        return conv_bn(unit.conv, unit.norm, x, relu=unit.relu)
+
+    def res2net(self, block: nn.Module, conv1: Unit, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return split_conv_concat(block, x)
+
+    def tail(self, unit: Unit, h: Tensor | tuple, x: Tensor, shortcut: Shortcut | None) -> Tensor:
+        identity = x if shortcut is None else downsample_shortcut(shortcut, x)
+        if isinstance(h, Tensor):
+            return conv_bn(unit.conv, unit.norm, h, relu=True, residual=identity)
+        # A Res2Net concatenation in padded chunk slots, with conv3's folded weight for them.
+        cat, weight, bias = h
+        return conv2d_fused(cat, weight, bias, relu=True, residual=identity)
+
+
+_EVAL, _TRAIN = _EvalUnits(), TrainUnits()

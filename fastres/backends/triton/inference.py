@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ...ops.conv2d_fused import arrange_weight, conv2d_fused, kernel_dtypes
 from ..folding import fold
+from ..plan import Shortcut
 
 # conv module -> (key of the tensors it was folded from, (arranged weight, bias)).
 _FOLD_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -122,9 +123,9 @@ def fusable_pool(pool: nn.Module) -> int | None:
     return k if pool.ceil_mode or k == 1 else None
 
 
-def downsample_shortcut(downsample: nn.Sequential, x: Tensor) -> Tensor:
+def downsample_shortcut(shortcut: Shortcut, x: Tensor) -> Tensor:
     """The downsample branch: [AvgPool2d] -> conv1x1 -> BN, the pool fused into the conv."""
-    *pools, conv, bn = downsample
+    pools, (conv, bn, _) = shortcut
     input_pool = 1
     if len(pools) == 1 and fusable_pool(pools[0]) is not None:
         input_pool = fusable_pool(pools[0])

@@ -1,5 +1,5 @@
 """The triton backend's Bottle2neck: split -> 3x3 convs -> concat without the split, concat or
-hierarchical-add tensors, in eval / BN-frozen mode (`res2net_forward`) and in training
+hierarchical-add tensors, in eval / BN-frozen mode (`split_conv_concat`) and in training
 (`train_res2net_middle`), each chunk in an aligned slot of channels (`_chunk_slot`).
 """
 
@@ -99,7 +99,7 @@ def _res2net_launch_weights(block: nn.Module, dtype: torch.dtype, rotate: bool):
     """The folded, chunk-padded weights of a Bottle2neck's fused path, cached per block.
 
     Returns (w1, b1, convs, w3, b3): conv1's output chunks padded to slots (the last chunk
-    first when `rotate`, see `_res2net_split_conv_concat`); convs one stacked (weight
+    first when `rotate`, see `split_conv_concat`); convs one stacked (weight
     [(scales-1)*slot, slot, 3, 3], bias) pair for a 'stage' block's grouped launch, else a list
     of ([slot, slot, 3, 3], [slot]) pairs; conv3's input chunks padded to slots. Differentiable
     (and not cached) where a folded piece wants gradients.
@@ -134,14 +134,7 @@ def _res2net_launch_weights(block: nn.Module, dtype: torch.dtype, rotate: bool):
     return launch
 
 
-def res2net_forward(block: nn.Module, x: Tensor, identity: Tensor) -> Tensor:
-    """A Bottle2neck in eval / BN-frozen mode: `_res2net_split_conv_concat`, then conv3 with
-    its BN, the shortcut and the ReLU in one kernel."""
-    cat, w3, b3 = _res2net_split_conv_concat(block, x)
-    return conv2d_fused(cat, w3, b3, relu=True, residual=identity)
-
-
-def _res2net_split_conv_concat(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def split_conv_concat(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """conv1 -> split -> 3x3 convs -> concat of a Bottle2neck: the input of its conv3.
 
     Args:
@@ -221,7 +214,7 @@ def _res2net_split_conv_concat(block: nn.Module, x: Tensor) -> tuple[Tensor, Ten
 
 
 def _res2net_autograd(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The differentiable Bottle2neck middle (see `_res2net_split_conv_concat`)."""
+    """The differentiable Bottle2neck middle (see `split_conv_concat`)."""
     slot, scales = _chunk_slot(block.width), block.scales
     w1, b1, convs, w3, b3 = _res2net_launch_weights(block, x.dtype, rotate=False)
     out = conv2d_fused(x, w1, b1, stride=block.conv1.stride, relu=True)

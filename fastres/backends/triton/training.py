@@ -12,30 +12,27 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import torch
 from torch import Tensor, nn
 
 from ...ops import batchnorm as bn_ops
 from ...ops.conv2d_bn_train import InputBN, conv2d_bn_train
 from ...ops.conv2d_fused import arrange_weight
+from ..plan import BlockPlan, Implementation, Shortcut, Unit
 from .inference import fusable_pool
 from .res2net import train_res2net_middle
 
 
-def conv_bn_pairs(block: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
-    """Every (conv, norm) pair of a block, the downsample's included."""
-    if block.kind == "basic":
-        pairs = [(block.conv1, block.norm1), (block.conv2, block.norm2)]
-    elif block.kind == "bottle2neck":
-        pairs = [(block.conv1, block.norm1), *zip(block.convs, block.bns)]
-        pairs.append((block.conv3, block.norm3))
-    else:
-        pairs = [(block.conv1, block.norm1), (block.conv2, block.norm2)]
-        pairs.append((block.conv3, block.norm3))
-    if block.downsample is not None:
-        pairs.append((block.downsample[-2], block.downsample[-1]))
-        if len(block.downsample) == 3 and fusable_pool(block.downsample[0]) is None:
-            pairs.append((block.downsample[0], None))  # a pool the kernel cannot fuse
+def plan_pairs(plan: BlockPlan) -> list[tuple[nn.Module, nn.Module | None]]:
+    """Every (conv, norm) pair of a block's plan, the shortcut's included; a shortcut pool the
+    kernel cannot fuse comes as (pool, None)."""
+    pairs = [(u.conv, u.norm) for u in plan.units]
+    if plan.res2net is not None:
+        pairs += list(zip(plan.res2net.convs, plan.res2net.bns))
+    if plan.shortcut is not None:
+        pools, unit = plan.shortcut
+        pairs.append((unit.conv, unit.norm))
+        if pools and (len(pools) > 1 or fusable_pool(pools[0]) is None):
+            pairs.append((pools[0], None))
     return pairs
 
 
@@ -115,31 +112,29 @@ def _train_conv(
     return _Raw(y, bn, stats, group)
 
 
-def train_stem(pairs: list[tuple[nn.Module, nn.Module]], x: Tensor) -> Tensor:
-    """The stem's conv-BN-ReLU units (before the max-pool), each BN in the next conv's load."""
-    raw = x.contiguous(memory_format=torch.channels_last)
-    for conv, bn in pairs:
-        raw = _train_conv(conv, bn, raw)
-    return raw.apply()
+class TrainUnits(Implementation):
+    """The training-mode unit operations: a unit's result is its raw convolution output
+    (`_Raw`), whose BatchNorm + ReLU the next unit applies in its input load."""
 
+    def unit(self, unit: Unit, x: Tensor | _Raw) -> _Raw:
+        return _train_conv(unit.conv, unit.norm, x)
 
-def _train_shortcut(block: nn.Module, x: Tensor) -> _Raw | None:
-    """The downsample conv's raw output (avg_down's pool in its input load), or None."""
-    if block.downsample is None:
-        return None
-    *pools, conv, bn = block.downsample
-    return _train_conv(conv, bn, x, input_pool=fusable_pool(pools[0]) if pools else 1)
+    def output(self, h: _Raw) -> Tensor:
+        return h.apply()
 
+    def res2net(self, block: nn.Module, conv1: Unit, x: Tensor) -> tuple[Tensor, Tensor]:
+        return train_res2net_middle(block, x)
 
-def train_block(block: nn.Module, x: Tensor) -> Tensor:
-    if block.kind == "basic":
-        raw = _train_conv(block.conv2, block.norm2, _train_conv(block.conv1, block.norm1, x))
-    elif block.kind == "bottle2neck":
-        cat, weight = train_res2net_middle(block, x)
-        raw = _train_conv(block.conv3, block.norm3, cat, weight=weight)
-    else:
-        raw = _train_conv(block.conv1, block.norm1, x)
-        raw = _train_conv(block.conv2, block.norm2, raw)
-        raw = _train_conv(block.conv3, block.norm3, raw)
-    shortcut = _train_shortcut(block, x)
-    return raw.apply(residual=x if shortcut is None else None, shortcut=shortcut)
+    def tail(
+        self, unit: Unit, h: _Raw | tuple[Tensor, Tensor], x: Tensor, shortcut: Shortcut | None
+    ) -> Tensor:
+        if isinstance(h, _Raw):
+            raw = _train_conv(unit.conv, unit.norm, h)
+        else:  # a Res2Net concatenation in padded chunk slots, with conv3's weight for them
+            cat, weight = h
+            raw = _train_conv(unit.conv, unit.norm, cat, weight=weight)
+        if shortcut is None:
+            return raw.apply(residual=x)
+        pools, (conv, bn, _) = shortcut
+        downsample = _train_conv(conv, bn, x, input_pool=fusable_pool(pools[0]) if pools else 1)
+        return raw.apply(shortcut=downsample)

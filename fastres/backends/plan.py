@@ -1,0 +1,124 @@
+"""How a block's convolutions, norms, shortcut and ReLUs connect, declared once, and the one
+executor that walks it with an implementation's unit operations.
+
+A block's `plan()` (`BlockPlan`) lists its units (conv -> norm [-> ReLU]) in order; the last
+unit is the tail: conv -> norm -> + shortcut -> ReLU, the shortcut being the identity or the
+downsample (`Shortcut`: avg_down's pools, then a conv -> norm unit). A Bottle2neck's plan has
+two units, conv1 and conv3, and between them its split -> 3x3 convs -> concat (`res2net`, the
+block itself, which owns the chunk convs, their norms and the last-chunk pool). The model's stem
+is a list of units before the max-pool (`run_stem`).
+
+An implementation (`Implementation`) computes units; what it passes from one unit to the next
+is its own business (a tensor, or a raw convolution output whose BatchNorm the next unit applies
+in its input load). The oracle is this executor with `Reference`, so every backend shares the
+oracle's wiring.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+
+class Unit(NamedTuple):
+    """conv -> norm [-> ReLU]; in a block's tail the ReLU comes after the shortcut's add."""
+
+    conv: nn.Conv2d
+    norm: nn.Module
+    relu: bool = True
+
+
+class Shortcut(NamedTuple):
+    """The downsample branch: pools (avg_down's AvgPool2d, or none), then conv -> norm."""
+
+    pools: tuple[nn.Module, ...]
+    unit: Unit
+
+
+class BlockPlan(NamedTuple):
+    units: tuple[Unit, ...]
+    shortcut: Shortcut | None  # None: the identity
+    res2net: nn.Module | None = None  # a Bottle2neck: its middle runs between the two units
+
+
+def shortcut_of(downsample: nn.Sequential | None) -> Shortcut | None:
+    """The `Shortcut` of a block's downsample module ([pools...,] conv, norm), or None."""
+    if downsample is None:
+        return None
+    *pools, conv, norm = downsample
+    return Shortcut(tuple(pools), Unit(conv, norm, relu=False))
+
+
+class Implementation:
+    """The unit operations an executor needs. Values passed between units are opaque."""
+
+    def unit(self, unit: Unit, x: Any) -> Any:
+        """act(norm(conv(x)))."""
+        raise NotImplementedError
+
+    def res2net(self, block: nn.Module, conv1: Unit, x: Tensor) -> Any:
+        """conv1's unit, then the Bottle2neck's split -> 3x3 convs -> concat: conv3's input."""
+        raise NotImplementedError
+
+    def tail(self, unit: Unit, h: Any, x: Tensor, shortcut: Shortcut | None) -> Tensor:
+        """ReLU(norm(conv(h)) + shortcut(x)), shortcut(x) = x for the identity."""
+        raise NotImplementedError
+
+    def output(self, h: Any) -> Tensor:
+        """The activation tensor of a unit's result (the stem's last unit, before its pool)."""
+        return h
+
+
+def run_block(impl: Implementation, plan: BlockPlan, x: Tensor) -> Tensor:
+    """A block's forward with `impl`'s unit operations."""
+    *head, last = plan.units
+    h = x
+    if plan.res2net is not None:
+        (conv1,) = head
+        h = impl.res2net(plan.res2net, conv1, x)
+    else:
+        for unit in head:
+            h = impl.unit(unit, h)
+    return impl.tail(last, h, x, plan.shortcut)
+
+
+def run_units(impl: Implementation, units: list[Unit], x: Tensor) -> Tensor:
+    """Units one after the other (the stem before its max-pool)."""
+    h = x
+    for unit in units:
+        h = impl.unit(unit, h)
+    return impl.output(h)
+
+
+class Reference(Implementation):
+    """The oracle: PyTorch's modules, as OpenMMLab's blocks call them."""
+
+    def unit(self, unit: Unit, x: Tensor) -> Tensor:
+        y = unit.norm(unit.conv(x))
+        return torch.relu(y) if unit.relu else y
+
+    def res2net(self, block: nn.Module, conv1: Unit, x: Tensor) -> Tensor:
+        out = self.unit(conv1, x)
+        chunks = torch.split(out, block.width, 1)
+        sp = torch.relu(block.bns[0](block.convs[0](chunks[0].contiguous())))
+        outs = [sp]
+        for i in range(1, block.scales - 1):
+            sp = chunks[i] if block.stage_type == "stage" else sp + chunks[i]
+            sp = torch.relu(block.bns[i](block.convs[i](sp.contiguous())))
+            outs.append(sp)
+        last = chunks[block.scales - 1]
+        outs.append(block.pool(last) if block.pools_last_chunk else last)
+        return torch.cat(outs, 1)
+
+    def tail(self, unit: Unit, h: Tensor, x: Tensor, shortcut: Shortcut | None) -> Tensor:
+        identity = x
+        if shortcut is not None:
+            for pool in shortcut.pools:
+                identity = pool(identity)
+            identity = self.unit(shortcut.unit, identity)
+        return torch.relu(unit.norm(unit.conv(h)) + identity)
+
+
+REFERENCE = Reference()
