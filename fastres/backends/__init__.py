@@ -10,8 +10,9 @@ changes how the stem and each block compute their forward. Backends:
 
 A fused backend is a `Backend` subclass (`base.py`) in its own module of this package, listed
 in `_REGISTRY`: `native.py`, and `triton/` (inference, Res2Net, training). `folding.py` holds the
-eval-mode BatchNorm folding both use. Nothing here imports the models: a backend tells blocks
-apart by their `kind`.
+eval-mode BatchNorm folding both use; `plan.py` the block plans and the one executor that walks
+them (the oracle included). Nothing here imports the models: a block describes itself by its
+`plan()`.
 """
 
 from __future__ import annotations

@@ -24,7 +24,6 @@ class Bottle2neck(Bottleneck):
     """
 
     expansion = 4
-    kind = "bottle2neck"
 
     def __init__(
         self,

@@ -44,11 +44,11 @@ def _preserved_batchnorm_state(module: nn.Module):
 class ResBlock(nn.Module):
     """What every residual block shares: backend dispatch and gradient checkpointing.
 
-    `kind` names the block's wiring for the backends, which import no model class.
+    `plan()` declares how the block's units connect; the backends run that plan and import no
+    model class.
     """
 
     expansion = 1
-    kind = ""
 
     def __init__(self, with_cp: bool = False):
         super().__init__()
@@ -85,7 +85,6 @@ class BasicBlock(ResBlock):
     """conv3x3(stride, dilation) -> norm -> ReLU -> conv3x3 -> norm -> + shortcut -> ReLU."""
 
     expansion = 1
-    kind = "basic"
 
     def __init__(
         self,
@@ -136,7 +135,6 @@ class Bottleneck(ResBlock):
     """
 
     expansion = 4
-    kind = "bottleneck"
 
     def __init__(
         self,
