@@ -9,7 +9,7 @@ from command-line options or environment variables (options win):
 | --bench-device | FASTRES_BENCH_DEVICE | cuda if available, else cpu |
 | --bench-depth | FASTRES_BENCH_DEPTH | 50 |
 | --bench-batch | FASTRES_BENCH_BATCH | classification CPU 8, CUDA 256; detection 2 |
-| --bench-image-size | FASTRES_BENCH_IMAGE_SIZE | H or HxW: classification CPU 128 (SPEC: 224), |
+| --bench-image-size | FASTRES_BENCH_IMAGE_SIZE | H or HxW: classification CPU 128 (targets: 224), |
 | | | CUDA 224; detection CPU 400x667, CUDA 800x1333, padded to multiples of 32 |
 | --bench-dtype | FASTRES_BENCH_DTYPE | CPU fp32, CUDA bf16 (autocast) |
 | --bench-rounds | FASTRES_BENCH_ROUNDS | CPU 3, CUDA 20 |

@@ -11,7 +11,7 @@ against the PyTorch eager sequence it replaces:
   autograd backward of batch_norm(train) + relu.
 
 Group names are `<op>-<shape>-fp32-<mode>`; each benchmark first checks the fused result once
-against the float64 reference (SPEC section 3) and records GB/s of compulsory traffic in
+against the float64 reference (docs/contract.md §3) and records GB/s of compulsory traffic in
 extra_info.
 
     pytest bench/test_bench_batchnorm.py --benchmark-only

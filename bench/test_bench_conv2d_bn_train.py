@@ -24,7 +24,7 @@ Each reports ms (median, `triton.testing.do_bench`), the speedup over eager (and
 for fused), TFLOP/s of forward + backward (forward 2*M*K*N with M = N*OH*OW, K = C_in*KH*KW,
 N = C_out; backward twice that) and its fraction of the measured bf16 matmul rate, and the
 peak memory of one step above what was allocated before it (what autograd saves, the grads).
-The fused op is checked once against the float64 oracle (SPEC section 3) on a few images:
+The fused op is checked once against the float64 oracle (docs/contract.md §3) on a few images:
 output, output statistics and the four gradients. The group is
 `conv2d_bn_train-<layer>-bf16-train`; extra_info (saved with --benchmark-json) carries the
 figures, and one line per benchmark is printed as it finishes.

@@ -11,7 +11,7 @@ the shortcut conv + BN), three systems are timed:
 Each reports TFLOP/s and the fraction of its roofline bound: max(FLOPs / measured bf16 matmul
 rate, bytes / measured copy bandwidth), the bytes being the fused op's compulsory traffic
 (input, weight, output, residual). The group is `conv2d_fused-<layer>-bf16-infer`; every
-benchmark checks the fused output once against the float64 oracle (SPEC section 3) on a few
+benchmark checks the fused output once against the float64 oracle (docs/contract.md §3) on a few
 images, and its extra_info (saved with --benchmark-json) carries the rates, device and versions.
 
     pytest bench/test_bench_conv2d_fused.py --benchmark-only

@@ -2,10 +2,10 @@
 
 Every available fastres backend against PyTorch eager (NCHW and channels_last) and torch.compile
 of the same oracle model. Each benchmark checks its system once against the float64 oracle
-(SPEC section 3), then times it; the group is `<model>-b<batch>x<size>-<dtype>-<mode>`.
+(docs/contract.md §3), then times it; the group is `<model>-b<batch>x<size>-<dtype>-<mode>`.
 
     pytest bench/ --benchmark-only
-    FASTRES_BENCH_IMAGE_SIZE=224 pytest bench/ --benchmark-only -k res2net   # SPEC's size
+    FASTRES_BENCH_IMAGE_SIZE=224 pytest bench/ --benchmark-only -k res2net   # the targets' size
     pytest bench/ --benchmark-only --bench-preset detection -k train  # mmdet's backbone training
 """
 

@@ -11,14 +11,15 @@ second ('normal') block of each stage of Res2Net-50 26w4s at 224x224, as built b
 - `eager-cl`: the oracle block (`forward_reference`) in bf16, channels_last;
 - `compile`: torch.compile of the same oracle block.
 
-Each checks its output once against the float64 oracle (SPEC section 3) on a few images; the
+Each checks its output once against the float64 oracle (docs/contract.md §3) on a few images; the
 group is `res2net_fused-<stage>-<kind>-b256-bf16-infer`, extra_info carries ms, img/s and the
 speedup over eager-cl.
 
 Whole network: bench/test_bench_models.py runs ResNet-50 and Res2Net-50, inference and the
 training step, with every system (eager, eager-cl, compile, the fused backends); the harness
 (`fastres.benchmark.model_ratios`) reports img/s(Res2Net-50) / img/s(ResNet-50) per system in
-the final table and the results JSON (SPEC target on GPU: >= 0.95; PyTorch about 0.7-0.8).
+the final table and the results JSON (target on GPU, docs/contract.md §6: >= 0.95; PyTorch
+about 0.7-0.8).
 
     pytest bench/test_bench_res2net_fused.py --benchmark-only
 """

@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile-train",
         action="store_true",
         help="on CPU, also compile the training step (off by default: it compiles for ~2 min "
-        "on 2 cores and runs slower than eager; SPEC sets no CPU training target against it)",
+        "on 2 cores and runs slower than eager; no CPU training target is set against it)",
     )
     bench.add_argument(
         "--same-process",
@@ -242,7 +242,7 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"  backend {name} not run: {reason}")
     print(
         "  max err: largest max|y - gold| / max|gold| over the checked tensors against the "
-        "float64 oracle; check: SPEC rule err <= 4 * err(eager) + tol"
+        "float64 oracle; check: the contract's rule err <= 4 * err(eager) + tol"
     )
     print(
         "  peak mem: "

@@ -4,7 +4,7 @@ A *case* is one whole-model configuration (model, depth, batch, image size, dtyp
 a *system* is one way of running it: PyTorch eager in NCHW, eager in channels_last, torch.compile
 of the same oracle model, or a fastres backend. Every system of a case starts from a deep copy of
 the same randomised model and sees the same input batch, so its outputs can be checked once
-against the float64 oracle (SPEC section 3, `fastres.testing`) before it is timed.
+against the float64 oracle (docs/contract.md §3, `fastres.testing`) before it is timed.
 
 Modes:
 - 'infer': `model.eval()`, forward under `torch.no_grad()`;
@@ -59,9 +59,9 @@ DETECTION_PAD = 32
 
 # What `python -m fastres bench` and `pytest bench/` run unless told otherwise, per preset and
 # device type; image sizes are (height, width) before the detection padding. CPU
-# classification: SPEC's configuration (fp32, batch 8) on 128x128 images, so that a run takes
-# minutes on 2 cores (224 is SPEC's size, about 3x the time). The CPU times the median of 3
-# after 1 untimed step, the GPU of 20 after 5.
+# classification: the CPU target's configuration (fp32, batch 8, docs/contract.md §6) on 128x128
+# images, so that a run takes minutes on 2 cores (224 is the targets' size, about 3x the time).
+# The CPU times the median of 3 after 1 untimed step, the GPU of 20 after 5.
 DEVICE_DEFAULTS = {
     "classification": {
         "cpu": {"batch": 8, "image_size": (128, 128), "dtype": "fp32", "iters": 3, "warmup": 1},
@@ -399,7 +399,7 @@ def _checked_tensors(outputs: dict[str, Tensor]) -> dict[str, Tensor]:
 def compare(
     actual: dict[str, Tensor], base: dict[str, Tensor], gold: dict[str, Tensor], dtype: torch.dtype
 ) -> CheckResult:
-    """Applies the SPEC section 3 rule to the checked tensors; reports the largest error."""
+    """Applies the docs/contract.md §3 rule to the checked tensors; reports the largest error."""
     if actual.keys() != gold.keys():
         missing = sorted(gold.keys() - actual.keys())
         extra = sorted(actual.keys() - gold.keys())
@@ -475,7 +475,7 @@ class Case:
         return self._bases[channels_last]
 
     def check(self, runner: Runner) -> CheckResult:
-        """Runs `runner` once and checks its outputs against the oracle (SPEC section 3)."""
+        """Runs `runner` once and checks its outputs against the oracle (docs/contract.md §3)."""
         actual = runner.outputs()
         layout = runner.system.channels_last
         if runner.system in (EAGER, EAGER_CL) and layout not in self._bases:
@@ -626,7 +626,8 @@ class Result:
     peak_memory_bytes: int | None
     memory_kind: str
     speedup: float | None = None
-    # Peak memory over eager channels_last's in the same group (SPEC 6, training: <= 0.6x).
+    # Peak memory over eager channels_last's in the same group (target in training: <= 0.6x,
+    # docs/contract.md §6).
     memory_ratio: float | None = None
     # Mean minor page faults per timed step (`minor_page_faults`); None where not counted.
     page_faults_per_iter: float | None = None
@@ -989,8 +990,8 @@ def format_table(results: Iterable[Result]) -> str:
 
 def model_ratios(results: Iterable[Result]) -> list[dict]:
     """img/s of Res2Net over img/s of ResNet of the same depth for every system and setting
-    (batch, image size, dtype, mode, device) where both ran: the SPEC's Res2Net-50 / ResNet-50
-    speed ratio (target >= 0.95 on GPU; PyTorch about 0.7-0.8)."""
+    (batch, image size, dtype, mode, device) where both ran: the Res2Net-50 / ResNet-50 speed
+    ratio (target >= 0.95 on GPU, docs/contract.md §6; PyTorch about 0.7-0.8)."""
     by_key: dict[tuple, dict[str, Result]] = {}
     for r in results:
         family = r.model.rstrip("0123456789")

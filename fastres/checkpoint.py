@@ -1,4 +1,4 @@
-"""Checkpoint loading (SPEC section 4): torchvision, timm, OpenMMLab and fastres' own layouts.
+"""Checkpoint loading (docs/contract.md §4): torchvision, timm, OpenMMLab and fastres' own layouts.
 
 `load_checkpoint` reads a file (or takes a dict / module), unwraps it, recognises its layout from
 its keys, renames the keys to the model's own names, checks every name and shape against
@@ -120,7 +120,7 @@ def load_checkpoint(
     prefix: str | None = None,
     weights_only: bool = True,
 ) -> LoadReport:
-    """Loads a checkpoint of any SPEC section 4 layout into `model`, all or nothing.
+    """Loads a checkpoint of any docs/contract.md §4 layout into `model`, all or nothing.
 
     Args:
         model: a fastres model (any nn.Module whose keys follow fastres' naming works).

@@ -1,4 +1,4 @@
-"""The numerical contract (SPEC section 3): one tolerance rule for outputs, gradients and
+"""The numerical contract (docs/contract.md §3): one tolerance rule for outputs, gradients and
 running statistics, used by every test and benchmark.
 
 Run the oracle in float64 as *gold* and in the working dtype as *base* on the same inputs and
@@ -15,8 +15,9 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 TOLERANCE = {
-    # Not in SPEC: float64 compares exact math, so any real error is far above this; below it
-    # is rounding amplified through a whole network's batch statistics (1e-11 on ResNet-50).
+    # Not in the contract's rule: float64 compares exact math, so any real error is far above
+    # this; below it is rounding amplified through a whole network's batch statistics (1e-11 on
+    # ResNet-50).
     torch.float64: 1e-9,
     torch.float32: 1e-5,
     torch.float16: 2e-3,
@@ -49,7 +50,7 @@ def worst_index(y: Tensor, gold: Tensor) -> tuple[int, ...]:
 def assert_matches_oracle(
     actual: Tensor, base: Tensor, gold: Tensor, dtype: torch.dtype, name: str = "tensor"
 ) -> None:
-    """Asserts the SPEC section 3 rule for one tensor.
+    """Asserts the docs/contract.md §3 rule for one tensor.
 
     Args:
         actual: the result under test, any shape.

@@ -1,4 +1,4 @@
-"""SPEC section 3: backend selection, FASTRES_BACKEND, available_backends()."""
+"""docs/contract.md §3: backend selection, FASTRES_BACKEND, available_backends()."""
 
 import copy
 

@@ -1,4 +1,4 @@
-"""SPEC section 5: bad input gets a clear error; edge cases behave as torch does."""
+"""docs/contract.md §5: bad input gets a clear error; edge cases behave as torch does."""
 
 import copy
 

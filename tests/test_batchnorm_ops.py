@@ -1,6 +1,6 @@
 """The fused BatchNorm ops (`fastres::bn_*`) against their pure-torch reference.
 
-Gold is the reference in float64, base the reference in the working dtype (SPEC section 3).
+Gold is the reference in float64, base the reference in the working dtype (docs/contract.md §3).
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ def _per_channel(args, acc):
 
 
 def _compare(op_name, args, dtype):
-    """Runs op and reference on args (element-wise tensors in `dtype`), checks the SPEC rule."""
+    """Runs op and reference on args (element-wise tensors in `dtype`), checks the rule of
+    docs/contract.md §3."""
     op = getattr(ops, op_name)
     reference = getattr(ref, op_name)
     args = _per_channel(args, torch.float32)

@@ -1,4 +1,4 @@
-"""Checkpoint loading (SPEC section 4): every layout into a fresh model, and every failure.
+"""Checkpoint loading (docs/contract.md §4): every layout into a fresh model, and every failure.
 
 Each layout's checkpoint is built here, without downloads, by renaming the keys of a random
 model's own state_dict the way torchvision, timm, mmdet or mmpretrain name them. A load must

@@ -1,5 +1,5 @@
 """The fused convolution (kernels/conv2d_fused.py, fastres/ops/conv2d_fused.py) against the
-float64 oracle, one kernel feature per test, with the SPEC section 3 rule.
+float64 oracle, one kernel feature per test, with the docs/contract.md §3 rule.
 
 On CPU the kernel runs through the Triton interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1), so shapes are tiny; the same tests run on CUDA where a GPU is present.

@@ -49,7 +49,7 @@ WORLD = 2
 GLOO_TIMEOUT_S = 60
 JOIN_TIMEOUT_S = 150
 NCHW, CL = torch.contiguous_format, torch.channels_last
-LR, MOMENTUM = 1e-3, 0.9  # SPEC section 3's trajectory rule asks for a small learning rate
+LR, MOMENTUM = 1e-3, 0.9  # docs/contract.md §3's trajectory rule asks for a small learning rate
 
 TWO_STAGES = dict(num_stages=2, strides=(1, 2), dilations=(1, 1), out_indices=(0, 1))
 MODELS = {
@@ -216,7 +216,7 @@ def syncbn_runs(tmp_path, model, backend, x, sizes, dtype, base_layout):
 
 
 def check_syncbn(ranks, base, gold, dtype):
-    """SPEC section 3's rule for the ranks' concatenated outputs and input gradients, their
+    """docs/contract.md §3's rule for the ranks' concatenated outputs and input gradients, their
     summed parameter gradients, and each rank's running statistics."""
     for i, (b, g) in enumerate(zip(base["outs"], gold["outs"], strict=True)):
         a = torch.cat([r["outs"][i] for r in ranks])
@@ -303,7 +303,7 @@ def ddp_replay(model, xs, targets, layout) -> tuple[list[dict], dict]:
 def check_ddp(tmp_path, model, backend, per_rank, steps, dtype):
     """Trains `model` wrapped in DDP on `backend` (channels_last, `dtype`) and checks it.
 
-    The first step's gradients (averaged by DDP) under SPEC section 3's rule; the parameters
+    The first step's gradients (averaged by DDP) under docs/contract.md §3's rule; the parameters
     stay identical across the ranks; each rank follows the oracle's replay under the trajectory
     rule: its deviation from the NCHW replay is at most 4x that of the channels_last replay +
     TRAJECTORY_SLACK, per loss and per state tensor.

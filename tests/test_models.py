@@ -13,7 +13,8 @@ from fastres.models import BasicBlock, Bottle2neck, Bottleneck
 
 PLAIN = dict(deep_stem=False, avg_down=False)
 
-# SPEC 1.5: (constructor, kwargs, backbone params, classifier params).
+# The canonical parameter counts (OpenMMLab's, torchvision's, timm's): (constructor, kwargs,
+# backbone params, classifier params).
 PARAM_COUNTS = [
     ("resnet18", fastres.ResNet, dict(depth=18), 11_176_512, 11_689_512),
     ("resnet34", fastres.ResNet, dict(depth=34), 21_284_672, 21_797_672),
@@ -42,7 +43,7 @@ def test_parameter_counts(cls, kwargs, backbone, classifier):
         assert count(cls(num_classes=1000, **kwargs)) == classifier
 
 
-# SPEC 1.5: multiply-adds at 224x224, convs + fc, in G (two decimals).
+# The canonical multiply-adds at 224x224, convs + fc, in G (two decimals).
 MACS = [
     (fastres.ResNet, dict(depth=18), 1.81),
     (fastres.ResNet, dict(depth=34), 3.66),

@@ -1,7 +1,7 @@
 """The 'native' backend (PyTorch convolution + fused BatchNorm ops) against the oracle.
 
 Whole ResNet-50 / Res2Net-50 in eval and in training (outputs, gradients, running statistics)
-under SPEC section 3's rules, on tiny images. Gold is the oracle in float64; base the oracle
+under docs/contract.md §3's rules, on tiny images. Gold is the oracle in float64; base the oracle
 in the working dtype.
 """
 
@@ -312,7 +312,8 @@ def test_frozen_stages_and_frozen_affine_get_no_grads():
 
 @pytest.mark.parametrize("name", MODELS)
 def test_trajectory_matches_oracle(name):
-    """A few SGD steps with training-mode BN under SPEC section 3's trajectory rule, in float64.
+    """A few SGD steps with training-mode BN under docs/contract.md §3's trajectory rule, in
+    float64.
 
     In fp32, batch-statistics BN on tiny images makes the trajectories chaotic: the oracle's own
     NCHW / channels_last deviation (the rule's bound) varies by an order of magnitude between

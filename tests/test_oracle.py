@@ -1,7 +1,9 @@
-"""The oracle against an independent, functional transcription of SPEC 1.2-1.3, in float64.
+"""The oracle against an independent, functional transcription of the blocks of
+docs/contract.md §1, in float64.
 
-The oracle is what every fused path is judged by, so it is checked here against the SPEC's words
-written out with torch.nn.functional: a different code path that shares nothing but the weights.
+The oracle is what every fused path is judged by, so it is checked here against the contract's
+words written out with torch.nn.functional: a different code path that shares nothing but the
+weights.
 """
 
 import pytest

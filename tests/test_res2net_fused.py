@@ -1,5 +1,5 @@
 """The fused Res2Net block (split-conv-concat without split, concat or add tensors) against the
-float64 oracle with the SPEC section 3 rule.
+float64 oracle with the docs/contract.md §3 rule.
 
 - the kernel features it is built from: the hierarchical add in the conv's input load
   (`input_add`), the grouped launch of a 'stage' block (`groups`), the last-chunk pool written

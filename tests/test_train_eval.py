@@ -1,4 +1,4 @@
-"""SPEC section 2: train / eval, norm_eval, frozen stages, requires_grad, with_cp."""
+"""docs/contract.md §2: train / eval, norm_eval, frozen stages, requires_grad, with_cp."""
 
 import pytest
 import torch

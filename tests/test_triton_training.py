@@ -4,8 +4,8 @@ A block whose BatchNorms normalize with batch statistics runs its convolutions t
 `fastres::conv2d_bn_train` (raw output + batch statistics from the epilogue, the previous BN +
 ReLU applied in the input load) and its tail through `fastres::bn_train_act`. Checked here on
 whole models: one training step (outputs, loss, every gradient, the running statistics, the
-input gradient) under SPEC section 3's rule with the oracle in float32 as base and in float64 as
-gold, SGD trajectories under the trajectory rule, checkpointing, autocast, torch.compile,
+input gradient) under docs/contract.md §3's rule with the oracle in float32 as base and in
+float64 as gold, SGD trajectories under the trajectory rule, checkpointing, autocast, torch.compile,
 no_grad, and bad input.
 
 On CPU the kernels run through the Triton interpreter (tests/conftest.py sets
@@ -119,7 +119,7 @@ def three_steps(model, x, layout=NCHW, **kwargs) -> tuple[Step, Step, Step]:
 
 
 def check_step(fused: Step, base: Step, gold: Step, dtype=torch.float32, grads=True) -> None:
-    """SPEC section 3's rule for the outputs, the loss, the running statistics and (`grads`)
+    """docs/contract.md §3's rule for the outputs, the loss, the running statistics and (`grads`)
     the input gradient and every parameter gradient; num_batches_tracked exactly."""
     for i, (a, b, g) in enumerate(zip(fused.outs, base.outs, gold.outs, strict=True)):
         assert a.dtype == b.dtype and a.shape == b.shape, (i, a.dtype, b.dtype, a.shape, b.shape)
@@ -144,20 +144,20 @@ def check_step(fused: Step, base: Step, gold: Step, dtype=torch.float32, grads=T
 
 # (model class, kwargs, input layout, batch x height x width, whether gradients meet the rule).
 #
-# Gradients meet SPEC section 3's rule on models of up to two ResNet-50 stages (seven blocks) and
-# on ResNet-18. Deeper, the float32 oracle itself is chaotic: batch-statistics BN amplifies the
+# Gradients meet docs/contract.md §3's rule on models of up to two ResNet-50 stages (seven blocks)
+# and on ResNet-18. Deeper, the float32 oracle itself is chaotic: batch-statistics BN amplifies the
 # forward's rounding stage by stage (relative error 1e-6 after layer1, 1e-4 after layer4), so
-# pre-activations near zero land on the other side of a ReLU than in float64 and each such
-# element moves a per-channel gradient sum by a whole upstream gradient. On the whole ResNet-50
-# the oracle in channels_last fails the rule against the oracle in NCHW as base in 4-6 of 10
-# seeds (by up to 1e4x), so there only the forward, the loss and the running statistics are
-# compared, and the gradients for presence, dtype and finiteness; the whole depths' gradients
-# are compared in float64 (test_whole_depth_training_step_float64). The whole-depth case runs
-# at 64x64: at 32x32 layer4 is 1x1, its BatchNorms normalize over the batch's 4 values alone, and
-# the float32 forward is chaotic there too (layer4's output off by 2e-4 to 5e-3 in the oracle
-# itself, 3x apart between its two layouts; the fused run failed the 4x rule once in CI, seed
-# 3639064001, at 5x a lucky base). At 64x64 (16 values) the oracle's error there is 5e-5 to 1e-4
-# and the fused run's is 0.4-0.8x of it at every output over 9 seeds.
+# pre-activations near zero land on the other side of a ReLU than in float64 and each such element
+# moves a per-channel gradient sum by a whole upstream gradient. On the whole ResNet-50 the oracle
+# in channels_last fails the rule against the oracle in NCHW as base in 4-6 of 10 seeds (by up to
+# 1e4x), so there only the forward, the loss and the running statistics are compared, and the
+# gradients for presence, dtype and finiteness; the whole depths' gradients are compared in float64
+# (test_whole_depth_training_step_float64). The whole-depth case runs at 64x64: at 32x32 layer4 is
+# 1x1, its BatchNorms normalize over the batch's 4 values alone, and the float32 forward is chaotic
+# there too (layer4's output off by 2e-4 to 5e-3 in the oracle itself, 3x apart between its two
+# layouts; the fused run failed the 4x rule once in CI, seed 3639064001, at 5x a lucky base). At
+# 64x64 (16 values) the oracle's error there is 5e-5 to 1e-4 and the fused run's is 0.4-0.8x of it
+# at every output over 9 seeds.
 R50_FULL = dict(depth=50)
 STEP_CASES = {
     "resnet18-nchw": (fastres.ResNet, dict(depth=18), NCHW, (8, 32, 32), True),
@@ -246,7 +246,7 @@ TRAJECTORY_MODES = {
 
 @pytest.mark.parametrize("mode", TRAJECTORY_MODES.values(), ids=TRAJECTORY_MODES.keys())
 def test_trajectory_matches_oracle(device, mode):
-    """20 SGD steps under SPEC section 3's trajectory rule: the fused run deviates from the
+    """20 SGD steps under docs/contract.md §3's trajectory rule: the fused run deviates from the
     oracle's by at most 4x the oracle's own NCHW / channels_last deviation + slack, per loss and
     per state tensor (parameters and buffers).
 

@@ -205,7 +205,7 @@ def _check_tuple(name: str, value: Sequence[int], length: int) -> tuple[int, ...
 class ResNet(nn.Module):
     """ResNet backbone (OpenMMLab defaults), or classifier when `num_classes` is given.
 
-    Args: see the table in SPEC section 1.1. forward(x: [N, in_channels, H, W]) returns the
+    Args: see the table in docs/contract.md §1. forward(x: [N, in_channels, H, W]) returns the
     stage outputs selected by `out_indices`, in stage order whatever the order of `out_indices`
     (as OpenMMLab), [N, C_i, H / s_i, W / s_i] each, or logits [N, num_classes] for a classifier.
     """
