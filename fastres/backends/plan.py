@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -93,20 +94,21 @@ def run_units(impl: Implementation, units: list[Unit], x: Tensor) -> Tensor:
 
 
 class Reference(Implementation):
-    """The oracle: PyTorch's modules, as OpenMMLab's blocks call them."""
+    """The oracle: PyTorch's modules, as OpenMMLab's blocks call them, with their in-place ReLUs
+    (the eager and torch.compile peers of the benchmarks run this, so it keeps their memory)."""
 
     def unit(self, unit: Unit, x: Tensor) -> Tensor:
         y = unit.norm(unit.conv(x))
-        return torch.relu(y) if unit.relu else y
+        return F.relu(y, inplace=True) if unit.relu else y
 
     def res2net(self, block: nn.Module, conv1: Unit, x: Tensor) -> Tensor:
         out = self.unit(conv1, x)
         chunks = torch.split(out, block.width, 1)
-        sp = torch.relu(block.bns[0](block.convs[0](chunks[0].contiguous())))
+        sp = F.relu(block.bns[0](block.convs[0](chunks[0].contiguous())), inplace=True)
         outs = [sp]
         for i in range(1, block.scales - 1):
             sp = chunks[i] if block.stage_type == "stage" else sp + chunks[i]
-            sp = torch.relu(block.bns[i](block.convs[i](sp.contiguous())))
+            sp = F.relu(block.bns[i](block.convs[i](sp.contiguous())), inplace=True)
             outs.append(sp)
         last = chunks[block.scales - 1]
         outs.append(block.pool(last) if block.pools_last_chunk else last)
@@ -118,7 +120,7 @@ class Reference(Implementation):
             for pool in shortcut.pools:
                 identity = pool(identity)
             identity = self.unit(shortcut.unit, identity)
-        return torch.relu(unit.norm(unit.conv(h)) + identity)
+        return F.relu(unit.norm(unit.conv(h)) + identity, inplace=True)
 
 
 REFERENCE = Reference()
