@@ -1,6 +1,7 @@
-"""Command line: `python -m fastres {bench,profile,info}`.
+"""Command line: `python -m fastres {bench,tune,profile,info}`.
 
 python -m fastres bench                 # ResNet-50 and Res2Net-50 against PyTorch
+python -m fastres tune --batch 8        # choose 'auto's implementations ahead, per layer
 python -m fastres bench --model resnet --mode train --batch 16 --json out.json
 python -m fastres bench --preset detection   # the backbone as mmdet trains it, 800x1333
 python -m fastres profile --model res2net --trace trace.json
@@ -122,6 +123,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the results as JSON to PATH (rewritten after every group, so that an "
         "interrupted run keeps what it measured)",
     )
+
+    tune = sub.add_parser(
+        "tune",
+        help="choose the implementation of every layer for 'auto' ahead of time, and report it",
+        description=(
+            "Runs ResNet-50 and Res2Net-50 (inference and a training step) once with the 'auto' "
+            "backend, as `bench` runs it: every layer shape not chosen yet times its candidate "
+            "implementations that agree with the float64 oracle and keeps the fastest, persisted "
+            "for every later process on this machine (the cache directory: $FASTRES_CACHE_DIR, "
+            "else $XDG_CACHE_HOME/fastres, else ~/.cache/fastres). Prints which implementation "
+            "runs each layer, and the candidates' times where they were measured now."
+        ),
+    )
+    _add_config_arguments(tune, profile=False)
+    tune.add_argument(
+        "--mode", choices=("infer", "train", "both"), default="both", help="default both"
+    )
+    tune.add_argument("--layout", choices=("channels_last", "nchw"), default="channels_last")
+    tune.add_argument("--json", metavar="PATH", help="write the per-layer report as JSON to PATH")
 
     profile = sub.add_parser(
         "profile",
@@ -310,6 +330,44 @@ def run_bench(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def run_tune(args: argparse.Namespace) -> int:
+    from .backends import select
+
+    _resolve_common(args)
+    models = ("resnet", "res2net") if args.model == "both" else (args.model,)
+    modes = ("infer", "train") if args.mode == "both" else (args.mode,)
+    configs = [bm.config_from_args(args, m, mode) for m in models for mode in modes]
+    system = bm.System("fastres-auto", backend="auto", channels_last=args.layout != "nchw")
+    print(f"fastres tune on {bm.device_name(args.device)}: cache {select.selection_file()}")
+    report = []
+    for config in configs:
+        runner = bm.Case(config, seed=args.seed).runner(system)
+        blocks = [m for m in runner.model.modules() if hasattr(m, "plan")]
+        progress = bm.Progress(len(blocks) + 1)
+        hooks = [b.register_forward_hook(lambda *_, p=progress: p.advance()) for b in blocks]
+        progress.show(f"{config.group}: choosing")
+        with select.recording() as choices:
+            runner.step()
+        progress.advance()
+        progress.close()
+        for hook in hooks:
+            hook.remove()
+        rows = select.layer_report(runner.model, choices)
+        report.append({"group": config.group, "layers": rows})
+        print(f"\n{config.group}")
+        print(select.format_report(rows))
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump(
+                {"device": bm.device_name(args.device), "command": " ".join(sys.argv),
+                 "groups": report}, f, indent=1,
+            )  # fmt: skip
+        print(f"report written to {args.json}")
+    return 0
+
+
 def run_info(args: argparse.Namespace) -> int:
     device = bm.default_device()
     print(f"fastres {bm.versions()['fastres']}")
@@ -331,6 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "bench":
         return run_bench(args)
+    if args.command == "tune":
+        return run_tune(args)
     if args.command == "profile":
         from .profiling import run_profile
 

@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import pytest
 import torch
@@ -7,6 +8,9 @@ import torch
 # kernels run on CPU tensors through it.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Tuned choices (Triton configs, the 'auto' selection) go to a cache of the test session's own.
+os.environ.setdefault("FASTRES_CACHE_DIR", tempfile.mkdtemp(prefix="fastres-test-cache-"))
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 

@@ -43,10 +43,12 @@ def test_auto_falls_back_to_torch_without_error(no_native):
     assert model(torch.randn(1, 3, 32, 32))[0].shape == (1, 8, 8, 8)
 
 
-def test_auto_prefers_native_on_cpu_when_it_can_run(monkeypatch):
+def test_auto_selects_on_cpu_when_native_can_run_with_native_its_default(monkeypatch):
     native = backends._REGISTRY["native"]
     monkeypatch.setattr(native, "unavailable_reason", lambda device_type=None: None)
-    assert backends.resolve("auto", torch.device("cpu")) is native
+    auto = backends.resolve("auto", torch.device("cpu"))
+    assert auto.name == "auto"
+    assert auto.default(torch.device("cpu")) is native
 
 
 def test_environment_variable_overrides_the_default(monkeypatch):

@@ -131,7 +131,8 @@ def test_native_is_available_and_auto_on_cpu():
     assert model.backend == "auto"
     from fastres import backends
 
-    assert backends.resolve("auto", torch.device("cpu")).name == "native"
+    auto = backends.resolve("auto", torch.device("cpu"))
+    assert auto.name == "auto" and auto.default(torch.device("cpu")).name == "native"
     if not bn_ops.cuda_kernels_built():
         reason = native_backend.NativeBackend().unavailable_reason("cuda")
         assert "CUDA" in reason

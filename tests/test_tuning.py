@@ -29,7 +29,7 @@ def fake_gpu(tmp_path, monkeypatch):
     monkeypatch.setattr(tuning, "SHIPPED_DIR", tmp_path / "shipped")
     monkeypatch.setattr(tuning, "device_key", lambda device: DEVICE)
     monkeypatch.setattr(tuning, "_CHOSEN", {})
-    monkeypatch.setattr(tuning, "_PERSISTED", {})
+    monkeypatch.setattr(tuning, "_CONFIGS", tuning.JsonCache(tuning.CACHE_FILE))
     timed = []
 
     def fake_tune(key, candidates, launch, compile_only):

@@ -6,13 +6,14 @@ changes how the stem and each block compute their forward. Backends:
 - 'torch': the pure-PyTorch oracle (the blocks' own `forward_reference`);
 - 'native': PyTorch convolution + the fused BatchNorm ops of the C++/CUDA extension `fastres._C`;
 - 'triton': the fused Triton convolution kernels (CUDA, or CPU under TRITON_INTERPRET=1);
-- 'auto': 'triton' on CUDA, 'native' on CPU, 'torch' where neither can run.
+- 'auto': per unit or block, the fastest of these that agrees with the oracle, timed once per
+  machine and persisted (`select.py`); 'torch' where no fused backend can run.
 
 A fused backend is a `Backend` subclass (`base.py`) in its own module of this package, listed
 in `_REGISTRY`: `native.py`, and `triton/` (inference, Res2Net, training). `folding.py` holds the
 eval-mode BatchNorm folding both use; `plan.py` the block plans and the one executor that walks
-them (the oracle included). Nothing here imports the models: a block describes itself by its
-`plan()`.
+them (the oracle included); `select.py` the selection behind 'auto'. Nothing here imports the
+models: a block describes itself by its `plan()`.
 """
 
 from __future__ import annotations
@@ -22,18 +23,14 @@ from typing import NamedTuple
 
 import torch
 
-from .base import Backend
-from .native import NativeBackend
-from .triton import TritonBackend
+from . import native, select, triton
+from .base import ORACLE, Backend
 
 BACKEND_ENV_VAR = "FASTRES_BACKEND"
 BACKEND_NAMES = ("auto", "torch", "native", "triton")
 
-# What 'auto' tries, in order, per device type; 'torch' runs everywhere.
-_AUTO_PREFERENCE = {"cuda": ("triton", "native"), "cpu": ("native",)}
-
-
-_REGISTRY: dict[str, Backend] = {b.name: b for b in (Backend(), NativeBackend(), TritonBackend())}
+_REGISTRY: dict[str, Backend] = {b.name: b for b in (ORACLE, native.BACKEND, triton.BACKEND)}
+_SELECTING = select.SelectingBackend()
 
 
 class BackendStatus(NamedTuple):
@@ -88,14 +85,13 @@ def requested_backend(name: str) -> str:
 def resolve(name: str, device: torch.device) -> Backend:
     """The backend that runs a tensor on `device` for a model that asked for `name`.
 
-    'auto' picks the first backend that can run on the device, falling back to 'torch'; an
-    explicit backend that cannot run on this device raises RuntimeError.
+    'auto' is the per-site selection (`select.py`) where a fused backend can run on the device,
+    else 'torch'; an explicit backend that cannot run on this device raises RuntimeError.
     """
     if name == "auto":
-        for candidate in _AUTO_PREFERENCE.get(device.type, ()):
-            if _REGISTRY[candidate].unavailable_reason(device.type) is None:
-                return _REGISTRY[candidate]
-        return _REGISTRY["torch"]
+        if _SELECTING.default(device) is ORACLE:
+            return ORACLE
+        return _SELECTING
     backend = _REGISTRY[name]
     reason = backend.unavailable_reason(device.type)
     if reason is not None:

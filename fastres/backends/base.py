@@ -26,3 +26,6 @@ class Backend:
 
     def run_block(self, block: nn.Module, x: Tensor) -> Tensor:
         return block.forward_reference(x)
+
+
+ORACLE = Backend()

@@ -210,9 +210,13 @@ def _conv_bn_act(
     relu: bool = True,
     residual: Tensor | None = None,
     shortcut: tuple[nn.Conv2d, nn.Module, Tensor] | None = None,
+    prepacked: bool = True,
 ) -> Tensor:
-    """act(bn(conv(x)) [+ residual | + bn_d(conv_d(x_d))]), shortcut = (conv_d, bn_d, x_d)."""
-    if _fast_eval(conv, bn, x) and (shortcut is None or _fast_eval(*shortcut)):
+    """act(bn(conv(x)) [+ residual | + bn_d(conv_d(x_d))]), shortcut = (conv_d, bn_d, x_d).
+
+    prepacked: fold eval-mode BNs into prepacked oneDNN convolutions where `_fast_eval` allows.
+    """
+    if prepacked and _fast_eval(conv, bn, x) and (shortcut is None or _fast_eval(*shortcut)):
         if shortcut is not None:
             residual = _fused_conv(*shortcut, relu=False)
         if residual is None or residual.dtype == x.dtype:
@@ -274,18 +278,23 @@ class NativeBackend(Backend):
 
 class _Units(Implementation):
     """The native unit operations: PyTorch's convolution + one fused BatchNorm pass each
-    (`_conv_bn_act`)."""
+    (`_conv_bn_act`); `prepacked`: inference units as prepacked oneDNN convolutions."""
+
+    def __init__(self, prepacked: bool = True):
+        self.prepacked = prepacked
 
     def unit(self, unit: Unit, x: Tensor) -> Tensor:
-        return _conv_bn_act(unit.conv, unit.norm, x, unit.relu)
+        return _conv_bn_act(unit.conv, unit.norm, x, unit.relu, prepacked=self.prepacked)
 
     def tail(self, unit: Unit, h: Tensor, x: Tensor, shortcut: Shortcut | None) -> Tensor:
         if shortcut is None:
-            return _conv_bn_act(unit.conv, unit.norm, h, True, residual=x)
+            return _conv_bn_act(unit.conv, unit.norm, h, True, x, prepacked=self.prepacked)
         for pool in shortcut.pools:  # avg_down's AvgPool2d
             x = pool(x)
         downsample = (shortcut.unit.conv, shortcut.unit.norm, x)
-        return _conv_bn_act(unit.conv, unit.norm, h, True, shortcut=downsample)
+        return _conv_bn_act(
+            unit.conv, unit.norm, h, True, shortcut=downsample, prepacked=self.prepacked
+        )
 
     def res2net(self, block: nn.Module, conv1: Unit, x: Tensor) -> Tensor:
         out = self.unit(conv1, x)
@@ -318,4 +327,107 @@ class _Units(Implementation):
         return torch.cat(outs, 1)
 
 
-_UNITS = _Units()
+class _CudnnUnits(Implementation):
+    """cuDNN's own fused convolutions with the BN folded into weight and bias:
+    `cudnn_convolution_relu`, and `cudnn_convolution_add_relu` for a tail (inference on CUDA,
+    see `runs_cudnn_fused`)."""
+
+    def unit(self, unit: Unit, x: Tensor) -> Tensor:
+        weight, bias = _plain_folded(unit.conv, unit.norm, _cuda_dtype(x))
+        x = x.to(weight.dtype)
+        if unit.relu:
+            return torch.cudnn_convolution_relu(x, weight, bias, *_geometry(unit.conv))
+        return torch.nn.functional.conv2d(x, weight, bias, *_geometry(unit.conv))
+
+    def tail(self, unit: Unit, h: Tensor, x: Tensor, shortcut: Shortcut | None) -> Tensor:
+        if shortcut is not None:
+            for pool in shortcut.pools:
+                x = pool(x)
+            x = self.unit(shortcut.unit, x)
+        weight, bias = _plain_folded(unit.conv, unit.norm, _cuda_dtype(h))
+        h = h.to(weight.dtype)
+        z = x.to(weight.dtype).contiguous(memory_format=bn_ops.memory_format_of(h))
+        return torch.cudnn_convolution_add_relu(h, weight, z, 1.0, bias, *_geometry(unit.conv))
+
+
+def _geometry(conv: nn.Conv2d) -> tuple:
+    return conv.stride, conv.padding, conv.dilation, conv.groups
+
+
+def _cuda_dtype(x: Tensor) -> torch.dtype:
+    return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+
+
+# conv module -> (key, (folded weight, bias) in the compute dtype), for _CudnnUnits.
+_PLAIN_FOLDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _plain_folded(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """conv's weight with `bn` folded in, and the bias, in `dtype` (channels_last weight)."""
+    key = (
+        _version_key(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var),
+        bn.eps,
+        dtype,
+    )
+    cached = _PLAIN_FOLDED.get(conv)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    with torch.no_grad():
+        weight, bias = fold(conv, bn, torch.float32)
+        folded = (
+            weight.to(dtype).contiguous(memory_format=torch.channels_last),
+            bias.to(dtype),
+        )
+    _PLAIN_FOLDED[conv] = (key, folded)
+    return folded
+
+
+BACKEND = NativeBackend()
+UNITS, ONEDNN_UNITS, CUDNN_UNITS = _Units(prepacked=False), _Units(), _CudnnUnits()
+_UNITS = ONEDNN_UNITS  # what the native backend runs: prepacked wherever it may
+
+
+def _site_pairs(site) -> list[tuple[nn.Module, nn.Module]]:
+    pairs = [(site.unit.conv, site.unit.norm)]
+    if site.shortcut is not None:
+        pairs.append((site.shortcut.unit.conv, site.shortcut.unit.norm))
+    return pairs
+
+
+def runs_units(device: torch.device, site) -> bool:
+    """Whether `_Units` computes a unit site (`fastres.backends.select`) itself."""
+    if BACKEND.unavailable_reason(device.type) is not None or not _batch_ok(site.h):
+        return False
+    return all(_fusable(bn) for _, bn in _site_pairs(site))
+
+
+def runs_onednn(device: torch.device, site) -> bool:
+    """Whether the prepacked oneDNN form applies to every convolution of a unit site."""
+    if not runs_units(device, site):
+        return False
+    if site.x is not None and site.shortcut is None and site.x.dtype != site.h.dtype:
+        return False
+    inputs = [site.h, site.h if site.x is None else site.x]
+    return all(_fast_eval(conv, bn, x) for (conv, bn), x in zip(_site_pairs(site), inputs))
+
+
+def runs_cudnn_fused(device: torch.device, site) -> bool:
+    """cuDNN's fused convolutions: inference only (no autograd), eval-mode BatchNorm, plain
+    convolutions, and no torch.compile; a unit without ReLU only as a tail's shortcut."""
+    if device.type != "cuda" or not _batch_ok(site.h) or torch.compiler.is_compiling():
+        return False
+    if _cuda_dtype(site.h) not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    if not site.tail and not site.unit.relu:
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (site.h, site.x) if t is not None):
+        return False
+    for conv, bn in _site_pairs(site):
+        if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros":
+            return False
+        if isinstance(conv.padding, str) or not _fusable(bn) or _uses_batch_stats(bn):
+            return False
+        params = (conv.weight, conv.bias, bn.weight, bn.bias)
+        if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
+            return False
+    return True

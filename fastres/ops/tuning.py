@@ -34,8 +34,6 @@ SHIPPED_DIR = Path(__file__).resolve().parent.parent / "tuned"
 
 # (device key, config key) -> config, for this process.
 _CHOSEN: dict[tuple[str, str], dict] = {}
-# device key -> the persisted configs of that device, read once.
-_PERSISTED: dict[str, dict[str, dict]] = {}
 
 
 def cache_dir() -> Path:
@@ -75,6 +73,43 @@ def _shipped_file(device_name: str) -> Path:
     return SHIPPED_DIR / (re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-") + ".json")
 
 
+class JsonCache:
+    """One JSON file of the cache directory: {device key: {key: value}}, read once per device
+    and process, written by merging with what other processes wrote meanwhile (replaced
+    atomically). A cache that cannot be written only costs a re-tune later."""
+
+    def __init__(self, filename: str):
+        self.filename = filename
+        self._loaded: dict[str, dict] = {}
+
+    def path(self) -> Path:
+        return cache_dir() / self.filename
+
+    def entries(self, device: str) -> dict:
+        if device not in self._loaded:
+            self._loaded[device] = _read(self.path()).get(device, {})
+        return self._loaded[device]
+
+    def put(self, device: str, key: str, value) -> None:
+        self.entries(device)[key] = value
+        path = self.path()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            everything = _read(path)
+            everything.setdefault(device, {})[key] = value
+            with tempfile.NamedTemporaryFile(
+                "w", dir=path.parent, delete=False, suffix=".tmp"
+            ) as f:
+                json.dump(everything, f, indent=1, sort_keys=True)
+            os.replace(f.name, path)
+        except OSError as err:
+            print(f"fastres: cannot write the tuning cache {path}: {err}", file=sys.stderr)
+
+    def forget(self) -> None:
+        """Drops what this process read (tests: another cache directory)."""
+        self._loaded.clear()
+
+
 def _read(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -82,30 +117,12 @@ def _read(path: Path) -> dict:
         return {}
 
 
-def _persisted(device: str) -> dict[str, dict]:
-    if device not in _PERSISTED:
-        _PERSISTED[device] = _read(cache_dir() / CACHE_FILE).get(device, {})
-    return _PERSISTED[device]
+_CONFIGS = JsonCache(CACHE_FILE)
 
 
 def _shipped(device: str) -> dict[str, dict]:
     """The configs shipped for this GPU (measured with some version: a fallback only)."""
     return _read(_shipped_file(device.split(" | ")[0])).get("configs", {})
-
-
-def _persist(device: str, key: str, config: dict) -> None:
-    """Adds one choice to the cache file (merged with what other processes wrote meanwhile,
-    replaced atomically); a cache that cannot be written only costs a re-tune later."""
-    path = cache_dir() / CACHE_FILE
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        everything = _read(path)
-        everything.setdefault(device, {})[key] = config
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-            json.dump(everything, f, indent=1, sort_keys=True)
-        os.replace(f.name, path)
-    except OSError as err:
-        print(f"fastres: cannot write the tuning cache {path}: {err}", file=sys.stderr)
 
 
 def choose(
@@ -127,14 +144,14 @@ def choose(
     chosen = _CHOSEN.get((device_id, key))
     if chosen is not None:
         return chosen
-    for known in (_persisted(device_id), _shipped(device_id)):
+    for known in (_CONFIGS.entries(device_id), _shipped(device_id)):
         if known.get(key) in candidates:  # a stale entry (candidates changed) is ignored
             chosen = known[key]
             break
     else:
         if tuning_enabled():
             chosen = _tune(key, candidates, launch, compile_only)
-            _persist(device_id, key, chosen)
+            _CONFIGS.put(device_id, key, chosen)
         else:
             chosen = candidates[0]
     _CHOSEN[device_id, key] = chosen

@@ -87,17 +87,20 @@ class TritonBackend(Backend):
 
 class _EvalUnits(Implementation):
     """The eval-mode unit operations: conv + folded BN (+ residual) (+ ReLU), one kernel each;
-    a Bottle2neck's middle without split or concat copies (`res2net.py`)."""
+    a Bottle2neck's middle without split or concat copies (`res2net.py`). Inputs are taken to
+    the compute dtype (a no-op inside this backend, which converts the block's input once)."""
 
     def unit(self, unit: Unit, x: Tensor) -> Tensor:
-        return conv_bn(unit.conv, unit.norm, x, relu=unit.relu)
+        return conv_bn(unit.conv, unit.norm, x.to(compute_dtype(x)), relu=unit.relu)
 
     def res2net(self, block: nn.Module, conv1: Unit, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return split_conv_concat(block, x)
 
     def tail(self, unit: Unit, h: Tensor | tuple, x: Tensor, shortcut: Shortcut | None) -> Tensor:
+        x = x.to(compute_dtype(x))
         identity = x if shortcut is None else downsample_shortcut(shortcut, x)
         if isinstance(h, Tensor):
+            h = h.to(compute_dtype(h))
             return conv_bn(unit.conv, unit.norm, h, relu=True, residual=identity)
         # A Res2Net concatenation in padded chunk slots, with conv3's folded weight for them.
         cat, weight, bias = h
@@ -105,3 +108,15 @@ class _EvalUnits(Implementation):
 
 
 _EVAL, _TRAIN = _EvalUnits(), TrainUnits()
+BACKEND = TritonBackend()
+EVAL_UNITS = _EVAL
+
+
+def runs_units(device: torch.device, site) -> bool:
+    """Whether the eval-mode units compute a unit site (`fastres.backends.select`)."""
+    if BACKEND.unavailable_reason(device.type) is not None or compute_dtype(site.h) is None:
+        return False
+    pairs = [(site.unit.conv, site.unit.norm)]
+    if site.shortcut is not None:
+        pairs.append((site.shortcut.unit.conv, site.shortcut.unit.norm))
+    return all(foldable(conv, bn) for conv, bn in pairs)

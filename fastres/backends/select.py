@@ -1,0 +1,606 @@
+"""'auto': per site of the model, the fastest implementation that agrees with the oracle.
+
+A *site* is where one implementation is chosen:
+
+- BatchNorms on running statistics (eval, norm_eval, frozen stages): each unit of the stem
+  and of a ResNet block (conv -> BN [-> ReLU]), and each block's tail (conv -> BN -> + shortcut
+  -> ReLU, the downsample unit with it); the candidates are `UNIT_CANDIDATES`;
+- a Bottle2neck in eval mode, and every block and the stem with BatchNorms in training mode:
+  the whole block (or stem), with the backends as candidates (`BLOCK_CANDIDATES`). Triton's
+  Res2Net middle hands conv3 a padded channel layout, and its training units hand each other raw
+  convolution outputs with their statistics: no other implementation could take over mid-block.
+
+Sites of one shape class (site kind, mode, dtype, layout, the convolutions' geometry, the input
+shape with the batch rounded up to a power of two) share a choice. It is made once per machine:
+
+1. `FASTRES_SELECT=<name>` forces the candidate `name` wherever it can run (profiling), else its
+   family (`native-onednn` -> `native`); elsewhere the choice is made as below;
+2. the choice this process made, else the one persisted under the device's key in
+   `<cache dir>/selection.json` (the cache directory of the Triton configs: `fastres.ops.tuning`);
+3. else, where tuning may run (`FASTRES_TRITON_TUNE` is not 0, not under torch.compile, CUDA
+   graph capture or torch.distributed), every candidate runs once on the site's inputs and must
+   pass the contract's agreement rule against the float64 oracle (outputs, and gradients where
+   the site needs them; docs/contract.md §3); those that pass are timed and the fastest is
+   persisted. The oracle itself ('torch') is always a candidate: no site is slower than
+   PyTorch's modules;
+4. else the default: the first candidate that can run, in the order of the candidate tables
+   (what 'auto' was before it selected: Triton on CUDA, native on CPU).
+
+Trials leave no trace: BatchNorm buffers are restored after each, gradients are taken with
+`torch.autograd.grad` (no `.grad` is written) on detached inputs. `recording()` collects the
+choices for a per-layer report (`python -m fastres tune`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .. import cpu_cache
+from ..ops import tuning
+from ..testing import TOLERANCE, relative_error
+from . import native, triton
+from .base import ORACLE, Backend
+from .plan import REFERENCE, Implementation, Shortcut, Unit, run_block, run_units
+
+SELECT_ENV_VAR = "FASTRES_SELECT"
+SELECTION_FILE = "selection.json"
+
+_SELECTIONS = tuning.JsonCache(SELECTION_FILE)
+# (device key, shape class) -> chosen candidate name, for this process.
+_CHOSEN: dict[tuple[str, str], str] = {}
+
+# Timing of one candidate: its agreement run warms it up, then the best of at most this many
+# runs, fewer once this many seconds are spent.
+_TIMED_RUNS = 5
+_TIME_BUDGET_S = 0.5
+
+
+class Candidate(NamedTuple):
+    """One implementation of a site: `applies(device, site)` says whether it can run it."""
+
+    name: str
+    impl: Any  # an Implementation (unit sites) or a Backend (block sites)
+    applies: Callable[[torch.device, Any], bool]
+
+    @property
+    def family(self) -> str:
+        return self.name.split("-")[0]
+
+
+def _always(device, site) -> bool:
+    return True
+
+
+def _backend_runs(backend: Backend) -> Callable[[torch.device, Any], bool]:
+    return lambda device, site: backend.unavailable_reason(device.type) is None
+
+
+# Unit sites, per device type, in default order (the first that applies is the default).
+UNIT_CANDIDATES: dict[str, list[Candidate]] = {
+    "cuda": [
+        Candidate("triton", triton.EVAL_UNITS, triton.runs_units),
+        Candidate("native", native.UNITS, native.runs_units),
+        Candidate("native-cudnn", native.CUDNN_UNITS, native.runs_cudnn_fused),
+        Candidate("torch", REFERENCE, _always),
+    ],
+    # Triton on CPU tensors is the interpreter, a test vehicle: not a candidate (tests add it).
+    "cpu": [
+        Candidate("native-onednn", native.ONEDNN_UNITS, native.runs_onednn),
+        Candidate("native", native.UNITS, native.runs_units),
+        Candidate("torch", REFERENCE, _always),
+    ],
+}
+
+_NATIVE, _TRITON, _TORCH = native.BACKEND, triton.BACKEND, ORACLE
+BLOCK_CANDIDATES: dict[str, list[Candidate]] = {
+    "cuda": [
+        Candidate("triton", _TRITON, _backend_runs(_TRITON)),
+        Candidate("native", _NATIVE, _backend_runs(_NATIVE)),
+        Candidate("torch", _TORCH, _always),
+    ],
+    "cpu": [
+        Candidate("native", _NATIVE, _backend_runs(_NATIVE)),
+        Candidate("torch", _TORCH, _always),
+    ],
+}
+
+
+def candidate_names() -> list[str]:
+    """Every name FASTRES_SELECT accepts."""
+    tables = [*UNIT_CANDIDATES.values(), *BLOCK_CANDIDATES.values()]
+    return sorted({c.name for table in tables for c in table})
+
+
+# -- what a site is ----------------------------------------------------------------------------
+
+
+class _UnitSite(NamedTuple):
+    """A unit (`tail` False) or a block's tail with its shortcut; args of the Implementation."""
+
+    unit: Unit
+    tail: bool
+    h: Tensor  # the unit's input
+    x: Tensor | None = None  # the block's input (tail only)
+    shortcut: Shortcut | None = None
+
+    def modules(self) -> list[nn.Module]:
+        mods = [self.unit.conv, self.unit.norm]
+        if self.shortcut is not None:
+            mods += [*self.shortcut.pools, self.shortcut.unit.conv, self.shortcut.unit.norm]
+        return mods
+
+    def inputs(self) -> list[Tensor]:
+        return [self.h] if self.x is None else [self.h, self.x]
+
+    def run(self, impl: Implementation, inputs: list[Tensor]) -> Tensor:
+        if self.tail:
+            return impl.tail(self.unit, inputs[0], inputs[1], self.shortcut)
+        return impl.output(impl.unit(self.unit, inputs[0]))
+
+    def with_modules(self, memo: dict[int, nn.Module]) -> _UnitSite:
+        """This site with its modules replaced by their copies in `memo` (id -> copy)."""
+
+        def unit(u: Unit) -> Unit:
+            return Unit(memo[id(u.conv)], memo[id(u.norm)], u.relu)
+
+        shortcut = self.shortcut
+        if shortcut is not None:
+            pools = tuple(memo[id(p)] for p in shortcut.pools)
+            shortcut = Shortcut(pools, unit(shortcut.unit))
+        return self._replace(unit=unit(self.unit), shortcut=shortcut)
+
+
+class _BlockSite(NamedTuple):
+    """A whole block (`model` None) or the stem of `model`: args of the Backend."""
+
+    module: nn.Module  # the block, or the model for its stem
+    x: Tensor
+    stem: bool = False
+
+    def modules(self) -> list[nn.Module]:
+        if self.stem:
+            units = self.module.stem_units()
+            return [m for u in units for m in (u.conv, u.norm)] + [self.module.maxpool]
+        return list(self.module.modules())
+
+    def inputs(self) -> list[Tensor]:
+        return [self.x]
+
+    def run(self, backend: Backend, inputs: list[Tensor]) -> Tensor:
+        if self.stem:
+            return backend.run_stem(self.module, inputs[0])
+        return backend.run_block(self.module, inputs[0])
+
+    def with_modules(self, memo: dict[int, nn.Module]) -> _BlockSite:
+        return self._replace(module=memo[id(self.module)])
+
+
+def _uses_batch_stats(bn: nn.Module) -> bool:
+    return isinstance(bn, nn.modules.batchnorm._NormBase) and (
+        bn.training or bn.running_mean is None
+    )
+
+
+def _needs_grad(site) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    if any(t.requires_grad for t in site.inputs()):
+        return True
+    return any(p.requires_grad for m in site.modules() for p in m.parameters(recurse=False))
+
+
+def _mode(site) -> str:
+    if any(_uses_batch_stats(m) for m in site.modules()):
+        return "train"
+    return "grad" if _needs_grad(site) else "eval"
+
+
+def _conv_geometry(conv: nn.Module) -> str:
+    if not isinstance(conv, nn.Conv2d):
+        return type(conv).__name__
+    return (
+        f"{conv.in_channels}>{conv.out_channels} k{conv.kernel_size} s{conv.stride} "
+        f"p{conv.padding} d{conv.dilation} g{conv.groups}{' bias' if conv.bias is not None else ''}"
+    )
+
+
+def _module_signature(m: nn.Module) -> str:
+    if isinstance(m, nn.Conv2d):
+        return _conv_geometry(m)
+    if isinstance(m, nn.modules.batchnorm._NormBase):
+        return f"{type(m).__name__}{'' if m.affine else '-noaffine'}"
+    if isinstance(m, nn.AvgPool2d):
+        return f"AvgPool{m.kernel_size}/{m.stride}{' ceil' if m.ceil_mode else ''}"
+    if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ReLU, nn.Identity)):
+        return ""
+    extra = m.extra_repr()
+    return f"{type(m).__name__}({extra})"
+
+
+def _layout(t: Tensor) -> str:
+    if t.is_contiguous():
+        return "nchw"
+    channels_last = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+    return "cl" if channels_last else "strided"
+
+
+def _shape_class(kind: str, site) -> str:
+    x = site.inputs()[0]
+    n, *rest = x.shape
+    batch = 1 << max(n - 1, 0).bit_length()
+    dtype = x.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+    modules = ",".join(s for s in map(_module_signature, site.modules()) if s)
+    if kind == "block":
+        modules = f"{type(site.module).__name__}[{modules}]"
+    return (
+        f"{kind} {_mode(site)} {str(dtype).removeprefix('torch.')} {_layout(x)} "
+        f"in {batch}x{'x'.join(map(str, rest))} {modules}"
+    )
+
+
+def _device_key(device: torch.device) -> str:
+    """The processor and the versions that decide the timings."""
+    versions = f"torch {torch.__version__}"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        try:
+            import triton as triton_lang
+
+            versions += f" | triton {triton_lang.__version__}"
+        except ImportError:
+            pass
+        return f"{name} | {versions}"
+    return f"{_cpu_name()} x{torch.get_num_threads()} threads | {versions}"
+
+
+@functools.cache
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# -- choosing ----------------------------------------------------------------------------------
+
+
+def _forced() -> str | None:
+    name = os.environ.get(SELECT_ENV_VAR)
+    if not name:
+        return None
+    if name not in candidate_names():
+        raise ValueError(
+            f"{SELECT_ENV_VAR}={name!r} is not an implementation: expected one of "
+            f"{', '.join(candidate_names())}"
+        )
+    return name
+
+
+def _may_tune(device: torch.device) -> bool:
+    if not tuning.tuning_enabled():
+        return False
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return False  # every rank must make the same choice: tune ahead (`fastres tune`)
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+_RECORD: list | None = None
+
+
+class Choice(NamedTuple):
+    """One site's choice, as `recording()` reports it."""
+
+    module: nn.Module  # the unit's conv, the block, or the model (stem)
+    site: str  # the shape class
+    chosen: str
+    how: str  # 'forced', 'only', 'cached', 'persisted', 'tuned', 'default'
+    times_ms: dict[str, float | None]  # tuned: per candidate, None where it disagreed
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[Choice]]:
+    """Collects every choice made while active (one per site visited)."""
+    global _RECORD
+    outer, _RECORD = _RECORD, []
+    try:
+        yield _RECORD
+    finally:
+        _RECORD = outer
+
+
+def _choose(kind: str, site, table: dict[str, list[Candidate]], label: nn.Module) -> Candidate:
+    device = site.inputs()[0].device
+    runnable = [c for c in table.get(device.type, table["cpu"]) if c.applies(device, site)]
+    choice, how, times = _pick(kind, site, runnable, device)
+    if _RECORD is not None:
+        _RECORD.append(Choice(label, _shape_class(kind, site), choice.name, how, times))
+    return choice
+
+
+def _pick(kind, site, runnable: list[Candidate], device) -> tuple[Candidate, str, dict]:
+    by_name = {c.name: c for c in runnable}
+    forced = _forced()
+    if forced is not None:
+        if forced in by_name:
+            return by_name[forced], "forced", {}
+        family = [c for c in runnable if c.family == forced.split("-")[0]]
+        if family:
+            return family[0], "forced", {}
+    if len(runnable) == 1:
+        return runnable[0], "only", {}
+    key = _shape_class(kind, site)
+    device_id = _device_key(device)
+    name = _CHOSEN.get((device_id, key))
+    if name in by_name:
+        return by_name[name], "cached", {}
+    name = _SELECTIONS.entries(device_id).get(key)
+    if name in by_name:
+        _CHOSEN[device_id, key] = name
+        return by_name[name], "persisted", {}
+    if not _may_tune(device):
+        return runnable[0], "default", {}
+    chosen, times = _tune(key, site, runnable)
+    _CHOSEN[device_id, key] = chosen.name
+    _SELECTIONS.put(device_id, key, chosen.name)
+    return chosen, "tuned", times
+
+
+# -- tuning ------------------------------------------------------------------------------------
+
+
+def _norm_buffers(modules: list[nn.Module]) -> list[list]:
+    """[buffer, saved copy, version] of every BatchNorm buffer: trials must not move running
+    statistics."""
+    return [
+        [b, b.detach().clone(), b._version]
+        for m in modules
+        if isinstance(m, nn.modules.batchnorm._NormBase)
+        for b in m.buffers(recurse=False)
+    ]
+
+
+@torch.no_grad()
+def _restore(saved: list[list]) -> None:
+    """Puts back the buffers a trial wrote (only those: a write would make the backends'
+    folded-weight caches, keyed on versions, fold again)."""
+    for entry in saved:
+        buffer, value, version = entry
+        if buffer._version != version:
+            buffer.copy_(value)
+            entry[2] = buffer._version
+
+
+def _parameters(site) -> list[Tensor]:
+    seen, params = set(), []
+    for m in site.modules():
+        for p in m.parameters(recurse=False):
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    return params
+
+
+def _trial(site, impl, inputs: list[Tensor], params: list[Tensor], grad_out: Tensor | None):
+    """The site's output, and the gradients of its inputs and `params` when grad_out is given."""
+    out = site.run(impl, inputs)
+    if grad_out is None:
+        return [out.detach()]
+    wrt = [t for t in inputs if t.requires_grad] + params
+    grads = torch.autograd.grad(out, wrt, grad_out, allow_unused=True)
+    return [out.detach()] + [g for g in grads if g is not None]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _gold(site, grad_out: Tensor | None) -> list[Tensor]:
+    """The oracle in float64 on float64 copies of the site's modules and inputs."""
+    originals = [site.module] if isinstance(site, _BlockSite) else site.modules()
+    # Without hooks: a profiler's or a user's hooks have no place on the copies, and may hold
+    # objects that cannot be copied.
+    no_hooks = {
+        id(hooks): type(hooks)()
+        for original in originals
+        for m in original.modules()
+        for name, hooks in vars(m).items()
+        if "hooks" in name and isinstance(hooks, dict)
+    }
+    copies = copy.deepcopy(nn.ModuleList(originals), no_hooks)
+    memo = {id(original): dup.double() for original, dup in zip(originals, copies)}
+    inputs = [
+        t.detach().double().requires_grad_(t.requires_grad and grad_out is not None)
+        for t in site.inputs()
+    ]
+    site64 = site.with_modules(memo)
+    params = _parameters(site64) if grad_out is not None else []
+    with torch.autocast(inputs[0].device.type, enabled=False):
+        impl = _TORCH if isinstance(site, _BlockSite) else REFERENCE
+        return _trial(site64, impl, inputs, params, None if grad_out is None else grad_out.double())
+
+
+def _agrees(result: list[Tensor], base: list[Tensor], gold: list[Tensor], dtype) -> bool:
+    if len(result) != len(base):
+        return False
+    tol = TOLERANCE.get(dtype, TOLERANCE[torch.float32])
+    for r, b, g in zip(result, base, gold):
+        if r.shape != g.shape:
+            return False
+        err = relative_error(r, g)
+        if not err <= 4 * relative_error(b, g) + tol:  # also catches NaN
+            return False
+    return True
+
+
+def _tune(key: str, site, runnable: list[Candidate]) -> tuple[Candidate, dict[str, float | None]]:
+    """Runs every candidate once against the oracle, times those that agree, returns the
+    fastest (and every candidate's time in ms, None where it disagreed or failed)."""
+    device = site.inputs()[0].device
+    saved = _norm_buffers(site.modules())
+    needs_grad = _needs_grad(site)
+    inputs = [t.detach().requires_grad_(t.requires_grad and needs_grad) for t in site.inputs()]
+    params = _parameters(site) if needs_grad else []
+    grad_out = None
+    oracle = next(c for c in runnable if c.family == "torch")
+    try:
+        base = _trial(site, oracle.impl, inputs, params, None)
+        if needs_grad:
+            grad_out = torch.randn_like(base[0])
+            base = _trial(site, oracle.impl, inputs, params, grad_out)
+        _restore(saved)
+        gold = _gold(site, grad_out)
+        _restore(saved)
+        dtype = base[0].dtype
+        times: dict[str, float | None] = {}
+        for candidate in runnable:
+            times[candidate.name] = _time(site, candidate, inputs, params, grad_out, base, gold,
+                                          dtype, device, saved)  # fmt: skip
+    finally:
+        _restore(saved)
+    agreeing = {name: ms for name, ms in times.items() if ms is not None}
+    best = min(agreeing, key=agreeing.get) if agreeing else oracle.name
+    return next(c for c in runnable if c.name == best), times
+
+
+def _time(site, candidate, inputs, params, grad_out, base, gold, dtype, device, saved):
+    """The candidate's best time in ms, or None where it fails or disagrees with the oracle."""
+    try:
+        result = _trial(site, candidate.impl, inputs, params, grad_out)
+        _restore(saved)
+        if not _agrees(result, base, gold, dtype):
+            return None
+        best, spent = math.inf, 0.0
+        for _ in range(_TIMED_RUNS):
+            _sync(device)
+            t0 = time.perf_counter()
+            _trial(site, candidate.impl, inputs, params, grad_out)
+            _sync(device)
+            elapsed = time.perf_counter() - t0
+            _restore(saved)
+            best, spent = min(best, elapsed), spent + elapsed
+            if spent > _TIME_BUDGET_S:
+                break
+        return best * 1e3
+    except Exception:  # a candidate that cannot run this site is no candidate
+        return None
+
+
+# -- the backend -------------------------------------------------------------------------------
+
+
+class _SelectedUnits(Implementation):
+    """Each unit and tail runs the implementation chosen for its site."""
+
+    def unit(self, unit: Unit, x: Tensor) -> Tensor:
+        site = _UnitSite(unit, False, x)
+        return site.run(_choose("unit", site, UNIT_CANDIDATES, unit.conv).impl, [x])
+
+    def tail(self, unit: Unit, h: Tensor, x: Tensor, shortcut: Shortcut | None) -> Tensor:
+        site = _UnitSite(unit, True, h, x, shortcut)
+        return site.run(_choose("tail", site, UNIT_CANDIDATES, unit.conv).impl, [h, x])
+
+
+_SELECTED = _SelectedUnits()
+
+
+class SelectingBackend(Backend):
+    """'auto': see the module docstring."""
+
+    name = "auto"
+
+    def default(self, device: torch.device) -> Backend:
+        """What runs where nothing may be chosen (under torch.compile)."""
+        for candidate in BLOCK_CANDIDATES.get(device.type, BLOCK_CANDIDATES["cpu"]):
+            if candidate.applies(device, None):
+                return candidate.impl
+        return _TORCH
+
+    def run_stem(self, model: nn.Module, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():
+            return self.default(x.device).run_stem(model, x)
+        units = model.stem_units()
+        site = _BlockSite(model, x, stem=True)
+        if _mode(site) == "train":
+            return site.run(_choose("stem", site, BLOCK_CANDIDATES, model).impl, [x])
+        cpu_cache.close_stale_backward_scope()
+        with cpu_cache.scope(x.device):
+            x = model.maxpool(run_units(_SELECTED, units, x))
+        cpu_cache.scope_backward(x)
+        return x
+
+    def run_block(self, block: nn.Module, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():
+            return self.default(x.device).run_block(block, x)
+        plan = block.plan()
+        site = _BlockSite(block, x)
+        if plan.res2net is not None or _mode(site) == "train":
+            return site.run(_choose("block", site, BLOCK_CANDIDATES, block).impl, [x])
+        with cpu_cache.scope(x.device):
+            out = run_block(_SELECTED, plan, x)
+        cpu_cache.scope_backward(out)
+        return out
+
+
+# -- reporting ---------------------------------------------------------------------------------
+
+
+def selection_file() -> str:
+    """Where the choices persist."""
+    return str(_SELECTIONS.path())
+
+
+def layer_report(model: nn.Module, choices: list[Choice]) -> list[dict]:
+    """One row per site visited: the layer's name in `model` ('' for the stem), the site kind,
+    the choice, how it was made, and the candidates' times (ms) where they were measured."""
+    names = {id(m): name for name, m in model.named_modules()}
+    rows, seen = [], set()
+    for c in choices:
+        row = {
+            "layer": names.get(id(c.module), "?") or "stem",
+            "site": c.site,
+            "chosen": c.chosen,
+            "how": c.how,
+            "times_ms": {k: None if v is None else round(v, 3) for k, v in c.times_ms.items()},
+        }
+        key = (row["layer"], c.site)
+        if key not in seen:  # a training step's recomputation visits a site twice
+            seen.add(key)
+            rows.append(row)
+    return rows
+
+
+def format_report(rows: list[dict]) -> str:
+    """The report as a table: layer, kind, chosen, and the timings or how it was chosen."""
+    lines = [f"  {'layer':22s} {'site':6s} {'chosen':14s} candidates (ms; - disagreed or failed)"]
+    for row in rows:
+        times = row["times_ms"]
+        detail = (
+            ", ".join(f"{n} {'-' if t is None else f'{t:.2f}'}" for n, t in times.items())
+            if times
+            else f"({row['how']})"
+        )
+        kind = row["site"].split(" ", 1)[0]
+        lines.append(f"  {row['layer']:22s} {kind:6s} {row['chosen']:14s} {detail}")
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["chosen"]] = counts.get(row["chosen"], 0) + 1
+    lines.append("  chosen: " + ", ".join(f"{n} {k}" for n, k in sorted(counts.items())))
+    return "\n".join(lines)
