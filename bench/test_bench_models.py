@@ -17,7 +17,7 @@ from fastres import benchmark as bm
 
 # Systems are the innermost parameter so that one case's systems run back to back and share
 # its gold and base outputs.
-SYSTEMS = [*bm.PEERS, *(bm.fastres_system(b) for b in ("torch", "native", "triton"))]
+SYSTEMS = [*bm.PEERS, *(bm.fastres_system(b) for b in ("torch", "native", "triton", "auto"))]
 
 
 @pytest.mark.parametrize("system", SYSTEMS, ids=[s.name for s in SYSTEMS])

@@ -90,9 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--backend",
         action="append",
-        choices=("torch", "native", "triton"),
+        choices=("torch", "native", "triton", "auto"),
         help="fastres backend to run (repeatable; default: every fused backend that can run "
-        "here; 'torch', the oracle, is the same computation as eager-cl)",
+        "here, and 'auto', the per-layer selection among them; 'torch', the oracle, is the "
+        "same computation as eager-cl)",
     )
     bench.add_argument(
         "--mode", choices=("infer", "train", "both"), default="both", help="default both"

@@ -142,7 +142,7 @@ def backend_reasons(device: torch.device | str) -> dict[str, str | None]:
     """
     device = torch.device(device)
     reasons: dict[str, str | None] = {}
-    for name in backends.available_backends():
+    for name in [*backends.available_backends(), "auto"]:
         try:
             backends.resolve(name, device)
             reasons[name] = None
@@ -159,12 +159,15 @@ def benchable_backends(device: torch.device | str) -> list[str]:
 
 
 def default_backends(device: torch.device | str) -> list[str]:
-    """The fastres backends benchmarked unless named: the fused ones that can run on `device`.
+    """The fastres backends benchmarked unless named: the fused ones that can run on `device`,
+    and 'auto', the selection among them.
 
     'torch' is the oracle itself, the same computation as the eager-cl peer; timing it twice
     would only cost time, so it runs by default only where no fused backend can.
     """
-    fused = [name for name in benchable_backends(device) if name != "torch"]
+    fused = [name for name in benchable_backends(device) if name not in ("torch", "auto")]
+    if fused and backends.resolve("auto", torch.device(device)).name == "auto":
+        fused.append("auto")  # the per-layer selection among them (and the oracle)
     return fused or ["torch"]
 
 

@@ -18,8 +18,9 @@
 #                CUDA context costs only its own case;
 #   bench-*      python -m fastres bench, b256 bf16 224 px, inference and training step:
 #                eager, eager-cl and the fastres backends whose smoke checks passed.
-# Call 2: the Triton backend with tuned tiles (bench-tuned-infer, then bench-tuned-train with
-#   native beside it once the extension is built), the tuning cache returned in the results
+# Call 2: 'auto' tuned (tune: the implementation chosen per layer), the Triton backend with
+#   tuned tiles and auto (bench-tuned-infer, then bench-tuned-train with native beside them),
+#   the tuning cache returned in the results
 #   (cache/triton-configs.json, the defaults to ship for the GPU), torch.profiler tables of a
 #   ResNet-50 step per backend (profile-*), every ResNet-50 conv shape against cuDNN
 #   (bench-layers), then the torch.compile peers (bench-compile-*).
@@ -203,9 +204,14 @@ if [ "$DRY_RUN" = 1 ]; then
 else
   tuned=(--backend triton) compiled=(--backend triton)
 fi
-bench bench-tuned-infer both 150 --mode infer --no-compile "${tuned[@]}"
 wait "$build_pid"
-bench bench-tuned-train both 150 --mode train --no-compile --backend native "${tuned[@]}"
+# 'auto': each layer's candidates (Triton with its tiles tuned here, native, cuDNN's fused
+# convolutions, the oracle) checked and timed, the choice per layer printed to steps.log and
+# kept in cache/selection.json; the benches below then time auto beside the backends.
+run_step tune 150 "$PYTHON" -m fastres tune "${shape_args[@]}"
+bench bench-tuned-infer both 150 --mode infer --no-compile --backend auto "${tuned[@]}"
+bench bench-tuned-train both 150 --mode train --no-compile --backend native --backend auto \
+  "${tuned[@]}"
 # Where the time of a ResNet-50 step goes, per op, for the oracle (eager-cl) and the backends.
 for system in torch-infer native-infer torch-train native-train triton-train; do
   run_step "profile-$system" 45 "$PYTHON" -m fastres profile "${shape_args[@]}" \

@@ -356,7 +356,7 @@ def _pick(kind, site, runnable: list[Candidate], device) -> tuple[Candidate, str
         return by_name[name], "persisted", {}
     if not _may_tune(device):
         return runnable[0], "default", {}
-    chosen, times = _tune(key, site, runnable)
+    chosen, times = _tune(site, runnable)
     _CHOSEN[device_id, key] = chosen.name
     _SELECTIONS.put(device_id, key, chosen.name)
     return chosen, "tuned", times
@@ -365,11 +365,11 @@ def _pick(kind, site, runnable: list[Candidate], device) -> tuple[Candidate, str
 # -- tuning ------------------------------------------------------------------------------------
 
 
-def _norm_buffers(modules: list[nn.Module]) -> list[list]:
-    """[buffer, saved copy, version] of every BatchNorm buffer: trials must not move running
+def _norm_buffers(modules: list[nn.Module]) -> list[tuple[Tensor, Tensor]]:
+    """(buffer, saved copy) of every BatchNorm buffer: trials must not move running
     statistics."""
     return [
-        [b, b.detach().clone(), b._version]
+        (b, b.detach().clone())
         for m in modules
         if isinstance(m, nn.modules.batchnorm._NormBase)
         for b in m.buffers(recurse=False)
@@ -377,14 +377,13 @@ def _norm_buffers(modules: list[nn.Module]) -> list[list]:
 
 
 @torch.no_grad()
-def _restore(saved: list[list]) -> None:
-    """Puts back the buffers a trial wrote (only those: a write would make the backends'
-    folded-weight caches, keyed on versions, fold again)."""
-    for entry in saved:
-        buffer, value, version = entry
-        if buffer._version != version:
+def _restore(saved: list[tuple[Tensor, Tensor]]) -> None:
+    """Puts back the buffers a trial changed, only those: a write would make the backends'
+    folded-weight caches, keyed on versions, fold again. (Values are compared, not versions:
+    batch_norm updates running statistics without bumping their version.)"""
+    for buffer, value in saved:
+        if not torch.equal(buffer, value):
             buffer.copy_(value)
-            entry[2] = buffer._version
 
 
 def _parameters(site) -> list[Tensor]:
@@ -397,14 +396,9 @@ def _parameters(site) -> list[Tensor]:
     return params
 
 
-def _trial(site, impl, inputs: list[Tensor], params: list[Tensor], grad_out: Tensor | None):
-    """The site's output, and the gradients of its inputs and `params` when grad_out is given."""
-    out = site.run(impl, inputs)
-    if grad_out is None:
-        return [out.detach()]
-    wrt = [t for t in inputs if t.requires_grad] + params
-    grads = torch.autograd.grad(out, wrt, grad_out, allow_unused=True)
-    return [out.detach()] + [g for g in grads if g is not None]
+def _detached(inputs: list[Tensor], grad: bool) -> list[Tensor]:
+    """The inputs off the caller's graph; those that required grad do so again if `grad`."""
+    return [t.detach().requires_grad_(t.requires_grad and grad) for t in inputs]
 
 
 def _sync(device: torch.device) -> None:
@@ -426,15 +420,13 @@ def _gold(site, grad_out: Tensor | None) -> list[Tensor]:
     }
     copies = copy.deepcopy(nn.ModuleList(originals), no_hooks)
     memo = {id(original): dup.double() for original, dup in zip(originals, copies)}
-    inputs = [
-        t.detach().double().requires_grad_(t.requires_grad and grad_out is not None)
-        for t in site.inputs()
-    ]
     site64 = site.with_modules(memo)
-    params = _parameters(site64) if grad_out is not None else []
+    wants_grad = grad_out is not None
+    inputs = _detached([t.double() for t in site.inputs()], wants_grad)
+    trials = _Trials(site64, inputs, _parameters(site64) if wants_grad else [])
+    trials.grad_out = None if grad_out is None else grad_out.double()
     with torch.autocast(inputs[0].device.type, enabled=False):
-        impl = _TORCH if isinstance(site, _BlockSite) else REFERENCE
-        return _trial(site64, impl, inputs, params, None if grad_out is None else grad_out.double())
+        return trials.run(_TORCH if isinstance(site, _BlockSite) else REFERENCE)
 
 
 def _agrees(result: list[Tensor], base: list[Tensor], gold: list[Tensor], dtype) -> bool:
@@ -444,56 +436,70 @@ def _agrees(result: list[Tensor], base: list[Tensor], gold: list[Tensor], dtype)
     for r, b, g in zip(result, base, gold):
         if r.shape != g.shape:
             return False
-        err = relative_error(r, g)
-        if not err <= 4 * relative_error(b, g) + tol:  # also catches NaN
+        if not relative_error(r, g) <= 4 * relative_error(b, g) + tol:  # also catches NaN
             return False
     return True
 
 
-def _tune(key: str, site, runnable: list[Candidate]) -> tuple[Candidate, dict[str, float | None]]:
+class _Trials:
+    """Runs implementations of one site on detached copies of its inputs: the output, and the
+    gradients of the inputs and parameters (taken with autograd.grad, so no .grad is written)
+    against `grad_out` where the site needs gradients."""
+
+    def __init__(self, site, inputs: list[Tensor], params: list[Tensor]):
+        self.site, self.inputs, self.params = site, inputs, params
+        self.grad_out: Tensor | None = None
+
+    def run(self, impl) -> list[Tensor]:
+        out = self.site.run(impl, self.inputs)
+        if self.grad_out is None:
+            return [out.detach()]
+        wrt = [t for t in self.inputs if t.requires_grad] + self.params
+        grads = torch.autograd.grad(out, wrt, self.grad_out, allow_unused=True)
+        return [out.detach()] + [g for g in grads if g is not None]
+
+
+def _tune(site, runnable: list[Candidate]) -> tuple[Candidate, dict[str, float | None]]:
     """Runs every candidate once against the oracle, times those that agree, returns the
     fastest (and every candidate's time in ms, None where it disagreed or failed)."""
-    device = site.inputs()[0].device
-    saved = _norm_buffers(site.modules())
     needs_grad = _needs_grad(site)
-    inputs = [t.detach().requires_grad_(t.requires_grad and needs_grad) for t in site.inputs()]
-    params = _parameters(site) if needs_grad else []
-    grad_out = None
+    inputs = _detached(site.inputs(), needs_grad)
+    trials = _Trials(site, inputs, _parameters(site) if needs_grad else [])
+    saved = _norm_buffers(site.modules())
     oracle = next(c for c in runnable if c.family == "torch")
-    try:
-        base = _trial(site, oracle.impl, inputs, params, None)
-        if needs_grad:
-            grad_out = torch.randn_like(base[0])
-            base = _trial(site, oracle.impl, inputs, params, grad_out)
-        _restore(saved)
-        gold = _gold(site, grad_out)
-        _restore(saved)
-        dtype = base[0].dtype
-        times: dict[str, float | None] = {}
-        for candidate in runnable:
-            times[candidate.name] = _time(site, candidate, inputs, params, grad_out, base, gold,
-                                          dtype, device, saved)  # fmt: skip
-    finally:
-        _restore(saved)
+    # Saved tensors kept as they are: inside a checkpointed block (with_cp) the checkpoint
+    # would pack the trials' tensors, and their backward would recompute the block.
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        try:
+            base = trials.run(oracle.impl)
+            if needs_grad:
+                trials.grad_out = torch.randn_like(base[0])
+                base = trials.run(oracle.impl)
+            _restore(saved)
+            gold = _gold(site, trials.grad_out)
+            times = {c.name: _time(trials, c.impl, base, gold, saved) for c in runnable}
+        finally:
+            _restore(saved)
     agreeing = {name: ms for name, ms in times.items() if ms is not None}
     best = min(agreeing, key=agreeing.get) if agreeing else oracle.name
     return next(c for c in runnable if c.name == best), times
 
 
-def _time(site, candidate, inputs, params, grad_out, base, gold, dtype, device, saved):
-    """The candidate's best time in ms, or None where it fails or disagrees with the oracle."""
+def _time(trials: _Trials, impl, base, gold, saved) -> float | None:
+    """The implementation's best time in ms, or None where it fails or disagrees."""
+    device = trials.inputs[0].device
     try:
-        result = _trial(site, candidate.impl, inputs, params, grad_out)
+        result = trials.run(impl)
         _restore(saved)
-        if not _agrees(result, base, gold, dtype):
+        if not _agrees(result, base, gold, base[0].dtype):
             return None
         best, spent = math.inf, 0.0
         for _ in range(_TIMED_RUNS):
             _sync(device)
-            t0 = time.perf_counter()
-            _trial(site, candidate.impl, inputs, params, grad_out)
+            start = time.perf_counter()
+            trials.run(impl)
             _sync(device)
-            elapsed = time.perf_counter() - t0
+            elapsed = time.perf_counter() - start
             _restore(saved)
             best, spent = min(best, elapsed), spent + elapsed
             if spent > _TIME_BUDGET_S:

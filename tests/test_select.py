@@ -1,0 +1,281 @@
+"""The 'auto' selection (fastres/backends/select.py): candidates are checked against the oracle
+before they may win, the choices persist across processes, FASTRES_SELECT forces one, and
+tuning leaves the model as it was."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import fastres
+from fastres.backends import select
+from fastres.backends.base import ORACLE, Backend
+from fastres.backends.plan import REFERENCE, Implementation
+from fastres.ops import tuning
+from fastres.testing import assert_matches_oracle, randomize_norms
+
+
+@pytest.fixture
+def fresh(tmp_path, monkeypatch):
+    """A selection state of this test's own: nothing chosen, an empty cache directory."""
+    monkeypatch.setenv(tuning.CACHE_ENV_VAR, str(tmp_path / "cache"))
+    monkeypatch.delenv(tuning.TUNE_ENV_VAR, raising=False)
+    monkeypatch.delenv(select.SELECT_ENV_VAR, raising=False)
+    monkeypatch.setattr(select, "_CHOSEN", {})
+    monkeypatch.setattr(select, "_SELECTIONS", tuning.JsonCache(select.SELECTION_FILE))
+    return tmp_path / "cache" / select.SELECTION_FILE
+
+
+def _model(train: bool = False, depth: int = 18) -> nn.Module:
+    model = fastres.ResNet(depth=depth, base_channels=8, zero_init_residual=False, norm_eval=False)
+    return randomize_norms(model).train(train)
+
+
+def _run(model: nn.Module, x: torch.Tensor, train: bool = False) -> list[select.Choice]:
+    with select.recording() as choices:
+        if train:
+            model(x)[-1].sum().backward()
+        else:
+            with torch.no_grad():
+                model(x)
+    return choices
+
+
+class _Slow(Implementation, Backend):
+    """Another candidate, 5 ms slower per call."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def unit(self, *args):
+        time.sleep(0.005)
+        return self.inner.unit(*args)
+
+    def tail(self, *args):
+        time.sleep(0.005)
+        return self.inner.tail(*args)
+
+    def output(self, h):
+        return self.inner.output(h)
+
+    def run_block(self, *args):
+        time.sleep(0.005)
+        return self.inner.run_block(*args)
+
+    def run_stem(self, *args):
+        time.sleep(0.005)
+        return self.inner.run_stem(*args)
+
+
+class _OffByOnePercent(Implementation):
+    """The oracle's units, 1% off: the fastest candidate, and wrong."""
+
+    def unit(self, unit, x):
+        return REFERENCE.unit(unit, x) * 1.01
+
+    def tail(self, unit, h, x, shortcut):
+        return REFERENCE.tail(unit, h, x, shortcut) * 1.01
+
+
+class _ScaledGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y):
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 1.5
+
+
+class _WrongGradient(Backend):
+    """The oracle's blocks with a right forward and a backward 1.5x too large."""
+
+    name = "wrong"
+
+    def run_block(self, block, x):
+        return _ScaledGrad.apply(block.forward_reference(x))
+
+    def run_stem(self, model, x):
+        return _ScaledGrad.apply(model.stem_reference(x))
+
+
+def _table(*candidates):
+    return {"cpu": list(candidates)}
+
+
+def test_a_candidate_that_disagrees_with_the_oracle_is_never_chosen(fresh, monkeypatch):
+    """The wrong candidate is the fastest; a right one just as fast wins where it is offered
+    (so the test would see the wrong one win if the check let it)."""
+    always = select._always
+    slow = [
+        select.Candidate("native", _Slow(select.native.UNITS), select.native.runs_units),
+        select.Candidate("torch", _Slow(REFERENCE), always),
+    ]
+    monkeypatch.setattr(
+        select,
+        "UNIT_CANDIDATES",
+        _table(select.Candidate("wrong", _OffByOnePercent(), always), *slow),
+    )
+    model, x = _model(), torch.randn(2, 3, 32, 32)
+    choices = _run(model, x)
+    assert choices and all(c.chosen != "wrong" for c in choices)
+    tuned = [c for c in choices if c.how == "tuned"]
+    assert tuned and all(c.times_ms["wrong"] is None for c in tuned)
+    assert all(c.times_ms["torch"] is not None for c in tuned)
+
+    fast_and_right = select.Candidate("right", REFERENCE, always)
+    monkeypatch.setattr(select, "UNIT_CANDIDATES", _table(fast_and_right, *slow))
+    monkeypatch.setattr(select, "_CHOSEN", {})
+    monkeypatch.setenv(tuning.CACHE_ENV_VAR, str(fresh.parent.parent / "other"))
+    monkeypatch.setattr(select, "_SELECTIONS", tuning.JsonCache(select.SELECTION_FILE))
+    assert all(c.chosen == "right" for c in _run(model, x))
+
+
+def test_a_block_whose_gradient_disagrees_is_never_chosen(fresh, monkeypatch):
+    """In training mode the candidates are whole blocks, checked on their gradients too."""
+    always = select._always
+    monkeypatch.setattr(
+        select,
+        "BLOCK_CANDIDATES",
+        _table(
+            select.Candidate("wrong", _WrongGradient(), always),
+            select.Candidate("torch", _Slow(ORACLE), always),
+        ),
+    )
+    model = _model(train=True)
+    choices = _run(model, torch.randn(2, 3, 32, 32), train=True)
+    tuned = [c for c in choices if c.how == "tuned"]
+    assert tuned and {c.chosen for c in choices} == {"torch"}
+    assert all(c.times_ms["wrong"] is None for c in tuned)
+
+
+def test_tuning_leaves_statistics_and_gradients_as_one_oracle_step_does(fresh):
+    """Trials run each candidate several times: running statistics and .grad must still end up
+    as after one forward + backward of the oracle."""
+    model, x = _model(train=True), torch.randn(4, 3, 32, 32)
+    oracle = copy.deepcopy(model).set_backend("torch")
+    choices = _run(model, x, train=True)
+    assert any(c.how == "tuned" for c in choices)
+    oracle(x)[-1].sum().backward()
+    buffers = dict(oracle.named_buffers())
+    for name, value in model.named_buffers():
+        if name.endswith("num_batches_tracked"):
+            assert torch.equal(value, buffers[name]), name
+        else:
+            assert_matches_oracle(value, buffers[name], buffers[name], torch.float32, name)
+    grads = {n: p.grad for n, p in oracle.named_parameters()}
+    for name, p in model.named_parameters():
+        assert_matches_oracle(p.grad, grads[name], grads[name], torch.float32, name)
+
+
+def test_the_persisted_choice_is_reused_by_a_new_process(fresh):
+    # channels_last in and out of every candidate: each site's input layout (part of its shape
+    # class) is then the same whatever the sites before it chose.
+    cl = torch.channels_last
+    model = _model().to(memory_format=cl)
+    first = _run(model, torch.randn(2, 3, 32, 32).contiguous(memory_format=cl))
+    assert any(c.how == "tuned" for c in first)
+    # Rewrite every persisted choice to another candidate that can run the site: a new
+    # process must take the file's word, not tune again.
+    stored = json.loads(fresh.read_text())
+    (device,) = stored
+    for key, name in stored[device].items():
+        stored[device][key] = "torch" if name != "torch" else "native"
+    fresh.write_text(json.dumps(stored))
+    script = textwrap.dedent(
+        """
+        import json, sys, torch, fastres
+        from fastres.backends import select
+        cl = torch.channels_last
+        model = fastres.ResNet(depth=18, base_channels=8).eval().to(memory_format=cl)
+        with select.recording() as choices, torch.no_grad():
+            model(torch.randn(2, 3, 32, 32).contiguous(memory_format=cl))
+        json.dump([(c.site, c.chosen, c.how) for c in choices], sys.stdout)
+        """
+    )
+    env = {**os.environ, tuning.CACHE_ENV_VAR: str(fresh.parent)}
+    env.pop("FASTRES_BACKEND", None)
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, check=True, capture_output=True, text=True
+    )
+    seen = json.loads(out.stdout)
+    assert {how for _, _, how in seen} <= {"persisted", "cached", "only"}
+    assert all(stored[device][site] == chosen for site, chosen, how in seen if how != "only")
+
+
+def test_forcing_one_implementation(fresh, monkeypatch):
+    model, x = _model(), torch.randn(2, 3, 32, 32)
+    monkeypatch.setenv(select.SELECT_ENV_VAR, "torch")
+    choices = _run(model, x)
+    assert {(c.chosen, c.how) for c in choices} == {("torch", "forced")}
+    # A name forces its family where the name itself is no candidate (training: whole blocks).
+    monkeypatch.setenv(select.SELECT_ENV_VAR, "native-onednn")
+    assert {c.chosen for c in _run(model, x)} == {"native-onednn"}
+    assert {c.chosen for c in _run(_model(train=True), x, train=True)} == {"native"}
+    monkeypatch.setenv(select.SELECT_ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match=r"FASTRES_SELECT='fastest'.*native-onednn.*torch"):
+        _run(model, x)
+
+
+def test_without_tuning_the_default_runs(fresh, monkeypatch):
+    """FASTRES_TRITON_TUNE=0: no timing; each site runs its first candidate (native's)."""
+    monkeypatch.setenv(tuning.TUNE_ENV_VAR, "0")
+    choices = _run(_model(), torch.randn(2, 3, 32, 32))
+    assert {(c.chosen, c.how) for c in choices} == {("native-onednn", "default")}
+    assert not fresh.exists()
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_selection_under_the_interpreter_with_triton_a_candidate(fresh, monkeypatch, train):
+    """Under TRITON_INTERPRET=1 the Triton units take part (tests only: the interpreter is no
+    real candidate on CPU), agree with the oracle, and the model's result keeps the contract."""
+    pytest.importorskip("triton")
+    from fastres.backends import triton
+
+    if triton.BACKEND.unavailable_reason("cpu") is not None:
+        pytest.skip("the Triton interpreter is off")
+    units = [select.Candidate("triton", triton.EVAL_UNITS, triton.runs_units)]
+    blocks = [select.Candidate("triton", triton.BACKEND, select._always)]
+    monkeypatch.setitem(select.UNIT_CANDIDATES, "cpu", units + select.UNIT_CANDIDATES["cpu"])
+    monkeypatch.setitem(select.BLOCK_CANDIDATES, "cpu", blocks + select.BLOCK_CANDIDATES["cpu"])
+    monkeypatch.setattr(select, "_TIMED_RUNS", 1)  # the interpreter is slow, not timed here
+    model = _model(train=train, depth=50)
+    oracle = copy.deepcopy(model).set_backend("torch")
+    gold = copy.deepcopy(model).double().set_backend("torch")
+    x = torch.randn(2, 3, 32, 32)
+    choices = _run(model, x, train=train)
+    tuned = [c for c in choices if c.how == "tuned"]
+    assert tuned and all(c.times_ms["triton"] is not None for c in tuned)
+    for forced in ("triton", None):
+        if forced:
+            monkeypatch.setenv(select.SELECT_ENV_VAR, forced)
+        with torch.set_grad_enabled(train):
+            y, base, y64 = model(x)[-1], oracle(x)[-1], gold(x.double())[-1]
+        assert_matches_oracle(y, base, y64, torch.float32, f"output ({forced or 'selected'})")
+    assert {c.chosen for c in _run(model, x, train=train)} == {"triton"}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_every_cuda_candidate_agrees_with_the_oracle(fresh, dtype, train):
+    """On a GPU every candidate (Triton, native, cuDNN's fused convolutions, the oracle) passes
+    its agreement check where it applies, so each takes part in the timing."""
+    cl = torch.channels_last
+    model = _model(train=train, depth=50).cuda().to(memory_format=cl)
+    x = torch.randn(4, 3, 64, 64, device="cuda").contiguous(memory_format=cl)
+    with torch.autocast("cuda", dtype, enabled=dtype != torch.float32):
+        choices = _run(model, x, train=train)
+    tuned = [c for c in choices if c.how == "tuned"]
+    assert tuned
+    for c in tuned:
+        assert "triton" in c.times_ms and all(t is not None for t in c.times_ms.values()), c
+    if not train:
+        assert any("native-cudnn" in c.times_ms for c in tuned)
