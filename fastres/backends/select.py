@@ -126,7 +126,7 @@ def candidate_names() -> list[str]:
 
 
 class _UnitSite(NamedTuple):
-    """A unit (`tail` False) or a block's tail with its shortcut; args of the Implementation."""
+    """A unit, or (`tail`) a block's tail with its shortcut: what an Implementation runs."""
 
     unit: Unit
     tail: bool
@@ -162,7 +162,7 @@ class _UnitSite(NamedTuple):
 
 
 class _BlockSite(NamedTuple):
-    """A whole block (`model` None) or the stem of `model`: args of the Backend."""
+    """A whole block, or (`stem`) the stem of a model: what a Backend runs."""
 
     module: nn.Module  # the block, or the model for its stem
     x: Tensor
@@ -252,18 +252,23 @@ def _shape_class(kind: str, site) -> str:
 
 
 def _device_key(device: torch.device) -> str:
-    """The processor and the versions that decide the timings."""
-    versions = f"torch {torch.__version__}"
+    """The processor and the versions that decide the timings (CPU: with the thread count)."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        try:
-            import triton as triton_lang
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _gpu_key(index)
+    return f"{_cpu_name()} x{torch.get_num_threads()} threads | torch {torch.__version__}"
 
-            versions += f" | triton {triton_lang.__version__}"
-        except ImportError:
-            pass
-        return f"{name} | {versions}"
-    return f"{_cpu_name()} x{torch.get_num_threads()} threads | {versions}"
+
+@functools.cache
+def _gpu_key(index: int) -> str:
+    versions = f"torch {torch.__version__}"
+    try:
+        import triton as triton_lang
+
+        versions += f" | triton {triton_lang.__version__}"
+    except ImportError:
+        pass
+    return f"{torch.cuda.get_device_name(index)} | {versions}"
 
 
 @functools.cache
