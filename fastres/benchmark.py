@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
 import datetime
 import gc
 import json
@@ -38,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import backends
+from . import backends, cpu_cache
 from .models import Res2Net, ResNet
 from .testing import assert_matches_oracle, randomize_norms, relative_error
 
@@ -494,10 +493,8 @@ def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    if sys.platform.startswith("linux"):
-        # glibc keeps freed heap pages; without trimming, RSS deltas under-report.
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
+    # glibc keeps freed heap pages; without trimming, RSS deltas under-report.
+    cpu_cache.trim_heap()
 
 
 def _proc_status_kib(key: str) -> int | None:

@@ -279,3 +279,22 @@ def test_every_cuda_candidate_agrees_with_the_oracle(fresh, dtype, train):
         assert "triton" in c.times_ms and all(t is not None for t in c.times_ms.values()), c
     if not train:
         assert any("native-cudnn" in c.times_ms for c in tuned)
+
+
+def test_a_gradient_agrees_despite_one_kink_flip_and_not_when_wrong():
+    """One channel moved by a whole upstream gradient (a ReLU kink rounded the other way) is
+    rounding; a scaled gradient, a NaN, or many channels off are not."""
+    gold = torch.randn(64, 32, 3, 3, dtype=torch.float64)
+    base = (gold + 1e-7 * torch.randn_like(gold)).float()
+    tol = 1e-5
+    flipped = base.clone()
+    flipped[int(torch.randint(64, ()))] += torch.randn(32, 3, 3)
+    assert select.gradient_agrees(base, base, gold, tol)
+    assert select.gradient_agrees(flipped, base, gold, tol)
+    assert not select.gradient_agrees(base * 1.5, base, gold, tol)
+    many = base.clone()
+    many[:8] += torch.randn(8, 32, 3, 3)
+    assert not select.gradient_agrees(many, base, gold, tol)
+    nan = base.clone()
+    nan[:, 0, 0, 0] = float("nan")
+    assert not select.gradient_agrees(nan, base, gold, tol)

@@ -64,6 +64,9 @@ _CHOSEN: dict[tuple[str, str], str] = {}
 # runs, fewer once this many seconds are spent.
 _TIMED_RUNS = 5
 _TIME_BUDGET_S = 0.5
+# Another candidate replaces the default (the first of its table) only when faster by more than
+# this: the rest is noise, and the default's whole-model effects are known (`_time`).
+_MARGIN = 0.03
 
 
 class Candidate(NamedTuple):
@@ -435,15 +438,34 @@ def _gold(site, grad_out: Tensor | None) -> list[Tensor]:
 
 
 def _agrees(result: list[Tensor], base: list[Tensor], gold: list[Tensor], dtype) -> bool:
-    if len(result) != len(base):
+    """The agreement rule for the output (first) and `gradient_agrees` for the gradients."""
+    if len(result) != len(base) or any(r.shape != g.shape for r, g in zip(result, gold)):
         return False
     tol = TOLERANCE.get(dtype, TOLERANCE[torch.float32])
-    for r, b, g in zip(result, base, gold):
-        if r.shape != g.shape:
-            return False
-        if not relative_error(r, g) <= 4 * relative_error(b, g) + tol:  # also catches NaN
-            return False
-    return True
+    (out, *grads), (out_base, *grads_base), (out_gold, *grads_gold) = result, base, gold
+    if not _within(out, out_base, out_gold, tol):
+        return False
+    return all(gradient_agrees(*tensors, tol) for tensors in zip(grads, grads_base, grads_gold))
+
+
+def _within(r: Tensor, b: Tensor, g: Tensor, tol: float) -> bool:
+    return relative_error(r, g) <= 4 * relative_error(b, g) + tol  # False for NaN
+
+
+def gradient_agrees(r: Tensor, b: Tensor, g: Tensor, tol: float) -> bool:
+    """The agreement rule, except in a few slices along dim 0 (one in 20, at least one).
+
+    A pre-activation that rounds to the other side of a ReLU kink than in the float64 gold
+    passes or stops a whole upstream gradient: it moves one channel of a parameter's gradient
+    (one slice of a conv weight, one entry of a BN weight) or one sample of an input gradient,
+    by far more than rounding. A wrong gradient misses in every slice, not in one.
+    """
+    if _within(r, b, g, tol):
+        return True
+    bound = (4 * relative_error(b, g) + tol) * float(g.abs().max())
+    close = (r.double() - g.double()).abs() <= bound  # False for NaN
+    missed = ~close.reshape(close.shape[0], -1).all(1) if close.dim() else ~close.reshape(1)
+    return int(missed.sum()) <= max(1, missed.numel() // 20)
 
 
 class _Trials:
@@ -487,6 +509,9 @@ def _tune(site, runnable: list[Candidate]) -> tuple[Candidate, dict[str, float |
             _restore(saved)
     agreeing = {name: ms for name, ms in times.items() if ms is not None}
     best = min(agreeing, key=agreeing.get) if agreeing else oracle.name
+    default = runnable[0].name
+    if default in agreeing and agreeing[best] > (1 - _MARGIN) * agreeing[default]:
+        best = default
     return next(c for c in runnable if c.name == best), times
 
 
@@ -500,6 +525,11 @@ def _time(trials: _Trials, impl, base, gold, saved) -> float | None:
             return None
         best, spent = math.inf, 0.0
         for _ in range(_TIMED_RUNS):
+            if device.type == "cpu":
+                # Fresh buffers cost page faults in a whole model (the C library returns large
+                # freed blocks to the kernel; the native backend's cpu_cache keeps its own).
+                # Repeated alone, a site would reuse its heap: hand it back before each run.
+                cpu_cache.trim_heap()
             _sync(device)
             start = time.perf_counter()
             trials.run(impl)
