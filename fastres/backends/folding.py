@@ -8,6 +8,14 @@ import torch
 from torch import Tensor, nn
 
 
+def uses_batch_stats(norm: nn.Module) -> bool:
+    """Whether `norm` is a BatchNorm that normalizes with its batch's statistics (training
+    mode, or no running statistics): one that cannot be folded."""
+    return isinstance(norm, nn.modules.batchnorm._NormBase) and (
+        norm.training or norm.running_mean is None
+    )
+
+
 def bn_scale_shift(bn: nn.Module, acc: torch.dtype) -> tuple[Tensor, Tensor]:
     """(scale, shift) [C] in `acc` with bn(y) = y * scale + shift; differentiable in the BN's
     weight and bias (absent without affine parameters)."""

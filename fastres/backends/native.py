@@ -34,26 +34,22 @@ from torch import Tensor, nn
 from .. import cpu_cache
 from ..ops import batchnorm as bn_ops
 from .base import Backend
-from .folding import bn_scale_shift, fold
+from .folding import bn_scale_shift, fold, uses_batch_stats
 from .plan import Implementation, Shortcut, Unit, run_block, run_units
-
-
-def _uses_batch_stats(bn: nn.Module) -> bool:
-    return bn.training or bn.running_mean is None
 
 
 def _fusable(bn: nn.Module) -> bool:
     """Whether this backend runs `bn` itself (else the block runs the oracle)."""
     if not getattr(bn, "affine", False):
         return False
-    # SyncBN in training mode all-gathers its batch statistics (see `_batch_stats`).
+    # SyncBN in training mode all-gathers its batch statistics (see `_stats_updating_running`).
     return type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm)
 
 
-def _batch_stats(bn: nn.Module, y: Tensor, group: str) -> tuple[Tensor, Tensor, int]:
+def _stats_updating_running(bn: nn.Module, y: Tensor, group: str) -> tuple[Tensor, Tensor, int]:
     """(mean, m2, count) of y's batch (every process's for SyncBN); updates bn's running stats."""
     mean, m2 = bn_ops.bn_stats(y.detach())  # constants to autograd: see `bn_train_act`
-    return bn_ops.batch_stats([bn], y, mean, m2, group)
+    return bn_ops.gather_stats_and_update_running([bn], y, mean, m2, group)
 
 
 def _common_dtype(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -71,7 +67,7 @@ def _bn_act(
     """act(bn(y) + residual) or act(bn(y) + bn_d(y_d)) with shortcut = (bn_d, y_d) [N, C, H, W]."""
     if shortcut is not None:
         bn_d, y_d = shortcut
-        if _uses_batch_stats(bn) != _uses_batch_stats(bn_d) or (
+        if uses_batch_stats(bn) != uses_batch_stats(bn_d) or (
             bn_ops.sync_group_name(bn) != bn_ops.sync_group_name(bn_d)
         ):
             # Mixed modes (BNs set by hand): the shortcut's BN on its own pass.
@@ -79,14 +75,15 @@ def _bn_act(
         y, y_d = _common_dtype(y, y_d)
     elif residual is not None:
         y, residual = _common_dtype(y, residual)
-    if _uses_batch_stats(bn):
+    if uses_batch_stats(bn):
         group = bn_ops.sync_group_name(bn)
-        stats = _batch_stats(bn, y, group)
+        stats = _stats_updating_running(bn, y, group)
         affine = (bn.weight, bn.bias, bn.eps)
         if shortcut is None:
             return bn_ops.bn_train_act(y, stats, *affine, residual, None, relu, group)
         bn_d, y_d = shortcut
-        shortcut = (y_d, _batch_stats(bn_d, y_d, group), bn_d.weight, bn_d.bias, bn_d.eps)
+        stats_d = _stats_updating_running(bn_d, y_d, group)
+        shortcut = (y_d, stats_d, bn_d.weight, bn_d.bias, bn_d.eps)
         return bn_ops.bn_train_act(y, stats, *affine, None, shortcut, relu, group)
     acc = bn_ops.accumulate_dtype(y)
     scale, shift = bn_scale_shift(bn, acc)
@@ -121,7 +118,7 @@ def _version_key(*tensors: Tensor | None) -> tuple:
     return tuple(None if t is None else (t.data_ptr(), t._version) for t in tensors)
 
 
-def _fast_eval(conv: nn.Conv2d, bn: nn.Module, x: Tensor) -> bool:
+def _prepackable(conv: nn.Conv2d, bn: nn.Module, x: Tensor) -> bool:
     """Whether this unit may run folded into a prepacked oneDNN convolution.
 
     Only for inference: no autograd, no tracing (the cache keys on storage and versions),
@@ -129,7 +126,7 @@ def _fast_eval(conv: nn.Conv2d, bn: nn.Module, x: Tensor) -> bool:
     """
     if not (_MKLDNN_CONV and x.device.type == "cpu" and x.dtype == torch.float32):
         return False
-    if _uses_batch_stats(bn) or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+    if uses_batch_stats(bn) or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return False
     if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
         return False
@@ -173,7 +170,7 @@ def _fused_conv(
     residual_is_scratch: bool = False,
 ) -> Tensor:
     """act(conv_folded(x) [+ residual]): one oneDNN call and the ReLU (inference only, see
-    _fast_eval).
+    _prepackable).
 
     residual_is_scratch: the residual is a temporary of this backend (a shortcut conv's
     output) that oneDNN may overwrite with the result, which saves a fresh output buffer
@@ -214,9 +211,9 @@ def _conv_bn_act(
 ) -> Tensor:
     """act(bn(conv(x)) [+ residual | + bn_d(conv_d(x_d))]), shortcut = (conv_d, bn_d, x_d).
 
-    prepacked: fold eval-mode BNs into prepacked oneDNN convolutions where `_fast_eval` allows.
+    prepacked: fold eval-mode BNs into prepacked oneDNN convolutions where `_prepackable` allows.
     """
-    if prepacked and _fast_eval(conv, bn, x) and (shortcut is None or _fast_eval(*shortcut)):
+    if prepacked and _prepackable(conv, bn, x) and (shortcut is None or _prepackable(*shortcut)):
         if shortcut is not None:
             residual = _fused_conv(*shortcut, relu=False)
         if residual is None or residual.dtype == x.dtype:
@@ -237,7 +234,7 @@ def _norms_fusable(modules) -> bool:
     )
 
 
-def _batch_ok(x: Tensor) -> bool:
+def _nonempty(x: Tensor) -> bool:
     """Empty batches run the oracle, which returns empty outputs of the right shapes."""
     return x.numel() > 0
 
@@ -259,7 +256,7 @@ class NativeBackend(Backend):
 
     def run_stem(self, model: nn.Module, x: Tensor) -> Tensor:
         units = model.stem_units()
-        if not (_norms_fusable(u.norm for u in units) and _batch_ok(x)):
+        if not (_norms_fusable(u.norm for u in units) and _nonempty(x)):
             return model.stem_reference(x)
         cpu_cache.close_stale_backward_scope()
         with cpu_cache.scope(x.device):
@@ -268,7 +265,7 @@ class NativeBackend(Backend):
         return x
 
     def run_block(self, block: nn.Module, x: Tensor) -> Tensor:
-        if not (_norms_fusable(block.modules()) and _batch_ok(x)):
+        if not (_norms_fusable(block.modules()) and _nonempty(x)):
             return block.forward_reference(x)
         with cpu_cache.scope(x.device):
             out = run_block(_UNITS, block.plan(), x)
@@ -396,7 +393,7 @@ def _site_pairs(site) -> list[tuple[nn.Module, nn.Module]]:
 
 def runs_units(device: torch.device, site) -> bool:
     """Whether `_Units` computes a unit site (`fastres.backends.select`) itself."""
-    if BACKEND.unavailable_reason(device.type) is not None or not _batch_ok(site.h):
+    if BACKEND.unavailable_reason(device.type) is not None or not _nonempty(site.h):
         return False
     return all(_fusable(bn) for _, bn in _site_pairs(site))
 
@@ -408,13 +405,13 @@ def runs_onednn(device: torch.device, site) -> bool:
     if site.x is not None and site.shortcut is None and site.x.dtype != site.h.dtype:
         return False
     inputs = [site.h, site.h if site.x is None else site.x]
-    return all(_fast_eval(conv, bn, x) for (conv, bn), x in zip(_site_pairs(site), inputs))
+    return all(_prepackable(conv, bn, x) for (conv, bn), x in zip(_site_pairs(site), inputs))
 
 
 def runs_cudnn_fused(device: torch.device, site) -> bool:
     """cuDNN's fused convolutions: inference only (no autograd), eval-mode BatchNorm, plain
     convolutions, and no torch.compile; a unit without ReLU only as a tail's shortcut."""
-    if device.type != "cuda" or not _batch_ok(site.h) or torch.compiler.is_compiling():
+    if device.type != "cuda" or not _nonempty(site.h) or torch.compiler.is_compiling():
         return False
     if _cuda_dtype(site.h) not in (torch.float32, torch.float16, torch.bfloat16):
         return False
@@ -425,7 +422,7 @@ def runs_cudnn_fused(device: torch.device, site) -> bool:
     for conv, bn in _site_pairs(site):
         if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros":
             return False
-        if isinstance(conv.padding, str) or not _fusable(bn) or _uses_batch_stats(bn):
+        if isinstance(conv.padding, str) or not _fusable(bn) or uses_batch_stats(bn):
             return False
         params = (conv.weight, conv.bias, bn.weight, bn.bias)
         if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):

@@ -51,6 +51,7 @@ from ..ops import tuning
 from ..testing import TOLERANCE, relative_error
 from . import native, triton
 from .base import ORACLE, Backend
+from .folding import uses_batch_stats
 from .plan import REFERENCE, Implementation, Shortcut, Unit, run_block, run_units
 
 SELECT_ENV_VAR = "FASTRES_SELECT"
@@ -189,12 +190,6 @@ class _BlockSite(NamedTuple):
         return self._replace(module=memo[id(self.module)])
 
 
-def _uses_batch_stats(bn: nn.Module) -> bool:
-    return isinstance(bn, nn.modules.batchnorm._NormBase) and (
-        bn.training or bn.running_mean is None
-    )
-
-
 def _needs_grad(site) -> bool:
     if not torch.is_grad_enabled():
         return False
@@ -204,7 +199,7 @@ def _needs_grad(site) -> bool:
 
 
 def _mode(site) -> str:
-    if any(_uses_batch_stats(m) for m in site.modules()):
+    if any(uses_batch_stats(m) for m in site.modules()):
         return "train"
     return "grad" if _needs_grad(site) else "eval"
 

@@ -216,7 +216,7 @@ def sync_group_name(bn: torch.nn.Module) -> str:
     return group.group_name if dist.get_world_size(group) > 1 else ""
 
 
-def batch_stats(
+def gather_stats_and_update_running(
     bns: list[torch.nn.Module], y: Tensor, mean: Tensor, m2: Tensor, group: str
 ) -> tuple[Tensor, Tensor, int]:
     """This process's batch statistics of y -> (mean, m2, count) over the group's batch.

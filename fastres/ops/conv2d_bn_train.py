@@ -30,6 +30,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from . import batchnorm as bn_ops
 from .conv2d_fused import (
     _allocate_out,
     _check_inputs,
@@ -59,14 +60,10 @@ class InputBN(NamedTuple):
     group: str = ""
 
 
-def _bn_ops():
-    # The extension's BatchNorm ops (loading fastres.ops.batchnorm registers their autograd
-    # and fake implementations).
-    from . import batchnorm
-
-    if batchnorm.EXTENSION_ERROR is not None:
-        raise RuntimeError(f"conv2d_bn_train needs {batchnorm.EXTENSION_ERROR}")
-    return batchnorm
+def _require_extension() -> None:
+    """The input BatchNorm runs the extension's ops: say so where it is missing."""
+    if bn_ops.EXTENSION_ERROR is not None:
+        raise RuntimeError(f"conv2d_bn_train needs {bn_ops.EXTENSION_ERROR}")
 
 
 @torch.library.custom_op("fastres::conv2d_bn_train", mutates_args=())
@@ -97,9 +94,8 @@ def _conv2d_bn_train_op(
             _check_vector(t, f"input_bn.{name}", c_in, x)
         if input_pool != 1 or input_add is not None:
             raise ValueError("input_bn cannot be combined with input_pool or input_add")
-        scale, shift, _ = _bn_ops().bn_finalize(
-            in_mean, in_m2, in_count, in_weight, in_bias, in_eps
-        )
+        _require_extension()
+        scale, shift, _ = bn_ops.bn_finalize(in_mean, in_m2, in_count, in_weight, in_bias, in_eps)
     sizes = _check_inputs(
         x, weight, None, None, None, None, scale, shift, stride, padding, dilation,
         scale is not None, input_pool, input_add, groups,
@@ -145,12 +141,11 @@ def _backward(ctx, grad_y: Tensor, _grad_mean, _grad_m2):
     needs_input = needs[0] or needs[4] or needs[5] or needs[13]
     if not (needs_input or needs[1]):
         return tuple(grads)
-    bn = _bn_ops() if in_mean is not None else None
-    if bn is not None:
-        scale, shift, invstd = bn.bn_finalize(
+    if in_mean is not None:
+        scale, shift, invstd = bn_ops.bn_finalize(
             in_mean, in_m2, ctx.in_count, in_weight, in_bias, ctx.in_eps
         )
-        conv_input = bn.bn_apply(x, scale, shift, relu=True)
+        conv_input = bn_ops.bn_apply(x, scale, shift, relu=True)
     else:
         conv_input = _prologue_reference(x, None, None, False, ctx.input_pool, input_add)
     stride, padding, dilation = ctx.conv_args
@@ -167,18 +162,20 @@ def _backward(ctx, grad_y: Tensor, _grad_mean, _grad_m2):
         grad_input = torch.ops.aten.avg_pool2d_backward(
             grad_input, x, pool, pool, [0, 0], True, False, None
         )
-    if bn is None:
+    if in_mean is None:
         grads[0] = grad_input
         return tuple(grads)
-    sums = bn.bn_backward_reduce(grad_input, x, scale, shift, None, None, None, True, in_mean, None)
+    sums = bn_ops.bn_backward_reduce(
+        grad_input, x, scale, shift, None, None, None, True, in_mean, None
+    )
     # The affine parameters' gradients are this process's share (as nn.SyncBatchNorm's: DDP
     # reduces them); the input gradient's batch-statistics terms are over every process's batch.
     local_dy, local_dy_xmu, _ = sums
     if ctx.in_group:
-        sums = bn.all_reduce_sums(list(sums), ctx.in_group)
+        sums = bn_ops.all_reduce_sums(list(sums), ctx.in_group)
     sum_dy, sum_dy_xmu, _ = sums
     if needs[0]:
-        grads[0], _ = bn.bn_backward_elemt(
+        grads[0], _ = bn_ops.bn_backward_elemt(
             grad_input, x, scale, shift, None, None, None, True, in_mean, invstd, sum_dy,
             sum_dy_xmu, None, None, None, ctx.in_count, False,
         )  # fmt: skip

@@ -171,8 +171,8 @@ def split_conv_concat(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tens
     slot, scales = _chunk_slot(block.width), block.scales
     conv1, conv = block.conv1, block.convs[0]
     pool = _last_chunk_pool(block) if block.pools_last_chunk else None
-    shared = not block.pools_last_chunk
-    w1, b1, convs, w3, b3 = _res2net_launch_weights(block, x.dtype, rotate=shared)
+    last_chunk_in_place = not block.pools_last_chunk
+    w1, b1, convs, w3, b3 = _res2net_launch_weights(block, x.dtype, rotate=last_chunk_in_place)
     h1 = (x.shape[2] - 1) // conv1.stride[0] + 1
     w1_out = (x.shape[3] - 1) // conv1.stride[1] + 1
     oh, ow = (
@@ -182,7 +182,7 @@ def split_conv_concat(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tens
         for i, size in enumerate((h1, w1_out))
     )
     split = (scales - 1) * slot
-    if shared:
+    if last_chunk_in_place:
         buf = nhwc_empty(x, (2 * scales - 1) * slot, h1, w1_out)
         conv2d_fused(
             x, w1, b1, stride=conv1.stride, relu=True, out=buf[:, split : split + split + slot]
@@ -283,9 +283,10 @@ def _train_padded_bn_relu(
     the i-th chunk normalized by bns[i * len(bns) // chunks]: running statistics from the real
     channels; each pad channel gets its chunk's first channel's statistics and affine
     parameters, so it stays a copy of that channel (see `_chunk_slot`)."""
-    real = y.narrow(1, 0, chunks * width)  # the count and channel count batch_stats reads
+    # The real channels: their count and values are what the statistics are gathered from.
+    real = y.narrow(1, 0, chunks * width)
     group = bn_ops.sync_group_name(bns[0])
-    mean, m2, count = bn_ops.batch_stats(
+    mean, m2, count = bn_ops.gather_stats_and_update_running(
         bns, real, _unpad_outputs(mean, chunks, width), _unpad_outputs(m2, chunks, width), group
     )
     affine = [torch.cat([bn.weight for bn in bns]), torch.cat([bn.bias for bn in bns])]

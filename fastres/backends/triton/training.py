@@ -56,7 +56,7 @@ def trainable(pairs: list[tuple[nn.Module, nn.Module]], x: Tensor) -> bool:
     )
 
 
-class _Raw(NamedTuple):
+class _Unnormalized(NamedTuple):
     """A convolution's raw output and the training-mode BN that normalizes it."""
 
     y: Tensor
@@ -82,26 +82,28 @@ class _Raw(NamedTuple):
 def _global_stats(
     bns: list[nn.Module], y: Tensor, mean: Tensor, m2: Tensor
 ) -> tuple[tuple[Tensor, Tensor, int], str]:
-    """`batch_stats` of y for `bns` (consecutive equal channel ranges), and their SyncBN group."""
+    """The statistics of y over every process's batch, the running statistics of `bns`
+    (consecutive equal channel ranges) updated from them, and their SyncBN group."""
     group = bn_ops.sync_group_name(bns[0])
-    return bn_ops.batch_stats(bns, y, mean, m2, group), group
+    return bn_ops.gather_stats_and_update_running(bns, y, mean, m2, group), group
 
 
 def _train_conv(
     conv: nn.Conv2d,
     bn: nn.Module,
-    x: Tensor | _Raw,
+    x: Tensor | _Unnormalized,
     *,
     weight: Tensor | None = None,
     input_pool: int = 1,
     input_add: Tensor | None = None,
-) -> _Raw:
-    """conv(x) with its batch statistics; x a _Raw is normalized (+ ReLU) in the input load.
+) -> _Unnormalized:
+    """conv(x) with its batch statistics; an `_Unnormalized` x is normalized (+ ReLU) in the
+    input load.
 
     weight: conv.weight in another channel layout (Res2Net's padded chunks), else None.
     """
     input_bn = None
-    if isinstance(x, _Raw):
+    if isinstance(x, _Unnormalized):
         x, input_bn = x.y, x.input_bn()
     weight = conv.weight if weight is None else weight
     y, mean, m2 = conv2d_bn_train(
@@ -109,26 +111,30 @@ def _train_conv(
         dilation=conv.dilation, input_bn=input_bn, input_pool=input_pool, input_add=input_add,
     )  # fmt: skip
     stats, group = _global_stats([bn], y, mean, m2)
-    return _Raw(y, bn, stats, group)
+    return _Unnormalized(y, bn, stats, group)
 
 
 class TrainUnits(Implementation):
     """The training-mode unit operations: a unit's result is its raw convolution output
-    (`_Raw`), whose BatchNorm + ReLU the next unit applies in its input load."""
+    (`_Unnormalized`), whose BatchNorm + ReLU the next unit applies in its input load."""
 
-    def unit(self, unit: Unit, x: Tensor | _Raw) -> _Raw:
+    def unit(self, unit: Unit, x: Tensor | _Unnormalized) -> _Unnormalized:
         return _train_conv(unit.conv, unit.norm, x)
 
-    def output(self, h: _Raw) -> Tensor:
+    def output(self, h: _Unnormalized) -> Tensor:
         return h.apply()
 
     def res2net(self, block: nn.Module, conv1: Unit, x: Tensor) -> tuple[Tensor, Tensor]:
         return train_res2net_middle(block, x)
 
     def tail(
-        self, unit: Unit, h: _Raw | tuple[Tensor, Tensor], x: Tensor, shortcut: Shortcut | None
+        self,
+        unit: Unit,
+        h: _Unnormalized | tuple[Tensor, Tensor],
+        x: Tensor,
+        shortcut: Shortcut | None,
     ) -> Tensor:
-        if isinstance(h, _Raw):
+        if isinstance(h, _Unnormalized):
             raw = _train_conv(unit.conv, unit.norm, h)
         else:  # a Res2Net concatenation in padded chunk slots, with conv3's weight for them
             cat, weight = h
