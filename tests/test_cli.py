@@ -1,4 +1,4 @@
-"""`python -m fastres {bench,profile,info}` on tiny configurations."""
+"""`python -m fastres {bench,tune,profile,info}` on tiny configurations."""
 
 import json
 import mmap
@@ -68,6 +68,39 @@ def test_bench_prints_table_and_writes_json(tmp_path, capsys, one_thread):
     train = [r for r in results if r["mode"] == "train"]
     # The worst of the logits, loss, every gradient and every running statistic.
     assert all(r["worst_tensor"] for r in train)
+
+
+def test_tune_chooses_every_layer_and_a_second_run_reuses_the_choices(
+    tmp_path, capsys, monkeypatch, one_thread
+):
+    """`tune` reports every layer's choice with the timed candidates, persists them, and a
+    second run (the next process, or `bench`) finds them all chosen."""
+    from fastres.backends import select
+    from fastres.ops import tuning
+
+    monkeypatch.setenv(tuning.CACHE_ENV_VAR, str(tmp_path / "cache"))
+    monkeypatch.setattr(select, "_CHOSEN", {})
+    monkeypatch.setattr(select, "_SELECTIONS", tuning.JsonCache(select.SELECTION_FILE))
+    path = tmp_path / "tune.json"
+    args = ["tune", "--depth", "18", "--batch", "2", "--image-size", "32", "--model", "resnet"]
+    assert main([*args, "--json", str(path)]) == 0
+    groups = json.loads(path.read_text())["groups"]
+    expected = ["resnet18-b2x32-fp32-infer", "resnet18-b2x32-fp32-train"]
+    assert [g["group"] for g in groups] == expected
+    names = set(select.candidate_names())
+    for group in groups:
+        layers = {row["layer"] for row in group["layers"]}
+        assert "layer4.1" in layers or "layer4.1.conv2" in layers, layers
+        assert all(row["chosen"] in names for row in group["layers"])
+        tuned = [row for row in group["layers"] if row["how"] == "tuned"]
+        assert tuned and all(row["chosen"] in row["times_ms"] for row in tuned)
+    assert (tmp_path / "cache" / select.SELECTION_FILE).exists()
+    monkeypatch.setattr(select, "_CHOSEN", {})
+    monkeypatch.setattr(select, "_SELECTIONS", tuning.JsonCache(select.SELECTION_FILE))
+    assert main([*args, "--json", str(path)]) == 0
+    hows = {row["how"] for g in json.loads(path.read_text())["groups"] for row in g["layers"]}
+    assert hows <= {"persisted", "cached", "only"}, hows
+    assert "chosen:" in capsys.readouterr().out
 
 
 def test_bench_detection_preset(tmp_path, capsys, one_thread):

@@ -27,5 +27,9 @@ class Backend:
     def run_block(self, block: nn.Module, x: Tensor) -> Tensor:
         return block.forward_reference(x)
 
+    def forget(self, modules: list[nn.Module]) -> None:
+        """Drops what this backend keeps for these modules (folded weights): it lost their
+        block to another one (`fastres.backends.select`)."""
+
 
 ORACLE = Backend()

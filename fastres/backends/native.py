@@ -264,6 +264,9 @@ class NativeBackend(Backend):
         cpu_cache.scope_backward(x)
         return x
 
+    def forget(self, modules: list[nn.Module]) -> None:
+        _UNITS.forget(modules)
+
     def run_block(self, block: nn.Module, x: Tensor) -> Tensor:
         if not (_norms_fusable(block.modules()) and _nonempty(x)):
             return block.forward_reference(x)
@@ -279,6 +282,11 @@ class _Units(Implementation):
 
     def __init__(self, prepacked: bool = True):
         self.prepacked = prepacked
+
+    def forget(self, modules: list[nn.Module]) -> None:
+        if self.prepacked:
+            for conv in modules:
+                _FOLDED.pop(conv, None)
 
     def unit(self, unit: Unit, x: Tensor) -> Tensor:
         return _conv_bn_act(unit.conv, unit.norm, x, unit.relu, prepacked=self.prepacked)
@@ -328,6 +336,10 @@ class _CudnnUnits(Implementation):
     """cuDNN's own fused convolutions with the BN folded into weight and bias:
     `cudnn_convolution_relu`, and `cudnn_convolution_add_relu` for a tail (inference on CUDA,
     see `runs_cudnn_fused`)."""
+
+    def forget(self, modules: list[nn.Module]) -> None:
+        for conv in modules:
+            _PLAIN_FOLDED.pop(conv, None)
 
     def unit(self, unit: Unit, x: Tensor) -> Tensor:
         weight, bias = _plain_folded(unit.conv, unit.norm, _cuda_dtype(x))

@@ -71,6 +71,10 @@ class Implementation:
         """The activation tensor of a unit's result (the stem's last unit, before its pool)."""
         return h
 
+    def forget(self, modules: list[nn.Module]) -> None:
+        """Drops what this implementation keeps for these modules (folded weights): it lost
+        their site to another one (`fastres.backends.select`)."""
+
 
 def run_block(impl: Implementation, plan: BlockPlan, x: Tensor) -> Tensor:
     """A block's forward with `impl`'s unit operations."""

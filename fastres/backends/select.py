@@ -360,6 +360,9 @@ def _pick(kind, site, runnable: list[Candidate], device) -> tuple[Candidate, str
     if not _may_tune(device):
         return runnable[0], "default", {}
     chosen, times = _tune(site, runnable)
+    for loser in runnable:
+        if loser.impl is not chosen.impl:
+            loser.impl.forget(site.modules())
     _CHOSEN[device_id, key] = chosen.name
     _SELECTIONS.put(device_id, key, chosen.name)
     return chosen, "tuned", times
@@ -490,8 +493,10 @@ def _tune(site, runnable: list[Candidate]) -> tuple[Candidate, dict[str, float |
     saved = _norm_buffers(site.modules())
     oracle = next(c for c in runnable if c.family == "torch")
     # Saved tensors kept as they are: inside a checkpointed block (with_cp) the checkpoint
-    # would pack the trials' tensors, and their backward would recompute the block.
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+    # would pack the trials' tensors, and their backward would recompute the block. The
+    # trials' float64 copies and outputs are not kept in the CPU block cache for later forwards.
+    plain = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+    with plain, cpu_cache.paused():
         try:
             base = trials.run(oracle.impl)
             if needs_grad:

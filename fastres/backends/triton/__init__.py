@@ -36,8 +36,15 @@ from torch import Tensor, nn
 from ...ops.conv2d_fused import conv2d_fused, interpreting
 from ..base import Backend
 from ..plan import Implementation, Shortcut, Unit, run_block, run_units
-from .inference import block_foldable, compute_dtype, conv_bn, downsample_shortcut, foldable
-from .res2net import split_conv_concat
+from .inference import (
+    block_foldable,
+    compute_dtype,
+    conv_bn,
+    downsample_shortcut,
+    foldable,
+    forget_folded,
+)
+from .res2net import forget_launch_weights, split_conv_concat
 from .training import TrainUnits, plan_pairs, trainable
 
 # Looked up once, without importing triton (slow, and the interpreter switch must be set first).
@@ -74,6 +81,10 @@ class TritonBackend(Backend):
             return model.maxpool(run_units(_TRAIN, units, x))
         return model.stem_reference(x)
 
+    def forget(self, modules: list[nn.Module]) -> None:
+        forget_folded(modules)
+        forget_launch_weights(modules)
+
     def run_block(self, block: nn.Module, x: Tensor) -> Tensor:
         plan = block.plan()
         dtype = compute_dtype(x)
@@ -89,6 +100,9 @@ class _EvalUnits(Implementation):
     """The eval-mode unit operations: conv + folded BN (+ residual) (+ ReLU), one kernel each;
     a Bottle2neck's middle without split or concat copies (`res2net.py`). Inputs are taken to
     the compute dtype (a no-op inside this backend, which converts the block's input once)."""
+
+    def forget(self, modules: list[nn.Module]) -> None:
+        forget_folded(modules)
 
     def unit(self, unit: Unit, x: Tensor) -> Tensor:
         return conv_bn(unit.conv, unit.norm, x.to(compute_dtype(x)), relu=unit.relu)

@@ -79,6 +79,12 @@ def folded(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype) -> tuple[Tensor, 
     return folded
 
 
+def forget_folded(modules: list[nn.Module]) -> None:
+    """Drops the folded weights cached for these convolutions."""
+    for conv in modules:
+        _FOLD_CACHE.pop(conv, None)
+
+
 def conv_bn(
     conv: nn.Conv2d,
     bn: nn.Module,

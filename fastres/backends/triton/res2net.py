@@ -134,6 +134,12 @@ def _res2net_launch_weights(block: nn.Module, dtype: torch.dtype, rotate: bool):
     return launch
 
 
+def forget_launch_weights(modules: list[nn.Module]) -> None:
+    """Drops the launch weights cached for these Bottle2neck blocks."""
+    for block in modules:
+        _RES2NET_CACHE.pop(block, None)
+
+
 def split_conv_concat(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """conv1 -> split -> 3x3 convs -> concat of a Bottle2neck: the input of its conv3.
 
