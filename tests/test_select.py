@@ -3,12 +3,14 @@ before they may win, the choices persist across processes, FASTRES_SELECT forces
 tuning leaves the model as it was."""
 
 import copy
+import gc
 import json
 import os
 import subprocess
 import sys
 import textwrap
 import time
+import weakref
 
 import pytest
 import torch
@@ -173,6 +175,18 @@ def test_tuning_leaves_statistics_and_gradients_as_one_oracle_step_does(fresh):
     grads = {n: p.grad for n, p in oracle.named_parameters()}
     for name, p in model.named_parameters():
         assert_matches_oracle(p.grad, grads[name], grads[name], torch.float32, name)
+
+
+def test_tuning_keeps_nothing_of_the_model_alive(fresh):
+    """Trials in training mode take gradients under saved-tensor hooks: nothing of them may
+    outlive the model (a graph held through C++ is beyond the garbage collector)."""
+    model = _model(train=True)
+    choices = _run(model, torch.randn(2, 3, 32, 32), train=True)
+    assert any(c.how == "tuned" for c in choices)
+    weight = weakref.ref(model.layer4[1].conv2.weight)
+    del model, choices
+    gc.collect()
+    assert weight() is None
 
 
 def test_the_persisted_choice_is_reused_by_a_new_process(fresh):

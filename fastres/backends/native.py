@@ -21,6 +21,11 @@ blocks that earlier forwards freed, which are still mapped (no first-touch page 
 
 Blocks with norms this backend does not fuse (GroupNorm, BN without affine parameters) and
 degenerate inputs (an empty batch, one value per channel in training) run the oracle.
+
+For the 'auto' selection (`select.py`) this module offers three unit implementations, each with
+a predicate saying where it runs (`runs_*`): `ONEDNN_UNITS` (what this backend runs), `UNITS`
+(never prepacked: PyTorch's convolution + `bn_apply`), and `CUDNN_UNITS` (cuDNN's fused
+`cudnn_convolution_relu` / `cudnn_convolution_add_relu` with the BN folded in; CUDA inference).
 """
 
 from __future__ import annotations

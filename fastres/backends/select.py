@@ -492,10 +492,12 @@ def _tune(site, runnable: list[Candidate]) -> tuple[Candidate, dict[str, float |
     trials = _Trials(site, inputs, _parameters(site) if needs_grad else [])
     saved = _norm_buffers(site.modules())
     oracle = next(c for c in runnable if c.family == "torch")
-    # Saved tensors kept as they are: inside a checkpointed block (with_cp) the checkpoint
-    # would pack the trials' tensors, and their backward would recompute the block. The
-    # trials' float64 copies and outputs are not kept in the CPU block cache for later forwards.
-    plain = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+    # Saved tensors kept in place: inside a checkpointed block (with_cp) the checkpoint would
+    # pack the trials' tensors, and their backward would recompute the block. (Detached: a
+    # tensor saved by its own grad_fn would otherwise hold its graph in a cycle through C++,
+    # which no garbage collection frees.) The trials' float64 copies and outputs stay out of
+    # the CPU block cache.
+    plain = torch.autograd.graph.saved_tensors_hooks(lambda t: t.detach(), lambda t: t)
     with plain, cpu_cache.paused():
         try:
             base = trials.run(oracle.impl)
