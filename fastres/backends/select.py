@@ -40,6 +40,7 @@ import math
 import os
 import platform
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -213,6 +214,17 @@ def _conv_geometry(conv: nn.Module) -> str:
     )
 
 
+# module -> its `_module_signature` (geometry does not change; the key is built every call).
+_SIGNATURES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _signature(m: nn.Module) -> str:
+    signature = _SIGNATURES.get(m)
+    if signature is None:
+        signature = _SIGNATURES[m] = _module_signature(m)
+    return signature
+
+
 def _module_signature(m: nn.Module) -> str:
     if isinstance(m, nn.Conv2d):
         return _conv_geometry(m)
@@ -240,7 +252,7 @@ def _shape_class(kind: str, site) -> str:
     dtype = x.dtype
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
-    modules = ",".join(s for s in map(_module_signature, site.modules()) if s)
+    modules = ",".join(s for s in map(_signature, site.modules()) if s)
     if kind == "block":
         modules = f"{type(site.module).__name__}[{modules}]"
     return (
