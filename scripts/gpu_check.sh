@@ -208,7 +208,9 @@ wait "$build_pid"
 # 'auto': each layer's candidates (Triton with its tiles tuned here, native, cuDNN's fused
 # convolutions, the oracle) checked and timed, the choice per layer printed to steps.log and
 # kept in cache/selection.json; the benches below then time auto beside the backends.
-run_step tune 150 "$PYTHON" -m fastres tune "${shape_args[@]}"
+tune_args=()
+[ "$DRY_RUN" = 1 ] && tune_args=(--model resnet --mode infer)  # CPU: the step, not the figures
+run_step tune 150 "$PYTHON" -m fastres tune "${shape_args[@]}" "${tune_args[@]}"
 bench bench-tuned-infer both 150 --mode infer --no-compile --backend auto "${tuned[@]}"
 bench bench-tuned-train both 150 --mode train --no-compile --backend native --backend auto \
   "${tuned[@]}"
