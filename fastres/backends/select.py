@@ -20,9 +20,10 @@ shape with the batch rounded up to a power of two) share a choice. It is made on
 3. else, where tuning may run (`FASTRES_TRITON_TUNE` is not 0, not under torch.compile, CUDA
    graph capture or torch.distributed), every candidate runs once on the site's inputs and must
    pass the contract's agreement rule against the float64 oracle (outputs, and gradients where
-   the site needs them; docs/contract.md §3); those that pass are timed and the fastest is
-   persisted. The oracle itself ('torch') is always a candidate: no site is slower than
-   PyTorch's modules;
+   the site needs them, `gradient_agrees`; docs/contract.md §3); those that pass are timed
+   (on CPU each run first-touches fresh buffers, as in a whole model) and the fastest is
+   persisted, the default unless another is more than `_MARGIN` faster. The oracle itself
+   ('torch') is always a candidate: no site is slower than PyTorch's modules;
 4. else the default: the first candidate that can run, in the order of the candidate tables
    (what 'auto' was before it selected: Triton on CUDA, native on CPU).
 
