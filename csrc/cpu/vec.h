@@ -36,8 +36,8 @@ inline bool cpu_has_avx2() { return false; }
 
 // On a loop: its iterations carry no memory dependence (the outputs alias no input). GCC
 // otherwise versions these loops with run-time overlap checks of every pointer pair, which
-// fail on adjacent buffers and leave the scalar loop running: bn_backward_reduce with a
-// residual ran 1.7x, with the two-BN tail 3x slower than with this.
+// fail on adjacent buffers and leave the scalar loop running (how much slower:
+// bench/results/README.md, "Measurements behind comments").
 #if defined(__clang__)
 #define FASTRES_NO_ALIAS _Pragma("clang loop vectorize(assume_safety)")
 #elif defined(__GNUC__)

@@ -139,7 +139,8 @@ def _prepackable(conv: nn.Conv2d, bn: nn.Module, x: Tensor) -> bool:
         return False
     if not torch.is_grad_enabled():
         return True
-    # The parameters by name: Module.parameters() walks the module tree, about 50 us per unit.
+    # The parameters by name: Module.parameters() walks the module tree, which costs more per
+    # unit than a forward can spare (bench/results/README.md, "Measurements behind comments").
     params = (x, conv.weight, conv.bias, bn.weight, bn.bias)
     return not any(p is not None and p.requires_grad for p in params)
 
@@ -183,7 +184,8 @@ def _fused_conv(
     """
     if x.stride(1) == 1 and not x.is_contiguous(memory_format=torch.channels_last):
         # A channel slice of a channels_last tensor (a Res2Net chunk): oneDNN convolves it
-        # through its strides 15-40% slower than a copy takes.
+        # through its strides slower than a copy takes (bench/results/README.md,
+        # "Measurements behind comments").
         x = x.contiguous(memory_format=torch.channels_last)
     f = _folded(conv, bn, x)
     geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
