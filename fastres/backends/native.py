@@ -403,18 +403,11 @@ UNITS, ONEDNN_UNITS, CUDNN_UNITS = _Units(prepacked=False), _Units(), _CudnnUnit
 _UNITS = ONEDNN_UNITS  # what the native backend runs: prepacked wherever it may
 
 
-def _site_pairs(site) -> list[tuple[nn.Module, nn.Module]]:
-    pairs = [(site.unit.conv, site.unit.norm)]
-    if site.shortcut is not None:
-        pairs.append((site.shortcut.unit.conv, site.shortcut.unit.norm))
-    return pairs
-
-
 def runs_units(device: torch.device, site) -> bool:
     """Whether `_Units` computes a unit site (`fastres.backends.select`) itself."""
     if BACKEND.unavailable_reason(device.type) is not None or not _nonempty(site.h):
         return False
-    return all(_fusable(bn) for _, bn in _site_pairs(site))
+    return all(_fusable(bn) for _, bn in site.pairs())
 
 
 def runs_onednn(device: torch.device, site) -> bool:
@@ -424,7 +417,7 @@ def runs_onednn(device: torch.device, site) -> bool:
     if site.x is not None and site.shortcut is None and site.x.dtype != site.h.dtype:
         return False
     inputs = [site.h, site.h if site.x is None else site.x]
-    return all(_prepackable(conv, bn, x) for (conv, bn), x in zip(_site_pairs(site), inputs))
+    return all(_prepackable(conv, bn, x) for (conv, bn), x in zip(site.pairs(), inputs))
 
 
 def runs_cudnn_fused(device: torch.device, site) -> bool:
@@ -438,7 +431,7 @@ def runs_cudnn_fused(device: torch.device, site) -> bool:
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in (site.h, site.x) if t is not None):
         return False
-    for conv, bn in _site_pairs(site):
+    for conv, bn in site.pairs():
         if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros":
             return False
         if isinstance(conv.padding, str) or not _fusable(bn) or uses_batch_stats(bn):

@@ -150,6 +150,11 @@ class _UnitSite(NamedTuple):
     def inputs(self) -> list[Tensor]:
         return [self.h] if self.x is None else [self.h, self.x]
 
+    def pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(conv, norm) of the unit, and of the shortcut's unit."""
+        units = [self.unit] if self.shortcut is None else [self.unit, self.shortcut.unit]
+        return [(u.conv, u.norm) for u in units]
+
     def run(self, impl: Implementation, inputs: list[Tensor]) -> Tensor:
         if self.tail:
             return impl.tail(self.unit, inputs[0], inputs[1], self.shortcut)

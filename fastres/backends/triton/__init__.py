@@ -130,7 +130,4 @@ def runs_units(device: torch.device, site) -> bool:
     """Whether the eval-mode units compute a unit site (`fastres.backends.select`)."""
     if BACKEND.unavailable_reason(device.type) is not None or compute_dtype(site.h) is None:
         return False
-    pairs = [(site.unit.conv, site.unit.norm)]
-    if site.shortcut is not None:
-        pairs.append((site.shortcut.unit.conv, site.shortcut.unit.norm))
-    return all(foldable(conv, bn) for conv, bn in pairs)
+    return all(foldable(conv, bn) for conv, bn in site.pairs())
