@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import backends, cpu_cache
-from .models import Res2Net, ResNet
-from .testing import assert_matches_oracle, randomize_norms, relative_error
+from .. import backends, cpu_cache
+from ..models import Res2Net, ResNet
+from ..testing import assert_matches_oracle, randomize_norms, relative_error
 
 try:
     import resource
@@ -1032,7 +1032,7 @@ def device_name(device: torch.device | str) -> str:
 
 def versions() -> dict[str, str | None]:
     """Versions of Python, torch, CUDA / cuDNN, Triton and fastres."""
-    from . import __version__
+    from .. import __version__
 
     try:
         import triton
