@@ -1,20 +1,22 @@
 """pytest-benchmark settings for `pytest bench/ --benchmark-only`.
 
 Whole-model benchmarks of ResNet / Res2Net (see test_bench_models.py). The configuration comes
-from command-line options or environment variables (options win):
+from command-line options or environment variables (options win). Where a default depends on
+the preset and the device it is `python -m fastres bench`'s, from the one table
+`fastres.benchmark.DEVICE_DEFAULTS` (`pytest bench/ --help` lists the values):
 
 | option | variable | default |
 |---|---|---|
 | --bench-preset | FASTRES_BENCH_PRESET | classification (or detection: mmdet's backbone training) |
 | --bench-device | FASTRES_BENCH_DEVICE | cuda if available, else cpu |
 | --bench-depth | FASTRES_BENCH_DEPTH | 50 |
-| --bench-batch | FASTRES_BENCH_BATCH | classification CPU 8, CUDA 256; detection 2 |
-| --bench-image-size | FASTRES_BENCH_IMAGE_SIZE | H or HxW: classification CPU 128 (targets: 224), |
-| | | CUDA 224; detection CPU 400x667, CUDA 800x1333, padded to multiples of 32 |
-| --bench-dtype | FASTRES_BENCH_DTYPE | CPU fp32, CUDA bf16 (autocast) |
-| --bench-rounds | FASTRES_BENCH_ROUNDS | CPU 3, CUDA 20 |
-| --bench-warmup | FASTRES_BENCH_WARMUP | CPU 1, CUDA 5 (untimed steps after the check) |
-| --bench-compile | FASTRES_BENCH_COMPILE | 'auto' (CUDA: both modes, CPU: infer), 'all', 'none' |
+| --bench-batch | FASTRES_BENCH_BATCH | per preset and device |
+| --bench-image-size | FASTRES_BENCH_IMAGE_SIZE | H or HxW, per preset and device; detection pads |
+| | | each side to a multiple of 32 |
+| --bench-dtype | FASTRES_BENCH_DTYPE | per device (below fp32: autocast) |
+| --bench-rounds | FASTRES_BENCH_ROUNDS | per device (the CLI's --iters) |
+| --bench-warmup | FASTRES_BENCH_WARMUP | per device (untimed steps after the check) |
+| --bench-compile | FASTRES_BENCH_COMPILE | 'auto' (the device's compile_modes), 'all', 'none' |
 | --bench-results | FASTRES_BENCH_RESULTS | bench/results/local/<device>-<time>.json |
 
 Besides pytest-benchmark's own output (and its --benchmark-json), every run writes its results
@@ -48,16 +50,27 @@ _OPTIONS = (
     "compile",
     "results",
 )
+# The options whose default is a DEVICE_DEFAULTS entry: option -> key.
+_TABLE_KEYS = {
+    "batch": "batch",
+    "image_size": "image_size",
+    "dtype": "dtype",
+    "rounds": "iters",
+    "warmup": "warmup",
+}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("fastres-bench", "fastres whole-model benchmarks")
     for name in _OPTIONS:
+        default = (
+            f"; default {bm.describe_default(_TABLE_KEYS[name])}" if name in _TABLE_KEYS else ""
+        )
         group.addoption(
             f"--bench-{name.replace('_', '-')}",
             dest=f"fastres_bench_{name}",
             default=None,
-            help=f"(env FASTRES_BENCH_{name.upper()})",
+            help=f"(env FASTRES_BENCH_{name.upper()}{default})",
         )
 
 
@@ -76,7 +89,7 @@ class BenchSettings:
 
     def compiles(self, mode: str) -> bool:
         if self.compile == "auto":
-            return self.device.startswith("cuda") or mode == "infer"
+            return mode in bm.device_defaults(self.preset, self.device)["compile_modes"]
         return self.compile == "all"
 
 

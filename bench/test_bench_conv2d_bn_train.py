@@ -37,8 +37,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from shapes import resnet50_layers
-from test_bench_conv2d_fused import device_rates
+from layer_bench import device_rates, resnet50_layers, time_ms
 
 from fastres.ops.conv2d_bn_train import InputBN, conv2d_bn_train
 from fastres.ops.conv2d_fused import arrange_weight
@@ -60,7 +59,7 @@ _MS: dict[tuple[str, str], float] = {}
 
 def block_conv_shapes() -> dict[str, dict]:
     """The distinct conv shapes of ResNet-50's blocks: `<first module>-<C_in>x<H>-<K>x<K>s<S>-
-    <C_out>` -> shape (bench/shapes.py's layers, stem left out, one entry per shape)."""
+    <C_out>` -> shape (bench/layer_bench.py's layers, stem left out, one entry per shape)."""
     shapes, seen = {}, set()
     for label, spec in resnet50_layers(IMAGE_SIZE).items():
         key = (spec["c_in"], spec["c_out"], spec["kernel"], spec["stride"], spec["h"], spec["w"])
@@ -206,7 +205,6 @@ def cudnn_benchmark(monkeypatch):
 @pytest.mark.parametrize("layer", LAYERS.keys())
 def test_layer(benchmark, bench_settings, cudnn_benchmark, capsys, layer, system):
     import triton
-    import triton.testing
 
     if system == "compile" and not bench_settings.compiles("train"):
         pytest.skip(f"torch.compile is off (--bench-compile={bench_settings.compile})")
@@ -217,7 +215,7 @@ def test_layer(benchmark, bench_settings, cudnn_benchmark, capsys, layer, system
         check_once(spec, t)
     step = make_step(system, spec, t)
     step()  # compiles (torch.compile) / tunes (fused) outside the timing
-    ms = triton.testing.do_bench(step, warmup=10, rep=100, return_mode="median")
+    ms = time_ms(step, reps=100)
     peak = peak_step_bytes(step)
 
     def synced():

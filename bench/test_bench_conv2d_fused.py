@@ -20,11 +20,10 @@ images, and its extra_info (saved with --benchmark-json) carries the rates, devi
 from __future__ import annotations
 
 import copy
-import functools
 
 import pytest
 import torch
-from shapes import resnet50_layers
+from layer_bench import device_rates, resnet50_layers, time_ms
 
 from fastres.ops.conv2d_fused import arrange_weight, conv2d_fused
 from fastres.testing import assert_matches_oracle
@@ -39,29 +38,6 @@ SYSTEMS = ("fused", "eager", "conv")
 
 
 LAYERS = resnet50_layers(IMAGE_SIZE)
-
-
-def _time_ms(fn, reps: int = 50) -> float:
-    """Median milliseconds of fn() on the current CUDA stream."""
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=10, rep=reps, return_mode="median")
-
-
-@functools.lru_cache(maxsize=1)
-def device_rates() -> dict:
-    """Measured bf16 matmul rate (FLOP/s) and device-to-device copy bandwidth (B/s)."""
-    a = torch.randn(8192, 8192, device="cuda", dtype=DTYPE)
-    b = torch.randn(8192, 8192, device="cuda", dtype=DTYPE)
-    mm_ms = _time_ms(lambda: a @ b)
-    src = torch.empty(2**30, device="cuda", dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    copy_ms = _time_ms(lambda: dst.copy_(src))
-    return {
-        "matmul_flops": 2 * 8192**3 / (mm_ms * 1e-3),
-        "copy_bytes_per_s": 2 * src.numel() / (copy_ms * 1e-3),
-        "device": torch.cuda.get_device_name(),
-    }
 
 
 def make_layer(spec: dict, batch: int, device: str = "cuda") -> dict:
@@ -147,7 +123,7 @@ def test_layer(benchmark, layer, system):
         else:
             conv = t["conv"].to(DTYPE)
             step = lambda: conv(t["x"])
-        ms = _time_ms(step)
+        ms = time_ms(step)
 
         def synced():
             step()

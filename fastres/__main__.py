@@ -18,11 +18,12 @@ from collections.abc import Sequence
 
 import torch
 
+from . import backends
 from . import benchmark as bm
 
 
 def image_size(text: str) -> tuple[int, int]:
-    """argparse type of --image-size: see benchmark.parse_image_size."""
+    """argparse type of --image-size: see fastres.benchmark.parse_image_size."""
     try:
         return bm.parse_image_size(text)
     except ValueError as err:
@@ -43,28 +44,31 @@ def _add_config_arguments(parser: argparse.ArgumentParser, profile: bool) -> Non
         help="classification: the ImageNet classifier (default); detection: the backbone as "
         "mmdet trains it (frozen_stages=1, norm_eval, ~800x1333 images padded to 32, batch 2)",
     )
-    parser.add_argument(
-        "--batch", type=int, help="batch size (classification CPU 8, CUDA 256; detection 2)"
-    )
+    # The defaults in the help texts come from the one table, fastres.benchmark.DEVICE_DEFAULTS.
+    default = bm.describe_default
+    parser.add_argument("--batch", type=int, help=f"batch size ({default('batch')})")
     parser.add_argument(
         "--image-size",
         type=image_size,
-        help="H or HxW (classification CPU 128, CUDA 224; detection CPU 400x667, CUDA "
-        "800x1333, each padded up to a multiple of 32)",
+        help=f"H or HxW ({default('image_size')}, each padded up to a multiple of "
+        f"{bm.DETECTION_PAD})",
     )
     parser.add_argument(
         "--dtype",
         choices=tuple(bm.DTYPES),
-        help="fp32, or autocast to bf16/fp16 (CPU fp32, CUDA bf16)",
+        help=f"fp32, or autocast to bf16/fp16 ({default('dtype')})",
     )
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument(
-        "--iters", type=int, help="timed iterations; bench: systems take turns (CPU 3, CUDA 20)"
+        "--iters",
+        type=int,
+        help=f"timed iterations; bench: systems take turns ({default('iters')})",
     )
     parser.add_argument(
         "--warmup",
         type=int,
-        help="untimed steps before timing; bench: after the check call, at least 1 (CPU 1, CUDA 5)",
+        help="untimed steps before timing; bench: after the check call, at least 1 "
+        f"({default('warmup')})",
     )
     parser.add_argument("--seed", type=int, default=0, help="weights and input seed")
 
@@ -183,9 +187,9 @@ def _resolve_common(args: argparse.Namespace) -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but torch.cuda.is_available() is False")
     defaults = bm.device_defaults(args.preset, args.device)
-    for key, value in defaults.items():
+    for key in ("batch", "image_size", "dtype", "iters", "warmup"):
         if getattr(args, key) is None:
-            setattr(args, key, value)
+            setattr(args, key, defaults[key])
     args.image_size = bm.input_size(args.preset, *args.image_size)
     for key in ("batch", "iters"):
         if getattr(args, key) < 1:
@@ -198,9 +202,9 @@ def compile_modes(args: argparse.Namespace) -> set[str]:
     """The modes in which torch.compile is one of the peers."""
     if args.no_compile:
         return set()
-    if args.device.startswith("cuda") or args.compile_train:
+    if args.compile_train:
         return {"infer", "train"}
-    return {"infer"}
+    return set(bm.device_defaults(args.preset, args.device)["compile_modes"])
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -236,7 +240,9 @@ def run_bench(args: argparse.Namespace) -> int:
 
     if args.same_process and args.process_per_system:
         raise SystemExit("error: --same-process and --process-per-system exclude each other")
-    isolate = args.process_per_system or (bm.isolates(args.device) and not args.same_process)
+    isolate = args.process_per_system or (
+        bm.isolates_by_default(args.device) and not args.same_process
+    )
     print(f"fastres bench on {bm.device_name(args.device)}")
     if hasattr(os, "getloadavg"):
         load = os.getloadavg()[0]
@@ -316,7 +322,7 @@ def run_bench(args: argparse.Namespace) -> int:
         bm.add_speedups(results)
         if args.json:
             bm.write_json(args.json, results, {**settings, "total_s": time.perf_counter() - start})
-    progress.close()
+    progress.finish()
     print()
     print(bm.format_table(results))
     elapsed = time.perf_counter() - start
@@ -350,7 +356,7 @@ def run_tune(args: argparse.Namespace) -> int:
         with select.recording() as choices:
             runner.step()
         progress.advance()
-        progress.close()
+        progress.finish()
         for hook in hooks:
             hook.remove()
         rows = select.layer_report(runner.model, choices)
@@ -377,7 +383,7 @@ def run_info(args: argparse.Namespace) -> int:
             print(f"  {key:8s} {value}")
     print(f"default device: {device} ({bm.device_name(device)})")
     print("backends (fastres.available_backends()):")
-    for name, status in bm.backends.available_backends().items():
+    for name, status in backends.available_backends().items():
         print(f"  {name:7s} {'available' if status.available else 'unavailable'}: {status.reason}")
     for dev in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
         benchable = bm.benchable_backends(dev)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.autograd.profiler import record_function
 
+from . import backends
 from . import benchmark as bm
 from .models.resnet import ResBlock
 
@@ -76,7 +77,7 @@ def run_profile(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     backend = args.backend
     if backend == "auto":
-        backend = bm.backends.resolve("auto", device).name
+        backend = backends.resolve("auto", device).name
     system = bm.System(
         f"fastres-{backend}",
         backend=backend,

@@ -13,6 +13,7 @@ import torch
 from fastres import available_backends, cpu_cache
 from fastres import benchmark as bm
 from fastres.__main__ import main
+from fastres.benchmark.schedule import Prepared
 
 TINY = ["--depth", "18", "--batch", "2", "--image-size", "32", "--iters", "2", "--warmup", "1"]
 
@@ -211,9 +212,9 @@ def test_run_group_gives_each_system_its_own_process_on_request(isolate, one_thr
     assert used_here != isolate
 
 
-def _prepared(step) -> bm.Prepared:
+def _prepared(step) -> Prepared:
     runner = SimpleNamespace(step=step, device=torch.device("cpu"))
-    return bm.Prepared(runner, check=None, first_call_s=0.0, peak_memory_bytes=None, memory_kind="")
+    return Prepared(runner, check=None, first_call_s=0.0, peak_memory_bytes=None, memory_kind="")
 
 
 def test_a_step_counts_the_page_faults_it_takes():
@@ -225,10 +226,10 @@ def test_a_step_counts_the_page_faults_it_takes():
             for i in range(pages):
                 buf[i * mmap.PAGESIZE] = 1
 
-    sample = _prepared(touch_fresh_pages).step_time()
+    sample = _prepared(touch_fresh_pages).run_timed_step()
     assert sample.seconds > 0
     assert pages <= sample.page_faults < pages + 100
-    assert _prepared(lambda: None).step_time().page_faults < 20
+    assert _prepared(lambda: None).run_timed_step().page_faults < 20
 
 
 @pytest.mark.parametrize("isolate", [True, False])

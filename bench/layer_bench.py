@@ -1,4 +1,6 @@
-"""Layer shapes shared by the per-layer benchmarks (bench/test_bench_conv2d_*.py)."""
+"""What the per-layer benchmarks (bench/test_bench_conv2d_*.py) share: ResNet-50's conv shapes,
+the CUDA timer and the device's measured matmul rate and copy bandwidth. The benchmark files
+import from here, never from one another."""
 
 from __future__ import annotations
 
@@ -61,3 +63,26 @@ def resnet50_layers(image_size: int = 224) -> dict[str, dict]:
     for handle in handles:
         handle.remove()
     return layers
+
+
+def time_ms(fn, reps: int = 50) -> float:
+    """Median milliseconds of fn() on the current CUDA stream."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=10, rep=reps, return_mode="median")
+
+
+@functools.lru_cache(maxsize=1)
+def device_rates() -> dict:
+    """Measured bf16 matmul rate (FLOP/s) and device-to-device copy bandwidth (B/s)."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm_ms = time_ms(lambda: a @ b)
+    src = torch.empty(2**30, device="cuda", dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    copy_ms = time_ms(lambda: dst.copy_(src))
+    return {
+        "matmul_flops": 2 * 8192**3 / (mm_ms * 1e-3),
+        "copy_bytes_per_s": 2 * src.numel() / (copy_ms * 1e-3),
+        "device": torch.cuda.get_device_name(),
+    }
