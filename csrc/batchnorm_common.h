@@ -1,13 +1,29 @@
-// Input checks and layout handling shared by the CPU kernels and the CUDA bindings of the
-// fastres:: BatchNorm family (semantics: csrc/fastres.cpp).
+// What the CPU and CUDA bindings of the fastres:: BatchNorm family share (semantics:
+// csrc/fastres.cpp): per op, a prepare_* function checks the arguments, lays x and its
+// companions out in x's memory format, converts the per-channel vectors to the accumulation
+// dtype and allocates the outputs; the bindings add the device guard, the kernel call and
+// their handling of empty tensors.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <algorithm>
 #include <optional>
+#include <type_traits>
 
 namespace fastres {
+
+// The accumulation rule, the host's one statement of it (the device's: Acc in
+// cuda/batchnorm_kernels.cu): fp64 tensors accumulate in fp64, all others in fp32.
+// AccType<scalar_t> for the CPU kernels, acc_type_of(x) for tensors.
+template <typename scalar_t>
+using AccType = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+inline at::ScalarType acc_type_of(const at::Tensor& x) {
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()),
+              "fastres: expected a floating-point tensor, got ", x.scalar_type());
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
 
 struct Geometry {
   int64_t n, c, s;
@@ -46,12 +62,6 @@ inline at::Tensor channel_param(const at::Tensor& t, int64_t c, at::ScalarType a
   TORCH_CHECK(t.dim() == 1 && t.size(0) == c, "fastres: ", name, " must have shape [", c,
               "], got ", t.sizes());
   return t.to(acc).contiguous();
-}
-
-inline at::ScalarType acc_type_of(const at::Tensor& x) {
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()),
-              "fastres: expected a floating-point tensor, got ", x.scalar_type());
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 struct Prepared {
@@ -140,6 +150,129 @@ inline ElemtCoefficients elemt_coefficients(
     coef[3].fill_(1);
   }
   return {coef, train_x, train_r};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per op: the checked, laid-out arguments and the allocated (uninitialised) outputs.
+
+// An output of x's shape, dtype, device and memory format.
+inline at::Tensor empty_like_x(const Prepared& p) {
+  return at::empty_like(p.x, p.x.options(), p.fmt);
+}
+
+// bn_stats: x in its memory format; mean, m2 [C] in the accumulation dtype.
+struct StatsArgs {
+  Geometry g;
+  at::Tensor x, mean, m2;
+};
+
+inline StatsArgs prepare_stats(const at::Tensor& x_in) {
+  const auto acc = acc_type_of(x_in);
+  StatsArgs a;
+  a.g = geometry_of(x_in);
+  a.x = x_in.contiguous(format_of(x_in));
+  a.mean = at::empty({a.g.c}, a.x.options().dtype(acc));
+  a.m2 = at::empty({a.g.c}, a.x.options().dtype(acc));
+  return a;
+}
+
+// bn_finalize: every vector [C] in the accumulation dtype of mean; weight / bias undefined
+// where not given.
+struct FinalizeArgs {
+  int64_t c;
+  at::Tensor mean, m2, weight, bias;
+  at::Tensor scale, shift, invstd;
+};
+
+inline FinalizeArgs prepare_finalize(const at::Tensor& mean_in, const at::Tensor& m2_in,
+                                     int64_t count, const std::optional<at::Tensor>& weight,
+                                     const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(count > 0, "fastres: bn_finalize needs count > 0, got ", count);
+  const auto acc = acc_type_of(mean_in);
+  FinalizeArgs a;
+  a.c = mean_in.numel();
+  a.mean = channel_param(mean_in, a.c, acc, "mean");
+  a.m2 = channel_param(m2_in, a.c, acc, "m2");
+  a.weight = weight.has_value() ? channel_param(*weight, a.c, acc, "weight") : at::Tensor();
+  a.bias = bias.has_value() ? channel_param(*bias, a.c, acc, "bias") : at::Tensor();
+  a.scale = at::empty({a.c}, a.mean.options());
+  a.shift = at::empty({a.c}, a.mean.options());
+  a.invstd = at::empty({a.c}, a.mean.options());
+  return a;
+}
+
+// bn_apply: out like x.
+struct ApplyArgs {
+  Prepared p;
+  at::Tensor out;
+};
+
+inline ApplyArgs prepare_apply(const at::Tensor& x_in, const at::Tensor& scale,
+                               const at::Tensor& shift, const std::optional<at::Tensor>& residual,
+                               const std::optional<at::Tensor>& scale_r,
+                               const std::optional<at::Tensor>& shift_r) {
+  ApplyArgs a;
+  a.p = prepare(x_in, scale, shift, residual, scale_r, shift_r);
+  a.out = empty_like_x(a.p);
+  return a;
+}
+
+// bn_backward_reduce: grad_out like x; mean, mean_r [C] (zeros where not given); the sums [C],
+// sum_dy_rmu [0] unless the residual has its own BN (want_r).
+struct BackwardReduceArgs {
+  Prepared p;
+  at::Tensor dy, mean, mean_r;
+  bool want_r;
+  at::Tensor sum_dy, sum_dy_xmu, sum_dy_rmu;
+};
+
+inline BackwardReduceArgs prepare_backward_reduce(
+    const at::Tensor& grad_out, const at::Tensor& x_in, const at::Tensor& scale,
+    const at::Tensor& shift, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& scale_r, const std::optional<at::Tensor>& shift_r,
+    const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& mean_r) {
+  BackwardReduceArgs a;
+  a.p = prepare(x_in, scale, shift, residual, scale_r, shift_r);
+  a.dy = like_x(grad_out, x_in, a.p.fmt, "grad_out");
+  const int64_t C = a.p.g.c;
+  const auto opts = a.p.scale.options();
+  a.want_r = a.p.scale_r.defined();
+  a.mean = mean.has_value() ? channel_param(*mean, C, a.p.acc, "mean") : at::zeros({C}, opts);
+  a.mean_r =
+      mean_r.has_value() ? channel_param(*mean_r, C, a.p.acc, "mean_r") : at::zeros({C}, opts);
+  a.sum_dy = at::empty({C}, opts);
+  a.sum_dy_xmu = at::empty({C}, opts);
+  a.sum_dy_rmu = at::empty({a.want_r ? C : 0}, opts);
+  return a;
+}
+
+// bn_backward_elemt: grad_out like x; the coefficients; grad_x like x, grad_r like x where
+// wanted (grad_residual and a residual: want_r), else [0].
+struct BackwardElemtArgs {
+  Prepared p;
+  at::Tensor dy;
+  ElemtCoefficients ec;
+  bool want_r;
+  at::Tensor grad_x, grad_r;
+};
+
+inline BackwardElemtArgs prepare_backward_elemt(
+    const at::Tensor& grad_out, const at::Tensor& x_in, const at::Tensor& scale,
+    const at::Tensor& shift, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& scale_r, const std::optional<at::Tensor>& shift_r,
+    const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& invstd,
+    const std::optional<at::Tensor>& sum_dy, const std::optional<at::Tensor>& sum_dy_xmu,
+    const std::optional<at::Tensor>& mean_r, const std::optional<at::Tensor>& invstd_r,
+    const std::optional<at::Tensor>& sum_dy_rmu, int64_t count, bool grad_residual) {
+  BackwardElemtArgs a;
+  a.p = prepare(x_in, scale, shift, residual, scale_r, shift_r);
+  a.dy = like_x(grad_out, x_in, a.p.fmt, "grad_out");
+  a.ec = elemt_coefficients(a.p, mean, invstd, sum_dy, sum_dy_xmu, mean_r, invstd_r, sum_dy_rmu,
+                            count, grad_residual);
+  a.want_r = grad_residual && a.p.r.defined();
+  a.grad_x = empty_like_x(a.p);
+  a.grad_r = a.want_r ? empty_like_x(a.p) : at::empty({0}, a.p.x.options());
+  return a;
 }
 
 }  // namespace fastres

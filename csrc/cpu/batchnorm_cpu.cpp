@@ -2,15 +2,16 @@
 //
 // Layouts: x is viewed as [N, C, S] (S = H * W). NCHW walks planes of S contiguous values of one
 // channel; channels_last walks rows of C contiguous channels. Inner loops run over contiguous
-// memory with per-channel constants hoisted so that the compiler vectorizes them; outer loops
-// are split over threads with at::parallel_for. Accumulation is in opmath (fp32 for fp16 /
-// bf16 / fp32, fp64 for fp64); partial results of chunks are merged in fp64.
+// memory and are written for the compiler to vectorize (restrict pointers, and the machinery of
+// vec.h: the best ISA per chunk, loops marked free of aliasing, reductions in lanes); outer
+// loops are split over threads with at::parallel_for. Accumulation in AccType
+// (batchnorm_common.h); partial results of chunks are merged in fp64. Argument checks, layout
+// and output allocation: the prepare_* functions of batchnorm_common.h, shared with CUDA.
 // Statistics: each chunk computes its mean and M2 with two passes over cache-resident data;
 // chunks merge with Chan's parallel formula (as stable as Welford, and vectorizable).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -85,12 +86,14 @@ void dispatch_tail(bool has_r, bool has_sr, bool relu, F f) {
 }
 
 // The element-wise tail of every op (apply, backward reduce, backward elemt):
-// z = x * scale + shift [+ r | + r * scale_r + shift_r] for channel c. Callers' per-channel
-// vectors come in as restrict pointers: otherwise the compiler must assume that the outputs
-// alias them, and does not vectorize.
+// z = x * scale + shift [+ r | + r * scale_r + shift_r] for channel c. The per-channel vectors
+// are restrict parameters (callers pass Tail's pointers as they are): otherwise the compiler
+// must assume that the outputs alias them, and does not vectorize. The loops that write the
+// outputs also carry FASTRES_NO_ALIAS (vec.h).
 template <typename acc_t, bool HR, bool HS>
-FASTRES_INLINE inline acc_t tail_at(acc_t xv, acc_t rv, const acc_t* __restrict ts, const acc_t* __restrict tt,
-                     const acc_t* __restrict tsr, const acc_t* __restrict ttr, int64_t c) {
+FASTRES_INLINE inline acc_t tail_at(acc_t xv, acc_t rv, const acc_t* __restrict ts,
+                                    const acc_t* __restrict tt, const acc_t* __restrict tsr,
+                                    const acc_t* __restrict ttr, int64_t c) {
   acc_t z = xv * ts[c] + tt[c];
   if constexpr (HR) z += HS ? rv * tsr[c] + ttr[c] : rv;
   return z;
@@ -106,9 +109,10 @@ FASTRES_INLINE inline acc_t relu_grad(acc_t z, acc_t g) {
 // One channels_last row of bn_backward_reduce: s0[c] += g, s1[c] += g (x - m), s2[c] += g (r - mr).
 template <typename scalar_t, typename acc_t, bool HR, bool HS, bool RL>
 FASTRES_INLINE inline void reduce_row(const scalar_t* __restrict go, const scalar_t* __restrict x,
-                const scalar_t* __restrict r, const Tail<acc_t>& t, const acc_t* __restrict m,
-                const acc_t* __restrict mr, acc_t* __restrict s0, acc_t* __restrict s1,
-                acc_t* __restrict s2, int64_t C) {
+                                      const scalar_t* __restrict r, const Tail<acc_t>& t,
+                                      const acc_t* __restrict m, const acc_t* __restrict mr,
+                                      acc_t* __restrict s0, acc_t* __restrict s1,
+                                      acc_t* __restrict s2, int64_t C) {
   const acc_t *__restrict ts = t.scale, *__restrict tt = t.shift;
   const acc_t *__restrict tsr = t.scale_r, *__restrict ttr = t.shift_r;
 FASTRES_NO_ALIAS
@@ -125,9 +129,11 @@ FASTRES_NO_ALIAS
 
 // One NCHW plane (channel c) of bn_backward_reduce.
 template <typename scalar_t, typename acc_t, bool HR, bool HS, bool RL>
-FASTRES_INLINE inline void reduce_plane(const scalar_t* __restrict go, const scalar_t* __restrict x,
-                  const scalar_t* __restrict r, const Tail<acc_t>& t, int64_t c, acc_t m,
-                  acc_t mr, int64_t n, acc_t (&out)[3]) {
+FASTRES_INLINE inline void reduce_plane(const scalar_t* __restrict go,
+                                        const scalar_t* __restrict x,
+                                        const scalar_t* __restrict r, const Tail<acc_t>& t,
+                                        int64_t c, acc_t m, acc_t mr, int64_t n,
+                                        acc_t (&out)[3]) {
   lane_sums<acc_t, 3>(n, [&](int64_t i, auto& l, int j) FASTRES_INLINE {
     const acc_t xv = static_cast<acc_t>(x[i]);
     const acc_t rv = HR ? static_cast<acc_t>(r[i]) : acc_t(0);
@@ -149,10 +155,12 @@ FASTRES_INLINE inline void reduce_plane(const scalar_t* __restrict go, const sca
 template <typename scalar_t, typename acc_t, bool HR, bool HS, bool RL, bool WR, bool ROW,
           bool TX, bool TR>
 FASTRES_INLINE inline void elemt_span(const scalar_t* __restrict go, const scalar_t* __restrict x,
-                const scalar_t* __restrict r, const Tail<acc_t>& t, const acc_t* __restrict A,
-                const acc_t* __restrict B, const acc_t* __restrict K, const acc_t* __restrict AR,
-                const acc_t* __restrict BR, const acc_t* __restrict KR, int64_t c0,
-                scalar_t* __restrict gx, scalar_t* __restrict gr, int64_t n) {
+                                      const scalar_t* __restrict r, const Tail<acc_t>& t,
+                                      const acc_t* __restrict A, const acc_t* __restrict B,
+                                      const acc_t* __restrict K, const acc_t* __restrict AR,
+                                      const acc_t* __restrict BR, const acc_t* __restrict KR,
+                                      int64_t c0, scalar_t* __restrict gx,
+                                      scalar_t* __restrict gr, int64_t n) {
   const acc_t *__restrict ts = t.scale, *__restrict tt = t.shift;
   const acc_t *__restrict tsr = t.scale_r, *__restrict ttr = t.shift_r;
 FASTRES_NO_ALIAS
@@ -281,17 +289,13 @@ void stats_kernel(const scalar_t* x, const Geometry& g, acc_t* mean_out, acc_t* 
 }
 
 std::tuple<Tensor, Tensor> bn_stats_cpu(const Tensor& x_in) {
-  const auto acc = acc_type_of(x_in);
-  const Geometry g = geometry_of(x_in);
-  const Tensor x = x_in.contiguous(format_of(x_in));
-  Tensor mean = at::empty({g.c}, x.options().dtype(acc));
-  Tensor m2 = at::empty({g.c}, x.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_stats", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    stats_kernel<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), g, mean.data_ptr<acc_t>(),
-                                  m2.data_ptr<acc_t>());
+  const StatsArgs a = prepare_stats(x_in);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "bn_stats", [&] {
+    using acc_t = AccType<scalar_t>;
+    stats_kernel<scalar_t, acc_t>(a.x.const_data_ptr<scalar_t>(), a.g, a.mean.data_ptr<acc_t>(),
+                                  a.m2.data_ptr<acc_t>());
   });
-  return {mean, m2};
+  return {a.mean, a.m2};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -302,25 +306,16 @@ std::tuple<Tensor, Tensor, Tensor> bn_finalize_cpu(const Tensor& mean_in, const 
                                                    const std::optional<Tensor>& weight,
                                                    const std::optional<Tensor>& bias,
                                                    double eps) {
-  TORCH_CHECK(count > 0, "fastres: bn_finalize needs count > 0, got ", count);
-  const auto acc = acc_type_of(mean_in);
-  const int64_t C = mean_in.numel();
-  const Tensor mean = channel_param(mean_in, C, acc, "mean");
-  const Tensor m2 = channel_param(m2_in, C, acc, "m2");
-  Tensor scale = at::empty({C}, mean.options());
-  Tensor shift = at::empty({C}, mean.options());
-  Tensor invstd = at::empty({C}, mean.options());
-  const Tensor w = weight.has_value() ? channel_param(*weight, C, acc, "weight") : Tensor();
-  const Tensor b = bias.has_value() ? channel_param(*bias, C, acc, "bias") : Tensor();
-  AT_DISPATCH_FLOATING_TYPES(acc, "bn_finalize", [&] {
-    const scalar_t* pm = mean.const_data_ptr<scalar_t>();
-    const scalar_t* pq = m2.const_data_ptr<scalar_t>();
-    const scalar_t* pw = w.defined() ? w.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* pb = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* ps = scale.data_ptr<scalar_t>();
-    scalar_t* pt = shift.data_ptr<scalar_t>();
-    scalar_t* pi = invstd.data_ptr<scalar_t>();
-    for (int64_t c = 0; c < C; ++c) {
+  const FinalizeArgs a = prepare_finalize(mean_in, m2_in, count, weight, bias);
+  AT_DISPATCH_FLOATING_TYPES(a.mean.scalar_type(), "bn_finalize", [&] {
+    const scalar_t* pm = a.mean.const_data_ptr<scalar_t>();
+    const scalar_t* pq = a.m2.const_data_ptr<scalar_t>();
+    const scalar_t* pw = a.weight.defined() ? a.weight.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* pb = a.bias.defined() ? a.bias.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* ps = a.scale.data_ptr<scalar_t>();
+    scalar_t* pt = a.shift.data_ptr<scalar_t>();
+    scalar_t* pi = a.invstd.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < a.c; ++c) {
       const scalar_t var = pq[c] / static_cast<scalar_t>(count);
       const scalar_t inv = scalar_t(1) / std::sqrt(var + static_cast<scalar_t>(eps));
       const scalar_t s = pw ? pw[c] * inv : inv;
@@ -329,7 +324,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_finalize_cpu(const Tensor& mean_in, const 
       pt[c] = (pb ? pb[c] : scalar_t(0)) - pm[c] * s;
     }
   });
-  return {scale, shift, invstd};
+  return {a.scale, a.shift, a.invstd};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -345,15 +340,15 @@ Tail<acc_t> tail_of(const Prepared& p) {
 Tensor bn_apply_cpu(const Tensor& x_in, const Tensor& scale, const Tensor& shift,
                     const std::optional<Tensor>& residual, const std::optional<Tensor>& scale_r,
                     const std::optional<Tensor>& shift_r, bool relu) {
-  const Prepared p = prepare(x_in, scale, shift, residual, scale_r, shift_r);
-  Tensor out = at::empty_like(p.x, p.x.options(), p.fmt);
+  const ApplyArgs a = prepare_apply(x_in, scale, shift, residual, scale_r, shift_r);
+  const Prepared& p = a.p;
   const Geometry& g = p.g;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "bn_apply", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = AccType<scalar_t>;
     const Tail<acc_t> t = tail_of<acc_t>(p);
     const scalar_t* x = p.x.const_data_ptr<scalar_t>();
     const scalar_t* r = p.r.defined() ? p.r.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* y = out.data_ptr<scalar_t>();
+    scalar_t* y = a.out.data_ptr<scalar_t>();
     dispatch_tail(p.r.defined(), p.scale_r.defined(), relu, [&](auto hr, auto hs, auto rl) {
       constexpr bool HR = decltype(hr)::value, HS = decltype(hs)::value, RL = decltype(rl)::value;
       auto store = [&](int64_t i, int64_t c) FASTRES_INLINE {
@@ -374,39 +369,32 @@ FASTRES_NO_ALIAS
           });
     });
   });
-  return out;
+  return a.out;
 }
 
 // ---------------------------------------------------------------------------------------------
-// bn_backward_reduce: sum_dy = sum g, sum_dy_xmu = sum g (x - mean), sum_dy_rmu = sum g (r - mean_r)
-// with g = grad_out * relu_mask(z).
+// bn_backward_reduce: sum_dy = sum g, sum_dy_xmu = sum g (x - mean),
+// sum_dy_rmu = sum g (r - mean_r) with g = grad_out * relu_mask(z).
 
 std::tuple<Tensor, Tensor, Tensor> bn_backward_reduce_cpu(
     const Tensor& grad_out, const Tensor& x_in, const Tensor& scale, const Tensor& shift,
     const std::optional<Tensor>& residual, const std::optional<Tensor>& scale_r,
     const std::optional<Tensor>& shift_r, bool relu, const std::optional<Tensor>& mean,
     const std::optional<Tensor>& mean_r) {
-  const Prepared p = prepare(x_in, scale, shift, residual, scale_r, shift_r);
-  const Tensor dy = like_x(grad_out, x_in, p.fmt, "grad_out");
+  const BackwardReduceArgs a = prepare_backward_reduce(grad_out, x_in, scale, shift, residual,
+                                                       scale_r, shift_r, mean, mean_r);
+  const Prepared& p = a.p;
   const Geometry& g = p.g;
   const int64_t C = g.c;
-  const bool want_r = p.scale_r.defined();
-  const Tensor mu = mean.has_value() ? channel_param(*mean, C, p.acc, "mean")
-                                     : at::zeros({C}, p.scale.options());
-  const Tensor mu_r = mean_r.has_value() ? channel_param(*mean_r, C, p.acc, "mean_r")
-                                         : at::zeros({C}, p.scale.options());
-  Tensor sum_dy = at::empty({C}, p.scale.options());
-  Tensor sum_dy_xmu = at::empty({C}, p.scale.options());
-  Tensor sum_dy_rmu = at::empty({want_r ? C : 0}, p.scale.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "bn_bwd_reduce",
                                   [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = AccType<scalar_t>;
     const Tail<acc_t> t = tail_of<acc_t>(p);
     const scalar_t* x = p.x.const_data_ptr<scalar_t>();
     const scalar_t* r = p.r.defined() ? p.r.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* go = dy.const_data_ptr<scalar_t>();
-    const acc_t* m = mu.const_data_ptr<acc_t>();
-    const acc_t* mr = mu_r.const_data_ptr<acc_t>();
+    const scalar_t* go = a.dy.const_data_ptr<scalar_t>();
+    const acc_t* m = a.mean.const_data_ptr<acc_t>();
+    const acc_t* mr = a.mean_r.const_data_ptr<acc_t>();
     // Partial sums [parts, 3, C] in fp64. Channels_last: one part per thread, to which the
     // thread adds the fp32 sums of each chunk of kChunkElems (a part per chunk would leave a
     // long serial merge); NCHW: one part per sample.
@@ -430,8 +418,9 @@ std::tuple<Tensor, Tensor, Tensor> bn_backward_reduce_cpu(
               const int64_t r1 = std::min(rows, (k + 1) * chunk_rows);
               for (int64_t row = k * chunk_rows; row < r1; ++row) {
                 const int64_t base = row * C;
-                reduce_row<scalar_t, acc_t, HR, HS, RL>(go + base, x + base, HR ? r + base : nullptr,
-                                                         t, m, mr, s0, s0 + C, s0 + 2 * C, C);
+                reduce_row<scalar_t, acc_t, HR, HS, RL>(go + base, x + base,
+                                                         HR ? r + base : nullptr, t, m, mr, s0,
+                                                         s0 + C, s0 + 2 * C, C);
               }
               for (int64_t i = 0; i < 3 * C; ++i) acc[i] += static_cast<double>(s0[i]);
             }
@@ -456,9 +445,9 @@ std::tuple<Tensor, Tensor, Tensor> bn_backward_reduce_cpu(
         });
       }
     });
-    acc_t* o0 = sum_dy.data_ptr<acc_t>();
-    acc_t* o1 = sum_dy_xmu.data_ptr<acc_t>();
-    acc_t* o2 = want_r ? sum_dy_rmu.data_ptr<acc_t>() : nullptr;
+    acc_t* o0 = a.sum_dy.data_ptr<acc_t>();
+    acc_t* o1 = a.sum_dy_xmu.data_ptr<acc_t>();
+    acc_t* o2 = a.want_r ? a.sum_dy_rmu.data_ptr<acc_t>() : nullptr;
     for (int64_t c = 0; c < C; ++c) {
       double a0 = 0, a1 = 0, a2 = 0;
       for (int64_t k = 0; k < parts; ++k) {
@@ -472,7 +461,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_backward_reduce_cpu(
       if (o2) o2[c] = static_cast<acc_t>(a2);
     }
   });
-  return {sum_dy, sum_dy_xmu, sum_dy_rmu};
+  return {a.sum_dy, a.sum_dy_xmu, a.sum_dy_rmu};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -490,29 +479,26 @@ std::tuple<Tensor, Tensor> bn_backward_elemt_cpu(
     const std::optional<Tensor>& sum_dy_xmu, const std::optional<Tensor>& mean_r,
     const std::optional<Tensor>& invstd_r, const std::optional<Tensor>& sum_dy_rmu,
     int64_t count, bool grad_residual) {
-  const Prepared p = prepare(x_in, scale, shift, residual, scale_r, shift_r);
-  const Tensor dy = like_x(grad_out, x_in, p.fmt, "grad_out");
+  const BackwardElemtArgs a = prepare_backward_elemt(
+      grad_out, x_in, scale, shift, residual, scale_r, shift_r, mean, invstd, sum_dy, sum_dy_xmu,
+      mean_r, invstd_r, sum_dy_rmu, count, grad_residual);
+  const Prepared& p = a.p;
+  const ElemtCoefficients& ec = a.ec;
   const Geometry& g = p.g;
   const int64_t C = g.c;
-  const bool want_r = grad_residual && p.r.defined();
-  const ElemtCoefficients ec = elemt_coefficients(p, mean, invstd, sum_dy, sum_dy_xmu, mean_r,
-                                                  invstd_r, sum_dy_rmu, count, grad_residual);
-  const Tensor& coef = ec.coef;
-  Tensor grad_x = at::empty_like(p.x, p.x.options(), p.fmt);
-  Tensor grad_r = want_r ? at::empty_like(p.x, p.x.options(), p.fmt)
-                         : at::empty({0}, p.x.options());
+  const bool want_r = a.want_r;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "bn_bwd_elemt",
                                   [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = AccType<scalar_t>;
     const Tail<acc_t> t = tail_of<acc_t>(p);
     const scalar_t* x = p.x.const_data_ptr<scalar_t>();
     const scalar_t* r = p.r.defined() ? p.r.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* go = dy.const_data_ptr<scalar_t>();
-    const acc_t* cf = coef.const_data_ptr<acc_t>();
+    const scalar_t* go = a.dy.const_data_ptr<scalar_t>();
+    const acc_t* cf = ec.coef.const_data_ptr<acc_t>();
     const acc_t *A = cf, *B = cf + C, *K = cf + 2 * C, *AR = cf + 3 * C, *BR = cf + 4 * C,
                 *KR = cf + 5 * C;
-    scalar_t* gx = grad_x.data_ptr<scalar_t>();
-    scalar_t* gr = want_r ? grad_r.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gx = a.grad_x.data_ptr<scalar_t>();
+    scalar_t* gr = want_r ? a.grad_r.data_ptr<scalar_t>() : nullptr;
     auto run = [&](auto want_tag, auto tx_tag, auto tr_tag) {
       constexpr bool WR = decltype(want_tag)::value, TX = decltype(tx_tag)::value,
                      TR = decltype(tr_tag)::value;
@@ -549,7 +535,7 @@ std::tuple<Tensor, Tensor> bn_backward_elemt_cpu(
       run_terms(std::false_type{});
     }
   });
-  return {grad_x, grad_r};
+  return {a.grad_x, a.grad_r};
 }
 
 }  // namespace

@@ -34,18 +34,6 @@ void run_avx2(const F& f) {
 inline bool cpu_has_avx2() { return false; }
 #endif
 
-// On a loop: its iterations carry no memory dependence (the outputs alias no input). GCC
-// otherwise versions these loops with run-time overlap checks of every pointer pair, which
-// fail on adjacent buffers and leave the scalar loop running (how much slower:
-// bench/results/README.md, "Measurements behind comments").
-#if defined(__clang__)
-#define FASTRES_NO_ALIAS _Pragma("clang loop vectorize(assume_safety)")
-#elif defined(__GNUC__)
-#define FASTRES_NO_ALIAS _Pragma("GCC ivdep")
-#else
-#define FASTRES_NO_ALIAS
-#endif
-
 template <typename F>
 void run_baseline(const F& f) {
   f();
@@ -60,6 +48,18 @@ inline void with_best_isa(const F& f) {
     run_baseline(f);
   }
 }
+
+// On a loop: its iterations carry no memory dependence (the outputs alias no input). GCC
+// otherwise versions these loops with run-time overlap checks of every pointer pair, which
+// fail on adjacent buffers and leave the scalar loop running (how much slower:
+// bench/results/README.md, "Measurements behind comments").
+#if defined(__clang__)
+#define FASTRES_NO_ALIAS _Pragma("clang loop vectorize(assume_safety)")
+#elif defined(__GNUC__)
+#define FASTRES_NO_ALIAS _Pragma("GCC ivdep")
+#else
+#define FASTRES_NO_ALIAS
+#endif
 
 // Sums f(i) over [0, n) in kLanes independent accumulators: a reduction into one scalar is a
 // loop-carried dependency that the compiler may not reorder (no -ffast-math), so it would stay

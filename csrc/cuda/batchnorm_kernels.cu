@@ -7,11 +7,13 @@
 // Reductions are grid-wide in two steps: every block writes per-channel partials (Welford
 // count / mean / M2 for the statistics, sums for the backward) to a workspace, and a second
 // kernel merges them per channel in fp64 (Chan's formula for the statistics).
-// Accumulation in fp32 (fp64 for fp64 tensors); 64-bit element offsets throughout.
+// Accumulation in Acc<T> (below); 64-bit element offsets throughout.
 // No torch headers: see batchnorm_kernels.h.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <cstring>
 
 #include "batchnorm_kernels.h"
 
@@ -23,6 +25,8 @@ constexpr int kRowsPerBlock = 8;   // channels_last reductions: blockDim (32, 8)
 constexpr int kPlaneThreads = 256;  // NCHW reductions and element-wise kernels
 constexpr int kMaxPartials = 256;  // blocks per channel in a reduction
 
+// The accumulation type of element type T, the device side's one statement of the rule (the
+// host's: acc_type_of in batchnorm_common.h): fp64 for fp64, fp32 for everything else.
 template <typename T>
 struct Acc {
   using type = float;
@@ -112,6 +116,43 @@ struct TailEval {
 };
 
 // ---------------------------------------------------------------------------------------------
+// Block reduction of the NCHW reductions (one channel per block, blockDim.x = THREADS)
+
+// __shfl_down_sync of a trivially copyable struct, one 32-bit word at a time (what the
+// built-in overloads do for double and 64-bit integers).
+template <typename V>
+__device__ __forceinline__ V shfl_down(const V& v, int off) {
+  static_assert(sizeof(V) % sizeof(unsigned) == 0, "shfl_down: size not a multiple of 4 bytes");
+  constexpr int kWords = sizeof(V) / sizeof(unsigned);
+  unsigned w[kWords];
+  memcpy(w, &v, sizeof(V));
+#pragma unroll
+  for (int k = 0; k < kWords; ++k) w[k] = __shfl_down_sync(0xffffffffu, w[k], off);
+  V out;
+  memcpy(&out, w, sizeof(V));
+  return out;
+}
+
+// Reduces each thread's v over the block with combine(V a, const V& b) -> V (a: the lower
+// threads' value): within each warp by shuffles, then thread 0 folds the warps' results in
+// warp order. The result is valid in thread 0 only. Every thread of the block must call it.
+template <int THREADS, typename V, typename Combine>
+__device__ __forceinline__ V block_reduce(V v, Combine combine) {
+  static_assert(THREADS % 32 == 0 && THREADS <= 1024, "block_reduce: whole warps");
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = combine(v, shfl_down(v, off));
+  __shared__ V s[THREADS / 32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) s[warp] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    v = s[0];
+    for (int k = 1; k < THREADS / 32; ++k) v = combine(v, s[k]);
+  }
+  return v;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Statistics
 
 template <typename A>
@@ -124,6 +165,20 @@ __device__ __forceinline__ void chan_merge(A& n, A& mean, A& m2, A nb, A mb, A q
   m2 += qb + delta * delta * n * wb;
   n = total;
 }
+
+// Welford state (count, mean, M2) of a thread, merged with Chan's formula.
+template <typename A>
+struct Welford {
+  A n, mean, m2;
+};
+
+struct WelfordMerge {
+  template <typename A>
+  __device__ __forceinline__ Welford<A> operator()(Welford<A> a, const Welford<A>& b) const {
+    chan_merge(a.n, a.mean, a.m2, b.n, b.mean, b.m2);
+    return a;
+  }
+};
 
 // channels_last: blockIdx.y picks 32 * VEC channels, blockIdx.x a slice of the rows.
 template <typename T, int VEC>
@@ -180,7 +235,8 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock)
 // NCHW: blockIdx.y is the channel, blockIdx.x a slice of the images.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kPlaneThreads)
-    stats_nchw_kernel(const T* __restrict__ x, Geometry g, typename Acc<T>::type* __restrict__ part) {
+    stats_nchw_kernel(const T* __restrict__ x, Geometry g,
+                      typename Acc<T>::type* __restrict__ part) {
   using A = typename Acc<T>::type;
   const int64_t c = blockIdx.y;
   A n = 0, mean = 0, m2 = 0;
@@ -199,29 +255,12 @@ __global__ void __launch_bounds__(kPlaneThreads)
       }
     }
   }
-  // Warp, then block merge.
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const A nb = __shfl_down_sync(0xffffffffu, n, off);
-    const A mb = __shfl_down_sync(0xffffffffu, mean, off);
-    const A qb = __shfl_down_sync(0xffffffffu, m2, off);
-    chan_merge(n, mean, m2, nb, mb, qb);
-  }
-  __shared__ A s[3][kPlaneThreads / 32];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) {
-    s[0][warp] = n;
-    s[1][warp] = mean;
-    s[2][warp] = m2;
-  }
-  __syncthreads();
+  const Welford<A> w = block_reduce<kPlaneThreads>(Welford<A>{n, mean, m2}, WelfordMerge{});
   if (threadIdx.x != 0) return;
-  A nn = s[0][0], mm = s[1][0], qq = s[2][0];
-  for (int k = 1; k < kPlaneThreads / 32; ++k) chan_merge(nn, mm, qq, s[0][k], s[1][k], s[2][k]);
   const int64_t P = gridDim.x;
-  part[(0 * P + blockIdx.x) * g.c + c] = nn;
-  part[(1 * P + blockIdx.x) * g.c + c] = mm;
-  part[(2 * P + blockIdx.x) * g.c + c] = qq;
+  part[(0 * P + blockIdx.x) * g.c + c] = w.n;
+  part[(1 * P + blockIdx.x) * g.c + c] = w.mean;
+  part[(2 * P + blockIdx.x) * g.c + c] = w.m2;
 }
 
 template <typename A>
@@ -331,6 +370,22 @@ __global__ void __launch_bounds__(kPlaneThreads)
 // ---------------------------------------------------------------------------------------------
 // Backward reduce: partial sums of g, g (x - mean), g (r - mean_r).
 
+// The three sums of a thread.
+template <typename A>
+struct Sums3 {
+  A s0, s1, s2;
+};
+
+struct SumsAdd {
+  template <typename A>
+  __device__ __forceinline__ Sums3<A> operator()(Sums3<A> a, const Sums3<A>& b) const {
+    a.s0 += b.s0;
+    a.s1 += b.s1;
+    a.s2 += b.s2;
+    return a;
+  }
+};
+
 template <typename T, int VEC, bool HAS_R, bool HAS_SR, bool RELU>
 __global__ void __launch_bounds__(32 * kRowsPerBlock)
     backward_reduce_cl_kernel(const T* __restrict__ grad_out, const T* __restrict__ x,
@@ -427,31 +482,12 @@ __global__ void __launch_bounds__(kPlaneThreads)
       }
     }
   }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    a0 += __shfl_down_sync(0xffffffffu, a0, off);
-    a1 += __shfl_down_sync(0xffffffffu, a1, off);
-    a2 += __shfl_down_sync(0xffffffffu, a2, off);
-  }
-  __shared__ A s[3][kPlaneThreads / 32];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) {
-    s[0][warp] = a0;
-    s[1][warp] = a1;
-    s[2][warp] = a2;
-  }
-  __syncthreads();
+  const Sums3<A> b = block_reduce<kPlaneThreads>(Sums3<A>{a0, a1, a2}, SumsAdd{});
   if (threadIdx.x != 0) return;
-  A b0 = 0, b1 = 0, b2 = 0;
-  for (int k = 0; k < kPlaneThreads / 32; ++k) {
-    b0 += s[0][k];
-    b1 += s[1][k];
-    b2 += s[2][k];
-  }
   const int64_t P = gridDim.x;
-  part[(0 * P + blockIdx.x) * g.c + c] = b0;
-  part[(1 * P + blockIdx.x) * g.c + c] = b1;
-  part[(2 * P + blockIdx.x) * g.c + c] = b2;
+  part[(0 * P + blockIdx.x) * g.c + c] = b.s0;
+  part[(1 * P + blockIdx.x) * g.c + c] = b.s1;
+  part[(2 * P + blockIdx.x) * g.c + c] = b.s2;
 }
 
 template <typename A>
@@ -498,8 +534,6 @@ int64_t partials(const Geometry& g) {
   return units < 1 ? 1 : (units < kMaxPartials ? units : kMaxPartials);
 }
 
-size_t acc_size(DType dtype) { return dtype == DType::kFloat64 ? sizeof(double) : sizeof(float); }
-
 int64_t elementwise_blocks(int64_t vectors) {
   const int64_t blocks = (vectors + kPlaneThreads - 1) / kPlaneThreads;
   // Grid-stride loops cover the rest; a few waves of blocks saturate any current GPU.
@@ -524,8 +558,9 @@ void dispatch_tail(const Tail& t, F f) {
   }
 }
 
+// Calls f(T{}) with T the element type of dtype.
 template <typename F>
-cudaError_t dispatch_dtype(DType dtype, F f) {
+void visit_dtype(DType dtype, F f) {
   switch (dtype) {
     case DType::kFloat32:
       f(float{});
@@ -540,7 +575,19 @@ cudaError_t dispatch_dtype(DType dtype, F f) {
       f(double{});
       break;
   }
+}
+
+// visit_dtype for launches: returns the launch error, if any.
+template <typename F>
+cudaError_t dispatch_dtype(DType dtype, F f) {
+  visit_dtype(dtype, f);
   return cudaGetLastError();
+}
+
+size_t acc_size(DType dtype) {
+  size_t size = 0;
+  visit_dtype(dtype, [&](auto tag) { size = sizeof(typename Acc<decltype(tag)>::type); });
+  return size;
 }
 
 template <typename T, int VEC, bool HR, bool HS>
@@ -668,18 +715,13 @@ cudaError_t launch_bn_finalize(DType dtype, const void* mean, const void* m2, in
                                const void* weight, const void* bias, double eps, int64_t c,
                                void* scale, void* shift, void* invstd, cudaStream_t stream) {
   const auto blocks = static_cast<unsigned>((c + 127) / 128);
-  if (dtype == DType::kFloat64) {
-    finalize_kernel<double><<<blocks, 128, 0, stream>>>(
-        static_cast<const double*>(mean), static_cast<const double*>(m2), count,
-        static_cast<const double*>(weight), static_cast<const double*>(bias), eps, c,
-        static_cast<double*>(scale), static_cast<double*>(shift), static_cast<double*>(invstd));
-  } else {
-    finalize_kernel<float><<<blocks, 128, 0, stream>>>(
-        static_cast<const float*>(mean), static_cast<const float*>(m2), count,
-        static_cast<const float*>(weight), static_cast<const float*>(bias), eps, c,
-        static_cast<float*>(scale), static_cast<float*>(shift), static_cast<float*>(invstd));
-  }
-  return cudaGetLastError();
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using A = typename Acc<decltype(tag)>::type;
+    finalize_kernel<A><<<blocks, 128, 0, stream>>>(
+        static_cast<const A*>(mean), static_cast<const A*>(m2), count,
+        static_cast<const A*>(weight), static_cast<const A*>(bias), eps, c,
+        static_cast<A*>(scale), static_cast<A*>(shift), static_cast<A*>(invstd));
+  });
 }
 
 cudaError_t launch_bn_apply(DType dtype, const void* x, Tail tail, Geometry g, void* out,

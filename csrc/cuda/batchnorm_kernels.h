@@ -1,8 +1,8 @@
 // Launchers of the CUDA kernels of the fastres:: BatchNorm family (semantics: csrc/fastres.cpp).
 //
 // Plain C++ over raw device pointers and a cudaStream_t: no torch headers, so that the kernels
-// compile with nvcc alone (scripts/check_cuda_compile.sh). Per-channel pointers ("acc") are
-// float for fp32 / fp16 / bf16 tensors and double for fp64 tensors.
+// compile with nvcc alone (scripts/check_cuda_compile.sh). Per-channel pointers ("acc") are of
+// the accumulation type of dtype (Acc in batchnorm_kernels.cu, acc_type_of on the host).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -38,6 +38,7 @@ size_t bn_backward_reduce_workspace_bytes(DType dtype, Geometry g);
 cudaError_t launch_bn_stats(DType dtype, const void* x, Geometry g, void* mean, void* m2,
                             void* workspace, cudaStream_t stream);
 
+// All pointers are acc (dtype: that of the statistics, or of the x they come from).
 cudaError_t launch_bn_finalize(DType dtype, const void* mean, const void* m2, int64_t count,
                                const void* weight, const void* bias, double eps, int64_t c,
                                void* scale, void* shift, void* invstd, cudaStream_t stream);
