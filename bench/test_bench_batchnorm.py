@@ -23,10 +23,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastres.ops import batchnorm as ops
+from fastres.extension import EXTENSION_ERROR
+from fastres.ops import batchnorm as bn_ops
 from fastres.testing import assert_matches_oracle
 
-pytestmark = pytest.mark.skipif(ops.EXTENSION_ERROR is not None, reason=str(ops.EXTENSION_ERROR))
+pytestmark = pytest.mark.skipif(EXTENSION_ERROR is not None, reason=str(EXTENSION_ERROR))
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BATCH = 64 if DEVICE == "cuda" else 8
@@ -117,21 +118,22 @@ def _fused(op: str, t: dict):
     if op.startswith("apply"):
         scale, shift = _eval_affine(t)
         if op == "apply":
-            return lambda: ops.bn_apply(x, scale, shift)
+            return lambda: bn_ops.bn_apply(x, scale, shift)
         if op == "apply_residual":
-            return lambda: ops.bn_apply(x, scale, shift, t["r"])
+            return lambda: bn_ops.bn_apply(x, scale, shift, t["r"])
         scale_r, shift_r = _eval_affine(t, "_r")
-        return lambda: ops.bn_apply(x, scale, shift, t["r"], scale_r, shift_r)
+        return lambda: bn_ops.bn_apply(x, scale, shift, t["r"], scale_r, shift_r)
     if op == "train_forward":
-        return lambda: ops.bn_train_act(x, (*ops.bn_stats(x), count), t["weight"], t["bias"], 1e-5)
-    mean, m2 = ops.bn_stats(x)
-    scale, shift, invstd = ops.bn_finalize(mean, m2, count, t["weight"], t["bias"], 1e-5)
+        weight, bias = t["weight"], t["bias"]
+        return lambda: bn_ops.bn_train_act(x, (*bn_ops.bn_stats(x), count), weight, bias, 1e-5)
+    mean, m2 = bn_ops.bn_stats(x)
+    scale, shift, invstd = bn_ops.bn_finalize(mean, m2, count, t["weight"], t["bias"], 1e-5)
 
     def backward():
-        sums = ops.bn_backward_reduce(
+        sums = bn_ops.bn_backward_reduce(
             t["grad"], x, scale, shift, None, None, None, True, mean, None
         )
-        grad_x, _ = ops.bn_backward_elemt(
+        grad_x, _ = bn_ops.bn_backward_elemt(
             t["grad"], x, scale, shift, None, None, None, True, mean, invstd, sums[0], sums[1],
             None, None, None, count, False,
         )  # fmt: skip

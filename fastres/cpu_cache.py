@@ -27,10 +27,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .ops.batchnorm import EXTENSION_ERROR
-
-if EXTENSION_ERROR is None:
-    from . import _C
+from .extension import _C, EXTENSION_ERROR
 
 
 class CacheStats(NamedTuple):

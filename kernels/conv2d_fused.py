@@ -19,7 +19,7 @@ While the tiles are in registers the kernel also applies
   prologue, as in the unfused graph. Then, with IN_ADD, + a second input x2 of x's shape
   (Res2Net's hierarchical add: previous conv output + chunk i, never formed as a tensor).
 - epilogue, on the fp32 accumulator: + bias[C_out] (a folded BatchNorm), + residual
-  (RESIDUAL=1) or + residual * res_scale[C_out] + res_shift[C_out] (RESIDUAL=2, a shortcut's
+  (RESIDUAL), first scaled by res_scale[C_out] + res_shift[C_out] with RES_AFFINE (a shortcut's
   BatchNorm), ReLU, per-channel statistics of the result (STATS: each tile's sum and M2 about
   its mean, merged by the launcher; for training-mode BatchNorm), cast to the output dtype.
 
@@ -35,13 +35,13 @@ stride) are read and written in place. The weight too is addressed by strides
 ([C_out, C_in, KH, KW] logical); it is fastest stored as [KH, KW, C_in, C_out] so that a B tile
 is contiguous along C_out. Activation offsets are 64-bit.
 
-Precision: DOT_MODE 0 multiplies fp16/bf16 tiles on tensor cores, 1 multiplies fp32 exactly
-("ieee"), 2 multiplies fp32 in TF32, 3 multiplies fp64; accumulation (ACC) is fp32, and fp64
-for fp64 inputs, which the launcher allows only under the interpreter (tests compare whole
-training runs in float64, where fp32 rounding through batch statistics of tiny test batches
-is chaotic). Under the Triton interpreter the launcher picks 1 (not 0) for fp16 / bf16, casting
-the tiles to fp32, because the interpreter's bf16 dot is wrong, and sets EMULATE_RTNE, because
-its fp32 -> bf16 conversion truncates.
+Precision: DOT_PRECISION "native" multiplies fp16/bf16 tiles as they are (tensor cores),
+"ieee" multiplies fp32 exactly, "tf32" multiplies fp32 in TF32, "fp64" multiplies fp64;
+accumulation (ACC) is fp32, and fp64 for fp64 inputs, which the launcher allows only under the
+interpreter (tests compare whole training runs in float64, where fp32 rounding through batch
+statistics of tiny test batches is chaotic). Under the Triton interpreter the launcher picks
+"ieee" for fp16 / bf16, casting the tiles to fp32, because the interpreter's bf16 dot is wrong,
+and sets EMULATE_RTNE, because its fp32 -> bf16 conversion truncates.
 
 Limits: BLOCK_K >= 16 and BLOCK_M, BLOCK_N >= 16 (tl.dot); M = N*OH*OW and C_out
 must fit in int32 (offsets into tensors are int64); the POOL prologue assumes no padding around
@@ -71,10 +71,8 @@ def conv2d_fused_name(spec) -> str:
     parts.append(f"conv{c.get('KH', 'k')}x{c.get('KW', 'k')}")
     if c.get("HAS_BIAS"):
         parts.append("bias")
-    if c.get("RESIDUAL") == 1:
-        parts.append("add")
-    elif c.get("RESIDUAL") == 2:
-        parts.append("addbn")
+    if c.get("RESIDUAL"):
+        parts.append("addbn" if c.get("RES_AFFINE") else "add")
     if c.get("RELU"):
         parts.append("relu")
     if c.get("STATS"):
@@ -164,7 +162,7 @@ def _load_input_tile(
 
 
 @triton.jit
-def _round_to(x, dtype: tl.constexpr, EMULATE_RTNE: tl.constexpr):
+def round_to(x, dtype: tl.constexpr, EMULATE_RTNE: tl.constexpr):
     """x.to(dtype), rounding to nearest even also where the interpreter would truncate."""
     if EMULATE_RTNE and dtype == tl.bfloat16 and x.dtype == tl.float32:
         # The interpreter converts fp32 -> bf16 by dropping the low 16 bits; round first so that
@@ -176,18 +174,16 @@ def _round_to(x, dtype: tl.constexpr, EMULATE_RTNE: tl.constexpr):
 
 
 @triton.jit
-def _mma(a, b, acc, DOT_MODE: tl.constexpr):
+def _mma(a, b, acc, DOT_PRECISION: tl.constexpr):
     """acc += a @ b with the requested precision (see the file header)."""
-    if DOT_MODE == 0:
+    if DOT_PRECISION == "native":
         acc = tl.dot(a, b, acc)
-    elif DOT_MODE == 3:
+    elif DOT_PRECISION == "fp64":
         # out_dtype named: Triton 3.6 checks the accumulator against it (fp32 by default).
         a, b = a.to(tl.float64), b.to(tl.float64)
         acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=tl.float64)
-    elif DOT_MODE == 1:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32")
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=DOT_PRECISION)
     return acc
 
 
@@ -249,9 +245,10 @@ def conv2d_fused_kernel(
     IN_ADD: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     RESIDUAL: tl.constexpr,
+    RES_AFFINE: tl.constexpr,
     RELU: tl.constexpr,
     STATS: tl.constexpr,
-    DOT_MODE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     ACC: tl.constexpr,
     EMULATE_RTNE: tl.constexpr,
     FLAT_K: tl.constexpr,
@@ -331,7 +328,7 @@ def conv2d_fused_kernel(
             w_off = cs * stride_w_i + kh * stride_w_h + kw * stride_w_w
             b = tl.load(w_cols + w_off[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             # Round the prologue's result to the operand dtype, as the unfused graph stores it.
-            acc = _mma(_round_to(a, b.dtype, EMULATE_RTNE), b, acc, DOT_MODE)
+            acc = _mma(round_to(a, b.dtype, EMULATE_RTNE), b, acc, DOT_PRECISION)
     else:
         # One flat loop over (tap, channel block) pairs rather than two nested loops, so that
         # the compiler software-pipelines the loads even when C_in fits one block.
@@ -364,12 +361,12 @@ def conv2d_fused_kernel(
                 mask=c_ok[:, None] & n_ok[None, :],
                 other=0.0,
             )
-            acc = _mma(_round_to(a, b.dtype, EMULATE_RTNE), b, acc, DOT_MODE)
+            acc = _mma(round_to(a, b.dtype, EMULATE_RTNE), b, acc, DOT_PRECISION)
 
     out_mask = m_ok[:, None] & n_ok[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_c, mask=n_ok, other=0.0).to(ACC)[None, :]
-    if RESIDUAL > 0:
+    if RESIDUAL:
         res_ptrs = (
             res_ptr
             + img.to(tl.int64)[:, None] * stride_res_n
@@ -378,7 +375,7 @@ def conv2d_fused_kernel(
             + offs_c.to(tl.int64)[None, :] * stride_res_c
         )
         r = tl.load(res_ptrs, mask=out_mask, other=0.0).to(ACC)
-        if RESIDUAL == 2:
+        if RES_AFFINE:
             r_scale = tl.load(res_scale_ptr + offs_c, mask=n_ok, other=0.0).to(ACC)
             r_shift = tl.load(res_shift_ptr + offs_c, mask=n_ok, other=0.0).to(ACC)
             r = r * r_scale[None, :] + r_shift[None, :]
@@ -402,4 +399,4 @@ def conv2d_fused_kernel(
         + ow.to(tl.int64)[:, None] * stride_out_w
         + offs_c.to(tl.int64)[None, :] * stride_out_c
     )
-    tl.store(out_ptrs, _round_to(acc, out_ptr.dtype.element_ty, EMULATE_RTNE), mask=out_mask)
+    tl.store(out_ptrs, round_to(acc, out_ptr.dtype.element_ty, EMULATE_RTNE), mask=out_mask)

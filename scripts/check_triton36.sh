@@ -11,7 +11,7 @@
 # no interpreter; then the whole report, scripts/check_sm90_compile.sh), and the fused convolution's, the Res2Net ones
 # and the training unit's files, which between them launch every switch of the kernels (flat and
 # tap-major K, the pool, BN and ReLU prologues, the input add, bias, both residual forms, ReLU,
-# statistics, groups) in fp16, bf16, fp32 and fp64 (each DOT_MODE), and the Res2Net last-chunk
+# statistics, groups) in fp16, bf16, fp32 and fp64 (each DOT_PRECISION), and the Res2Net last-chunk
 # pool kernel.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +25,7 @@ if ! "$python" -c 'import triton, torch, numpy, pytest, sys; sys.exit(triton.__v
   FASTRES_BUILD_EXT=0 "$python" -m pip install -q --disable-pip-version-check \
     --no-build-isolation --no-deps -e .
 fi
-"$python" -c 'import triton, fastres.ops.batchnorm as b; print("triton", triton.__version__); assert b.EXTENSION_ERROR is None, b.EXTENSION_ERROR'
+"$python" -c 'import triton, fastres.extension as e; print("triton", triton.__version__); assert e.EXTENSION_ERROR is None, e.EXTENSION_ERROR'
 "$python" -m pytest tests/test_conv2d_fused.py tests/test_res2net_fused.py \
   tests/test_conv2d_bn_train.py tests/test_compile_report.py -q -p no:cacheprovider
 bash scripts/check_sm90_compile.sh "$python"

@@ -143,7 +143,7 @@ export FASTRES_TRITON_TUNE=${FASTRES_TRITON_TUNE:-0}
 
 build() {
   if [ "$DRY_RUN" = 1 ]; then
-    run_step build 60 "$PYTHON" -c 'import fastres.ops.batchnorm as b; assert b.EXTENSION_ERROR is None, b.EXTENSION_ERROR'
+    run_step build 60 "$PYTHON" -c 'import fastres.extension as e; assert e.EXTENSION_ERROR is None, e.EXTENSION_ERROR'
   else
     run_step build 240 "$PYTHON" setup.py build_ext --inplace
   fi

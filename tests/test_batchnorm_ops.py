@@ -8,11 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastres.ops import batchnorm as ops
+from fastres.extension import EXTENSION_ERROR, cuda_kernels_built
+from fastres.ops import batchnorm as bn_ops
 from fastres.ops import batchnorm_reference as ref
 from fastres.testing import assert_matches_oracle
 
-pytestmark = pytest.mark.skipif(ops.EXTENSION_ERROR is not None, reason=str(ops.EXTENSION_ERROR))
+pytestmark = pytest.mark.skipif(EXTENSION_ERROR is not None, reason=str(EXTENSION_ERROR))
 
 SHAPES = {
     "odd-3ch": (2, 3, 5, 7),
@@ -60,7 +61,7 @@ def _per_channel(args, acc):
 def _compare(op_name, args, dtype):
     """Runs op and reference on args (element-wise tensors in `dtype`), checks the rule of
     docs/contract.md §3."""
-    op = getattr(ops, op_name)
+    op = getattr(bn_ops, op_name)
     reference = getattr(ref, op_name)
     args = _per_channel(args, torch.float32)
     actual = op(*args)
@@ -82,7 +83,7 @@ def test_stats(shape, dtype, layout):
 
 def test_stats_float64_matches_torch_var():
     x = _rand((3, 17, 5, 4), torch.float64, torch.channels_last, offset=3.0)
-    mean, m2 = ops.bn_stats(x)
+    mean, m2 = bn_ops.bn_stats(x)
     count = x.numel() // x.shape[1]
     torch.testing.assert_close(mean, x.mean((0, 2, 3)), rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(m2 / count, x.var((0, 2, 3), unbiased=False), rtol=1e-12, atol=0)
@@ -201,13 +202,13 @@ def test_apply_gradcheck_float64(tail, layout):
     inputs = tuple(args)
 
     def f(*a):
-        return ops.bn_apply(*a, relu=True)
+        return bn_ops.bn_apply(*a, relu=True)
 
     torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not ops.cuda_kernels_built(), reason="fastres._C built without CUDA kernels")
+@pytest.mark.skipif(not cuda_kernels_built(), reason="fastres._C built without CUDA kernels")
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
 @pytest.mark.parametrize("dtype", [*DTYPES, torch.float64], ids=str)
 def test_cuda_ops_match_cpu_reference(dtype, layout):
@@ -244,7 +245,7 @@ def test_cuda_ops_match_cpu_reference(dtype, layout):
                 )
             )  # fmt: skip
             for name, args in cases:
-                actual = getattr(ops, name)(*args)
+                actual = getattr(bn_ops, name)(*args)
                 base = getattr(ref, name)(*args)
                 gold = getattr(ref, name)(*_f64(args))
                 _check(actual, base, gold, dtype, f"cuda {name} {shape} {tail}")
@@ -255,12 +256,12 @@ def test_stats_of_parts_combine_to_the_whole(layout):
     """What SyncBN would all-gather: per-part bn_stats merged equal the stats of the union."""
     x = _rand((7, 12, 5, 3), torch.float64, layout, offset=5.0)
     parts = torch.split(x, [1, 4, 2])
-    stats = [ops.bn_stats(p.contiguous(memory_format=layout)) for p in parts]
+    stats = [bn_ops.bn_stats(p.contiguous(memory_format=layout)) for p in parts]
     count = torch.tensor([p.numel() // p.shape[1] for p in parts])
-    total, mean, m2 = ops.combine_stats(
+    total, mean, m2 = bn_ops.combine_stats(
         count, torch.stack([s[0] for s in stats]), torch.stack([s[1] for s in stats])
     )
-    whole_mean, whole_m2 = ops.bn_stats(x)
+    whole_mean, whole_m2 = bn_ops.bn_stats(x)
     assert total.item() == x.numel() // x.shape[1]
     torch.testing.assert_close(mean, whole_mean, rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(m2, whole_m2, rtol=1e-12, atol=1e-12)

@@ -13,14 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastres.ops import batchnorm as bn_ops
+from fastres.extension import EXTENSION_ERROR
 from fastres.ops.conv2d_bn_train import InputBN, conv2d_bn_train
 from fastres.ops.conv2d_fused import arrange_weight, interpreting
-from fastres.testing import assert_matches_oracle
+from fastres.testing import assert_matches_oracle, channel_moments
 
 pytest.importorskip("triton")
 pytestmark = [
-    pytest.mark.skipif(bn_ops.EXTENSION_ERROR is not None, reason=str(bn_ops.EXTENSION_ERROR)),
+    pytest.mark.skipif(EXTENSION_ERROR is not None, reason=str(EXTENSION_ERROR)),
     pytest.mark.skipif(
         not (interpreting() or torch.cuda.is_available()),
         reason="needs a GPU or TRITON_INTERPRET=1",
@@ -41,10 +41,7 @@ CASES = {
 
 def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(mean, M2, count) of x [N, C, H, W] per channel, constants to autograd."""
-    x = x.detach()
-    mean = x.mean((0, 2, 3))
-    m2 = ((x - mean.view(1, -1, 1, 1)) ** 2).sum((0, 2, 3))
-    return mean, m2, x.numel() // x.shape[1]
+    return *channel_moments(x), x.numel() // x.shape[1]
 
 
 def reference(feature, x, weight, bn_weight, bn_bias, add, stride, padding, dilation):
@@ -123,8 +120,8 @@ def test_opcheck(device):
     x, weight, bn_weight, bn_bias, _ = make_inputs(CASES["bn_relu-3x3"], dtype, device, True)
     mean, m2, count = batch_stats(x)
     args = (
-        x, arrange_weight(weight), mean, m2, bn_weight, bn_bias, EPS, count, "",
-        [1, 1], [1, 1], [1, 1], 1, None, 1, False,
+        x, arrange_weight(weight), [1, 1], [1, 1], [1, 1], 1, False, 1, None,
+        mean, m2, count, bn_weight, bn_bias, EPS, "",
     )  # fmt: skip
     torch.library.opcheck(torch.ops.fastres.conv2d_bn_train.default, args)
 

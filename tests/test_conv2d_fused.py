@@ -18,13 +18,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastres.testing import assert_matches_oracle
+from fastres.testing import assert_matches_oracle, channel_moments
 
 triton = pytest.importorskip("triton")
 
 from fastres.kernels import conv2d_configs  # noqa: E402, I001
 from fastres.kernels.conv2d_fused import conv2d_fused_name  # noqa: E402
-from fastres.ops.conv2d_fused import arrange_weight, conv2d_fused  # noqa: E402
+from fastres.ops.conv2d_fused import ConvArgs, arrange_weight, conv2d_fused  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 CL = torch.channels_last
@@ -178,22 +178,21 @@ def test_residual_nchw(device):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_stats(device, dtype):
-    """Per-channel sum and sum of squares of the output, accumulated in fp32."""
+    """Per-channel mean and M2 of the output, accumulated in fp32."""
     f64 = dict(dtype=torch.float64, device=device)
     x = torch.randn(2, 20, 9, 7, **f64).contiguous(memory_format=CL)
     weight = torch.randn(36, 20, 3, 3, **f64) / 13
     bias = torch.randn(36, **f64)
-    out, total, total_sq = conv2d_fused(
+    out, mean, m2 = conv2d_fused(
         x.to(dtype), arrange_weight(weight.to(dtype)), bias.float(), padding=1, stats=True
     )
     gold = reference(x, weight, bias, padding=1)
     base = reference(x.to(dtype), weight.to(dtype), bias, padding=1).float()
-    assert total.dtype == torch.float32 and total.shape == (36,)
+    assert mean.dtype == m2.dtype == torch.float32 and mean.shape == m2.shape == (36,)
     assert_matches_oracle(out, base, gold, dtype, "out")
-    assert_matches_oracle(total, base.sum((0, 2, 3)), gold.sum((0, 2, 3)), dtype, "sum")
-    assert_matches_oracle(
-        total_sq, (base * base).sum((0, 2, 3)), (gold * gold).sum((0, 2, 3)), dtype, "sumsq"
-    )
+    (base_mean, base_m2), (gold_mean, gold_m2) = channel_moments(base), channel_moments(gold)
+    assert_matches_oracle(mean, base_mean, gold_mean, dtype, "mean")
+    assert_matches_oracle(m2, base_m2, gold_m2, dtype, "m2")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -381,16 +380,16 @@ def test_opcheck(device):
     weight = arrange_weight(torch.randn(12, 8, 3, 3, device=device)).requires_grad_()
     bias = torch.randn(12, device=device, requires_grad=True)
     residual = torch.randn(2, 12, 5, 5, device=device)
-    args = (x, weight, bias, residual, None, None, None, None, [1, 1], [1, 1], [1, 1])
+    args = ConvArgs(x, weight, bias, [1, 1], [1, 1], [1, 1], 1, False, residual, relu=True)
     torch.library.opcheck(
         torch.ops.fastres.conv2d_fused.default,
-        (*args, False, 1, True, False, False, None, 1),
+        (*args, False),
         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
     )
     out = torch.empty(2, 12, 5, 5, device=device).contiguous(memory_format=CL)
     torch.library.opcheck(
         torch.ops.fastres.conv2d_fused_out.default,
-        (x, weight.detach(), bias.detach(), *args[3:], False, 1, True, False, out, None, 1),
+        (*args._replace(weight=weight.detach(), bias=bias.detach()), out),
         test_utils=("test_schema", "test_faketensor"),
     )
 
@@ -405,7 +404,7 @@ def test_kernel_names():
     assert name(KH=1, KW=1, HAS_BIAS=1, RESIDUAL=1, RELU=1) == "fastres_conv1x1_bias_add_relu"
     assert name(KH=1, KW=1, POOL=2, HAS_BIAS=1) == "fastres_avgpool2_conv1x1_bias"
     assert name(KH=1, KW=1, IN_AFFINE=1, IN_RELU=1, STATS=1) == "fastres_bnrelu_conv1x1_stats"
-    assert name(KH=7, KW=7, HAS_BIAS=1, RESIDUAL=2) == "fastres_conv7x7_bias_addbn"
+    assert name(KH=7, KW=7, HAS_BIAS=1, RESIDUAL=1, RES_AFFINE=1) == "fastres_conv7x7_bias_addbn"
 
 
 @pytest.mark.cuda
@@ -433,10 +432,10 @@ HOPPER_CASES = [
     ("bf16", dict(KH=7, KW=7, HAS_BIAS=1, RELU=1, FLAT_K=1)),
     ("bf16", dict(KH=1, KW=1, HAS_BIAS=1, POOL=2)),
     ("bf16", dict(KH=3, KW=3, IN_AFFINE=1, IN_RELU=1, STATS=1)),
-    ("bf16", dict(KH=1, KW=1, HAS_BIAS=1, RESIDUAL=2, RELU=1)),
+    ("bf16", dict(KH=1, KW=1, HAS_BIAS=1, RESIDUAL=1, RES_AFFINE=1, RELU=1)),
     ("fp16", dict(KH=3, KW=3, HAS_BIAS=1, RELU=1)),
-    ("fp32", dict(KH=3, KW=3, HAS_BIAS=1, RELU=1, DOT_MODE=2)),
-    ("fp32", dict(KH=1, KW=1, HAS_BIAS=1, RESIDUAL=1, DOT_MODE=1)),
+    ("fp32", dict(KH=3, KW=3, HAS_BIAS=1, RELU=1, DOT_PRECISION="tf32")),
+    ("fp32", dict(KH=1, KW=1, HAS_BIAS=1, RESIDUAL=1, DOT_PRECISION="ieee")),
 ]
 
 
@@ -453,17 +452,17 @@ def compile_for_hopper() -> list[str]:
 
     names = kernel.arg_names
     optional = {
-        "bias_ptr": "HAS_BIAS", "res_ptr": "RESIDUAL", "res_scale_ptr": "RESIDUAL",
+        "bias_ptr": "HAS_BIAS", "res_ptr": "RESIDUAL", "res_scale_ptr": "RES_AFFINE",
         "in_scale_ptr": "IN_AFFINE", "in_shift_ptr": "IN_AFFINE", "tile_sum_ptr": "STATS",
-        "tile_m2_ptr": "STATS", "res_shift_ptr": "RESIDUAL", "x2_ptr": "IN_ADD",
+        "tile_m2_ptr": "STATS", "res_shift_ptr": "RES_AFFINE", "x2_ptr": "IN_ADD",
     }  # fmt: skip
     unit_strides = ("stride_x_c", "stride_x2_c", "stride_w_o", "stride_res_c", "stride_out_c")
     reports = []
     for dtype, switches in HOPPER_CASES:
         constexprs = dict(
-            POOL=1, IN_AFFINE=0, IN_RELU=0, IN_ADD=0, HAS_BIAS=0, RESIDUAL=0, RELU=0, STATS=0,
-            DOT_MODE=0, ACC=tl.float32, EMULATE_RTNE=0, FLAT_K=0, BLOCK_M=128, BLOCK_N=128,
-            BLOCK_K=32 if dtype == "fp32" else 64, GROUP_M=8,
+            POOL=1, IN_AFFINE=0, IN_RELU=0, IN_ADD=0, HAS_BIAS=0, RESIDUAL=0, RES_AFFINE=0,
+            RELU=0, STATS=0, DOT_PRECISION="native", ACC=tl.float32, EMULATE_RTNE=0, FLAT_K=0,
+            BLOCK_M=128, BLOCK_N=128, BLOCK_K=32 if dtype == "fp32" else 64, GROUP_M=8,
         )  # fmt: skip
         constexprs.update(switches)
         signature, attrs = {}, {}
@@ -473,11 +472,7 @@ def compile_for_hopper() -> list[str]:
                 signature[name] = "constexpr"
             elif name.endswith("_ptr"):
                 flag = optional.get(name)
-                if (
-                    flag is not None
-                    and not constexprs[flag]
-                    or (name in ("res_scale_ptr", "res_shift_ptr") and constexprs["RESIDUAL"] != 2)
-                ):
+                if flag is not None and not constexprs[flag]:
                     signature[name], constexprs[name] = "constexpr", None
                     continue
                 is_activation = name in ("x_ptr", "x2_ptr", "w_ptr", "res_ptr", "out_ptr")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastres import ResNet, cpu_cache
-from fastres.ops.batchnorm import EXTENSION_ERROR
+from fastres.extension import EXTENSION_ERROR
 
 pytestmark = pytest.mark.skipif(EXTENSION_ERROR is not None, reason=str(EXTENSION_ERROR))
 

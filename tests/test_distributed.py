@@ -32,6 +32,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import fastres
+from fastres.extension import EXTENSION_ERROR
 from fastres.ops import batchnorm as bn_ops
 from fastres.testing import (
     OpRecorder,
@@ -41,7 +42,7 @@ from fastres.testing import (
 )
 
 pytestmark = [
-    pytest.mark.skipif(bn_ops.EXTENSION_ERROR is not None, reason=str(bn_ops.EXTENSION_ERROR)),
+    pytest.mark.skipif(EXTENSION_ERROR is not None, reason=str(EXTENSION_ERROR)),
     pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available"),
 ]
 

@@ -20,6 +20,7 @@ from torch import nn
 
 import fastres
 from fastres.backends import native as native_backend
+from fastres.extension import EXTENSION_ERROR, cuda_kernels_built
 from fastres.ops import batchnorm as bn_ops
 from fastres.testing import (
     OpRecorder,
@@ -29,9 +30,7 @@ from fastres.testing import (
     sgd_trajectory,
 )
 
-pytestmark = pytest.mark.skipif(
-    bn_ops.EXTENSION_ERROR is not None, reason=str(bn_ops.EXTENSION_ERROR)
-)
+pytestmark = pytest.mark.skipif(EXTENSION_ERROR is not None, reason=str(EXTENSION_ERROR))
 
 MODELS = {
     "resnet50": lambda **kw: fastres.ResNet(depth=50, **kw),
@@ -133,7 +132,7 @@ def test_native_is_available_and_auto_on_cpu():
 
     auto = backends.resolve("auto", torch.device("cpu"))
     assert auto.name == "auto" and auto.default(torch.device("cpu")).name == "native"
-    if not bn_ops.cuda_kernels_built():
+    if not cuda_kernels_built():
         reason = native_backend.NativeBackend().unavailable_reason("cuda")
         assert "CUDA" in reason
 

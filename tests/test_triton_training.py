@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 import fastres
-from fastres.ops import batchnorm as bn_ops
+from fastres.extension import EXTENSION_ERROR
 from fastres.testing import (
     OpRecorder,
     assert_matches_oracle,
@@ -35,9 +35,7 @@ from fastres.testing import (
 )
 
 pytest.importorskip("triton")
-pytestmark = pytest.mark.skipif(
-    bn_ops.EXTENSION_ERROR is not None, reason=str(bn_ops.EXTENSION_ERROR)
-)
+pytestmark = pytest.mark.skipif(EXTENSION_ERROR is not None, reason=str(EXTENSION_ERROR))
 
 CL = torch.channels_last
 NCHW = torch.contiguous_format

@@ -36,8 +36,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .. import cpu_cache
+from .. import cpu_cache, extension
 from ..ops import batchnorm as bn_ops
+from ..ops.precision import accumulator_dtype
 from .base import Backend
 from .folding import bn_scale_shift, fold, uses_batch_stats
 from .plan import Implementation, Shortcut, Unit, run_block, run_units
@@ -90,7 +91,7 @@ def _bn_act(
         stats_d = _stats_updating_running(bn_d, y_d, group)
         shortcut = (y_d, stats_d, bn_d.weight, bn_d.bias, bn_d.eps)
         return bn_ops.bn_train_act(y, stats, *affine, None, shortcut, relu, group)
-    acc = bn_ops.accumulate_dtype(y)
+    acc = accumulator_dtype(y.dtype)
     scale, shift = bn_scale_shift(bn, acc)
     if shortcut is not None:
         scale_d, shift_d = bn_scale_shift(shortcut[0], acc)
@@ -250,9 +251,9 @@ class NativeBackend(Backend):
     name = "native"
 
     def unavailable_reason(self, device_type: str | None = None) -> str | None:
-        if bn_ops.EXTENSION_ERROR is not None:
-            return bn_ops.EXTENSION_ERROR
-        if device_type == "cuda" and not bn_ops.cuda_kernels_built():
+        if extension.EXTENSION_ERROR is not None:
+            return extension.EXTENSION_ERROR
+        if device_type == "cuda" and not extension.cuda_kernels_built():
             return (
                 "fastres._C was built without its CUDA kernels (CPU-only torch or no nvcc at "
                 "build time; rebuild with FASTRES_CUDA=1)"

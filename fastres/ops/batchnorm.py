@@ -1,8 +1,8 @@
 """The fused BatchNorm ops of the extension `fastres._C`: `fastres::bn_*` custom ops.
 
-The kernels (CPU always, CUDA where built) are registered in C++ (`csrc/`); this module loads
-the extension, adds the fake implementations (torch.compile) and the autograd formula of
-`bn_apply`, and offers typed Python wrappers. The pure-torch reference with the same
+The kernels (CPU always, CUDA where built) are registered in C++ (`csrc/`) and loaded by
+`fastres.extension`; this module adds the fake implementations (torch.compile) and the autograd
+formula of `bn_apply`, and offers typed Python wrappers. The pure-torch reference with the same
 signatures is `fastres.ops.batchnorm_reference`.
 
 Ops (x [N, C, *], NCHW or channels_last; per-channel tensors [C] in float32, float64 for float64
@@ -23,25 +23,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-EXTENSION_ERROR: str | None
-try:
-    from .. import _C  # noqa: F401  (loading it registers the fastres:: ops)
-
-    EXTENSION_ERROR = None
-except (ImportError, OSError) as exc:  # not built (FASTRES_BUILD_EXT=0), or built for another torch
-    EXTENSION_ERROR = f"the C++ extension fastres._C is not built or does not load ({exc})"
-
-
-def cuda_kernels_built() -> bool:
-    """Whether the extension has CUDA kernels (it was built against a CUDA torch with nvcc)."""
-    if EXTENSION_ERROR is not None:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("fastres::bn_apply", "CUDA")
-
-
-def accumulate_dtype(x: Tensor) -> torch.dtype:
-    """The dtype the ops accumulate and return statistics in: fp64 for fp64, else fp32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from ..extension import EXTENSION_ERROR
+from .precision import accumulator_dtype
 
 
 def memory_format_of(x: Tensor) -> torch.memory_format:
@@ -62,7 +45,7 @@ def _channels(x: Tensor, dtype: torch.dtype) -> Tensor:
 def _register_fakes() -> None:
     @torch.library.register_fake("fastres::bn_stats")
     def _(x):
-        return _channels(x, accumulate_dtype(x)), _channels(x, accumulate_dtype(x))
+        return _channels(x, accumulator_dtype(x.dtype)), _channels(x, accumulator_dtype(x.dtype))
 
     @torch.library.register_fake("fastres::bn_finalize")
     def _(mean, m2, count, weight, bias, eps):
@@ -76,7 +59,7 @@ def _register_fakes() -> None:
     def _(grad_out, x, scale, shift, residual, scale_r, shift_r, relu, mean, mean_r):
         c = x.shape[1]
         rmu = c if residual is not None and scale_r is not None else 0
-        acc = accumulate_dtype(x)
+        acc = accumulator_dtype(x.dtype)
         return x.new_empty(c, dtype=acc), x.new_empty(c, dtype=acc), x.new_empty(rmu, dtype=acc)
 
     @torch.library.register_fake("fastres::bn_backward_elemt")

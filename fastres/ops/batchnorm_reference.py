@@ -10,14 +10,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
-def _acc(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from .precision import accumulator_dtype
 
 
 def _bcast(v: Tensor, x: Tensor) -> Tensor:
     """A per-channel [C] vector shaped to broadcast against x [N, C, *]."""
-    return v.to(_acc(x)).reshape(1, -1, *([1] * (x.dim() - 2)))
+    return v.to(accumulator_dtype(x.dtype)).reshape(1, -1, *([1] * (x.dim() - 2)))
 
 
 def _dims(x: Tensor) -> list[int]:
@@ -26,7 +24,7 @@ def _dims(x: Tensor) -> list[int]:
 
 def bn_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean [C] and M2 = sum (x - mean)^2 [C] of x [N, C, *]."""
-    xa = x.to(_acc(x))
+    xa = x.to(accumulator_dtype(x.dtype))
     mean = xa.mean(_dims(x))
     m2 = ((xa - _bcast(mean, x)) ** 2).sum(_dims(x))
     return mean, m2
@@ -41,7 +39,7 @@ def bn_finalize(
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """scale = weight * invstd, shift = bias - mean * scale, invstd = 1 / sqrt(m2 / count + eps)."""
-    acc = torch.float64 if mean.dtype == torch.float64 else torch.float32
+    acc = accumulator_dtype(mean.dtype)
     mean, m2 = mean.to(acc), m2.to(acc)
     invstd = torch.rsqrt(m2 / count + eps)
     scale = invstd if weight is None else weight.to(acc) * invstd
@@ -50,9 +48,9 @@ def bn_finalize(
 
 
 def _z(x, scale, shift, residual, scale_r, shift_r) -> Tensor:
-    z = x.to(_acc(x)) * _bcast(scale, x) + _bcast(shift, x)
+    z = x.to(accumulator_dtype(x.dtype)) * _bcast(scale, x) + _bcast(shift, x)
     if residual is not None:
-        r = residual.to(_acc(x))
+        r = residual.to(accumulator_dtype(x.dtype))
         z = z + (r if scale_r is None else r * _bcast(scale_r, x) + _bcast(shift_r, x))
     return z
 
@@ -72,7 +70,7 @@ def bn_apply(
 
 
 def _masked(grad_out, x, scale, shift, residual, scale_r, shift_r, relu) -> Tensor:
-    g = grad_out.to(_acc(x))
+    g = grad_out.to(accumulator_dtype(x.dtype))
     if relu:
         g = torch.where(_z(x, scale, shift, residual, scale_r, shift_r) > 0, g, 0.0)
     return g
@@ -95,12 +93,12 @@ def bn_backward_reduce(
     A missing mean counts as 0; sum_dy_rmu is empty unless residual and scale_r are given.
     """
     g = _masked(grad_out, x, scale, shift, residual, scale_r, shift_r, relu)
-    xa = x.to(_acc(x))
+    xa = x.to(accumulator_dtype(x.dtype))
     xmu = xa if mean is None else xa - _bcast(mean, x)
     sum_dy = g.sum(_dims(x))
     sum_dy_xmu = (g * xmu).sum(_dims(x))
     if residual is not None and scale_r is not None:
-        ra = residual.to(_acc(x))
+        ra = residual.to(accumulator_dtype(x.dtype))
         rmu = ra if mean_r is None else ra - _bcast(mean_r, x)
         sum_dy_rmu = (g * rmu).sum(_dims(x))
     else:
@@ -139,7 +137,8 @@ def bn_backward_elemt(
     def grad_of(t, s, mu, inv, s_dy_tmu):
         if s_dy_tmu is None:
             return g * _bcast(s, t)
-        proj = (t.to(_acc(t)) - _bcast(mu, t)) * _bcast(inv * inv * s_dy_tmu / count, t)
+        centered = t.to(accumulator_dtype(t.dtype)) - _bcast(mu, t)
+        proj = centered * _bcast(inv * inv * s_dy_tmu / count, t)
         return _bcast(s, t) * (g - _bcast(sum_dy / count, t) - proj)
 
     grad_x = grad_of(x, scale, mean, invstd, sum_dy_xmu if sum_dy is not None else None)

@@ -5,9 +5,9 @@
 computes `y = conv2d(relu(bn(y_prev)), w)` where `bn` is the previous layer's BatchNorm in
 training mode, normalizing with its batch statistics, in one launch of the fused convolution
 kernel (`kernels/conv2d_fused.py`): the normalization and ReLU happen in the kernel's input load
-(the normalized activation is never written) and its epilogue accumulates the per-channel sum
-and sum of squares of `y`, returned as the batch statistics (mean, M2) that the next layer's
-BatchNorm needs. This is the MLPerf ResNet-50 pattern: a block stores only raw convolution
+(the normalized activation is never written) and its epilogue accumulates the per-channel
+statistics of `y`, returned as the batch statistics (mean, M2) that the next layer's BatchNorm
+needs. This is the MLPerf ResNet-50 pattern: a block stores only raw convolution
 outputs, and its tail applies the last BatchNorm with the shortcut and the ReLU
 (`fastres.ops.batchnorm.bn_train_act`).
 
@@ -30,16 +30,15 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .. import extension
 from . import batchnorm as bn_ops
 from .conv2d_fused import (
-    _allocate_out,
-    _check_inputs,
-    _check_vector,
-    _launch,
-    _output_size,
-    _pair,
-    _prologue_reference,
-    stats_dtype,
+    ConvArgs,
+    as_pair,
+    check_channel_vector,
+    check_inputs,
+    launch,
+    prologue_reference,
 )
 
 
@@ -60,128 +59,147 @@ class InputBN(NamedTuple):
     group: str = ""
 
 
-def _require_extension() -> None:
-    """The input BatchNorm runs the extension's ops: say so where it is missing."""
-    if bn_ops.EXTENSION_ERROR is not None:
-        raise RuntimeError(f"conv2d_bn_train needs {bn_ops.EXTENSION_ERROR}")
+class _TrainArgs(NamedTuple):
+    """The custom op's arguments, in its order: the convolution's (ConvArgs' order), then the
+    input BatchNorm's fields (`InputBN`) prefixed `in_`; autograd binds its inputs by name."""
+
+    x: Tensor
+    weight: Tensor
+    stride: list[int]
+    padding: list[int]
+    dilation: list[int]
+    groups: int
+    allow_tf32: bool
+    input_pool: int
+    input_add: Tensor | None
+    in_mean: Tensor | None
+    in_m2: Tensor | None
+    in_count: int
+    in_weight: Tensor | None
+    in_bias: Tensor | None
+    in_eps: float
+    in_group: str
+
+    def conv_args(self, input_scale: Tensor | None, input_shift: Tensor | None) -> ConvArgs:
+        """The fused convolution that runs it, with the input BN folded to a scale and shift."""
+        return ConvArgs(
+            self.x, self.weight, None, self.stride, self.padding, self.dilation, self.groups,
+            self.allow_tf32, input_scale=input_scale, input_shift=input_shift,
+            input_relu=input_scale is not None, input_pool=self.input_pool,
+            input_add=self.input_add,
+        )  # fmt: skip
+
+    def finalize_input_bn(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(scale, shift, invstd) of the input BatchNorm."""
+        return bn_ops.bn_finalize(
+            self.in_mean, self.in_m2, self.in_count, self.in_weight, self.in_bias, self.in_eps
+        )
+
+
+# The _TrainArgs fields that are tensors: saved for backward, the rest is kept on ctx.
+_TENSOR_FIELDS = ("x", "weight", "input_add", "in_mean", "in_m2", "in_weight", "in_bias")
 
 
 @torch.library.custom_op("fastres::conv2d_bn_train", mutates_args=())
 def _conv2d_bn_train_op(
     x: Tensor,
     weight: Tensor,
-    in_mean: Tensor | None,
-    in_m2: Tensor | None,
-    in_weight: Tensor | None,
-    in_bias: Tensor | None,
-    in_eps: float,
-    in_count: int,
-    in_group: str,
     stride: list[int],
     padding: list[int],
     dilation: list[int],
-    input_pool: int,
-    input_add: Tensor | None,
     groups: int,
     allow_tf32: bool,
+    input_pool: int,
+    input_add: Tensor | None,
+    in_mean: Tensor | None,
+    in_m2: Tensor | None,
+    in_count: int,
+    in_weight: Tensor | None,
+    in_bias: Tensor | None,
+    in_eps: float,
+    in_group: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    args = _TrainArgs(**locals())
     scale = shift = None
     if in_mean is not None:
         c_in = x.shape[1]
         for name, t in (("mean", in_mean), ("m2", in_m2), ("weight", in_weight), ("bias", in_bias)):
             if t is None:
                 raise ValueError(f"input_bn needs its {name}")
-            _check_vector(t, f"input_bn.{name}", c_in, x)
+            check_channel_vector(t, f"input_bn.{name}", c_in, x)
         if input_pool != 1 or input_add is not None:
             raise ValueError("input_bn cannot be combined with input_pool or input_add")
-        _require_extension()
-        scale, shift, _ = bn_ops.bn_finalize(in_mean, in_m2, in_count, in_weight, in_bias, in_eps)
-    sizes = _check_inputs(
-        x, weight, None, None, None, None, scale, shift, stride, padding, dilation,
-        scale is not None, input_pool, input_add, groups,
-    )  # fmt: skip
-    out = _allocate_out(x, weight, sizes)
-    mean, m2 = _launch(
-        x, weight, None, None, None, None, scale, shift, out, True,
-        stride, padding, dilation, scale is not None, input_pool, False, allow_tf32,
-        input_add, groups,
-    )  # fmt: skip
+        extension.require("conv2d_bn_train with input_bn")  # the BN runs the extension's ops
+        scale, shift, _ = args.finalize_input_bn()
+    conv = args.conv_args(scale, shift)
+    check_inputs(conv)
+    out = conv.allocate_output()
+    mean, m2 = launch(conv, out, stats=True)
     return out, mean, m2
 
 
 @_conv2d_bn_train_op.register_fake
-def _(
-    x, weight, in_mean, in_m2, in_weight, in_bias, in_eps, in_count, in_group, stride, padding,
-    dilation, input_pool, input_add, groups, allow_tf32,
-):  # fmt: skip
-    sizes = _output_size(x, weight, stride, padding, dilation, input_pool)
-    c_out = weight.shape[0]
-    return (
-        _allocate_out(x, weight, sizes),
-        x.new_empty(c_out, dtype=stats_dtype(x)),
-        x.new_empty(c_out, dtype=stats_dtype(x)),
-    )
+def _(*inputs) -> tuple[Tensor, Tensor, Tensor]:
+    conv = _TrainArgs(*inputs).conv_args(None, None)
+    return conv.allocate_output(), *conv.empty_stats(True)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, in_mean, in_m2, in_weight, in_bias, in_eps, in_count, in_group = inputs[:9]
-    stride, padding, dilation, input_pool, input_add, groups = inputs[9:15]
+    args = _TrainArgs(*inputs)
     _, mean, m2 = output
     ctx.mark_non_differentiable(mean, m2)
-    ctx.save_for_backward(x, weight, in_mean, in_m2, in_weight, in_bias, input_add)
-    ctx.in_eps, ctx.in_count, ctx.in_group = in_eps, in_count, in_group
-    ctx.conv_args = (stride, padding, dilation)
-    ctx.input_pool, ctx.groups = input_pool, groups
+    ctx.save_for_backward(*(getattr(args, name) for name in _TENSOR_FIELDS))
+    ctx.args = args._replace(**dict.fromkeys(_TENSOR_FIELDS))
 
 
 def _backward(ctx, grad_y: Tensor, _grad_mean, _grad_m2):
-    x, weight, in_mean, in_m2, in_weight, in_bias, input_add = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    grads: list[Tensor | None] = [None] * 16
-    needs_input = needs[0] or needs[4] or needs[5] or needs[13]
-    if not (needs_input or needs[1]):
-        return tuple(grads)
-    if in_mean is not None:
-        scale, shift, invstd = bn_ops.bn_finalize(
-            in_mean, in_m2, ctx.in_count, in_weight, in_bias, ctx.in_eps
-        )
+    args = ctx.args._replace(**dict(zip(_TENSOR_FIELDS, ctx.saved_tensors)))
+    x = args.x
+    needs = _TrainArgs(*ctx.needs_input_grad)
+    grads = dict.fromkeys(_TrainArgs._fields)
+    needs_input = needs.x or needs.in_weight or needs.in_bias or needs.input_add
+    if not (needs_input or needs.weight):
+        return tuple(grads.values())
+    if args.in_mean is not None:
+        scale, shift, invstd = args.finalize_input_bn()
         conv_input = bn_ops.bn_apply(x, scale, shift, relu=True)
     else:
-        conv_input = _prologue_reference(x, None, None, False, ctx.input_pool, input_add)
-    stride, padding, dilation = ctx.conv_args
-    grad_input, grads[1], _ = torch.ops.aten.convolution_backward(
-        grad_y.to(x.dtype), conv_input, weight, None, stride, padding, dilation,
-        False, [0, 0], ctx.groups, [needs_input, needs[1], False],
+        conv_input = prologue_reference(x, input_pool=args.input_pool, input_add=args.input_add)
+    grad_input, grads["weight"], _ = torch.ops.aten.convolution_backward(
+        grad_y.to(x.dtype), conv_input, args.weight, None, args.stride, args.padding,
+        args.dilation, False, [0, 0], args.groups, [needs_input, needs.weight, False],
     )  # fmt: skip
     if not needs_input:
-        return tuple(grads)
-    if input_add is not None:
-        grads[13] = grad_input if needs[13] else None
-    if ctx.input_pool > 1:
-        pool = [ctx.input_pool] * 2
+        return tuple(grads.values())
+    if args.input_add is not None and needs.input_add:
+        grads["input_add"] = grad_input
+    if args.input_pool > 1:
+        pool = [args.input_pool] * 2
         grad_input = torch.ops.aten.avg_pool2d_backward(
             grad_input, x, pool, pool, [0, 0], True, False, None
         )
-    if in_mean is None:
-        grads[0] = grad_input
-        return tuple(grads)
+    if args.in_mean is None:
+        grads["x"] = grad_input
+        return tuple(grads.values())
     sums = bn_ops.bn_backward_reduce(
-        grad_input, x, scale, shift, None, None, None, True, in_mean, None
+        grad_input, x, scale, shift, None, None, None, True, args.in_mean, None
     )
     # The affine parameters' gradients are this process's share (as nn.SyncBatchNorm's: DDP
     # reduces them); the input gradient's batch-statistics terms are over every process's batch.
     local_dy, local_dy_xmu, _ = sums
-    if ctx.in_group:
-        sums = bn_ops.all_reduce_sums(list(sums), ctx.in_group)
+    if args.in_group:
+        sums = bn_ops.all_reduce_sums(list(sums), args.in_group)
     sum_dy, sum_dy_xmu, _ = sums
-    if needs[0]:
-        grads[0], _ = bn_ops.bn_backward_elemt(
-            grad_input, x, scale, shift, None, None, None, True, in_mean, invstd, sum_dy,
-            sum_dy_xmu, None, None, None, ctx.in_count, False,
+    if needs.x:
+        grads["x"], _ = bn_ops.bn_backward_elemt(
+            grad_input, x, scale, shift, None, None, None, True, args.in_mean, invstd, sum_dy,
+            sum_dy_xmu, None, None, None, args.in_count, False,
         )  # fmt: skip
-    grads[4] = (local_dy_xmu * invstd).to(in_weight.dtype) if needs[4] else None
-    grads[5] = local_dy.to(in_bias.dtype) if needs[5] else None
-    return tuple(grads)
+    if needs.in_weight:
+        grads["in_weight"] = (local_dy_xmu * invstd).to(args.in_weight.dtype)
+    if needs.in_bias:
+        grads["in_bias"] = local_dy.to(args.in_bias.dtype)
+    return tuple(grads.values())
 
 
 torch.library.register_autograd("fastres::conv2d_bn_train", _backward, setup_context=_setup_context)
@@ -225,7 +243,7 @@ def conv2d_bn_train(
         allow_tf32 = bool(torch.backends.cudnn.allow_tf32)
     bn = input_bn or InputBN(None, None, 0, None, None, 0.0, "")
     return torch.ops.fastres.conv2d_bn_train(
-        x, weight, bn.mean, bn.m2, bn.weight, bn.bias, float(bn.eps), int(bn.count), bn.group,
-        _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"),
-        int(input_pool), input_add, int(groups), allow_tf32,
+        x, weight, as_pair(stride, "stride"), as_pair(padding, "padding"),
+        as_pair(dilation, "dilation"), int(groups), allow_tf32, int(input_pool), input_add,
+        bn.mean, bn.m2, int(bn.count), bn.weight, bn.bias, float(bn.eps), bn.group,
     )  # fmt: skip

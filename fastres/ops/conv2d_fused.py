@@ -4,8 +4,8 @@
 
 computes `relu(conv2d(x, w) + bias + r)` in one kernel on NHWC tensors. The ops:
 
-- `fastres::conv2d_fused` -> (out, sum, sumsq): functional, differentiable (backward through
-  PyTorch's `convolution_backward`); sum / sumsq are the per-channel statistics of `out` when
+- `fastres::conv2d_fused` -> (out, mean, m2): functional, differentiable (backward through
+  PyTorch's `convolution_backward`); mean / m2 are the per-channel statistics of `out` when
   `stats` is set, else empty. Registered with a fake implementation, so torch.compile traces it.
 - `fastres::conv2d_fused_out`: the same computation written into a given `out` (e.g. a channel
   slice of a concatenation buffer, as Res2Net uses); not differentiable. `out` may be a slice
@@ -26,12 +26,14 @@ import functools
 import math
 import os
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import tuning
+from .precision import accumulator_dtype
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -39,11 +41,6 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def kernel_dtypes() -> tuple[torch.dtype, ...]:
     """The dtypes the kernels take: float64 too under the interpreter (for float64 tests)."""
     return (*_FLOAT_DTYPES, torch.float64) if interpreting() else _FLOAT_DTYPES
-
-
-def stats_dtype(x: Tensor) -> torch.dtype:
-    """The dtype of the per-channel statistics (the accumulator's): fp64 for fp64, else fp32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def interpreting() -> bool:
@@ -70,25 +67,16 @@ def arrange_weight(weight: Tensor) -> Tensor:
     return weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
 
 
-def _pair(v: int | Sequence[int], name: str) -> list[int]:
+def as_pair(v: int | Sequence[int], name: str) -> list[int]:
+    """An int or (h, w) pair argument as [h, w]."""
     pair = [v, v] if isinstance(v, int) else list(v)
     if len(pair) != 2 or any(not isinstance(i, int) for i in pair):
         raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
     return pair
 
 
-def _output_size(
-    x: Tensor, weight: Tensor, stride, padding, dilation, input_pool: int
-) -> tuple[int, int, int, int]:
-    """(PH, PW, OH, OW): the size the convolution sees after the pool, and its output size."""
-    ph, pw = (math.ceil(x.shape[2] / input_pool), math.ceil(x.shape[3] / input_pool))
-    kh, kw = weight.shape[2:]
-    oh = (ph + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    ow = (pw + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return ph, pw, oh, ow
-
-
-def _check_vector(t: Tensor | None, name: str, n: int, x: Tensor) -> None:
+def check_channel_vector(t: Tensor | None, name: str, n: int, x: Tensor) -> None:
+    """Raises unless t is None or a floating-point [n] vector on x's device."""
     if t is None:
         return
     if t.dim() != 1 or t.shape[0] != n:
@@ -97,10 +85,87 @@ def _check_vector(t: Tensor | None, name: str, n: int, x: Tensor) -> None:
         raise ValueError(f"{name} must be a floating-point tensor on {x.device}")
 
 
-def _check_inputs(
-    x, weight, bias, residual, residual_scale, residual_shift, input_scale, input_shift,
-    stride, padding, dilation, input_relu, input_pool, input_add=None, groups=1,
-) -> tuple[int, int, int, int]:  # fmt: skip
+class ConvArgs(NamedTuple):
+    """What one launch of the fused convolution computes (`conv2d_fused` documents each).
+
+    Also the custom ops' leading arguments, in this order: `fastres::conv2d_fused` takes these
+    and `stats`, `fastres::conv2d_fused_out` these and `out`; their autograd and fake
+    implementations bind their inputs to it by name.
+    """
+
+    x: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    stride: list[int]
+    padding: list[int]
+    dilation: list[int]
+    groups: int
+    allow_tf32: bool
+    residual: Tensor | None = None
+    residual_scale: Tensor | None = None
+    residual_shift: Tensor | None = None
+    input_scale: Tensor | None = None
+    input_shift: Tensor | None = None
+    input_relu: bool = False
+    input_pool: int = 1
+    input_add: Tensor | None = None
+    relu: bool = False
+
+    @classmethod
+    def bind(cls, params: dict) -> ConvArgs:
+        """The fields of a custom op's parameters (its `locals()` on entry)."""
+        return cls(**{name: params[name] for name in cls._fields})
+
+    @classmethod
+    def of_op_inputs(cls, inputs: Sequence) -> ConvArgs:
+        """The leading op inputs that are ConvArgs (autograd's `inputs`)."""
+        return cls(*inputs[: len(cls._fields)])
+
+    def output_size(self) -> tuple[int, int, int, int]:
+        """(PH, PW, OH, OW): the size the convolution sees after the pool, and its output size."""
+        ph = math.ceil(self.x.shape[2] / self.input_pool)
+        pw = math.ceil(self.x.shape[3] / self.input_pool)
+        kh, kw = self.weight.shape[2:]
+        stride, padding, dilation = self.stride, self.padding, self.dilation
+        oh = (ph + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+        ow = (pw + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        return ph, pw, oh, ow
+
+    def output_shape(self) -> tuple[int, int, int, int]:
+        _, _, oh, ow = self.output_size()
+        return self.x.shape[0], self.weight.shape[0], oh, ow
+
+    def allocate_output(self) -> Tensor:
+        """A new channels_last output tensor."""
+        x = self.x
+        return torch.empty(
+            self.output_shape(), dtype=x.dtype, device=x.device, memory_format=torch.channels_last
+        )
+
+    def empty_stats(self, stats: bool) -> tuple[Tensor, Tensor]:
+        """Per-channel statistics buffers: [C_out] when `stats`, else empty."""
+        n = self.weight.shape[0] if stats else 0
+        return tuple(self.x.new_empty(n, dtype=accumulator_dtype(self.x.dtype)) for _ in range(2))
+
+    def dot_precision(self) -> str:
+        """The kernel's DOT_PRECISION (kernels/conv2d_fused.py)."""
+        if self.x.dtype == torch.float64:
+            return "fp64"
+        if interpreting() or (self.x.dtype == torch.float32 and not self.allow_tf32):
+            return "ieee"
+        return "tf32" if self.x.dtype == torch.float32 else "native"
+
+
+# The ConvArgs fields that are tensors: saved for backward, the rest is kept on ctx.
+_TENSOR_FIELDS = (
+    "x", "weight", "bias", "residual", "residual_scale", "residual_shift", "input_scale",
+    "input_shift", "input_add",
+)  # fmt: skip
+
+
+def check_inputs(args: ConvArgs) -> None:
+    """Raises a ValueError / TypeError that says what was expected unless args can launch."""
+    x, weight, groups = args.x, args.weight, args.groups
     if x.dim() != 4 or weight.dim() != 4:
         raise ValueError(
             f"expected x [N, C_in, H, W] and weight [C_out, C_in, KH, KW], got "
@@ -122,78 +187,51 @@ def _check_inputs(
             f"weight expects {weight.shape[1]} input channels per group x {groups} groups, "
             f"x has {x.shape[1]}"
         )
+    input_add = args.input_add
     if input_add is not None:
         if input_add.shape != x.shape or input_add.dtype != x.dtype or input_add.device != x.device:
             raise ValueError(
                 f"input_add must match x ({tuple(x.shape)} {x.dtype} on {x.device}), got "
                 f"{tuple(input_add.shape)} {input_add.dtype} on {input_add.device}"
             )
-        if input_pool != 1:
+        if args.input_pool != 1:
             raise ValueError("input_add cannot be combined with input_pool")
+    stride, padding, dilation = args.stride, args.padding, args.dilation
     if any(s < 1 for s in stride) or any(d < 1 for d in dilation) or any(p < 0 for p in padding):
         raise ValueError(f"bad stride {stride}, padding {padding} or dilation {dilation}")
-    if not isinstance(input_pool, int) or input_pool < 1:
-        raise ValueError(f"input_pool must be a positive int, got {input_pool!r}")
+    if not isinstance(args.input_pool, int) or args.input_pool < 1:
+        raise ValueError(f"input_pool must be a positive int, got {args.input_pool!r}")
     c_in, c_out = x.shape[1], weight.shape[0]
-    _check_vector(bias, "bias", c_out, x)
-    _check_vector(residual_scale, "residual_scale", c_out, x)
-    _check_vector(residual_shift, "residual_shift", c_out, x)
-    _check_vector(input_scale, "input_scale", c_in, x)
-    _check_vector(input_shift, "input_shift", c_in, x)
-    if (residual_scale is None) != (residual_shift is None):
+    check_channel_vector(args.bias, "bias", c_out, x)
+    check_channel_vector(args.residual_scale, "residual_scale", c_out, x)
+    check_channel_vector(args.residual_shift, "residual_shift", c_out, x)
+    check_channel_vector(args.input_scale, "input_scale", c_in, x)
+    check_channel_vector(args.input_shift, "input_shift", c_in, x)
+    if (args.residual_scale is None) != (args.residual_shift is None):
         raise ValueError("residual_scale and residual_shift go together")
-    if (input_scale is None) != (input_shift is None):
+    if (args.input_scale is None) != (args.input_shift is None):
         raise ValueError("input_scale and input_shift go together")
-    if residual_scale is not None and residual is None:
+    if args.residual_scale is not None and args.residual is None:
         raise ValueError("residual_scale / residual_shift need a residual")
-    sizes = _output_size(x, weight, stride, padding, dilation, input_pool)
-    if sizes[2] < 1 or sizes[3] < 1:
+    _, _, oh, ow = args.output_size()
+    if oh < 1 or ow < 1:
         raise ValueError(
             f"input {tuple(x.shape)} is too small for a {tuple(weight.shape[2:])} kernel with "
             f"stride {stride}, padding {padding}, dilation {dilation}"
         )
-    out_shape = (x.shape[0], c_out, sizes[2], sizes[3])
+    residual, out_shape = args.residual, args.output_shape()
     if residual is not None and (tuple(residual.shape) != out_shape or residual.device != x.device):
         raise ValueError(
             f"residual must have the output's shape {out_shape} on {x.device}, got "
             f"{tuple(residual.shape)} on {residual.device}"
         )
-    return sizes
 
 
-def _dot_mode(x: Tensor, allow_tf32: bool) -> int:
-    if x.dtype == torch.float64:
-        return 3
-    if interpreting() or (x.dtype == torch.float32 and not allow_tf32):
-        return 1
-    return 2 if x.dtype == torch.float32 else 0
+def launch(args: ConvArgs, out: Tensor, stats: bool) -> tuple[Tensor, Tensor] | None:
+    """Launches the kernel that writes `out` (inputs checked by `check_inputs`).
 
-
-def _launch(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    residual: Tensor | None,
-    residual_scale: Tensor | None,
-    residual_shift: Tensor | None,
-    input_scale: Tensor | None,
-    input_shift: Tensor | None,
-    out: Tensor,
-    stats: bool,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    input_relu: bool,
-    input_pool: int,
-    relu: bool,
-    allow_tf32: bool,
-    input_add: Tensor | None = None,
-    groups: int = 1,
-) -> tuple[Tensor, Tensor] | None:
-    """Launches the kernel that writes `out`.
-
-    Returns, when `stats`, the per-channel mean and M2 of `out` ([C_out] in `stats_dtype`, from
-    the accumulator before rounding), else None.
+    Returns, when `stats`, the per-channel mean and M2 of `out` ([C_out] in the accumulator's
+    dtype, taken before rounding), else None.
     """
     import triton
     import triton.language as tl
@@ -206,32 +244,32 @@ def _launch(
     )
     from fastres.kernels.conv2d_fused import conv2d_fused_kernel
 
+    x, weight, groups = args.x, args.weight, args.groups
     check_triton_device(x, "the fused convolution")
     n, _, h, w = x.shape
     # Per group: the kernel's C_in / C_out are one group's channels.
     c_out, c_in, kh, kw = weight.shape
     c_out //= groups
-    ph, pw, oh, ow = _output_size(x, weight, stride, padding, dilation, input_pool)
+    ph, pw, oh, ow = args.output_size()
     m = n * oh * ow
     if m == 0 or c_out == 0:
         if not stats:
             return None
-        zeros = torch.zeros(weight.shape[0], dtype=stats_dtype(x), device=x.device)
+        zeros = torch.zeros(weight.shape[0], dtype=accumulator_dtype(x.dtype), device=x.device)
         return zeros, zeros.clone()
     flat_k = c_in < FLAT_K_MAX_C_IN
-    res = residual if residual is not None else out
-    x2 = input_add if input_add is not None else x
+    res = args.residual if args.residual is not None else out
+    x2 = args.input_add if args.input_add is not None else x
     tiles: dict[int, tuple[Tensor, Tensor]] = {}  # BLOCK_M -> per-tile partials
-    dot_mode = _dot_mode(x, allow_tf32)
-    residual_mode = 2 if residual_scale is not None else int(residual is not None)
-    acc_dtype = tl.float64 if x.dtype == torch.float64 else tl.float32
+    dot_precision = args.dot_precision()
+    stride, padding, dilation = args.stride, args.padding, args.dilation
 
-    def launch(config: dict, compile_only: bool = False) -> None:
+    def launch_config(config: dict, compile_only: bool = False) -> None:
         tiles_m = triton.cdiv(m, config["BLOCK_M"])
         tile_sum = tile_m2 = None
         if stats:
             shape = (tiles_m, weight.shape[0])
-            tile_sum = torch.empty(shape, dtype=stats_dtype(x), device=x.device)
+            tile_sum = torch.empty(shape, dtype=accumulator_dtype(x.dtype), device=x.device)
             tile_m2 = torch.empty_like(tile_sum)
             tiles[config["BLOCK_M"]] = (tile_sum, tile_m2)
         grid = (tiles_m * triton.cdiv(c_out, config["BLOCK_N"]), groups)
@@ -240,34 +278,41 @@ def _launch(
         else:
             kernel = conv2d_fused_kernel[grid]
         kernel(
-            x, input_add, weight, bias, res, residual_scale, residual_shift, input_scale,
-            input_shift, out, tile_sum, tile_m2,
+            x, args.input_add, weight, args.bias, res, args.residual_scale, args.residual_shift,
+            args.input_scale, args.input_shift, out, tile_sum, tile_m2,
             n, h, w, c_in, ph, pw, oh, ow, c_out,
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
             *x.stride(), *x2.stride(), *weight.stride(), *res.stride(), *out.stride(),
-            weight.shape[0], KH=kh, KW=kw, POOL=input_pool,
-            IN_AFFINE=int(input_scale is not None), IN_RELU=int(input_relu),
-            IN_ADD=int(input_add is not None),
-            HAS_BIAS=int(bias is not None), RESIDUAL=residual_mode, RELU=int(relu),
-            STATS=int(stats), DOT_MODE=dot_mode, ACC=acc_dtype,
-            EMULATE_RTNE=int(interpreting()),
-            FLAT_K=int(flat_k),
+            weight.shape[0], KH=kh, KW=kw, POOL=args.input_pool,
+            IN_AFFINE=int(args.input_scale is not None), IN_RELU=int(args.input_relu),
+            IN_ADD=int(args.input_add is not None), HAS_BIAS=int(args.bias is not None),
+            RESIDUAL=int(args.residual is not None),
+            RES_AFFINE=int(args.residual_scale is not None), RELU=int(args.relu),
+            STATS=int(stats), DOT_PRECISION=dot_precision,
+            ACC=tl.float64 if accumulator_dtype(x.dtype) == torch.float64 else tl.float32,
+            EMULATE_RTNE=int(interpreting()), FLAT_K=int(flat_k),
             **config,
         )  # fmt: skip
 
     if interpreting():
         config = interpreter_config(m, kh * kw * c_in if flat_k else c_in, c_out)
     else:
-        shape = "x".join(map(str, shape_class(m, c_in, c_out, kh, kw, stride[0], input_pool)))
-        key = f"conv2d_fused {shape} g{groups} {str(x.dtype).removeprefix('torch.')} dot{dot_mode}"
+        pool = args.input_pool
+        shape = "x".join(map(str, shape_class(m, c_in, c_out, kh, kw, stride[0], pool)))
+        dtype = str(x.dtype).removeprefix("torch.")
+        key = f"conv2d_fused {shape} g{groups} {dtype} dot-{dot_precision}"
         candidates = candidate_configs(
-            m, kh * kw * c_in, c_in, c_out, flat_k, x.element_size(), input_pool,
+            m, kh * kw * c_in, c_in, c_out, flat_k, x.element_size(), pool,
             tuning.shared_memory_limit(x.device),
         )  # fmt: skip
         config = tuning.choose(
-            x.device, key, candidates, launch, functools.partial(launch, compile_only=True)
+            x.device,
+            key,
+            candidates,
+            launch_config,
+            functools.partial(launch_config, compile_only=True),
         )
-    launch(config)
+    launch_config(config)
     if not stats:
         return None
     return _merge_tiles(*tiles[config["BLOCK_M"]], m, config["BLOCK_M"])
@@ -283,7 +328,7 @@ def _merge_tiles(tile_sum: Tensor, tile_m2: Tensor, m: int, block_m: int) -> tup
     return mean, m2
 
 
-def _may_overlap(a: Tensor, b: Tensor) -> bool:
+def may_overlap(a: Tensor, b: Tensor) -> bool:
     """Whether two tensors may address common memory (conservative: True when unsure).
 
     Channel slices of one NHWC buffer (equal strides, channel stride 1, every other stride a
@@ -312,21 +357,12 @@ def _may_overlap(a: Tensor, b: Tensor) -> bool:
     return lo_a < hi_b and lo_b < hi_a
 
 
-def _allocate_out(x: Tensor, weight: Tensor, sizes) -> Tensor:
-    return torch.empty(
-        (x.shape[0], weight.shape[0], sizes[2], sizes[3]),
-        dtype=x.dtype,
-        device=x.device,
-        memory_format=torch.channels_last,
-    )
-
-
-def _prologue_reference(
+def prologue_reference(
     x: Tensor,
-    input_scale: Tensor | None,
-    input_shift: Tensor | None,
-    input_relu: bool,
-    pool: int,
+    input_scale: Tensor | None = None,
+    input_shift: Tensor | None = None,
+    input_relu: bool = False,
+    input_pool: int = 1,
     input_add: Tensor | None = None,
 ) -> Tensor:
     """What the kernel's prologue computes, in PyTorch (for backward)."""
@@ -335,8 +371,8 @@ def _prologue_reference(
         x = (x.float() * input_scale.view(shape) + input_shift.view(shape)).to(x.dtype)
     if input_relu:
         x = torch.relu(x)
-    if pool > 1:
-        x = F.avg_pool2d(x, pool, pool, ceil_mode=True, count_include_pad=False)
+    if input_pool > 1:
+        x = F.avg_pool2d(x, input_pool, input_pool, ceil_mode=True, count_include_pad=False)
     if input_add is not None:
         x = x + input_add
     return x
@@ -347,129 +383,109 @@ def _conv2d_fused_op(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    allow_tf32: bool,
     residual: Tensor | None,
     residual_scale: Tensor | None,
     residual_shift: Tensor | None,
     input_scale: Tensor | None,
     input_shift: Tensor | None,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
     input_relu: bool,
     input_pool: int,
+    input_add: Tensor | None,
     relu: bool,
     stats: bool,
-    allow_tf32: bool,
-    input_add: Tensor | None,
-    groups: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    sizes = _check_inputs(
-        x, weight, bias, residual, residual_scale, residual_shift, input_scale, input_shift,
-        stride, padding, dilation, input_relu, input_pool, input_add, groups,
-    )  # fmt: skip
-    out = _allocate_out(x, weight, sizes)
-    moments = _launch(
-        x, weight, bias, residual, residual_scale, residual_shift, input_scale, input_shift,
-        out, stats, stride, padding, dilation, input_relu, input_pool, relu, allow_tf32,
-        input_add, groups,
-    )  # fmt: skip
+    args = ConvArgs.bind(locals())
+    check_inputs(args)
+    out = args.allocate_output()
+    moments = launch(args, out, stats)
     if moments is None:
-        empty = x.new_empty(0, dtype=stats_dtype(x))
-        return out, empty, empty.clone()
-    count = out.numel() // out.shape[1]
-    mean, m2 = moments
-    return out, mean * count, m2 + mean * mean * count
+        return out, *args.empty_stats(False)
+    return out, *moments
 
 
 @_conv2d_fused_op.register_fake
-def _(
-    x, weight, bias, residual, residual_scale, residual_shift, input_scale, input_shift,
-    stride, padding, dilation, input_relu, input_pool, relu, stats, allow_tf32,
-    input_add, groups,
-):  # fmt: skip
-    sizes = _output_size(x, weight, stride, padding, dilation, input_pool)
-    n_stats = weight.shape[0] if stats else 0
-    return (
-        _allocate_out(x, weight, sizes),
-        x.new_empty(n_stats, dtype=stats_dtype(x)),
-        x.new_empty(n_stats, dtype=stats_dtype(x)),
-    )
+def _(*inputs) -> tuple[Tensor, Tensor, Tensor]:
+    args, stats = ConvArgs.of_op_inputs(inputs), inputs[-1]
+    return args.allocate_output(), *args.empty_stats(stats)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, residual, residual_scale, _, input_scale, input_shift = inputs[:8]
-    input_relu, input_pool, relu = inputs[11:14]
-    input_add, groups = inputs[16:18]
-    out, sum_buf, sumsq_buf = output
-    ctx.mark_non_differentiable(sum_buf, sumsq_buf)
-    ctx.save_for_backward(
-        x, weight, bias, residual, residual_scale, input_scale, input_shift, out, input_add
-    )
-    ctx.conv_args = inputs[8:11]  # stride, padding, dilation
-    ctx.input_relu, ctx.input_pool, ctx.relu, ctx.groups = input_relu, input_pool, relu, groups
+    args = ConvArgs.of_op_inputs(inputs)
+    out, mean, m2 = output
+    ctx.mark_non_differentiable(mean, m2)
+    ctx.save_for_backward(out, *(getattr(args, name) for name in _TENSOR_FIELDS))
+    ctx.args = args._replace(**dict.fromkeys(_TENSOR_FIELDS))
 
 
 def _channel_sum(t: Tensor) -> Tensor:
-    return t.sum((0, 2, 3), dtype=stats_dtype(t))
+    return t.sum((0, 2, 3), dtype=accumulator_dtype(t.dtype))
 
 
-def _backward(ctx, grad_out: Tensor, _grad_sum, _grad_sumsq):
-    saved = ctx.saved_tensors
-    x, weight, bias, residual, residual_scale, input_scale, input_shift, out, input_add = saved
-    needs = ctx.needs_input_grad
-    grads = [None] * 18
-    grad_z = grad_out.masked_fill(out <= 0, 0) if ctx.relu else grad_out
-    if bias is not None and needs[2]:
-        grads[2] = _channel_sum(grad_z).to(bias.dtype)
-    if residual is not None:
-        if residual_scale is None:
-            grads[3] = grad_z.to(residual.dtype) if needs[3] else None
-        else:
-            rs = residual_scale.view(1, -1, 1, 1)
-            grads[3] = (grad_z.float() * rs).to(residual.dtype) if needs[3] else None
-            if needs[4]:
-                grads[4] = _channel_sum(grad_z.float() * residual.float()).to(rs.dtype)
-            if needs[5]:
-                grads[5] = _channel_sum(grad_z).to(rs.dtype)
-    needs_x = needs[0] or needs[6] or needs[7] or needs[16]
-    if needs_x or needs[1]:
-        x_in = _prologue_reference(
-            x, input_scale, input_shift, ctx.input_relu, ctx.input_pool, input_add
-        )
-        stride, padding, dilation = ctx.conv_args
-        grad_xin, grad_w, _ = torch.ops.aten.convolution_backward(
-            grad_z.to(x.dtype), x_in, weight, None, stride, padding, dilation,
-            False, [0, 0], ctx.groups, [needs_x, needs[1], False],
+def _backward(ctx, grad_out: Tensor, _grad_mean, _grad_m2):
+    out, *tensors = ctx.saved_tensors
+    args = ctx.args._replace(**dict(zip(_TENSOR_FIELDS, tensors)))
+    needs = ConvArgs.of_op_inputs(ctx.needs_input_grad)
+    grads = dict.fromkeys(ConvArgs._fields)
+    grad_z = grad_out.masked_fill(out <= 0, 0) if args.relu else grad_out
+    if args.bias is not None and needs.bias:
+        grads["bias"] = _channel_sum(grad_z).to(args.bias.dtype)
+    residual = args.residual
+    if residual is not None and args.residual_scale is None:
+        grads["residual"] = grad_z.to(residual.dtype) if needs.residual else None
+    elif residual is not None:
+        rs = args.residual_scale.view(1, -1, 1, 1)
+        grads["residual"] = (grad_z.float() * rs).to(residual.dtype) if needs.residual else None
+        if needs.residual_scale:
+            grads["residual_scale"] = _channel_sum(grad_z.float() * residual.float()).to(rs.dtype)
+        if needs.residual_shift:
+            grads["residual_shift"] = _channel_sum(grad_z).to(rs.dtype)
+    needs_input = needs.x or needs.input_scale or needs.input_shift or needs.input_add
+    if needs_input or needs.weight:
+        x_in = prologue_reference(
+            args.x, args.input_scale, args.input_shift, args.input_relu, args.input_pool,
+            args.input_add,
         )  # fmt: skip
-        grads[1] = grad_w
-        if input_add is not None and needs[16]:
-            grads[16] = grad_xin
-        if needs[0] or needs[6] or needs[7]:
-            grads[0], grads[6], grads[7] = _prologue_backward(
-                grad_xin, x, input_scale, input_shift, ctx.input_relu, ctx.input_pool, needs
-            )
-    return tuple(grads)
+        grad_input, grads["weight"], _ = torch.ops.aten.convolution_backward(
+            grad_z.to(args.x.dtype), x_in, args.weight, None, args.stride, args.padding,
+            args.dilation, False, [0, 0], args.groups, [needs_input, needs.weight, False],
+        )  # fmt: skip
+        if args.input_add is not None and needs.input_add:
+            grads["input_add"] = grad_input
+        if needs.x or needs.input_scale or needs.input_shift:
+            grads.update(_prologue_backward(grad_input, args, needs))
+    return *grads.values(), None  # stats: not differentiable
 
 
-def _prologue_backward(grad, x, input_scale, input_shift, input_relu, pool, needs):
-    """Gradients of x, input_scale, input_shift through `_prologue_reference`."""
+def _prologue_backward(grad: Tensor, args: ConvArgs, needs: ConvArgs) -> dict[str, Tensor | None]:
+    """Gradients of x, input_scale, input_shift through `prologue_reference`."""
+    x, input_scale, input_shift, pool = args.x, args.input_scale, args.input_shift, args.input_pool
     shape = (1, -1, 1, 1)
     u = x
     if input_scale is not None:
         u = (x.float() * input_scale.view(shape) + input_shift.view(shape)).to(x.dtype)
     if pool > 1:
-        v = torch.relu(u) if input_relu else u
+        v = torch.relu(u) if args.input_relu else u
         grad = torch.ops.aten.avg_pool2d_backward(
             grad, v, [pool, pool], [pool, pool], [0, 0], True, False, None
         )
-    if input_relu:
+    if args.input_relu:
         grad = grad.masked_fill(u <= 0, 0)
     if input_scale is None:
-        return grad, None, None
-    grad_x = (grad.float() * input_scale.view(shape)).to(x.dtype) if needs[0] else None
-    grad_scale = _channel_sum(grad.float() * x.float()).to(input_scale.dtype) if needs[6] else None
-    grad_shift = _channel_sum(grad).to(input_shift.dtype) if needs[7] else None
-    return grad_x, grad_scale, grad_shift
+        return {"x": grad}
+    return {
+        "x": (grad.float() * input_scale.view(shape)).to(x.dtype) if needs.x else None,
+        "input_scale": (
+            _channel_sum(grad.float() * x.float()).to(input_scale.dtype)
+            if needs.input_scale
+            else None
+        ),
+        "input_shift": _channel_sum(grad).to(input_shift.dtype) if needs.input_shift else None,
+    }
 
 
 torch.library.register_autograd("fastres::conv2d_fused", _backward, setup_context=_setup_context)
@@ -480,27 +496,25 @@ def _conv2d_fused_out_op(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    allow_tf32: bool,
     residual: Tensor | None,
     residual_scale: Tensor | None,
     residual_shift: Tensor | None,
     input_scale: Tensor | None,
     input_shift: Tensor | None,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
     input_relu: bool,
     input_pool: int,
-    relu: bool,
-    allow_tf32: bool,
-    out: Tensor,
     input_add: Tensor | None,
-    groups: int,
+    relu: bool,
+    out: Tensor,
 ) -> None:
-    sizes = _check_inputs(
-        x, weight, bias, residual, residual_scale, residual_shift, input_scale, input_shift,
-        stride, padding, dilation, input_relu, input_pool, input_add, groups,
-    )  # fmt: skip
-    expected = (x.shape[0], weight.shape[0], sizes[2], sizes[3])
+    args = ConvArgs.bind(locals())
+    check_inputs(args)
+    expected = args.output_shape()
     if tuple(out.shape) != expected or out.dtype != x.dtype or out.device != x.device:
         raise ValueError(
             f"out must be {expected} {x.dtype} on {x.device}, got {tuple(out.shape)} "
@@ -508,21 +522,13 @@ def _conv2d_fused_out_op(
         )
     # Programs of one launch read their inputs while others write out: no common memory.
     for name, t in (("x", x), ("weight", weight), ("residual", residual), ("input_add", input_add)):
-        if t is not None and _may_overlap(t, out):
+        if t is not None and may_overlap(t, out):
             raise ValueError(f"out must not share memory with {name}")
-    _launch(
-        x, weight, bias, residual, residual_scale, residual_shift, input_scale, input_shift,
-        out, False, stride, padding, dilation, input_relu, input_pool, relu, allow_tf32,
-        input_add, groups,
-    )  # fmt: skip
+    launch(args, out, stats=False)
 
 
 @_conv2d_fused_out_op.register_fake
-def _(
-    x, weight, bias, residual, residual_scale, residual_shift, input_scale, input_shift,
-    stride, padding, dilation, input_relu, input_pool, relu, allow_tf32, out,
-    input_add, groups,
-) -> None:  # fmt: skip
+def _(*inputs) -> None:
     return None
 
 
@@ -574,7 +580,8 @@ def conv2d_fused(
         groups: a grouped convolution (nn.Conv2d's groups): group g convolves input channels
             [g*C_in/groups, ...) into output channels [g*C_out/groups, ...), one launch.
         relu: ReLU on the output.
-        stats: also return the per-channel sum and sum of squares of the output ([C_out] fp32).
+        stats: also return the per-channel mean and M2 (sum of squared deviations from the
+            mean) of the output, [C_out] in fp32 (fp64 for fp64), from the accumulator.
         allow_tf32: float32 products in TF32; None follows torch.backends.cudnn.allow_tf32
             (PyTorch's own rule for convolutions). Ignored for fp16 / bf16 and on CPU.
         out: write into this [N, C_out, OH, OW] tensor (e.g. a channel slice of a larger
@@ -583,21 +590,33 @@ def conv2d_fused(
 
     Returns:
         out [N, C_out, OH, OW] in x's dtype (channels_last when allocated here), or
-        (out, sum, sumsq) when `stats`.
+        (out, mean, m2) when `stats`.
     """
     if allow_tf32 is None:
         allow_tf32 = bool(torch.backends.cudnn.allow_tf32)
-    args = (
-        x, weight, bias, residual, residual_scale, residual_shift, input_scale, input_shift,
-        _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"),
-        bool(input_relu), int(input_pool), bool(relu),
-    )  # fmt: skip
+    args = ConvArgs(
+        x,
+        weight,
+        bias,
+        stride=as_pair(stride, "stride"),
+        padding=as_pair(padding, "padding"),
+        dilation=as_pair(dilation, "dilation"),
+        groups=int(groups),
+        allow_tf32=allow_tf32,
+        residual=residual,
+        residual_scale=residual_scale,
+        residual_shift=residual_shift,
+        input_scale=input_scale,
+        input_shift=input_shift,
+        input_relu=bool(input_relu),
+        input_pool=int(input_pool),
+        input_add=input_add,
+        relu=bool(relu),
+    )
     if out is not None:
         if stats:
             raise ValueError("stats are not available with out=")
-        torch.ops.fastres.conv2d_fused_out(*args, allow_tf32, out, input_add, int(groups))
+        torch.ops.fastres.conv2d_fused_out(*args, out)
         return out
-    result, sum_buf, sumsq_buf = torch.ops.fastres.conv2d_fused(
-        *args, bool(stats), allow_tf32, input_add, int(groups)
-    )
-    return (result, sum_buf, sumsq_buf) if stats else result
+    result, mean, m2 = torch.ops.fastres.conv2d_fused(*args, bool(stats))
+    return (result, mean, m2) if stats else result

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ...ops.conv2d_fused import arrange_weight, conv2d_fused, kernel_dtypes
+from ...ops.precision import accumulator_dtype
 from ..folding import fold
 from ..plan import Shortcut
 
@@ -51,7 +52,7 @@ def block_foldable(block: nn.Module) -> bool:
 def _fold(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """The conv weight with the BN folded in ([C_out, C_in, KH, KW], arranged for the kernel,
     in `dtype`) and the folded bias ([C_out] fp32, fp64 for fp64)."""
-    weight, bias = fold(conv, bn, torch.float64 if dtype == torch.float64 else torch.float32)
+    weight, bias = fold(conv, bn, accumulator_dtype(dtype))
     return arrange_weight(weight.to(dtype)), bias
 
 

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ...ops import batchnorm as bn_ops
 from ...ops.conv2d_bn_train import conv2d_bn_train
 from ...ops.conv2d_fused import arrange_weight, conv2d_fused
-from ...ops.res2net_fused import res2net_pool
+from ...ops.res2net_pool import res2net_pool
 from .inference import folded, nhwc_empty
 
 # Bottle2neck -> (rotated, the folded pieces it was built from, its launch weights).

@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 from torch import Tensor, nn
 
+from ... import extension
 from ...ops import batchnorm as bn_ops
 from ...ops.conv2d_bn_train import InputBN, conv2d_bn_train
 from ...ops.conv2d_fused import arrange_weight
@@ -41,7 +42,7 @@ def trainable(pairs: list[tuple[nn.Module, nn.Module]], x: Tensor) -> bool:
     statistics; BatchNorm2d, or SyncBatchNorm), affine, after a plain bias-free convolution,
     the extension built, and a non-empty batch (an empty one runs the oracle, which returns
     empty outputs)."""
-    if bn_ops.EXTENSION_ERROR is not None or x.numel() == 0:
+    if extension.EXTENSION_ERROR is not None or x.numel() == 0:
         return False
     return all(
         type(conv) is nn.Conv2d

@@ -1,4 +1,4 @@
-"""Launcher and `fastres::` custom op of the Res2Net last-chunk pool (`kernels/res2net_fused.py`).
+"""Launcher and `fastres::` custom op of the Res2Net last-chunk pool (`kernels/res2net_pool.py`).
 
     res2net_pool(chunk, out=concat[:, (scales - 1) * width :], stride=2)
 
@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import conv2d_fused
-from .conv2d_fused import _may_overlap, interpreting
+from .conv2d_fused import interpreting, may_overlap
 
 # Tile of one program: pixels x channels (channels cover a Res2Net chunk slot of 32..208 in
 # 1..4). 32 pixels: at 64, an fp32 tile's nine taps took 255 registers on sm_90 and spilled.
@@ -35,7 +35,7 @@ def pool_output_size(h: int, w: int, kernel: int, stride: int, padding: int) -> 
 def _res2net_pool_out_op(x: Tensor, out: Tensor, kernel: int, stride: int, padding: int) -> None:
     import triton
 
-    from fastres.kernels.res2net_fused import res2net_pool_kernel
+    from fastres.kernels.res2net_pool import res2net_pool_kernel
 
     if x.dim() != 4 or out.dim() != 4:
         raise ValueError(f"expected 4-D x and out, got {tuple(x.shape)} and {tuple(out.shape)}")
@@ -48,7 +48,7 @@ def _res2net_pool_out_op(x: Tensor, out: Tensor, kernel: int, stride: int, paddi
             f"out must be {(n, c, oh, ow)} {x.dtype} on {x.device}, got {tuple(out.shape)} "
             f"{out.dtype} on {out.device}"
         )
-    if _may_overlap(x, out):
+    if may_overlap(x, out):
         raise ValueError("out must not share memory with x")
     conv2d_fused.check_triton_device(x, "the Res2Net pool")
     m = n * oh * ow

@@ -15,7 +15,7 @@ larger NHWC buffers are read and written in place. Offsets are 64-bit.
 import triton
 import triton.language as tl
 
-from .conv2d_fused import _round_to
+from .conv2d_fused import round_to
 
 
 @triton.jit
@@ -75,5 +75,5 @@ def res2net_pool_kernel(
         + ow.to(tl.int64)[:, None] * stride_out_w
         + offs_c.to(tl.int64)[None, :] * stride_out_c
     )
-    out = _round_to(acc, out_ptr.dtype.element_ty, EMULATE_RTNE)
+    out = round_to(acc, out_ptr.dtype.element_ty, EMULATE_RTNE)
     tl.store(out_ptrs, out, mask=m_ok[:, None] & c_ok[None, :])

@@ -1,0 +1,12 @@
+"""The accumulator rule of every fastres op: float64 inputs accumulate (and return per-channel
+statistics) in float64, every other dtype in float32. The C++ ops state the same rule once, in
+`acc_type_of` (csrc/batchnorm_common.h)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype that sums and per-channel statistics of `dtype` values are kept in."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
