@@ -121,30 +121,32 @@ inline ElemtCoefficients elemt_coefficients(
               "fastres: bn_backward_elemt with sum_dy needs mean, invstd, sum_dy_xmu, count > 0");
   TORCH_CHECK(!train_r || (train_x && mean_r && invstd_r),
               "fastres: bn_backward_elemt with sum_dy_rmu needs sum_dy, mean_r and invstd_r");
-  const auto opts = p.scale.options();
-  Tensor coef = at::zeros({6, C}, opts);
-  Tensor a = coef[0], b = coef[1], k = coef[2];
-  a.copy_(p.scale);
+  Tensor coef = at::zeros({6, C}, p.scale.options());
+  // A training norm's batch-statistics terms, written into rows first + 1 (the input's
+  // coefficient) and first + 2 (the constant): -scale * invstd^2 * sum_dy_?mu / count and
+  // -scale * sum_dy / count - that * mean.
+  const auto batch_terms = [&](int64_t first, const Tensor& scale, const at::Tensor& invstd_t,
+                               const at::Tensor& mean_t, const at::Tensor& sum_dy_mu_t,
+                               const char* invstd_name, const char* mean_name,
+                               const char* sum_dy_mu_name) {
+    const double n = static_cast<double>(count);
+    const Tensor inv = channel_param(invstd_t, C, p.acc, invstd_name);
+    const Tensor mu = channel_param(mean_t, C, p.acc, mean_name);
+    const Tensor sd = channel_param(*sum_dy, C, p.acc, "sum_dy") / n;
+    const Tensor smu = channel_param(sum_dy_mu_t, C, p.acc, sum_dy_mu_name) / n;
+    Tensor b = coef[first + 1];
+    b.copy_(-scale * inv * inv * smu);
+    coef[first + 2].copy_(-scale * sd - b * mu);
+  };
+  coef[0].copy_(p.scale);
   if (train_x) {
-    const Tensor inv = channel_param(*invstd, C, p.acc, "invstd");
-    const Tensor mu = channel_param(*mean, C, p.acc, "mean");
-    const Tensor sd = channel_param(*sum_dy, C, p.acc, "sum_dy") / static_cast<double>(count);
-    const Tensor sx =
-        channel_param(*sum_dy_xmu, C, p.acc, "sum_dy_xmu") / static_cast<double>(count);
-    b.copy_(-p.scale * inv * inv * sx);
-    k.copy_(-p.scale * sd - b * mu);
+    batch_terms(0, p.scale, *invstd, *mean, *sum_dy_xmu, "invstd", "mean", "sum_dy_xmu");
   }
   if (want_r && p.scale_r.defined()) {
-    Tensor ar = coef[3], br = coef[4], kr = coef[5];
-    ar.copy_(p.scale_r);
+    coef[3].copy_(p.scale_r);
     if (train_r) {
-      const Tensor inv = channel_param(*invstd_r, C, p.acc, "invstd_r");
-      const Tensor mu = channel_param(*mean_r, C, p.acc, "mean_r");
-      const Tensor sd = channel_param(*sum_dy, C, p.acc, "sum_dy") / static_cast<double>(count);
-      const Tensor sr =
-          channel_param(*sum_dy_rmu, C, p.acc, "sum_dy_rmu") / static_cast<double>(count);
-      br.copy_(-p.scale_r * inv * inv * sr);
-      kr.copy_(-p.scale_r * sd - br * mu);
+      batch_terms(3, p.scale_r, *invstd_r, *mean_r, *sum_dy_rmu, "invstd_r", "mean_r",
+                  "sum_dy_rmu");
     }
   } else if (want_r) {
     coef[3].fill_(1);

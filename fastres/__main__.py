@@ -21,6 +21,8 @@ import torch
 from . import backends
 from . import benchmark as bm
 
+LAYOUTS = ("channels_last", "nchw")
+
 
 def image_size(text: str) -> tuple[int, int]:
     """argparse type of --image-size: see fastres.benchmark.parse_image_size."""
@@ -94,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--backend",
         action="append",
-        choices=("torch", "native", "triton", "auto"),
+        choices=backends.BACKEND_NAMES,
         help="fastres backend to run (repeatable; default: every fused backend that can run "
         "here, and 'auto', the per-layer selection among them; 'torch', the oracle, is the "
         "same computation as eager-cl)",
@@ -145,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument(
         "--mode", choices=("infer", "train", "both"), default="both", help="default both"
     )
-    tune.add_argument("--layout", choices=("channels_last", "nchw"), default="channels_last")
+    tune.add_argument("--layout", choices=LAYOUTS, default="channels_last")
     tune.add_argument("--json", metavar="PATH", help="write the per-layer report as JSON to PATH")
 
     profile = sub.add_parser(
@@ -161,11 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument(
         "--backend",
         default="auto",
-        choices=("auto", "torch", "native", "triton"),
+        choices=backends.BACKEND_NAMES,
         help="fastres backend (default auto)",
     )
     profile.add_argument("--mode", choices=("infer", "train"), default="infer")
-    profile.add_argument("--layout", choices=("channels_last", "nchw"), default="channels_last")
+    profile.add_argument("--layout", choices=LAYOUTS, default="channels_last")
     profile.add_argument("--compile", action="store_true", help="torch.compile the model")
     profile.add_argument("--trace", metavar="PATH", help="write a Chrome trace to PATH")
     profile.add_argument(

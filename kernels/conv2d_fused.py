@@ -88,6 +88,30 @@ def _relu(x):
 
 
 @triton.jit
+def nhwc_tile_ptrs(base, img, oh, ow, offs_c, stride_n, stride_h, stride_w, stride_c):
+    """Pointers of a [pixels, channels] tile of an (n, c, h, w)-strided tensor, 64-bit offsets."""
+    return (
+        base
+        + img.to(tl.int64)[:, None] * stride_n
+        + oh.to(tl.int64)[:, None] * stride_h
+        + ow.to(tl.int64)[:, None] * stride_w
+        + offs_c.to(tl.int64)[None, :] * stride_c
+    )
+
+
+@triton.jit
+def _input_affine(in_scale_ptr, in_shift_ptr, cs, ok, IN_AFFINE: tl.constexpr, ACC: tl.constexpr):
+    """The input channels' BatchNorm scale and shift as [1, BLOCK_K] rows (unused without it)."""
+    if IN_AFFINE:
+        in_scale = tl.load(in_scale_ptr + cs, mask=ok, other=0.0).to(ACC)[None, :]
+        in_shift = tl.load(in_shift_ptr + cs, mask=ok, other=0.0).to(ACC)[None, :]
+    else:
+        in_scale = 0.0
+        in_shift = 0.0
+    return in_scale, in_shift
+
+
+@triton.jit
 def _load_input_tile(
     x_row,
     x2_row,
@@ -312,14 +336,9 @@ def conv2d_fused_kernel(
             ih = ih0 + (kh * dil_h)[None, :]
             iw = iw0 + (kw * dil_w)[None, :]
             valid = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < PH) & (iw >= 0) & (iw < PW)
-            if IN_AFFINE:
-                in_scale = tl.load(in_scale_ptr + ci0 + cs, mask=k_ok, other=0.0)
-                in_scale = in_scale.to(ACC)[None, :]
-                in_shift = tl.load(in_shift_ptr + ci0 + cs, mask=k_ok, other=0.0)
-                in_shift = in_shift.to(ACC)[None, :]
-            else:
-                in_scale = 0.0
-                in_shift = 0.0
+            in_scale, in_shift = _input_affine(
+                in_scale_ptr, in_shift_ptr, ci0 + cs, k_ok, IN_AFFINE, ACC
+            )
             a = _load_input_tile(
                 x_row, x2_row, ih, iw, cs[None, :], valid, in_scale, in_shift, H, W,
                 stride_x_h, stride_x_w, stride_x_c, stride_x2_h, stride_x2_w, stride_x2_c,
@@ -342,14 +361,9 @@ def conv2d_fused_kernel(
             pix_ok = m_ok[:, None] & (ih >= 0) & (ih < PH) & (iw >= 0) & (iw < PW)
             cs = (it % c_blocks) * BLOCK_K + offs_k
             c_ok = cs < C_in
-            if IN_AFFINE:
-                in_scale = tl.load(in_scale_ptr + ci0 + cs, mask=c_ok, other=0.0)
-                in_scale = in_scale.to(ACC)[None, :]
-                in_shift = tl.load(in_shift_ptr + ci0 + cs, mask=c_ok, other=0.0)
-                in_shift = in_shift.to(ACC)[None, :]
-            else:
-                in_scale = 0.0
-                in_shift = 0.0
+            in_scale, in_shift = _input_affine(
+                in_scale_ptr, in_shift_ptr, ci0 + cs, c_ok, IN_AFFINE, ACC
+            )
             a = _load_input_tile(
                 x_row, x2_row, ih, iw, cs[None, :], pix_ok & c_ok[None, :], in_scale, in_shift,
                 H, W, stride_x_h, stride_x_w, stride_x_c, stride_x2_h, stride_x2_w, stride_x2_c,
@@ -367,12 +381,8 @@ def conv2d_fused_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_c, mask=n_ok, other=0.0).to(ACC)[None, :]
     if RESIDUAL:
-        res_ptrs = (
-            res_ptr
-            + img.to(tl.int64)[:, None] * stride_res_n
-            + oh.to(tl.int64)[:, None] * stride_res_h
-            + ow.to(tl.int64)[:, None] * stride_res_w
-            + offs_c.to(tl.int64)[None, :] * stride_res_c
+        res_ptrs = nhwc_tile_ptrs(
+            res_ptr, img, oh, ow, offs_c, stride_res_n, stride_res_h, stride_res_w, stride_res_c
         )
         r = tl.load(res_ptrs, mask=out_mask, other=0.0).to(ACC)
         if RES_AFFINE:
@@ -392,11 +402,7 @@ def conv2d_fused_kernel(
         tile_offs = pid_m.to(tl.int64) * stride_tile + offs_c
         tl.store(tile_sum_ptr + tile_offs, tile_sum, mask=n_ok)
         tl.store(tile_m2_ptr + tile_offs, tl.sum(centered * centered, axis=0), mask=n_ok)
-    out_ptrs = (
-        out_ptr
-        + img.to(tl.int64)[:, None] * stride_out_n
-        + oh.to(tl.int64)[:, None] * stride_out_h
-        + ow.to(tl.int64)[:, None] * stride_out_w
-        + offs_c.to(tl.int64)[None, :] * stride_out_c
+    out_ptrs = nhwc_tile_ptrs(
+        out_ptr, img, oh, ow, offs_c, stride_out_n, stride_out_h, stride_out_w, stride_out_c
     )
     tl.store(out_ptrs, round_to(acc, out_ptr.dtype.element_ty, EMULATE_RTNE), mask=out_mask)

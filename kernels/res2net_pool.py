@@ -15,7 +15,7 @@ larger NHWC buffers are read and written in place. Offsets are 64-bit.
 import triton
 import triton.language as tl
 
-from .conv2d_fused import round_to
+from .conv2d_fused import nhwc_tile_ptrs, round_to
 
 
 @triton.jit
@@ -68,12 +68,8 @@ def res2net_pool_kernel(
             acc += v.to(tl.float32)
     # count_include_pad=True: padding counts in the divisor.
     acc = acc / (K * K)
-    out_ptrs = (
-        out_ptr
-        + img.to(tl.int64)[:, None] * stride_out_n
-        + oh.to(tl.int64)[:, None] * stride_out_h
-        + ow.to(tl.int64)[:, None] * stride_out_w
-        + offs_c.to(tl.int64)[None, :] * stride_out_c
+    out_ptrs = nhwc_tile_ptrs(
+        out_ptr, img, oh, ow, offs_c, stride_out_n, stride_out_h, stride_out_w, stride_out_c
     )
     out = round_to(acc, out_ptr.dtype.element_ty, EMULATE_RTNE)
     tl.store(out_ptrs, out, mask=m_ok[:, None] & c_ok[None, :])

@@ -152,6 +152,16 @@ __device__ __forceinline__ V block_reduce(V v, Combine combine) {
   return v;
 }
 
+// Writes this block's three per-channel partials of channel c into part [3][P][C], P =
+// gridDim.x (one slice of the rows per block); the merge kernels reduce over P.
+template <typename A>
+__device__ __forceinline__ void store_partials(A* part, int64_t C, int64_t c, A v0, A v1, A v2) {
+  const int64_t P = gridDim.x;
+  part[(0 * P + blockIdx.x) * C + c] = v0;
+  part[(1 * P + blockIdx.x) * C + c] = v1;
+  part[(2 * P + blockIdx.x) * C + c] = v2;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Statistics
 
@@ -217,7 +227,6 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock)
   if (threadIdx.x == 0) s_n[threadIdx.y] = n;
   __syncthreads();
   if (threadIdx.y != 0 || c0 >= g.c) return;
-  const int64_t P = gridDim.x;
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
     A nn = s_n[0], mm = s_mean[0][threadIdx.x * VEC + j], qq = s_m2[0][threadIdx.x * VEC + j];
@@ -226,9 +235,7 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock)
                  s_m2[k][threadIdx.x * VEC + j]);
     }
     const int64_t c = c0 + j;
-    part[(0 * P + blockIdx.x) * g.c + c] = nn;
-    part[(1 * P + blockIdx.x) * g.c + c] = mm;
-    part[(2 * P + blockIdx.x) * g.c + c] = qq;
+    store_partials(part, g.c, c, nn, mm, qq);
   }
 }
 
@@ -257,10 +264,7 @@ __global__ void __launch_bounds__(kPlaneThreads)
   }
   const Welford<A> w = block_reduce<kPlaneThreads>(Welford<A>{n, mean, m2}, WelfordMerge{});
   if (threadIdx.x != 0) return;
-  const int64_t P = gridDim.x;
-  part[(0 * P + blockIdx.x) * g.c + c] = w.n;
-  part[(1 * P + blockIdx.x) * g.c + c] = w.mean;
-  part[(2 * P + blockIdx.x) * g.c + c] = w.m2;
+  store_partials(part, g.c, c, w.n, w.mean, w.m2);
 }
 
 template <typename A>
@@ -427,7 +431,6 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock)
   }
   __syncthreads();
   if (threadIdx.y != 0 || c0 >= g.c) return;
-  const int64_t P = gridDim.x;
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
     const int col = threadIdx.x * VEC + j;
@@ -437,9 +440,7 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock)
       a1 += s[1][k][col];
       a2 += s[2][k][col];
     }
-    part[(0 * P + blockIdx.x) * g.c + c0 + j] = a0;
-    part[(1 * P + blockIdx.x) * g.c + c0 + j] = a1;
-    part[(2 * P + blockIdx.x) * g.c + c0 + j] = a2;
+    store_partials(part, g.c, c0 + j, a0, a1, a2);
   }
 }
 
@@ -484,10 +485,7 @@ __global__ void __launch_bounds__(kPlaneThreads)
   }
   const Sums3<A> b = block_reduce<kPlaneThreads>(Sums3<A>{a0, a1, a2}, SumsAdd{});
   if (threadIdx.x != 0) return;
-  const int64_t P = gridDim.x;
-  part[(0 * P + blockIdx.x) * g.c + c] = b.s0;
-  part[(1 * P + blockIdx.x) * g.c + c] = b.s1;
-  part[(2 * P + blockIdx.x) * g.c + c] = b.s2;
+  store_partials(part, g.c, c, b.s0, b.s1, b.s2);
 }
 
 template <typename A>
