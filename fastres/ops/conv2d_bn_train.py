@@ -83,11 +83,20 @@ class _TrainArgs(NamedTuple):
     def conv_args(self, input_scale: Tensor | None, input_shift: Tensor | None) -> ConvArgs:
         """The fused convolution that runs it, with the input BN folded to a scale and shift."""
         return ConvArgs(
-            self.x, self.weight, None, self.stride, self.padding, self.dilation, self.groups,
-            self.allow_tf32, input_scale=input_scale, input_shift=input_shift,
-            input_relu=input_scale is not None, input_pool=self.input_pool,
+            self.x,
+            self.weight,
+            bias=None,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            allow_tf32=self.allow_tf32,
+            input_scale=input_scale,
+            input_shift=input_shift,
+            input_relu=input_scale is not None,
+            input_pool=self.input_pool,
             input_add=self.input_add,
-        )  # fmt: skip
+        )
 
     def finalize_input_bn(self) -> tuple[Tensor, Tensor, Tensor]:
         """(scale, shift, invstd) of the input BatchNorm."""
