@@ -80,7 +80,7 @@ def test_tune_chooses_every_layer_and_a_second_run_reuses_the_choices(
     from fastres.ops import tuning
 
     monkeypatch.setenv(tuning.CACHE_ENV_VAR, str(tmp_path / "cache"))
-    monkeypatch.setattr(select, "_CHOSEN", {})
+    monkeypatch.setattr(select, "_CHOSEN", select._Choices())
     monkeypatch.setattr(select, "_SELECTIONS", tuning.JsonCache(select.SELECTION_FILE))
     path = tmp_path / "tune.json"
     args = ["tune", "--depth", "18", "--batch", "2", "--image-size", "32", "--model", "resnet"]
@@ -96,7 +96,7 @@ def test_tune_chooses_every_layer_and_a_second_run_reuses_the_choices(
         tuned = [row for row in group["layers"] if row["how"] == "tuned"]
         assert tuned and all(row["chosen"] in row["times_ms"] for row in tuned)
     assert (tmp_path / "cache" / select.SELECTION_FILE).exists()
-    monkeypatch.setattr(select, "_CHOSEN", {})
+    monkeypatch.setattr(select, "_CHOSEN", select._Choices())
     monkeypatch.setattr(select, "_SELECTIONS", tuning.JsonCache(select.SELECTION_FILE))
     assert main([*args, "--json", str(path)]) == 0
     hows = {row["how"] for g in json.loads(path.read_text())["groups"] for row in g["layers"]}

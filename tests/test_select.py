@@ -29,7 +29,7 @@ def fresh(tmp_path, monkeypatch):
     monkeypatch.setenv(tuning.CACHE_ENV_VAR, str(tmp_path / "cache"))
     monkeypatch.delenv(tuning.TUNE_ENV_VAR, raising=False)
     monkeypatch.delenv(select.SELECT_ENV_VAR, raising=False)
-    monkeypatch.setattr(select, "_CHOSEN", {})
+    monkeypatch.setattr(select, "_CHOSEN", select._Choices())
     monkeypatch.setattr(select, "_SELECTIONS", tuning.JsonCache(select.SELECTION_FILE))
     return tmp_path / "cache" / select.SELECTION_FILE
 
@@ -151,7 +151,7 @@ def test_a_candidate_that_disagrees_with_the_oracle_is_never_chosen(fresh, monke
 
     fast_and_right = select.Candidate("right", REFERENCE, always)
     monkeypatch.setattr(select, "UNIT_CANDIDATES", _table(fast_and_right, *slow))
-    monkeypatch.setattr(select, "_CHOSEN", {})
+    monkeypatch.setattr(select, "_CHOSEN", select._Choices())
     monkeypatch.setenv(tuning.CACHE_ENV_VAR, str(fresh.parent.parent / "other"))
     monkeypatch.setattr(select, "_SELECTIONS", tuning.JsonCache(select.SELECTION_FILE))
     assert all(c.chosen == "right" for c in _run(model, x))
@@ -262,6 +262,85 @@ def test_without_tuning_the_default_runs(fresh, monkeypatch):
     choices = _run(_model(), torch.randn(2, 3, 32, 32))
     assert {(c.chosen, c.how) for c in choices} == {("native-onednn", "default")}
     assert not fresh.exists()
+
+
+class _Counting(Implementation, Backend):
+    """The oracle, counting the sites it runs."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def unit(self, unit, x):
+        self.calls += 1
+        return REFERENCE.unit(unit, x)
+
+    def tail(self, unit, h, x, shortcut):
+        self.calls += 1
+        return REFERENCE.tail(unit, h, x, shortcut)
+
+    def run_block(self, block, x):
+        self.calls += 1
+        return ORACLE.run_block(block, x)
+
+    def run_stem(self, model, x):
+        self.calls += 1
+        return ORACLE.run_stem(model, x)
+
+
+def test_a_remembered_choice_follows_what_it_depends_on(fresh, monkeypatch):
+    """After the first forward a site finds its choice without building its shape class, and
+    still follows the forced name, the mode (eval, gradients, training) and whether tuning may
+    run."""
+    first, oracle = _Counting(), _Counting()
+    always = select._always
+
+    def without_grad(device, site) -> bool:
+        return not torch.is_grad_enabled()
+
+    units = _table(
+        select.Candidate("first", first, without_grad), select.Candidate("torch", oracle, always)
+    )
+    blocks = _table(
+        select.Candidate("torch", oracle, always), select.Candidate("first", first, always)
+    )
+    monkeypatch.setattr(select, "UNIT_CANDIDATES", units)
+    monkeypatch.setattr(select, "BLOCK_CANDIDATES", blocks)
+    shape_classes = []
+    monkeypatch.setattr(select, "_shape_class", lambda *args: shape_classes.append(args) or "class")
+    monkeypatch.setenv(tuning.TUNE_ENV_VAR, "0")  # each site runs its table's first candidate
+    model, x = _model(), torch.randn(2, 3, 32, 32)
+
+    def forward_calls(train: bool = False, grad: bool = False) -> tuple[int, int]:
+        """(first's, the oracle's) calls in one forward."""
+        before = first.calls, oracle.calls
+        model.train(train)
+        if train or grad:
+            model(x)[-1].sum().backward()
+        else:
+            with torch.no_grad():
+                model(x)
+        return first.calls - before[0], oracle.calls - before[1]
+
+    eval_sites, none = forward_calls()
+    assert eval_sites > 0 and none == 0
+    classes = len(shape_classes)
+    assert forward_calls() == (eval_sites, 0)
+    assert len(shape_classes) == classes, "the second forward built shape classes again"
+
+    monkeypatch.setenv(select.SELECT_ENV_VAR, "torch")
+    assert forward_calls() == (0, eval_sites)
+    monkeypatch.delenv(select.SELECT_ENV_VAR)
+    assert forward_calls() == (eval_sites, 0)
+    # Gradients through eval-mode norms: the same sites, where `first` does not apply.
+    assert forward_calls(grad=True) == (0, eval_sites)
+    # Training: whole blocks, whose table puts the oracle first.
+    none, train_sites = forward_calls(train=True)
+    assert none == 0 and 0 < train_sites < eval_sites
+    # Tuning allowed again: the remembered defaults do not stand in for a choice.
+    monkeypatch.delenv(tuning.TUNE_ENV_VAR)
+    assert not fresh.exists()
+    forward_calls()
+    assert fresh.exists()
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])

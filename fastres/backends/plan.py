@@ -43,6 +43,11 @@ class BlockPlan(NamedTuple):
     shortcut: Shortcut | None  # None: the identity
     res2net: nn.Module | None = None  # a Bottle2neck: its middle runs between the two units
 
+    def norms(self) -> list[nn.Module]:
+        """The norms of the units and of the shortcut's unit (not a Bottle2neck's middle)."""
+        units = self.units if self.shortcut is None else (*self.units, self.shortcut.unit)
+        return [u.norm for u in units]
+
 
 def shortcut_of(downsample: nn.Sequential | None) -> Shortcut | None:
     """The `Shortcut` of a block's downsample module ([pools...,] conv, norm), or None."""

@@ -60,8 +60,23 @@ SELECT_ENV_VAR = "FASTRES_SELECT"
 SELECTION_FILE = "selection.json"
 
 _SELECTIONS = tuning.JsonCache(SELECTION_FILE)
-# (device key, shape class) -> chosen candidate name, for this process.
-_CHOSEN: dict[tuple[str, str], str] = {}
+
+
+class _Choices:
+    """The choices this process made or read.
+
+    `by_class`: (device key, shape class) -> candidate name. `by_site`: a site's label module
+    -> {key: candidate} (`_choose`), so that a forward finds each site's choice without
+    filtering the candidates or formatting its shape class, which cost more than a small
+    convolution (bench/results/README.md, "CPU: the cost of choosing").
+    """
+
+    def __init__(self):
+        self.by_class: dict[tuple[str, str], str] = {}
+        self.by_site: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+_CHOSEN = _Choices()
 
 # Timing of one candidate: its agreement run warms it up, then the best of at most this many
 # runs, fewer once this many seconds are spent.
@@ -207,7 +222,8 @@ def _needs_grad(site) -> bool:
 
 
 def _mode(site) -> str:
-    if any(uses_batch_stats(m) for m in site.modules()):
+    # Unit sites exist only where no norm uses batch statistics (`SelectingBackend`).
+    if isinstance(site, _BlockSite) and any(map(uses_batch_stats, site.modules())):
         return "train"
     return "grad" if _needs_grad(site) else "eval"
 
@@ -347,12 +363,49 @@ def recording() -> Iterator[list[Choice]]:
         _RECORD = outer
 
 
-def _choose(kind: str, site, table: dict[str, list[Candidate]], label: nn.Module) -> Candidate:
+def _settings(device: torch.device) -> tuple:
+    """What every site's choice depends on besides the site: autocast's dtype, the forced
+    name, the thread count, and whether tuning may run. Read once per block."""
+    autocast = torch.is_autocast_enabled(device.type)
+    return (
+        torch.get_autocast_dtype(device.type) if autocast else None,
+        os.environ.get(SELECT_ENV_VAR),
+        torch.get_num_threads(),
+        _may_tune(device),
+    )
+
+
+def _choose(
+    kind: str,
+    site,
+    table: dict[str, list[Candidate]],
+    label: nn.Module,
+    settings: tuple | None = None,
+) -> Candidate:
+    """The candidate for `site` (`label`: its module in a `recording()`).
+
+    A site's choice is remembered under its label module and a key of what else it depends
+    on, cheap to build: the settings, the mode, the inputs' shapes, dtypes and layouts (the
+    modules' geometry is fixed).
+    """
     device = site.inputs()[0].device
+    settings = _settings(device) if settings is None else settings
+    key = (
+        kind,
+        _mode(site),
+        settings,
+        *((t.shape, t.dtype, t.device, _layout(t)) for t in site.inputs()),
+    )
+    known = _CHOSEN.by_site.get(label)
+    if known is not None and _RECORD is None:
+        choice = known.get(key)
+        if choice is not None:
+            return choice
     runnable = [c for c in table.get(device.type, table["cpu"]) if c.applies(device, site)]
     choice, how, times = _pick(kind, site, runnable, device)
     if _RECORD is not None:
         _RECORD.append(Choice(label, _shape_class(kind, site), choice.name, how, times))
+    _CHOSEN.by_site.setdefault(label, {})[key] = choice
     return choice
 
 
@@ -369,12 +422,12 @@ def _pick(kind, site, runnable: list[Candidate], device) -> tuple[Candidate, str
         return runnable[0], "only", {}
     key = _shape_class(kind, site)
     device_id = _device_key(device)
-    name = _CHOSEN.get((device_id, key))
+    name = _CHOSEN.by_class.get((device_id, key))
     if name in by_name:
         return by_name[name], "cached", {}
     name = _SELECTIONS.entries(device_id).get(key)
     if name in by_name:
-        _CHOSEN[device_id, key] = name
+        _CHOSEN.by_class[device_id, key] = name
         return by_name[name], "persisted", {}
     if not _may_tune(device):
         return runnable[0], "default", {}
@@ -382,7 +435,7 @@ def _pick(kind, site, runnable: list[Candidate], device) -> tuple[Candidate, str
     for loser in runnable:
         if loser.impl is not chosen.impl:
             loser.impl.forget(site.modules())
-    _CHOSEN[device_id, key] = chosen.name
+    _CHOSEN.by_class[device_id, key] = chosen.name
     _SELECTIONS.put(device_id, key, chosen.name)
     return chosen, "tuned", times
 
@@ -569,18 +622,20 @@ def _time(trials: _Trials, impl, base, gold, saved) -> float | None:
 
 
 class _SelectedUnits(Implementation):
-    """Each unit and tail runs the implementation chosen for its site."""
+    """Each unit and tail runs the implementation chosen for its site (under `settings`)."""
+
+    def __init__(self, settings: tuple):
+        self.settings = settings
 
     def unit(self, unit: Unit, x: Tensor) -> Tensor:
         site = _UnitSite(unit, False, x)
-        return site.run(_choose("unit", site, UNIT_CANDIDATES, unit.conv).impl, [x])
+        choice = _choose("unit", site, UNIT_CANDIDATES, unit.conv, self.settings)
+        return site.run(choice.impl, [x])
 
     def tail(self, unit: Unit, h: Tensor, x: Tensor, shortcut: Shortcut | None) -> Tensor:
         site = _UnitSite(unit, True, h, x, shortcut)
-        return site.run(_choose("tail", site, UNIT_CANDIDATES, unit.conv).impl, [h, x])
-
-
-_SELECTED = _SelectedUnits()
+        choice = _choose("tail", site, UNIT_CANDIDATES, unit.conv, self.settings)
+        return site.run(choice.impl, [h, x])
 
 
 class SelectingBackend(Backend):
@@ -604,7 +659,7 @@ class SelectingBackend(Backend):
             return site.run(_choose("stem", site, BLOCK_CANDIDATES, model).impl, [x])
         cpu_cache.close_stale_backward_scope()
         with cpu_cache.scope(x.device):
-            x = model.maxpool(run_units(_SELECTED, units, x))
+            x = model.maxpool(run_units(_SelectedUnits(_settings(x.device)), units, x))
         cpu_cache.scope_backward(x)
         return x
 
@@ -612,11 +667,12 @@ class SelectingBackend(Backend):
         if torch.compiler.is_compiling():
             return self.default(x.device).run_block(block, x)
         plan = block.plan()
-        site = _BlockSite(block, x)
-        if plan.res2net is not None or _mode(site) == "train":
+        # From the plan's norms, not the block's module tree: walking that costs more.
+        if plan.res2net is not None or any(map(uses_batch_stats, plan.norms())):
+            site = _BlockSite(block, x)
             return site.run(_choose("block", site, BLOCK_CANDIDATES, block).impl, [x])
         with cpu_cache.scope(x.device):
-            out = run_block(_SELECTED, plan, x)
+            out = run_block(_SelectedUnits(_settings(x.device)), plan, x)
         cpu_cache.scope_backward(out)
         return out
 
