@@ -2,6 +2,8 @@
 
     FASTRES_BACKEND=native PYTHONPATH=<tree> python time_native.py {infer,train} <label>
 
+(any backend through FASTRES_BACKEND: `cpu-select/ab-native-auto.txt` ran it with auto too).
+
 infer: 15 no-grad forwards after 3 warm-up ones; train: 7 steps (forward, backward, SGD) after
 2. Prints the minimum and the median in ms.
 """
