@@ -1,5 +1,6 @@
-"""What the per-layer benchmarks (bench/test_bench_conv2d_*.py) share: ResNet-50's conv shapes,
-the CUDA timer and the device's measured matmul rate and copy bandwidth. The benchmark files
+"""What the per-layer and block benchmarks (bench/test_bench_conv2d_*.py,
+bench/test_bench_res2net_fused.py) share: ResNet-50's conv shapes, the CUDA timer and the
+device's measured matmul rate and copy bandwidth. The benchmark files
 import from here, never from one another."""
 
 from __future__ import annotations
@@ -65,11 +66,11 @@ def resnet50_layers(image_size: int = 224) -> dict[str, dict]:
     return layers
 
 
-def time_ms(fn, reps: int = 50) -> float:
-    """Median milliseconds of fn() on the current CUDA stream."""
+def time_ms(fn, rep_ms: int = 50) -> float:
+    """Median milliseconds of fn() on the current CUDA stream, repeated for about `rep_ms` ms."""
     import triton.testing
 
-    return triton.testing.do_bench(fn, warmup=10, rep=reps, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=10, rep=rep_ms, return_mode="median")
 
 
 @functools.lru_cache(maxsize=1)

@@ -215,7 +215,7 @@ def test_layer(benchmark, bench_settings, cudnn_benchmark, capsys, layer, system
         check_once(spec, t)
     step = make_step(system, spec, t)
     step()  # compiles (torch.compile) / tunes (fused) outside the timing
-    ms = time_ms(step, reps=100)
+    ms = time_ms(step, rep_ms=100)
     peak = peak_step_bytes(step)
 
     def synced():

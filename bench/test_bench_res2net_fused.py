@@ -30,6 +30,7 @@ import copy
 
 import pytest
 import torch
+from layer_bench import time_ms
 
 import fastres
 from fastres.testing import assert_matches_oracle, randomize_norms
@@ -98,8 +99,6 @@ def check_block(system: str, block: torch.nn.Module, x: torch.Tensor) -> None:
 @pytest.mark.parametrize("system", BLOCK_SYSTEMS)
 @pytest.mark.parametrize("name", BLOCKS.keys())
 def test_block(benchmark, name, system):
-    import triton.testing
-
     channels, h, w = block_input_shapes()[name]
     block = make_block(name, "cuda")
     x = torch.randn(BATCH, channels, h, w, device="cuda").to(DTYPE)
@@ -107,7 +106,7 @@ def test_block(benchmark, name, system):
     with torch.no_grad():
         check_block(system, block, x)
         step = block_step(system, block, x)
-        ms = triton.testing.do_bench(step, warmup=10, rep=100, return_mode="median")
+        ms = time_ms(step, rep_ms=100)
 
         def synced():
             step()
