@@ -65,7 +65,7 @@ def describe_default(key: str) -> str:
         if key == "image_size":
             height, width = value
             return f"{height}" if height == width else f"{height}x{width}"
-        return "+".join(value) if isinstance(value, tuple) else str(value)
+        return str(value)
 
     per_preset = {}
     for preset, devices in DEVICE_DEFAULTS.items():
