@@ -27,13 +27,12 @@ from .case import (
     MODES,
     BenchConfig,
     Case,
-    Runner,
     build_model,
     check_model_depth,
     config_from_args,
 )
-from .check import ALL_GRADS, CheckResult, compare
-from .memory import MemoryMeter, free_memory, minor_page_faults
+from .check import ALL_GRADS
+from .memory import free_memory
 from .progress import Progress
 from .report import (
     Result,
@@ -46,9 +45,7 @@ from .report import (
     write_json,
 )
 from .schedule import (
-    PreparedSystem,
     isolates_by_default,
-    prepare_system,
     run_group,
     run_system,
     time_steps,
@@ -90,19 +87,14 @@ __all__ = [
     "SPEEDUP_BASELINE",
     "BenchConfig",
     "Case",
-    "CheckResult",
-    "MemoryMeter",
-    "PreparedSystem",
     "Progress",
     "Result",
-    "Runner",
     "System",
     "add_speedups",
     "backend_reasons",
     "benchable_backends",
     "build_model",
     "check_model_depth",
-    "compare",
     "config_from_args",
     "default_backends",
     "default_device",
@@ -115,10 +107,8 @@ __all__ = [
     "free_memory",
     "input_size",
     "isolates_by_default",
-    "minor_page_faults",
     "model_ratios",
     "parse_image_size",
-    "prepare_system",
     "run_group",
     "run_system",
     "synchronize",
