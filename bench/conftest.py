@@ -38,26 +38,9 @@ from fastres import benchmark as bm
 
 RESULTS_DIR = Path(__file__).parent / "results" / "local"
 COMPILE_CHOICES = ("auto", "all", "none")
-_OPTIONS = (
-    "preset",
-    "device",
-    "depth",
-    "batch",
-    "image_size",
-    "dtype",
-    "rounds",
-    "warmup",
-    "compile",
-    "results",
-)
-# The options whose default is a DEVICE_DEFAULTS entry: option -> key.
-_TABLE_KEYS = {
-    "batch": "batch",
-    "image_size": "image_size",
-    "dtype": "dtype",
-    "rounds": "iters",
-    "warmup": "warmup",
-}
+# The options whose default is a DEVICE_DEFAULTS entry: option -> key (--bench-rounds is iters).
+_TABLE_KEYS = {("rounds" if key == "iters" else key): key for key in bm.SETTING_KEYS}
+_OPTIONS = ("preset", "device", "depth", *_TABLE_KEYS, "compile", "results")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -106,21 +89,26 @@ def _settings(config: pytest.Config) -> BenchSettings:
     compile_choice = raw["compile"] or "auto"
     if compile_choice not in COMPILE_CHOICES:
         raise pytest.UsageError(f"--bench-compile must be one of {COMPILE_CHOICES}")
-    try:
-        size = bm.parse_image_size(raw["image_size"]) if raw["image_size"] else None
-    except ValueError as err:
-        raise pytest.UsageError(f"--bench-image-size: {err}") from None
+    table = {}
+    for name, key in _TABLE_KEYS.items():
+        text = raw[name]
+        if not text:
+            table[name] = defaults[key]
+        elif name == "image_size":
+            try:
+                table[name] = bm.parse_image_size(text)
+            except ValueError as err:
+                raise pytest.UsageError(f"--bench-image-size: {err}") from None
+        else:
+            table[name] = text if name == "dtype" else int(text)
+    table["image_size"] = bm.input_size(preset, *table["image_size"])
     return BenchSettings(
         preset=preset,
         device=device,
         depth=int(raw["depth"] or 50),
-        batch=int(raw["batch"] or defaults["batch"]),
-        image_size=bm.input_size(preset, *(size or defaults["image_size"])),
-        dtype=raw["dtype"] or defaults["dtype"],
-        rounds=int(raw["rounds"] or defaults["iters"]),
-        warmup=int(raw["warmup"] or defaults["warmup"]),
         compile=compile_choice,
         results=raw["results"],
+        **table,
     )
 
 

@@ -189,7 +189,7 @@ def _resolve_common(args: argparse.Namespace) -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but torch.cuda.is_available() is False")
     defaults = bm.device_defaults(args.preset, args.device)
-    for key in ("batch", "image_size", "dtype", "iters", "warmup"):
+    for key in bm.SETTING_KEYS:
         if getattr(args, key) is None:
             setattr(args, key, defaults[key])
     args.image_size = bm.input_size(args.preset, *args.image_size)

@@ -48,6 +48,11 @@ DEVICE_DEFAULTS = {
     },
 }  # fmt: skip
 
+# The entries of DEVICE_DEFAULTS that are settings of a run, each one a command-line option of
+# `python -m fastres` and of `pytest bench/` (there named --bench-rounds for iters); the one list
+# of them.
+SETTING_KEYS = ("batch", "image_size", "dtype", "iters", "warmup")
+
 
 def device_defaults(preset: str, device: str) -> dict:
     """DEVICE_DEFAULTS of `preset` on `device` ('cpu', 'cuda', 'cuda:1', ...)."""
