@@ -6,23 +6,21 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 
 #include <algorithm>
 #include <optional>
-#include <type_traits>
 
 namespace fastres {
 
-// The accumulation rule, the host's one statement of it (the device's: Acc in
-// cuda/batchnorm_kernels.cu): fp64 tensors accumulate in fp64, all others in fp32.
-// AccType<scalar_t> for the CPU kernels, acc_type_of(x) for tensors.
-template <typename scalar_t>
-using AccType = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
+// The accumulation rule: ATen's opmath type (fp64 tensors accumulate in fp64; fp32, fp16 and
+// bf16 in fp32). The host takes it from ATen: at::opmath_type<scalar_t> in the CPU kernels,
+// acc_type_of(x) (at::toOpMathType) for tensors. The CUDA kernels, free of torch headers, state
+// it once more on their own (Acc in cuda/batchnorm_kernels.cu); the two must agree.
 inline at::ScalarType acc_type_of(const at::Tensor& x) {
   TORCH_CHECK(at::isFloatingType(x.scalar_type()),
               "fastres: expected a floating-point tensor, got ", x.scalar_type());
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return at::toOpMathType(x.scalar_type());
 }
 
 struct Geometry {
@@ -104,6 +102,7 @@ struct ElemtCoefficients {
   at::Tensor coef;
   bool train_x;
   bool train_r;
+  bool want_r;  // grad_r wanted: grad_residual and a residual
 };
 
 inline ElemtCoefficients elemt_coefficients(
@@ -121,7 +120,12 @@ inline ElemtCoefficients elemt_coefficients(
               "fastres: bn_backward_elemt with sum_dy needs mean, invstd, sum_dy_xmu, count > 0");
   TORCH_CHECK(!train_r || (train_x && mean_r && invstd_r),
               "fastres: bn_backward_elemt with sum_dy_rmu needs sum_dy, mean_r and invstd_r");
-  Tensor coef = at::zeros({6, C}, p.scale.options());
+  // Uninitialised: each kernel reads only the rows written below under the same flags (row 0
+  // always; 1, 2 with train_x; 3 with want_r; 4, 5 with train_r).
+  Tensor coef = at::empty({6, C}, p.scale.options());
+  const double n = static_cast<double>(count);
+  // sum_dy / count, shared by both norms' batch terms (train_r needs train_x).
+  const Tensor sd = train_x ? channel_param(*sum_dy, C, p.acc, "sum_dy") / n : Tensor();
   // A training norm's batch-statistics terms, written into rows first + 1 (the input's
   // coefficient) and first + 2 (the constant): -scale * invstd^2 * sum_dy_?mu / count and
   // -scale * sum_dy / count - that * mean.
@@ -129,10 +133,8 @@ inline ElemtCoefficients elemt_coefficients(
                                const at::Tensor& mean_t, const at::Tensor& sum_dy_mu_t,
                                const char* invstd_name, const char* mean_name,
                                const char* sum_dy_mu_name) {
-    const double n = static_cast<double>(count);
     const Tensor inv = channel_param(invstd_t, C, p.acc, invstd_name);
     const Tensor mu = channel_param(mean_t, C, p.acc, mean_name);
-    const Tensor sd = channel_param(*sum_dy, C, p.acc, "sum_dy") / n;
     const Tensor smu = channel_param(sum_dy_mu_t, C, p.acc, sum_dy_mu_name) / n;
     Tensor b = coef[first + 1];
     b.copy_(-scale * inv * inv * smu);
@@ -151,7 +153,7 @@ inline ElemtCoefficients elemt_coefficients(
   } else if (want_r) {
     coef[3].fill_(1);
   }
-  return {coef, train_x, train_r};
+  return {coef, train_x, train_r, want_r};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -219,12 +221,12 @@ inline ApplyArgs prepare_apply(const at::Tensor& x_in, const at::Tensor& scale,
   return a;
 }
 
-// bn_backward_reduce: grad_out like x; mean, mean_r [C] (zeros where not given); the sums [C],
-// sum_dy_rmu [0] unless the residual has its own BN (want_r).
+// bn_backward_reduce: grad_out like x; mean [C] (zeros where not given); mean_r [C] (zeros
+// where not given, or just mean where the residual has no BN of its own, the kernels then not
+// using it); the sums [C], sum_dy_rmu [0] unless the residual has its own BN (p.scale_r).
 struct BackwardReduceArgs {
   Prepared p;
   at::Tensor dy, mean, mean_r;
-  bool want_r;
   at::Tensor sum_dy, sum_dy_xmu, sum_dy_rmu;
 };
 
@@ -238,23 +240,24 @@ inline BackwardReduceArgs prepare_backward_reduce(
   a.dy = like_x(grad_out, x_in, a.p.fmt, "grad_out");
   const int64_t C = a.p.g.c;
   const auto opts = a.p.scale.options();
-  a.want_r = a.p.scale_r.defined();
+  const bool second_bn = a.p.scale_r.defined();
   a.mean = mean.has_value() ? channel_param(*mean, C, a.p.acc, "mean") : at::zeros({C}, opts);
-  a.mean_r =
-      mean_r.has_value() ? channel_param(*mean_r, C, a.p.acc, "mean_r") : at::zeros({C}, opts);
+  // Without a second BN the kernels never use mean_r: any valid [C] vector saves a fill.
+  a.mean_r = mean_r.has_value() ? channel_param(*mean_r, C, a.p.acc, "mean_r")
+             : second_bn        ? at::zeros({C}, opts)
+                                : a.mean;
   a.sum_dy = at::empty({C}, opts);
   a.sum_dy_xmu = at::empty({C}, opts);
-  a.sum_dy_rmu = at::empty({a.want_r ? C : 0}, opts);
+  a.sum_dy_rmu = at::empty({second_bn ? C : 0}, opts);
   return a;
 }
 
 // bn_backward_elemt: grad_out like x; the coefficients; grad_x like x, grad_r like x where
-// wanted (grad_residual and a residual: want_r), else [0].
+// wanted (grad_residual and a residual: ec.want_r), else [0].
 struct BackwardElemtArgs {
   Prepared p;
   at::Tensor dy;
   ElemtCoefficients ec;
-  bool want_r;
   at::Tensor grad_x, grad_r;
 };
 
@@ -271,9 +274,8 @@ inline BackwardElemtArgs prepare_backward_elemt(
   a.dy = like_x(grad_out, x_in, a.p.fmt, "grad_out");
   a.ec = elemt_coefficients(a.p, mean, invstd, sum_dy, sum_dy_xmu, mean_r, invstd_r, sum_dy_rmu,
                             count, grad_residual);
-  a.want_r = grad_residual && a.p.r.defined();
   a.grad_x = empty_like_x(a.p);
-  a.grad_r = a.want_r ? empty_like_x(a.p) : at::empty({0}, a.p.x.options());
+  a.grad_r = a.ec.want_r ? empty_like_x(a.p) : at::empty({0}, a.p.x.options());
   return a;
 }
 

@@ -4,7 +4,7 @@
 // channel; channels_last walks rows of C contiguous channels. Inner loops run over contiguous
 // memory and are written for the compiler to vectorize (restrict pointers, and the machinery of
 // vec.h: the best ISA per chunk, loops marked free of aliasing, reductions in lanes); outer
-// loops are split over threads with at::parallel_for. Accumulation in AccType
+// loops are split over threads with at::parallel_for. Accumulation in at::opmath_type
 // (batchnorm_common.h); partial results of chunks are merged in fp64. Argument checks, layout
 // and output allocation: the prepare_* functions of batchnorm_common.h, shared with CUDA.
 // Statistics: each chunk computes its mean and M2 with two passes over cache-resident data;
@@ -291,7 +291,7 @@ void stats_kernel(const scalar_t* x, const Geometry& g, acc_t* mean_out, acc_t* 
 std::tuple<Tensor, Tensor> bn_stats_cpu(const Tensor& x_in) {
   const StatsArgs a = prepare_stats(x_in);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "bn_stats", [&] {
-    using acc_t = AccType<scalar_t>;
+    using acc_t = at::opmath_type<scalar_t>;
     stats_kernel<scalar_t, acc_t>(a.x.const_data_ptr<scalar_t>(), a.g, a.mean.data_ptr<acc_t>(),
                                   a.m2.data_ptr<acc_t>());
   });
@@ -344,7 +344,7 @@ Tensor bn_apply_cpu(const Tensor& x_in, const Tensor& scale, const Tensor& shift
   const Prepared& p = a.p;
   const Geometry& g = p.g;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "bn_apply", [&] {
-    using acc_t = AccType<scalar_t>;
+    using acc_t = at::opmath_type<scalar_t>;
     const Tail<acc_t> t = tail_of<acc_t>(p);
     const scalar_t* x = p.x.const_data_ptr<scalar_t>();
     const scalar_t* r = p.r.defined() ? p.r.const_data_ptr<scalar_t>() : nullptr;
@@ -388,7 +388,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_backward_reduce_cpu(
   const int64_t C = g.c;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "bn_bwd_reduce",
                                   [&] {
-    using acc_t = AccType<scalar_t>;
+    using acc_t = at::opmath_type<scalar_t>;
     const Tail<acc_t> t = tail_of<acc_t>(p);
     const scalar_t* x = p.x.const_data_ptr<scalar_t>();
     const scalar_t* r = p.r.defined() ? p.r.const_data_ptr<scalar_t>() : nullptr;
@@ -447,7 +447,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_backward_reduce_cpu(
     });
     acc_t* o0 = a.sum_dy.data_ptr<acc_t>();
     acc_t* o1 = a.sum_dy_xmu.data_ptr<acc_t>();
-    acc_t* o2 = a.want_r ? a.sum_dy_rmu.data_ptr<acc_t>() : nullptr;
+    acc_t* o2 = p.scale_r.defined() ? a.sum_dy_rmu.data_ptr<acc_t>() : nullptr;
     for (int64_t c = 0; c < C; ++c) {
       double a0 = 0, a1 = 0, a2 = 0;
       for (int64_t k = 0; k < parts; ++k) {
@@ -486,10 +486,10 @@ std::tuple<Tensor, Tensor> bn_backward_elemt_cpu(
   const ElemtCoefficients& ec = a.ec;
   const Geometry& g = p.g;
   const int64_t C = g.c;
-  const bool want_r = a.want_r;
+  const bool want_r = ec.want_r;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "bn_bwd_elemt",
                                   [&] {
-    using acc_t = AccType<scalar_t>;
+    using acc_t = at::opmath_type<scalar_t>;
     const Tail<acc_t> t = tail_of<acc_t>(p);
     const scalar_t* x = p.x.const_data_ptr<scalar_t>();
     const scalar_t* r = p.r.defined() ? p.r.const_data_ptr<scalar_t>() : nullptr;

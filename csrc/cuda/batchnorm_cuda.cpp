@@ -124,8 +124,8 @@ std::tuple<Tensor, Tensor, Tensor> bn_backward_reduce_cuda(
   check(cuda::launch_bn_backward_reduce(
             dt, a.dy.const_data_ptr(), p.x.const_data_ptr(), tail_of(p, relu),
             a.mean.const_data_ptr(), a.mean_r.const_data_ptr(), cg, a.sum_dy.data_ptr(),
-            a.sum_dy_xmu.data_ptr(), a.want_r ? a.sum_dy_rmu.data_ptr() : nullptr, ws.data_ptr(),
-            c10::cuda::getCurrentCUDAStream()),
+            a.sum_dy_xmu.data_ptr(), p.scale_r.defined() ? a.sum_dy_rmu.data_ptr() : nullptr,
+            ws.data_ptr(), c10::cuda::getCurrentCUDAStream()),
         "bn_backward_reduce");
   return {a.sum_dy, a.sum_dy_xmu, a.sum_dy_rmu};
 }
@@ -147,7 +147,7 @@ std::tuple<Tensor, Tensor> bn_backward_elemt_cuda(
   check(cuda::launch_bn_backward_elemt(
             dtype_of(p.x), a.dy.const_data_ptr(), p.x.const_data_ptr(), tail_of(p, relu),
             a.ec.coef.const_data_ptr(), a.ec.train_x, a.ec.train_r, cuda_geometry(p.g),
-            a.grad_x.data_ptr(), a.want_r ? a.grad_r.data_ptr() : nullptr,
+            a.grad_x.data_ptr(), a.ec.want_r ? a.grad_r.data_ptr() : nullptr,
             c10::cuda::getCurrentCUDAStream()),
         "bn_backward_elemt");
   return {a.grad_x, a.grad_r};

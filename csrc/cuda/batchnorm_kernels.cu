@@ -26,7 +26,8 @@ constexpr int kPlaneThreads = 256;  // NCHW reductions and element-wise kernels
 constexpr int kMaxPartials = 256;  // blocks per channel in a reduction
 
 // The accumulation type of element type T, the device side's one statement of the rule (the
-// host's: acc_type_of in batchnorm_common.h): fp64 for fp64, fp32 for everything else.
+// host takes ATen's at::opmath_type, see acc_type_of in batchnorm_common.h; the two must agree):
+// fp64 for fp64, fp32 for everything else.
 template <typename T>
 struct Acc {
   using type = float;
@@ -135,7 +136,9 @@ __device__ __forceinline__ V shfl_down(const V& v, int off) {
 
 // Reduces each thread's v over the block with combine(V a, const V& b) -> V (a: the lower
 // threads' value): within each warp by shuffles, then thread 0 folds the warps' results in
-// warp order. The result is valid in thread 0 only. Every thread of the block must call it.
+// warp order. The result is valid in thread 0 only. Every thread of the block must call it,
+// and at most once per kernel: there is no barrier after thread 0 reads the shared array, so a
+// second call could overwrite it first (add a __syncthreads() before calling it again).
 template <int THREADS, typename V, typename Combine>
 __device__ __forceinline__ V block_reduce(V v, Combine combine) {
   static_assert(THREADS % 32 == 0 && THREADS <= 1024, "block_reduce: whole warps");

@@ -46,7 +46,8 @@ cudaError_t launch_bn_finalize(DType dtype, const void* mean, const void* m2, in
 cudaError_t launch_bn_apply(DType dtype, const void* x, Tail tail, Geometry g, void* out,
                             cudaStream_t stream);
 
-// sum_dy_rmu may be nullptr (no second BN); mean and mean_r must be valid [C] vectors.
+// sum_dy_rmu may be nullptr (no second BN: tail.scale_r nullptr). mean and mean_r must be valid
+// [C] vectors; mean_r is used only with a second BN (elsewhere any [C] vector, mean say, does).
 cudaError_t launch_bn_backward_reduce(DType dtype, const void* grad_out, const void* x, Tail tail,
                                       const void* mean, const void* mean_r, Geometry g,
                                       void* sum_dy, void* sum_dy_xmu, void* sum_dy_rmu,
