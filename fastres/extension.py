@@ -1,7 +1,7 @@
 """The C++/CUDA extension `fastres._C`, loaded in this one place.
 
 Loading it registers the `fastres::bn_*` ops and the CPU block cache. `EXTENSION_ERROR` says why
-it is missing (not built with FASTRES_BUILD_EXT=0, or built for another torch), None where it
+it is missing (not built: FASTRES_BUILD_EXT=0; or built for another torch), None where it
 loaded; every user of the extension checks it and names it in its own error.
 """
 
