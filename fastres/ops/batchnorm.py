@@ -45,7 +45,8 @@ def _channels(x: Tensor, dtype: torch.dtype) -> Tensor:
 def _register_fakes() -> None:
     @torch.library.register_fake("fastres::bn_stats")
     def _(x):
-        return _channels(x, accumulator_dtype(x.dtype)), _channels(x, accumulator_dtype(x.dtype))
+        acc = accumulator_dtype(x.dtype)
+        return _channels(x, acc), _channels(x, acc)
 
     @torch.library.register_fake("fastres::bn_finalize")
     def _(mean, m2, count, weight, bias, eps):
