@@ -28,14 +28,6 @@ TOLERANCE = {
 TRAJECTORY_SLACK = 1e-4
 
 
-def channel_moments(t: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and M2 (sum of squared deviations) of t [N, C, H, W], detached: the
-    statistics convention of the kernels and the BatchNorm ops."""
-    t = t.detach()
-    mean = t.mean((0, 2, 3))
-    return mean, ((t - mean.view(1, -1, 1, 1)) ** 2).sum((0, 2, 3))
-
-
 def relative_error(y: Tensor, gold: Tensor) -> float:
     """`max|y - gold| / max|gold|`, computed in float64 (0 for empty tensors)."""
     if y.shape != gold.shape:
