@@ -11,6 +11,7 @@ import torch
 from fastres.extension import EXTENSION_ERROR, cuda_kernels_built
 from fastres.ops import batchnorm as bn_ops
 from fastres.ops import batchnorm_reference as ref
+from fastres.ops.precision import accumulator_dtype
 from fastres.testing import assert_matches_oracle
 
 pytestmark = pytest.mark.skipif(EXTENSION_ERROR is not None, reason=str(EXTENSION_ERROR))
@@ -218,7 +219,7 @@ def test_cuda_ops_match_cpu_reference(dtype, layout):
             x, scale, shift, residual, scale_r, shift_r = (
                 t.cuda() if t is not None else None for t in _tail_args(shape, dtype, layout, tail)
             )
-            acc = torch.float64 if dtype == torch.float64 else torch.float32
+            acc = accumulator_dtype(dtype)
             per_channel = [
                 t.to(acc) if t is not None else None for t in (scale, shift, scale_r, shift_r)
             ]
