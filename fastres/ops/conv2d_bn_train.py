@@ -141,9 +141,9 @@ def _conv2d_bn_train_op(
         extension.require("conv2d_bn_train with input_bn")  # the BN runs the extension's ops
         scale, shift, _ = args.finalize_input_bn()
     conv = args.conv_args(scale, shift)
-    check_inputs(conv)
-    out = conv.allocate_output()
-    mean, m2 = launch(conv, out, stats=True)
+    size = check_inputs(conv)
+    out = conv.allocate_output(size)
+    mean, m2 = launch(conv, size, out, stats=True)
     return out, mean, m2
 
 

@@ -131,16 +131,16 @@ class ConvArgs(NamedTuple):
         ow = (pw + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
         return ph, pw, oh, ow
 
-    def output_shape(self) -> tuple[int, int, int, int]:
-        _, _, oh, ow = self.output_size()
+    def output_shape(self, size: tuple[int, int, int, int] | None = None) -> tuple[int, ...]:
+        """[N, C_out, OH, OW]; `size` is `output_size()` where already known."""
+        _, _, oh, ow = size or self.output_size()
         return self.x.shape[0], self.weight.shape[0], oh, ow
 
-    def allocate_output(self) -> Tensor:
-        """A new channels_last output tensor."""
+    def allocate_output(self, size: tuple[int, int, int, int] | None = None) -> Tensor:
+        """A new channels_last output tensor; `size` is `output_size()` where already known."""
         x = self.x
-        return torch.empty(
-            self.output_shape(), dtype=x.dtype, device=x.device, memory_format=torch.channels_last
-        )
+        shape = self.output_shape(size)
+        return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
 
     def empty_stats(self, stats: bool) -> tuple[Tensor, Tensor]:
         """Per-channel statistics buffers: [C_out] when `stats`, else empty."""
@@ -163,8 +163,9 @@ _TENSOR_FIELDS = (
 )  # fmt: skip
 
 
-def check_inputs(args: ConvArgs) -> None:
-    """Raises a ValueError / TypeError that says what was expected unless args can launch."""
+def check_inputs(args: ConvArgs) -> tuple[int, int, int, int]:
+    """Raises a ValueError / TypeError that says what was expected unless args can launch;
+    returns `args.output_size()` (PH, PW, OH, OW), for `allocate_output` and `launch`."""
     x, weight, groups = args.x, args.weight, args.groups
     if x.dim() != 4 or weight.dim() != 4:
         raise ValueError(
@@ -213,22 +214,26 @@ def check_inputs(args: ConvArgs) -> None:
         raise ValueError("input_scale and input_shift go together")
     if args.residual_scale is not None and args.residual is None:
         raise ValueError("residual_scale / residual_shift need a residual")
-    _, _, oh, ow = args.output_size()
-    if oh < 1 or ow < 1:
+    size = args.output_size()
+    if size[2] < 1 or size[3] < 1:
         raise ValueError(
             f"input {tuple(x.shape)} is too small for a {tuple(weight.shape[2:])} kernel with "
             f"stride {stride}, padding {padding}, dilation {dilation}"
         )
-    residual, out_shape = args.residual, args.output_shape()
+    residual, out_shape = args.residual, args.output_shape(size)
     if residual is not None and (tuple(residual.shape) != out_shape or residual.device != x.device):
         raise ValueError(
             f"residual must have the output's shape {out_shape} on {x.device}, got "
             f"{tuple(residual.shape)} on {residual.device}"
         )
+    return size
 
 
-def launch(args: ConvArgs, out: Tensor, stats: bool) -> tuple[Tensor, Tensor] | None:
-    """Launches the kernel that writes `out` (inputs checked by `check_inputs`).
+def launch(
+    args: ConvArgs, size: tuple[int, int, int, int], out: Tensor, stats: bool
+) -> tuple[Tensor, Tensor] | None:
+    """Launches the kernel that writes `out` (inputs checked by `check_inputs`, which returned
+    `size`).
 
     Returns, when `stats`, the per-channel mean and M2 of `out` ([C_out] in the accumulator's
     dtype, taken before rounding), else None.
@@ -250,12 +255,14 @@ def launch(args: ConvArgs, out: Tensor, stats: bool) -> tuple[Tensor, Tensor] | 
     # Per group: the kernel's C_in / C_out are one group's channels.
     c_out, c_in, kh, kw = weight.shape
     c_out //= groups
-    ph, pw, oh, ow = args.output_size()
+    ph, pw, oh, ow = size
     m = n * oh * ow
+    acc = accumulator_dtype(x.dtype)
+    tl_acc = tl.float64 if acc == torch.float64 else tl.float32
     if m == 0 or c_out == 0:
         if not stats:
             return None
-        zeros = torch.zeros(weight.shape[0], dtype=accumulator_dtype(x.dtype), device=x.device)
+        zeros = torch.zeros(weight.shape[0], dtype=acc, device=x.device)
         return zeros, zeros.clone()
     flat_k = c_in < FLAT_K_MAX_C_IN
     res = args.residual if args.residual is not None else out
@@ -269,7 +276,7 @@ def launch(args: ConvArgs, out: Tensor, stats: bool) -> tuple[Tensor, Tensor] | 
         tile_sum = tile_m2 = None
         if stats:
             shape = (tiles_m, weight.shape[0])
-            tile_sum = torch.empty(shape, dtype=accumulator_dtype(x.dtype), device=x.device)
+            tile_sum = torch.empty(shape, dtype=acc, device=x.device)
             tile_m2 = torch.empty_like(tile_sum)
             tiles[config["BLOCK_M"]] = (tile_sum, tile_m2)
         grid = (tiles_m * triton.cdiv(c_out, config["BLOCK_N"]), groups)
@@ -289,7 +296,7 @@ def launch(args: ConvArgs, out: Tensor, stats: bool) -> tuple[Tensor, Tensor] | 
             RESIDUAL=int(args.residual is not None),
             RES_AFFINE=int(args.residual_scale is not None), RELU=int(args.relu),
             STATS=int(stats), DOT_PRECISION=dot_precision,
-            ACC=tl.float64 if accumulator_dtype(x.dtype) == torch.float64 else tl.float32,
+            ACC=tl_acc,
             EMULATE_RTNE=int(interpreting()), FLAT_K=int(flat_k),
             **config,
         )  # fmt: skip
@@ -400,9 +407,9 @@ def _conv2d_fused_op(
     stats: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     args = ConvArgs.bind(locals())
-    check_inputs(args)
-    out = args.allocate_output()
-    moments = launch(args, out, stats)
+    size = check_inputs(args)
+    out = args.allocate_output(size)
+    moments = launch(args, size, out, stats)
     if moments is None:
         return out, *args.empty_stats(False)
     return out, *moments
@@ -513,8 +520,8 @@ def _conv2d_fused_out_op(
     out: Tensor,
 ) -> None:
     args = ConvArgs.bind(locals())
-    check_inputs(args)
-    expected = args.output_shape()
+    size = check_inputs(args)
+    expected = args.output_shape(size)
     if tuple(out.shape) != expected or out.dtype != x.dtype or out.device != x.device:
         raise ValueError(
             f"out must be {expected} {x.dtype} on {x.device}, got {tuple(out.shape)} "
@@ -524,7 +531,7 @@ def _conv2d_fused_out_op(
     for name, t in (("x", x), ("weight", weight), ("residual", residual), ("input_add", input_add)):
         if t is not None and may_overlap(t, out):
             raise ValueError(f"out must not share memory with {name}")
-    launch(args, out, stats=False)
+    launch(args, size, out, stats=False)
 
 
 @_conv2d_fused_out_op.register_fake
