@@ -39,6 +39,8 @@ from .conv2d_fused import (
     check_inputs,
     launch,
     prologue_reference,
+    save_args,
+    saved_args,
 )
 
 
@@ -105,10 +107,6 @@ class _TrainArgs(NamedTuple):
         )
 
 
-# The _TrainArgs fields that are tensors: saved for backward, the rest is kept on ctx.
-_TENSOR_FIELDS = ("x", "weight", "input_add", "in_mean", "in_m2", "in_weight", "in_bias")
-
-
 @torch.library.custom_op("fastres::conv2d_bn_train", mutates_args=())
 def _conv2d_bn_train_op(
     x: Tensor,
@@ -157,12 +155,11 @@ def _setup_context(ctx, inputs, output) -> None:
     args = _TrainArgs(*inputs)
     _, mean, m2 = output
     ctx.mark_non_differentiable(mean, m2)
-    ctx.save_for_backward(*(getattr(args, name) for name in _TENSOR_FIELDS))
-    ctx.args = args._replace(**dict.fromkeys(_TENSOR_FIELDS))
+    save_args(ctx, args)
 
 
 def _backward(ctx, grad_y: Tensor, _grad_mean, _grad_m2):
-    args = ctx.args._replace(**dict(zip(_TENSOR_FIELDS, ctx.saved_tensors)))
+    args, _ = saved_args(ctx)
     x = args.x
     needs = _TrainArgs(*ctx.needs_input_grad)
     grads = dict.fromkeys(_TrainArgs._fields)

@@ -156,11 +156,18 @@ class ConvArgs(NamedTuple):
         return "tf32" if self.x.dtype == torch.float32 else "native"
 
 
-# The ConvArgs fields that are tensors: saved for backward, the rest is kept on ctx.
-_TENSOR_FIELDS = (
-    "x", "weight", "bias", "residual", "residual_scale", "residual_shift", "input_scale",
-    "input_shift", "input_add",
-)  # fmt: skip
+def save_args(ctx, args: NamedTuple, *extra: Tensor) -> None:
+    """Saves a custom op's arguments for backward: its tensors (and `extra`) through
+    `ctx.save_for_backward`, the rest on ctx. `saved_args` gives them back."""
+    names = [name for name, value in zip(args._fields, args) if isinstance(value, Tensor)]
+    ctx.save_for_backward(*(getattr(args, name) for name in names), *extra)
+    ctx.args, ctx.tensor_fields = args._replace(**dict.fromkeys(names)), names
+
+
+def saved_args(ctx) -> tuple[NamedTuple, tuple[Tensor, ...]]:
+    """(args, extra) as `save_args(ctx, args, *extra)` saved them."""
+    tensors, n = ctx.saved_tensors, len(ctx.tensor_fields)
+    return ctx.args._replace(**dict(zip(ctx.tensor_fields, tensors[:n]))), tensors[n:]
 
 
 def check_inputs(args: ConvArgs) -> tuple[int, int, int, int]:
@@ -425,8 +432,7 @@ def _setup_context(ctx, inputs, output) -> None:
     args = ConvArgs.of_op_inputs(inputs)
     out, mean, m2 = output
     ctx.mark_non_differentiable(mean, m2)
-    ctx.save_for_backward(out, *(getattr(args, name) for name in _TENSOR_FIELDS))
-    ctx.args = args._replace(**dict.fromkeys(_TENSOR_FIELDS))
+    save_args(ctx, args, out)
 
 
 def _channel_sum(t: Tensor) -> Tensor:
@@ -434,8 +440,7 @@ def _channel_sum(t: Tensor) -> Tensor:
 
 
 def _backward(ctx, grad_out: Tensor, _grad_mean, _grad_m2):
-    out, *tensors = ctx.saved_tensors
-    args = ctx.args._replace(**dict(zip(_TENSOR_FIELDS, tensors)))
+    args, (out,) = saved_args(ctx)
     needs = ConvArgs.of_op_inputs(ctx.needs_input_grad)
     grads = dict.fromkeys(ConvArgs._fields)
     grad_z = grad_out.masked_fill(out <= 0, 0) if args.relu else grad_out
