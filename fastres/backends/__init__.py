@@ -9,6 +9,10 @@ changes how the stem and each block compute their forward. Backends:
 - 'auto': per unit or block, the fastest of these that agrees with the oracle, timed once per
   machine and persisted (`select.py`); 'torch' where no fused backend can run.
 
+Whatever the backend, a model being exported (`torch.jit.trace`, hence ONNX export with
+dynamo=False; `torch.export`, hence ONNX export with dynamo=True) runs the oracle, so that the
+exported graph holds standard ATen ops only and runs without fastres.
+
 A fused backend is a `Backend` subclass (`base.py`) in its own module of this package, listed
 in `_REGISTRY`: `native.py`, and `triton/` (inference, Res2Net, training). `folding.py` holds the
 eval-mode BatchNorm folding both use; `plan.py` the block plans and the one executor that walks
@@ -82,12 +86,26 @@ def requested_backend(name: str) -> str:
     return name
 
 
+def exporting() -> bool:
+    """Whether the forward running now is being traced into a graph to deploy without fastres.
+
+    `torch.jit.trace` (which the ONNX exporter with dynamo=False runs) and `torch.export` (which
+    the one with dynamo=True runs) are. torch.compile is not: it traces the fused ops (custom ops
+    with fake implementations); is_exporting() tells it apart from torch.export, which sets
+    is_compiling() too.
+    """
+    return torch.jit.is_tracing() or torch.compiler.is_exporting()
+
+
 def resolve(name: str, device: torch.device) -> Backend:
     """The backend that runs a tensor on `device` for a model that asked for `name`.
 
     'auto' is the per-site selection (`select.py`) where a fused backend can run on the device,
-    else 'torch'; an explicit backend that cannot run on this device raises RuntimeError.
+    else 'torch'; an explicit backend that cannot run on this device raises RuntimeError. Under
+    export (`exporting()`) every backend is the oracle.
     """
+    if exporting():
+        return ORACLE
     if name == "auto":
         if _SELECTING.default(device) is ORACLE:
             return ORACLE
