@@ -23,8 +23,10 @@ pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
 
 "$venv/bin/python" -c "import torch" 2>/dev/null || "${pip[@]}" torch==2.13.0
 # Only tools that do not depend on torch, so nothing here can pull in another torch.
-"$venv/bin/python" -c "import pytest, pytest_benchmark, ninja, numpy, triton, setuptools, wheel, ruff" 2>/dev/null \
-  || "${pip[@]}" pytest pytest-benchmark ninja numpy "triton>=3.2" "setuptools>=64" wheel ruff
+# onnx, onnxruntime and onnxscript (the ONNX exporter with dynamo=True) for the export tests.
+"$venv/bin/python" -c "import pytest, pytest_benchmark, ninja, numpy, triton, setuptools, wheel, ruff, onnx, onnxruntime, onnxscript" 2>/dev/null \
+  || "${pip[@]}" pytest pytest-benchmark ninja numpy "triton>=3.2" "setuptools>=64" wheel ruff \
+    onnx onnxruntime onnxscript
 
 # OpenMMLab's own backbones, which the fidelity tests compare against: their packages are pure
 # Python and go in without their requirements (those would pull another torch); the libraries

@@ -11,14 +11,13 @@ from __future__ import annotations
 import copy
 import io
 
+import onnx
+import onnxruntime
 import pytest
 import torch
 
 import fastres
 from fastres.testing import assert_matches_oracle, randomize_norms
-
-onnx = pytest.importorskip("onnx")
-onnxruntime = pytest.importorskip("onnxruntime")
 
 MODELS = {
     "resnet50": lambda **kw: fastres.ResNet(depth=50, **kw),
