@@ -18,7 +18,8 @@ One module per job: `systems` (the systems, the backends, the per-device default
 configuration, the oracle model, a runner per system), `check` (the correctness check),
 `memory` (peak memory, page faults), `denormals` (subnormal activations and flushing them),
 `schedule` (preparing the systems, each in a process of its own on CPU, and timing them in
-turns), `report` (results, table, JSON, environment) and `progress` (the progress bar). This package re-exports what its callers use.
+turns), `report` (results, table, JSON, environment) and `progress` (the progress bar). This
+package re-exports what its callers use.
 """
 
 from .case import (

@@ -15,18 +15,6 @@ NORM_TYPES = {
 }
 _ALLOWED_KEYS = {"type", "requires_grad", "eps", "momentum", "num_groups"}
 
-# What a CPU user of SyncBN can do: torch runs SyncBatchNorm only on GPU, and DDP refuses any
-# SyncBatchNorm in a CPU module ("SyncBatchNorm layers only work with GPU modules").
-CPU_SYNC_BN_HELP = (
-    "torch's SyncBatchNorm runs only on GPU, and DistributedDataParallel refuses SyncBatchNorm "
-    "in a CPU module whatever the backend. To train on CPU under DistributedDataParallel, build "
-    "the model with norm_cfg=dict(type='BN') or convert it with "
-    "mmengine.model.revert_sync_batchnorm(model) (each process normalizes with its own batch "
-    "statistics). Backend 'native' (or 'auto' with the extension built) synchronizes "
-    "SyncBatchNorm on CPU, but only without DistributedDataParallel: all-reduce the "
-    "gradients yourself"
-)
-
 
 def check_norm_cfg(norm_cfg: dict) -> None:
     """Raises KeyError / ValueError when `norm_cfg` is not one this library builds."""
@@ -73,14 +61,19 @@ def build_norm_layer(norm_cfg: dict, num_features: int) -> nn.Module:
 
 
 def check_cpu_sync_bn(model: nn.Module) -> None:
-    """Raises RuntimeError (with `CPU_SYNC_BN_HELP`) where a SyncBatchNorm of `model` would
+    """Raises RuntimeError, saying what to do instead, where a SyncBatchNorm of `model` would
     synchronize over several processes through torch's own SyncBatchNorm on CPU, which refuses
-    with a message that does not say what to do.
-
-    Call it where the oracle runs a CPU input.
+    ("expected input tensor to be on GPU") without saying so. Call it where the oracle runs a
+    CPU input.
     """
     if any(sync_group_name(m) for m in model.modules()):
         raise RuntimeError(
-            "SyncBatchNorm would synchronize this CPU batch with other processes through the "
-            f"'torch' backend: {CPU_SYNC_BN_HELP}"
+            "SyncBatchNorm would synchronize this CPU batch with other processes on the 'torch' "
+            "backend, but torch's SyncBatchNorm runs only on GPU, and DistributedDataParallel "
+            "refuses SyncBatchNorm in a CPU module whatever the backend. To train on CPU under "
+            "DistributedDataParallel, build the model with norm_cfg=dict(type='BN') or convert "
+            "it with mmengine.model.revert_sync_batchnorm(model) (each process normalizes with "
+            "its own batch statistics). Backend 'native' (or 'auto' with the extension built) "
+            "synchronizes SyncBatchNorm on CPU, but only without DistributedDataParallel: "
+            "all-reduce the gradients yourself"
         )
