@@ -69,6 +69,14 @@ def test_bench_prints_table_and_writes_json(tmp_path, capsys, one_thread):
     train = [r for r in results if r["mode"] == "train"]
     # The worst of the logits, loss, every gradient and every running statistic.
     assert all(r["worst_tensor"] for r in train)
+    # Subnormal floats are kept by default, and a forward of random weights on a random batch
+    # makes none.
+    assert "subnormal floats kept" in out
+    assert payload["settings"]["flush_denormals"] is False
+    assert all(r["denormals_flushed"] is False for r in results)
+    for group in ("resnet18-b2x32-fp32-infer", "resnet18-b2x32-fp32-train"):
+        assert payload["settings"]["subnormal_activations"][group]["subnormal"] == 0
+        assert f"{group} 0 of " in out
 
 
 def test_tune_chooses_every_layer_and_a_second_run_reuses_the_choices(
@@ -214,7 +222,14 @@ def test_run_group_gives_each_system_its_own_process_on_request(isolate, one_thr
 
 def _prepared(step) -> Prepared:
     runner = SimpleNamespace(step=step, device=torch.device("cpu"))
-    return Prepared(runner, check=None, first_call_s=0.0, peak_memory_bytes=None, memory_kind="")
+    return Prepared(
+        runner,
+        check=None,
+        first_call_s=0.0,
+        peak_memory_bytes=None,
+        memory_kind="",
+        denormals_flushed=False,
+    )
 
 
 def test_a_step_counts_the_page_faults_it_takes():
@@ -285,6 +300,61 @@ def test_profile_writes_trace(tmp_path, capsys, one_thread):
     names = {e.get("name") for e in events}
     # The named ranges from the forward hooks: the stem, each stage, each block.
     assert {"stem", "layer1", "layer1.0", "layer4.1", "iteration"} <= names
+
+
+@pytest.mark.parametrize("mode", bm.MODES)
+def test_subnormal_activations_are_counted(mode, one_thread):
+    """An input below float32's smallest normal value makes the stem convolution's output
+    subnormal: every nonzero value of it is counted (and BatchNorm lifts the rest)."""
+    case = bm.Case(bm.BenchConfig("resnet", 18, batch=2, image_size=32, mode=mode))
+    assert bm.count_subnormal_activations(case)[0] == 0
+    case.x = case.x * torch.finfo(torch.float32).tiny / 1000
+    stem = {}
+    hook = case.reference.conv1.register_forward_hook(lambda m, i, out: stem.update(out=out))
+    subnormal, values = bm.count_subnormal_activations(case)
+    hook.remove()
+    # The hook is copied with the model; `stem` holds the runner's conv1 output.
+    assert stem["out"].abs().max() < torch.finfo(torch.float32).tiny
+    assert int((stem["out"] != 0).sum()) <= subnormal < values
+
+
+def test_bench_flushes_denormals_in_every_systems_threads(tmp_path):
+    """--flush-denormals: each system's process (two intra-op threads) flushes them, and the
+    JSON says so, per result and in the settings."""
+    path = tmp_path / "out.json"
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    args = [*TINY, "--iters", "1", "--warmup", "0", "--model", "resnet", "--mode", "infer"]
+    run = subprocess.run(
+        [sys.executable, "-m", "fastres", "bench", *args, "--no-compile", "--backend", "torch",
+         "--flush-denormals", "--json", str(path)],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "subnormal floats flushed to zero in every system's threads" in run.stdout
+    payload = json.loads(path.read_text())
+    assert payload["settings"]["flush_denormals"] is True
+    results = payload["results"]
+    assert [r["system"] for r in results] == ["eager", "eager-cl", "fastres-torch"]
+    assert all(r["denormals_flushed"] is True and r["check_passed"] for r in results)
+
+
+def test_threads_that_disagree_on_flushing_are_reported():
+    """The OpenMP threads keep the flush setting they were created with: set in the main
+    thread alone, it is caught, not reported as flushed or kept."""
+    code = (
+        "import torch; from fastres.benchmark import denormals as d\n"
+        "torch.set_num_threads(2)\n"
+        "d.set_flush_denormals(True)\n"  # before the first parallel op: every thread
+        "assert d.flushes_denormals()\n"
+        "torch.set_flush_denormal(False)\n"  # the main thread only
+        "try:\n"
+        "    d.flushes_denormals()\n"
+        "except RuntimeError as e:\n"
+        "    print(e)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "only some of the 2 intra-op threads flush subnormal floats" in run.stdout
 
 
 def test_info_and_help_in_a_subprocess():

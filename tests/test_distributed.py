@@ -187,7 +187,25 @@ def _ddp_train(rank, model, backend, xs, targets, layout):
     return {"state": state, "grads": grads, "ops": set(recorder.ops)}
 
 
-JOBS = {"syncbn_step": _syncbn_step, "ddp_train": _ddp_train}
+def _cpu_syncbn_errors(rank, model):
+    """The errors of a CPU SyncBN model under DDP and on the 'torch' backend, as text."""
+    errors = {}
+    for what, run in {
+        "ddp": lambda: nn.parallel.DistributedDataParallel(model),
+        "torch backend": lambda: model.set_backend("torch")(torch.randn(2, 3, 16, 16)),
+    }.items():
+        try:
+            run()
+        except (RuntimeError, ValueError) as e:
+            errors[what] = str(e)
+    return errors
+
+
+JOBS = {
+    "syncbn_step": _syncbn_step,
+    "ddp_train": _ddp_train,
+    "cpu_syncbn_errors": _cpu_syncbn_errors,
+}
 
 
 # -- SyncBatchNorm: one training step against the whole-batch oracle -------------------------------
@@ -263,6 +281,17 @@ def test_triton_syncbn_matches_whole_batch_oracle(tmp_path, name):
     x = torch.randn(sum(sizes), 3, 32, 32)
     runs = syncbn_runs(tmp_path, model, "triton", x, sizes, torch.float64, CL)
     check_syncbn(*runs, torch.float64)
+
+
+def test_cpu_syncbn_errors_say_what_to_do(tmp_path):
+    """DDP refuses SyncBatchNorm in a CPU module (torch's check, whatever the backend; the README
+    says so), and the 'torch' backend, where torch's SyncBatchNorm would refuse a CPU batch,
+    raises an error that says what to do instead."""
+    model = build(fastres.ResNet, dict(depth=18, **TWO_STAGES), "SyncBN")
+    for errors in spawn("cpu_syncbn_errors", tmp_path, model=model):
+        assert "SyncBatchNorm layers only work with GPU modules" in errors["ddp"]
+        assert "norm_cfg=dict(type='BN')" in errors["torch backend"]
+        assert "revert_sync_batchnorm" in errors["torch backend"]
 
 
 # -- DistributedDataParallel: SGD steps against the replayed oracle --------------------------------

@@ -16,9 +16,10 @@ is PyTorch eager's best mixed-precision configuration for training and the one M
 
 One module per job: `systems` (the systems, the backends, the per-device defaults), `case` (the
 configuration, the oracle model, a runner per system), `check` (the correctness check),
-`memory` (peak memory, page faults), `schedule` (preparing the systems, each in a process of its
-own on CPU, and timing them in turns), `report` (results, table, JSON, environment) and
-`progress` (the progress bar). This package re-exports what its callers use.
+`memory` (peak memory, page faults), `denormals` (subnormal activations and flushing them),
+`schedule` (preparing the systems, each in a process of its own on CPU, and timing them in
+turns), `report` (results, table, JSON, environment) and `progress` (the progress bar). This
+package re-exports what its callers use.
 """
 
 from .case import (
@@ -32,6 +33,7 @@ from .case import (
     config_from_args,
 )
 from .check import ALL_GRADS
+from .denormals import count_subnormal_activations, flushes_denormals, set_flush_denormals
 from .memory import free_memory
 from .progress import Progress
 from .report import (
@@ -98,6 +100,7 @@ __all__ = [
     "build_model",
     "check_model_depth",
     "config_from_args",
+    "count_subnormal_activations",
     "default_backends",
     "default_device",
     "describe_default",
@@ -105,6 +108,7 @@ __all__ = [
     "device_name",
     "environment",
     "fastres_system",
+    "flushes_denormals",
     "format_table",
     "free_memory",
     "input_size",
@@ -113,6 +117,7 @@ __all__ = [
     "parse_image_size",
     "run_group",
     "run_system",
+    "set_flush_denormals",
     "synchronize",
     "time_steps",
     "versions",

@@ -52,6 +52,9 @@ class Result:
     memory_ratio: float | None = None
     # Mean minor page faults per timed step (`minor_page_faults`); None where not counted.
     page_faults_per_iter: float | None = None
+    # Whether the system's process flushed subnormal floats to zero (`--flush-denormals`);
+    # None where it did not run.
+    denormals_flushed: bool | None = None
 
 
 def add_speedups(results: Iterable[Result]) -> None:

@@ -16,6 +16,7 @@ import torch
 
 from .case import Case, Runner
 from .check import CheckResult
+from .denormals import flushes_denormals, set_flush_denormals
 from .memory import MemoryMeter, faults_since, free_memory, minor_page_faults
 from .report import Result
 from .systems import System, synchronize
@@ -58,6 +59,7 @@ class PreparedSystem(Protocol):
     first_call_s: float  # building the model and the check (torch.compile's compilation)
     peak_memory_bytes: int | None
     memory_kind: str
+    denormals_flushed: bool  # in the system's process (`denormals.flushes_denormals`)
 
     @property
     def system(self) -> System: ...
@@ -76,6 +78,7 @@ class Prepared:
     first_call_s: float
     peak_memory_bytes: int | None
     memory_kind: str
+    denormals_flushed: bool
 
     @property
     def system(self) -> System:
@@ -106,7 +109,7 @@ def prepare_system(case: Case, system: System, warmup: int) -> Prepared:
     for _ in range(max(warmup, 1)):
         runner.step()
     peak = meter.peak()
-    return Prepared(runner, check, first_call_s, peak, meter.kind)
+    return Prepared(runner, check, first_call_s, peak, meter.kind, flushes_denormals())
 
 
 def _what_ran(case: Case, system: System) -> dict:
@@ -148,6 +151,7 @@ def _result(
         peak_memory_bytes=prepared.peak_memory_bytes,
         memory_kind=prepared.memory_kind,
         page_faults_per_iter=None if page_faults is None else page_faults / len(times),
+        denormals_flushed=prepared.denormals_flushed,
     )
 
 
@@ -200,7 +204,7 @@ SPIN_SETTLE_S = 0.05
 
 class Isolated:
     """A `PreparedSystem` in a process of its own (`_isolated_worker`), stepped on request;
-    `close()` stops that process."""
+    `close()` stops that process. The process flushes subnormal floats where this one does."""
 
     def __init__(self, case: Case, system: System, warmup: int):
         self.system = system
@@ -211,15 +215,19 @@ class Isolated:
         state = (case.config, case.seed, case.gold(), {k: case.base(k) for k in layouts})
         self._process = ctx.Process(
             target=_isolated_worker,
-            args=(child, state, system, warmup, torch.get_num_threads()),
+            args=(child, state, system, warmup, torch.get_num_threads(), flushes_denormals()),
             daemon=True,
         )
         self._process.start()
         child.close()
         try:
-            self.check, self.first_call_s, self.peak_memory_bytes, self.memory_kind = (
-                self._receive()
-            )
+            (
+                self.check,
+                self.first_call_s,
+                self.peak_memory_bytes,
+                self.memory_kind,
+                self.denormals_flushed,
+            ) = self._receive()
         except BaseException:
             self.close()
             raise
@@ -254,16 +262,20 @@ class Isolated:
         self._conn.close()
 
 
-def _isolated_worker(conn, state, system: System, warmup: int, threads: int) -> None:
+def _isolated_worker(
+    conn, state, system: System, warmup: int, threads: int, flush_denormals: bool
+) -> None:
     """The body of an `Isolated` system's process: prepare, then one step per "step" message."""
     try:
+        # First: the OpenMP threads inherit the setting when the first parallel op creates them.
+        set_flush_denormals(flush_denormals)
         torch.set_num_threads(threads)
         config, seed, gold, bases = state
         case = Case(config, seed)
         case._gold, case._bases = gold, bases
         ready = prepare_system(case, system, warmup)
         conn.send((True, (ready.check, ready.first_call_s, ready.peak_memory_bytes,
-                          ready.memory_kind)))  # fmt: skip
+                          ready.memory_kind, ready.denormals_flushed)))  # fmt: skip
         while conn.recv() == "step":
             conn.send((True, ready.run_timed_step()))
     except Exception:  # reported to the parent, which raises it

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..ops.batchnorm import sync_group_name
+
 # norm type -> (module class, name abbreviation used in module names: bn1, gn1, ...)
 NORM_TYPES = {
     "BN": (nn.BatchNorm2d, "bn"),
@@ -56,3 +58,22 @@ def build_norm_layer(norm_cfg: dict, num_features: int) -> nn.Module:
     for param in layer.parameters():
         param.requires_grad = norm_cfg.get("requires_grad", True)
     return layer
+
+
+def check_cpu_sync_bn(model: nn.Module) -> None:
+    """Raises RuntimeError, saying what to do instead, where a SyncBatchNorm of `model` would
+    synchronize over several processes through torch's own SyncBatchNorm on CPU, which refuses
+    ("expected input tensor to be on GPU") without saying so. Call it where the oracle runs a
+    CPU input.
+    """
+    if any(sync_group_name(m) for m in model.modules()):
+        raise RuntimeError(
+            "SyncBatchNorm would synchronize this CPU batch with other processes on the 'torch' "
+            "backend, but torch's SyncBatchNorm runs only on GPU, and DistributedDataParallel "
+            "refuses SyncBatchNorm in a CPU module whatever the backend. To train on CPU under "
+            "DistributedDataParallel, build the model with norm_cfg=dict(type='BN') or convert "
+            "it with mmengine.model.revert_sync_batchnorm(model) (each process normalizes with "
+            "its own batch statistics). Backend 'native' (or 'auto' with the extension built) "
+            "synchronizes SyncBatchNorm on CPU, but only without DistributedDataParallel: "
+            "all-reduce the gradients yourself"
+        )

@@ -17,7 +17,7 @@ from torch.utils import checkpoint as torch_checkpoint
 
 from .. import backends
 from ..backends.plan import REFERENCE, BlockPlan, Unit, run_block, run_units, shortcut_of
-from .norm import build_norm_layer, check_norm_cfg, norm_name
+from .norm import build_norm_layer, check_cpu_sync_bn, check_norm_cfg, norm_name
 
 DEFAULT_NORM_CFG = {"type": "BN", "requires_grad": True}
 STYLES = ("pytorch", "caffe")
@@ -510,7 +510,10 @@ class ResNet(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...] | Tensor:
         self._check_input(x)
-        x = backends.resolve(self.backend, x.device).run_stem(self, x)
+        backend = backends.resolve(self.backend, x.device)
+        if backend is backends.ORACLE and x.device.type == "cpu":
+            check_cpu_sync_bn(self)
+        x = backend.run_stem(self, x)
         outs = []
         for i, name in enumerate(self.res_layers):
             x = getattr(self, name)(x)
