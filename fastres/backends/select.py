@@ -490,7 +490,7 @@ def _pick(kind, site, runnable: list[Candidate], device) -> tuple[Candidate, str
     parsed = _parse_shape_class(key)
     site_class = key if parsed is None else parsed[0]
     if _CHOSEN.tunings.get((device_id, site_class), 0) >= _sizes_tuned():
-        name = _nearest(device_id, key, by_name)
+        name = None if parsed is None else _nearest(device_id, *parsed, by_name)
         if name is None:
             return runnable[0], "default", {}
         _CHOSEN.by_class[device_id, key] = name
@@ -505,13 +505,11 @@ def _pick(kind, site, runnable: list[Candidate], device) -> tuple[Candidate, str
     return chosen, "tuned", times
 
 
-def _nearest(device_id: str, key: str, by_name: dict[str, Candidate]) -> str | None:
-    """The choice, among `by_name`, of the size class of `key`'s site class nearest to it
-    (in octaves of batch plus octaves of pixels) that this process or the file knows."""
-    parsed = _parse_shape_class(key)
-    if parsed is None:
-        return None
-    site_class, batch, pixels = parsed
+def _nearest(
+    device_id: str, site_class: str, batch: int, pixels: int, by_name: dict[str, Candidate]
+) -> str | None:
+    """The choice, among `by_name`, of the size class of `site_class` nearest to (batch,
+    pixels), in octaves of batch plus octaves of pixels, that this process or the file knows."""
     known = {k: name for (d, k), name in _CHOSEN.by_class.items() if d == device_id}
     known.update(_SELECTIONS.entries(device_id))
     best, best_distance = None, math.inf
