@@ -466,3 +466,15 @@ def test_new_image_sizes_share_choices_within_a_bounded_tuning(fresh, monkeypatc
     stored = fresh.read_text()
     assert forward(*reversed(sizes[0])) == 0
     assert shape_classes == [] and fresh.read_text() == stored
+
+
+def test_the_size_bound_is_a_setting(fresh, monkeypatch):
+    """FASTRES_SELECT_SIZES=0 tunes nothing: with nothing known, each site runs its default; a
+    value that is no count is an error that names the setting."""
+    monkeypatch.setenv(select.SIZES_ENV_VAR, "0")
+    choices = _run(_model(), torch.randn(2, 3, 32, 32))
+    assert {(c.chosen, c.how) for c in choices} == {("native-onednn", "default")}
+    assert not fresh.exists()
+    monkeypatch.setenv(select.SIZES_ENV_VAR, "two")
+    with pytest.raises(ValueError, match="FASTRES_SELECT_SIZES='two'"):
+        _run(_model(), torch.randn(2, 3, 32, 32))
