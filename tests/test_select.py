@@ -416,3 +416,65 @@ def test_a_gradient_agrees_despite_one_kink_flip_and_not_when_wrong():
     nan = base.clone()
     nan[:, 0, 0, 0] = float("nan")
     assert not select.gradient_agrees(nan, base, gold, tol)
+
+
+def test_new_image_sizes_share_choices_within_a_bounded_tuning(fresh, monkeypatch):
+    """Detection feeds a new padded size almost every forward. Over 20 distinct sizes (four
+    octaves of pixels), each site class tunes at most FASTRES_SELECT_SIZES size classes and
+    persists no more, every output keeps the contract, and a new size whose size classes are
+    all known costs what a known size costs: no tuning, not even a shape class built."""
+    monkeypatch.setenv(select.SIZES_ENV_VAR, "2")
+    tunings = []
+    tune = select._tune
+    monkeypatch.setattr(
+        select, "_tune", lambda site, runnable: tunings.append(site) or tune(site, runnable)
+    )
+    # channels_last in and out of every candidate, and at least 2x2 pixels in layer4 (inputs of
+    # 33 px and more): each site's layout, part of its site class, is the same at every size.
+    cl = torch.channels_last
+    model = _model().to(memory_format=cl)
+    oracle = copy.deepcopy(model).set_backend("torch")
+    gold = copy.deepcopy(model).double().set_backend("torch")
+
+    def forward(h: int, w: int) -> int:
+        """Checks one forward of a fresh 1x3xhxw input; returns how many sites it tuned."""
+        x = torch.randn(1, 3, h, w).contiguous(memory_format=cl)
+        before = len(tunings)
+        with torch.no_grad():
+            outputs, bases, golds = model(x), oracle(x), gold(x.double())
+        for i, (y, base, y64) in enumerate(zip(outputs, bases, golds, strict=True)):
+            assert_matches_oracle(y, base, y64, torch.float32, f"{h}x{w} stage {i}")
+        return len(tunings) - before
+
+    sizes = set()
+    while len(sizes) < 20:
+        h, w = torch.randint(33, 97, (2,)).tolist()
+        if h != w and (w, h) not in sizes:
+            sizes.add((h, w))
+    sizes = sorted(sizes, key=lambda _: float(torch.rand(())))
+    site_classes = forward(*sizes[0])  # the first size tunes every site class once
+    assert site_classes > 0
+    for h, w in sizes[1:]:
+        forward(h, w)
+    assert len(tunings) <= 2 * site_classes
+    (entries,) = json.loads(fresh.read_text()).values()
+    assert len(entries) <= 2 * site_classes
+
+    # The first size transposed: the same pixel count in every layer, so the same size classes.
+    shape_classes = []
+    monkeypatch.setattr(select, "_shape_class", lambda *args: shape_classes.append(args) or "class")
+    stored = fresh.read_text()
+    assert forward(*reversed(sizes[0])) == 0
+    assert shape_classes == [] and fresh.read_text() == stored
+
+
+def test_the_size_bound_is_a_setting(fresh, monkeypatch):
+    """FASTRES_SELECT_SIZES=0 tunes nothing: with nothing known, each site runs its default; a
+    value that is no count is an error that names the setting."""
+    monkeypatch.setenv(select.SIZES_ENV_VAR, "0")
+    choices = _run(_model(), torch.randn(2, 3, 32, 32))
+    assert {(c.chosen, c.how) for c in choices} == {("native-onednn", "default")}
+    assert not fresh.exists()
+    monkeypatch.setenv(select.SIZES_ENV_VAR, "two")
+    with pytest.raises(ValueError, match="FASTRES_SELECT_SIZES='two'"):
+        _run(_model(), torch.randn(2, 3, 32, 32))

@@ -10,8 +10,12 @@ A *site* is where one implementation is chosen:
   Res2Net middle hands conv3 a padded channel layout, and its training units hand each other raw
   convolution outputs with their statistics: no other implementation could take over mid-block.
 
-Sites of one shape class (site kind, mode, dtype, layout, the convolutions' geometry, the input
-shape with the batch rounded up to a power of two) share a choice. It is made once per machine:
+Sites of one shape class share a choice: its *site class* (site kind, mode, dtype, layout, the
+convolutions' geometry) and its *size class* (the input's batch and pixel count H*W, each rounded
+up to a power of two). Buckets this coarse let the ever-changing padded sizes of detection share
+choices: what decides a candidate's agreement is the dtype and the reduction depth (the geometry),
+not the image size, and what decides its speed changes little within an octave of pixels. A choice
+is made once per machine:
 
 1. `FASTRES_SELECT=<name>` forces the candidate `name` wherever it can run (profiling), else its
    family (`native-onednn` -> `native`); elsewhere the choice is made as below;
@@ -23,7 +27,11 @@ shape with the batch rounded up to a power of two) share a choice. It is made on
    the site needs them, `gradient_agrees`; docs/contract.md §3); those that pass are timed
    (on CPU each run first-touches fresh buffers, as in a whole model) and the fastest is
    persisted, the default unless another is more than `_MARGIN` faster. The oracle itself
-   ('torch') is always a candidate: no site is slower than PyTorch's modules;
+   ('torch') is always a candidate: no site is slower than PyTorch's modules. Tuning is bounded:
+   one process tunes at most `FASTRES_SELECT_SIZES` (default `DEFAULT_SIZES`) size classes of a
+   site class, so a model tunes at most that many times its number of site classes, whatever
+   sizes it is fed. Beyond that a new size class takes the choice of the nearest size class of
+   its site class known to the process or persisted ('transferred', kept in this process only);
 4. else the default: the first candidate that can run, in the order of the candidate tables
    (what 'auto' was before it selected: Triton on CUDA, native on CPU).
 
@@ -57,7 +65,11 @@ from .folding import uses_batch_stats
 from .plan import REFERENCE, Implementation, Shortcut, Unit, run_block, run_units
 
 SELECT_ENV_VAR = "FASTRES_SELECT"
+SIZES_ENV_VAR = "FASTRES_SELECT_SIZES"
 SELECTION_FILE = "selection.json"
+# Size classes a site class tunes per process: the first size seen, and one more (a second batch
+# size, or a neighbouring octave of detection's sizes); further sizes transfer a choice.
+DEFAULT_SIZES = 2
 
 _SELECTIONS = tuning.JsonCache(SELECTION_FILE)
 
@@ -68,12 +80,14 @@ class _Choices:
     `by_class`: (device key, shape class) -> candidate name. `by_site`: a site's label module
     -> {key: candidate} (`_choose`), so that a forward finds each site's choice without
     filtering the candidates or formatting its shape class, which cost more than a small
-    convolution (bench/results/README.md, "CPU: the cost of choosing").
+    convolution (bench/results/README.md, "CPU: the cost of choosing"). `tunings`: (device key,
+    site class) -> how many of its size classes this process tuned.
     """
 
     def __init__(self):
         self.by_class: dict[tuple[str, str], str] = {}
         self.by_site: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.tunings: dict[tuple[str, str], int] = {}
 
 
 _CHOSEN = _Choices()
@@ -268,20 +282,46 @@ def _layout(t: Tensor) -> str:
     return "cl" if channels_last else "strided"
 
 
+def _power_of_two(n: int) -> int:
+    """n rounded up to a power of two; 0 stays 0 (an empty input runs the oracle alone)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def _size_class(x: Tensor) -> tuple[int, int]:
+    """(batch, pixels H*W) of an input, each rounded up to a power of two: the sizes that share
+    a choice (see the module docstring)."""
+    n, _, h, w = x.shape
+    return _power_of_two(n), _power_of_two(h * w)
+
+
+_SIZE_SEPARATOR = " | in "
+
+
 def _shape_class(kind: str, site) -> str:
+    """'<site class> | in <batch>x<pixels>px' (`_parse_shape_class` reads it back)."""
     x = site.inputs()[0]
-    n, *rest = x.shape
-    batch = 1 << max(n - 1, 0).bit_length()
     dtype = x.dtype
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
     modules = ",".join(s for s in map(_signature, site.modules()) if s)
     if kind == "block":
         modules = f"{type(site.module).__name__}[{modules}]"
+    batch, pixels = _size_class(x)
     return (
-        f"{kind} {_mode(site)} {str(dtype).removeprefix('torch.')} {_layout(x)} "
-        f"in {batch}x{'x'.join(map(str, rest))} {modules}"
+        f"{kind} {_mode(site)} {str(dtype).removeprefix('torch.')} {_layout(x)} {modules}"
+        f"{_SIZE_SEPARATOR}{batch}x{pixels}px"
     )
+
+
+def _parse_shape_class(key: str) -> tuple[str, int, int] | None:
+    """(site class, batch, pixels) of a `_shape_class`; None for another key (one that an older
+    version wrote)."""
+    site_class, _, size = key.rpartition(_SIZE_SEPARATOR)
+    try:
+        batch, pixels = map(int, size.removesuffix("px").split("x"))
+    except ValueError:
+        return None
+    return site_class, batch, pixels
 
 
 def _device_key(device: torch.device) -> str:
@@ -348,7 +388,7 @@ class Choice(NamedTuple):
     module: nn.Module  # the unit's conv, the block, or the model (stem)
     site: str  # the shape class
     chosen: str
-    how: str  # 'forced', 'only', 'cached', 'persisted', 'tuned', 'default'
+    how: str  # 'forced', 'only', 'cached', 'persisted', 'tuned', 'transferred', 'default'
     times_ms: dict[str, float | None]  # tuned: per candidate, None where it disagreed
 
 
@@ -365,14 +405,29 @@ def recording() -> Iterator[list[Choice]]:
 
 def _settings(device: torch.device) -> tuple:
     """What every site's choice depends on besides the site: autocast's dtype, the forced
-    name, the thread count, and whether tuning may run. Read once per block."""
+    name, the thread count, whether tuning may run and how many sizes. Read once per block."""
     autocast = torch.is_autocast_enabled(device.type)
     return (
         torch.get_autocast_dtype(device.type) if autocast else None,
         os.environ.get(SELECT_ENV_VAR),
         torch.get_num_threads(),
         _may_tune(device),
+        _sizes_tuned(),
     )
+
+
+def _sizes_tuned() -> int:
+    """How many size classes of one site class a process may tune (`FASTRES_SELECT_SIZES`)."""
+    value = os.environ.get(SIZES_ENV_VAR)
+    if not value:
+        return DEFAULT_SIZES
+    try:
+        sizes = int(value)
+    except ValueError:
+        sizes = -1
+    if sizes < 0:
+        raise ValueError(f"{SIZES_ENV_VAR}={value!r}: expected a count of sizes, 0 or more")
+    return sizes
 
 
 def _choose(
@@ -385,8 +440,9 @@ def _choose(
     """The candidate for `site` (`label`: its module in a `recording()`).
 
     A site's choice is remembered under its label module and a key of what else it depends
-    on, cheap to build: the settings, the mode, the inputs' shapes, dtypes and layouts (the
-    modules' geometry is fixed).
+    on, cheap to build: the settings, the mode, the inputs' size classes, dtypes and layouts
+    (the modules' geometry is fixed). A new size of a known size class costs nothing more than
+    a known size.
     """
     device = site.inputs()[0].device
     settings = _settings(device) if settings is None else settings
@@ -394,7 +450,7 @@ def _choose(
         kind,
         _mode(site),
         settings,
-        *((t.shape, t.dtype, t.device, _layout(t)) for t in site.inputs()),
+        *((_size_class(t), t.dtype, t.device, _layout(t)) for t in site.inputs()),
     )
     known = _CHOSEN.by_site.get(label)
     if known is not None and _RECORD is None:
@@ -431,13 +487,43 @@ def _pick(kind, site, runnable: list[Candidate], device) -> tuple[Candidate, str
         return by_name[name], "persisted", {}
     if not _may_tune(device):
         return runnable[0], "default", {}
+    parsed = _parse_shape_class(key)
+    site_class = key if parsed is None else parsed[0]
+    if _CHOSEN.tunings.get((device_id, site_class), 0) >= _sizes_tuned():
+        name = None if parsed is None else _nearest(device_id, *parsed, by_name)
+        if name is None:
+            return runnable[0], "default", {}
+        _CHOSEN.by_class[device_id, key] = name
+        return by_name[name], "transferred", {}
     chosen, times = _tune(site, runnable)
     for loser in runnable:
         if loser.impl is not chosen.impl:
             loser.impl.forget(site.modules())
+    _CHOSEN.tunings[device_id, site_class] = _CHOSEN.tunings.get((device_id, site_class), 0) + 1
     _CHOSEN.by_class[device_id, key] = chosen.name
     _SELECTIONS.put(device_id, key, chosen.name)
     return chosen, "tuned", times
+
+
+def _nearest(
+    device_id: str, site_class: str, batch: int, pixels: int, by_name: dict[str, Candidate]
+) -> str | None:
+    """The choice, among `by_name`, of the size class of `site_class` nearest to (batch,
+    pixels), in octaves of batch plus octaves of pixels, that this process or the file knows."""
+    known = {k: name for (d, k), name in _CHOSEN.by_class.items() if d == device_id}
+    known.update(_SELECTIONS.entries(device_id))
+    best, best_distance = None, math.inf
+    for other, name in sorted(known.items()):
+        other_parsed = _parse_shape_class(other)
+        if other_parsed is None or other_parsed[0] != site_class or name not in by_name:
+            continue
+        _, other_batch, other_pixels = other_parsed
+        distance = abs(other_batch.bit_length() - batch.bit_length()) + abs(
+            other_pixels.bit_length() - pixels.bit_length()
+        )
+        if distance < best_distance:
+            best, best_distance = name, distance
+    return best
 
 
 # -- tuning ------------------------------------------------------------------------------------
