@@ -13,12 +13,16 @@ Layouts (detected automatically, several may combine):
 - timm deep stem (resnet*d, res2net*d): `conv1.{0,1,3,4,6}` + `bn1` -> `stem.{0,1,3,4,6,7}`;
 - mmpretrain deep stem (ConvModules): `stem.{i}.conv` -> `stem.{3i}`,
   `stem.{i}.bn` / `stem.{i}.gn` -> `stem.{3i+1}`;
-- mmpretrain avg_down shortcuts: mmpretrain adds the average pool only where the stride is not
-  1, so a stride-1 shortcut (`layer1.0`, dilated stages) is `downsample.{0,1}` = conv, norm;
-  where the model's pool there is the identity (stride 1), those keys move to `.{1,2}`;
+- mmpretrain avg_down shortcuts: mmpretrain's ResNet adds the average pool only where the
+  stride is not 1, so a stride-1 shortcut (`layer1.0`, dilated stages) is `downsample.{0,1}` =
+  conv, norm, where the mmdet tree has `.{1,2}` after an identity pool;
 - wrappers `state_dict` / `model` (mmengine, DeiT-style), the DDP prefix `module.`, the OpenMMLab
   prefix `backbone.` (keys outside it, such as a detector's neck and heads, are ignored) and the
   mmpretrain classifier head `head.fc.*` -> `fc.*`.
+
+A model built with mmpretrain's module tree (`module_tree='mmpretrain'`) has those last two
+layouts as its own keys: the model's keys and the checkpoint's are both renamed onto the mmdet
+tree and matched there, so either tree loads a checkpoint of either.
 
 Keys that the model lacks by construction are ignored, not unexpected: `fc.*` for a backbone
 (num_classes None) and stages beyond `num_stages`. A missing `num_batches_tracked` (checkpoints
@@ -339,28 +343,45 @@ def _rename(key: str, table: dict[str, str]) -> str:
     return key
 
 
-def _pooled_shortcuts(model: nn.Module) -> dict[str, bool]:
-    """The model's avg_down shortcuts (pool, conv, norm): name -> whether the pool is the
-    identity (stride 1)."""
-    return {
-        name: m[0].stride in (1, (1, 1))
+def _avg_down_shortcuts(model: nn.Module) -> dict[str, nn.Sequential]:
+    """The model's avg_down shortcuts by name ([pool,] conv, norm), or {} where it has none."""
+    shortcuts = {
+        name: m
         for name, m in model.named_modules()
-        if name.endswith("downsample")
-        and isinstance(m, nn.Sequential)
-        and len(m) == 3
-        and isinstance(m[0], nn.AvgPool2d)
+        if name.endswith("downsample") and isinstance(m, nn.Sequential)
     }
+    pooled = any(isinstance(m[0], nn.AvgPool2d) for m in shortcuts.values())
+    return shortcuts if getattr(model, "avg_down", pooled) else {}
 
 
-def _mmpretrain_shortcut_renames(model: nn.Module, keys) -> dict[str, str]:
+def _at_stride_1(shortcut: nn.Sequential) -> bool:
+    """Whether an avg_down shortcut's pool is the identity (stride 1) or left out (mmpretrain's
+    module tree)."""
+    pool = shortcut[0]
+    return not isinstance(pool, nn.AvgPool2d) or pool.stride in (1, (1, 1))
+
+
+def _model_renames(keys, shortcuts: dict[str, nn.Sequential]) -> dict[str, str]:
+    """Renames of a model's keys onto the mmdet module tree, where checkpoints are matched: a
+    model with mmpretrain's module tree has its deep stem and its pool-less stride-1 avg_down
+    shortcuts (conv, norm at .0, .1) renamed."""
+    table = {}
+    if any(k.startswith("stem.0.conv.") for k in keys):
+        table.update(_MMPRETRAIN_DEEP_STEM)
+    for p, shortcut in shortcuts.items():
+        if not isinstance(shortcut[0], nn.AvgPool2d):
+            table.update({f"{p}.{i}": f"{p}.{i + 1}" for i in (1, 0)})
+    return table
+
+
+def _mmpretrain_shortcut_renames(shortcuts: dict[str, nn.Sequential], keys) -> dict[str, str]:
     """Renames of an mmpretrain avg_down checkpoint's stride-1 shortcuts (conv, norm at .0, .1)
-    onto the model's (identity pool, conv, norm), or {} where the checkpoint is not one: its
-    strided shortcuts must have the pool (or the model must have none), so that a checkpoint
-    without avg_down still fails on them, with the hint that says so."""
+    onto the mmdet tree's (identity pool, conv, norm), or {} where the checkpoint is not one:
+    its strided shortcuts must have the pool (or the model must have none), so that a
+    checkpoint without avg_down still fails on them, with the hint that says so."""
     keys = set(keys)
-    shortcuts = _pooled_shortcuts(model)
-    identity = [p for p, is_identity in shortcuts.items() if is_identity]
-    strided = [p for p, is_identity in shortcuts.items() if not is_identity]
+    identity = [p for p, shortcut in shortcuts.items() if _at_stride_1(shortcut)]
+    strided = [p for p, shortcut in shortcuts.items() if not _at_stride_1(shortcut)]
     shifted = [p for p in identity if f"{p}.0.weight" in keys]
     if not shifted or not all(f"{p}.2.weight" in keys for p in strided):
         return {}
@@ -401,14 +422,19 @@ def _match(
         stem = "fastres/torchvision/timm/OpenMMLab keys"
     layout = stem + "".join(f", {note}" for note in notes)
 
+    # Both sides meet in the mmdet module tree, then the targets take the model's own names.
+    shortcuts = _avg_down_shortcuts(model)
+    model_renames = _model_renames(expected, shortcuts)
+    model_key = {_rename(key, model_renames): key for key in expected}
     targets = {}
     for key in state:
         target = original_to_model(key)
         targets[key] = target if stem_table is None else _rename(target, stem_table)
-    shortcut_renames = _mmpretrain_shortcut_renames(model, targets.values())
+    shortcut_renames = _mmpretrain_shortcut_renames(shortcuts, targets.values())
     if shortcut_renames:
         layout += ", mmpretrain shortcuts without a stride-1 pool"
         targets = {key: _rename(target, shortcut_renames) for key, target in targets.items()}
+    targets = {key: model_key.get(target, target) for key, target in targets.items()}
 
     model_stages = {int(m.group(1)) for k in expected if (m := _BLOCK_KEY.match(k))}
     has_fc = any(k.startswith("fc.") for k in expected)

@@ -11,9 +11,11 @@ mmdet's and mmpretrain's MODELS registries search for a type that starts with 'f
 
 The arguments a config leaves out take the defaults of the library whose scope is running
 (mmengine's DefaultScope, which every mmdet / mmpretrain config sets with `default_scope`): under
-mmpretrain out_indices=(3,) and norm_eval=False, and Res2Net pools the last chunk of every
-stage block (pool_last_chunk='always'); elsewhere fastres' own, which are mmdet's. So changing
-the type alone gives the model the config gave before.
+mmpretrain out_indices=(3,) and norm_eval=False, mmpretrain's module tree
+(module_tree='mmpretrain': its state_dict keys, so that checkpoints go both ways between fastres
+and mmpretrain's own backbones), and Res2Net pools the last chunk of every stage block
+(pool_last_chunk='always'); elsewhere fastres' own, which are mmdet's. So changing the type
+alone gives the model the config gave before.
 
 Needs mmengine; `import fastres` never imports this module.
 """
@@ -28,7 +30,7 @@ from .models import Res2Net, ResNet, ResNetV1c, ResNetV1d
 SCOPE = "fastres"
 
 # Where mmpretrain's defaults differ from fastres' (= mmdet's), per class.
-_MMPRETRAIN_DEFAULTS = {"out_indices": (3,), "norm_eval": False}
+_MMPRETRAIN_DEFAULTS = {"out_indices": (3,), "norm_eval": False, "module_tree": "mmpretrain"}
 _MMPRETRAIN_RES2NET_DEFAULTS = {**_MMPRETRAIN_DEFAULTS, "pool_last_chunk": "always"}
 
 # Importing twice (a reload) must not register a second 'fastres' child.

@@ -5,7 +5,8 @@ launch).
 Algorithm: AvgPool2d(K, stride, padding, count_include_pad=True, ceil_mode=False) on an NHWC
 channel slice, written straight into a channel slice of another buffer (the concatenation that
 conv3 reads), so the pooled chunk needs neither its own tensor nor a copy. Each program owns a
-BLOCK_M pixels x BLOCK_C channels tile and sums its K*K taps in fp32; every window lies inside
+BLOCK_M pixels x BLOCK_C channels tile and sums its K*K taps in ACC (fp32, and fp64 for fp64
+inputs, which the tests run under the interpreter); every window lies inside
 the padded input (ceil_mode off), so the divisor is always K*K.
 
 Layout: input and output are addressed through their (n, c, h, w) strides; channel slices of
@@ -39,6 +40,7 @@ def res2net_pool_kernel(
     stride_out_h,
     stride_out_w,
     K: tl.constexpr,
+    ACC: tl.constexpr,
     EMULATE_RTNE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -57,7 +59,7 @@ def res2net_pool_kernel(
     ow = pix % OW
     x_row = x_ptr + img.to(tl.int64) * stride_x_n
     x_cols = offs_c.to(tl.int64)[None, :] * stride_x_c
-    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
     for kh in tl.static_range(K):
         for kw in tl.static_range(K):
             ih = oh * pool_stride - pad + kh
@@ -65,7 +67,7 @@ def res2net_pool_kernel(
             ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             ptrs = x_row + ih.to(tl.int64) * stride_x_h + iw.to(tl.int64) * stride_x_w
             v = tl.load(ptrs[:, None] + x_cols, mask=ok[:, None] & c_ok[None, :], other=0.0)
-            acc += v.to(tl.float32)
+            acc += v.to(ACC)
     # count_include_pad=True: padding counts in the divisor.
     acc = acc / (K * K)
     out_ptrs = nhwc_tile_ptrs(

@@ -20,6 +20,7 @@ CONSTRUCTOR_ERRORS = [
      ValueError, r"out_indices.*0\.\.2"),
     (R, dict(depth=50, out_indices=(-1,)), ValueError, r"out_indices"),
     (R, dict(depth=50, style="tf"), ValueError, r"style.*pytorch.*caffe"),
+    (R, dict(depth=50, module_tree="timm"), ValueError, r"module_tree.*mmdet.*mmpretrain"),
     (R, dict(depth=50, frozen_stages=5), ValueError, r"frozen_stages.*-1\.\.num_stages"),
     (R, dict(depth=50, frozen_stages=-2), ValueError, r"frozen_stages"),
     (R2, dict(depth=50, scales=1), ValueError, r"scales.*>= 2"),

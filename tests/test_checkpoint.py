@@ -28,6 +28,8 @@ RES2NET_PLAIN = (
     dict(depth=50, deep_stem=False, avg_down=False, pool_last_chunk="always"),
 )
 RES2NET_D = (fastres.Res2Net, dict(depth=50, pool_last_chunk="always"))
+# Narrow models, where the width does not matter.
+NARROW = dict(stem_channels=16, base_channels=16)
 
 
 def build(arch, **extra) -> nn.Module:
@@ -178,6 +180,44 @@ def test_mmpretrain_classifier(arch, tmp_path):
     checkpoint = {"meta": {"mmpretrain_version": "1.2.0"}, "state_dict": state}
     report = load_and_check(arch, checkpoint, source, tmp_path, num_classes=7)
     assert report.layout.startswith("mmpretrain") == (arch is R50D)
+
+
+@pytest.mark.parametrize("target_tree", ["mmdet", "mmpretrain"])
+@pytest.mark.parametrize("source_tree", ["mmdet", "mmpretrain"])
+@pytest.mark.parametrize(
+    "arch",
+    [
+        (fastres.ResNetV1d, dict(depth=50, **NARROW)),
+        (fastres.ResNetV1c, dict(depth=18, norm_cfg=dict(type="GN", num_groups=4), **NARROW)),
+        (fastres.Res2Net, dict(depth=50, base_width=6, pool_last_chunk="always", **NARROW)),
+    ],
+    ids=["resnet50-v1d", "resnet18-v1c-gn", "res2net50-d"],
+)
+def test_either_module_tree_into_either(arch, source_tree, target_tree, tmp_path):
+    """A checkpoint of either module tree (module_tree='mmdet' / 'mmpretrain') loads strictly
+    into a model of either, every tensor in its place."""
+    source = source_model(arch, module_tree=source_tree)
+    path = tmp_path / "checkpoint.pth"
+    torch.save(source.state_dict(), path)
+    model = build(arch, module_tree=target_tree)
+    report = fastres.load_checkpoint(model, str(path))
+    assert not (report.missing or report.unexpected or report.ignored or report.filled)
+    # Both trees register the same tensors in the same order, under other names.
+    state, expected = model.state_dict(), source.state_dict()
+    assert len(state) == len(expected)
+    for (key, value), (source_key, source_value) in zip(state.items(), expected.items()):
+        assert torch.equal(value, source_value), f"{key} holds other values than {source_key}"
+    assert_same_outputs(model, source)
+
+
+def test_plain_shortcuts_into_mmpretrain_tree_avg_down_model():
+    # mmpretrain's tree names layer1.0's avg_down shortcut as a plain one (downsample.{0,1}):
+    # only the strided shortcuts tell the layouts apart.
+    source = source_model(R50)
+    model = build(R50D, module_tree="mmpretrain")
+    message = expect_failure(model, source.state_dict(), strict=False)
+    assert "the checkpoint has plain shortcuts" in message
+    assert "layer2.0.downsample.1.weight: model (512, 256, 1, 1), checkpoint (512,)" in message
 
 
 @pytest.mark.parametrize(

@@ -107,8 +107,14 @@ def test_one_changed_type_builds_the_same_model(config):
     assert isinstance(ours, fastres.ResNet)
     for name in ("depth", "out_indices", "norm_eval", "frozen_stages", "deep_stem", "avg_down"):
         assert getattr(ours, name) == getattr(theirs, name), name
+    # The same module tree: checkpoints go both ways through strict load_state_dict (as the
+    # runner loads and resumes them), and an optimizer state maps by index.
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    theirs.load_state_dict(randomize_weights(ours).state_dict())
+    for key, value in ours.state_dict().items():
+        assert torch.equal(theirs.state_dict()[key], value), key
     randomize_weights(theirs).double()
-    fastres.load_checkpoint(ours.double(), theirs.state_dict())
+    ours.double().load_state_dict(theirs.state_dict())
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     for train in (False, True):
         ours.train(train), theirs.train(train)
@@ -126,7 +132,7 @@ def test_without_a_scope_fastres_defaults_apply():
     import_modules_from_strings("fastres.openmmlab")
     model = MMPRETRAIN_MODELS.build(dict(type="fastres.Res2Net", depth=50, base_channels=16))
     assert model.out_indices == (0, 1, 2, 3) and model.norm_eval
-    assert model.pool_last_chunk == "strided"
+    assert model.pool_last_chunk == "strided" and model.module_tree == "mmdet"
 
 
 def test_mmpretrain_only_arguments():
@@ -134,7 +140,9 @@ def test_mmpretrain_only_arguments():
         import_modules_from_strings("fastres.openmmlab")
         config = dict(type="fastres.ResNet", depth=18, base_channels=16)
         model = MMPRETRAIN_MODELS.build(dict(config, drop_path_rate=0.0, expansion=1))
-        assert model.out_indices == (3,)
+        assert model.out_indices == (3,) and model.module_tree == "mmpretrain"
+        model = MMPRETRAIN_MODELS.build(dict(config, module_tree="mmdet"))
+        assert model.module_tree == "mmdet"
         with pytest.raises(NotImplementedError, match=r"drop_path_rate=0.1 .*only 0"):
             MMPRETRAIN_MODELS.build(dict(config, drop_path_rate=0.1))
         with pytest.raises(NotImplementedError, match=r"expansion=2 .*only 1"):

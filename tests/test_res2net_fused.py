@@ -140,10 +140,11 @@ def test_add_and_group_gradients(device, dtype):
         assert_matches_oracle(grads[name], grads_base[name], grads_gold[name], dtype, f"d{name}")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64], ids=str)
 @pytest.mark.parametrize("stride,hw", [(1, (7, 6)), (2, (7, 6)), (2, (8, 9))], ids=str)
 def test_last_chunk_pool(device, stride, hw, dtype):
-    """AvgPool2d(3, stride, 1) of a chunk slice, written into the last slice of another buffer."""
+    """AvgPool2d(3, stride, 1) of a chunk slice, written into the last slice of another buffer;
+    float64 sums in float64 (whole float64 models run the kernel under the interpreter)."""
     n, width = 2, 13
     src = nhwc(n, 4 * width, *hw, device=device)
     chunk = src[:, 3 * width :]
@@ -388,11 +389,15 @@ def test_whole_model_eval(device, case):
 def compile_pool_for_hopper() -> str:
     """Compiles the pool kernel to an sm_90 cubin (Triton's own ptxas, no GPU needed)."""
     import triton
-    from fastres.kernels.res2net_pool import res2net_pool_kernel as kernel
+    import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    constexprs = dict(K=3, EMULATE_RTNE=0, BLOCK_M=64, BLOCK_C=64, stride_x_c=1, stride_out_c=1)
+    from fastres.kernels.res2net_pool import res2net_pool_kernel as kernel
+
+    constexprs = dict(
+        K=3, ACC=tl.float32, EMULATE_RTNE=0, BLOCK_M=64, BLOCK_C=64, stride_x_c=1, stride_out_c=1
+    )
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:

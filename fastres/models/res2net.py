@@ -79,7 +79,9 @@ class Res2Net(ResNet):
 
     Defaults follow OpenMMLab: deep stem and average-pool shortcuts. `pool_last_chunk` is
     'strided' (pool the last chunk only in a strided 'stage' block, as OpenMMLab detection) or
-    'always' (in every 'stage' block, as the original code, timm and mmpretrain).
+    'always' (in every 'stage' block, as the original code, timm and mmpretrain). With
+    module_tree='mmpretrain' only the deep stem differs: mmpretrain's Res2Net keeps the
+    avg_down pool at stride 1.
     """
 
     arch_settings = {
@@ -108,6 +110,11 @@ class Res2Net(ResNet):
             )
         self.scales, self.base_width, self.pool_last_chunk = scales, base_width, pool_last_chunk
         super().__init__(depth, deep_stem=deep_stem, avg_down=avg_down, **kwargs)
+
+    @property
+    def pools_at_stride_1(self) -> bool:
+        # mmpretrain's Res2Layer, unlike its ResLayer, keeps the pool at stride 1, as mmdet.
+        return True
 
     def block_kwargs(self, index: int) -> dict:
         return dict(

@@ -21,6 +21,8 @@ from .norm import build_norm_layer, check_cpu_sync_bn, check_norm_cfg, norm_name
 
 DEFAULT_NORM_CFG = {"type": "BN", "requires_grad": True}
 STYLES = ("pytorch", "caffe")
+# Whose module tree (and so state_dict keys and parameter order) a model reproduces.
+MODULE_TREES = ("mmdet", "mmpretrain")
 
 
 @contextlib.contextmanager
@@ -39,6 +41,25 @@ def _preserved_batchnorm_state(module: nn.Module):
                 m.running_mean.copy_(mean)
                 m.running_var.copy_(var)
                 m.num_batches_tracked.copy_(count)
+
+
+class ConvNormReLU(nn.Module):
+    """conv -> norm -> ReLU under the names of mmcv's ConvModule (`conv`, `bn` / `gn`,
+    `activate`): a unit of mmpretrain's deep stem."""
+
+    def __init__(self, conv: nn.Conv2d, norm: nn.Module, norm_cfg: dict):
+        super().__init__()
+        self.conv = conv
+        self.norm_name = norm_name(norm_cfg)
+        self.add_module(self.norm_name, norm)
+        self.activate = nn.ReLU(inplace=True)
+
+    @property
+    def norm(self) -> nn.Module:
+        return getattr(self, self.norm_name)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.activate(self.norm(self.conv(x)))
 
 
 class ResBlock(nn.Module):
@@ -205,9 +226,14 @@ def _check_tuple(name: str, value: Sequence[int], length: int) -> tuple[int, ...
 class ResNet(nn.Module):
     """ResNet backbone (OpenMMLab defaults), or classifier when `num_classes` is given.
 
-    Args: see the table in docs/contract.md §1. forward(x: [N, in_channels, H, W]) returns the
-    stage outputs selected by `out_indices`, in stage order whatever the order of `out_indices`
-    (as OpenMMLab), [N, C_i, H / s_i, W / s_i] each, or logits [N, num_classes] for a classifier.
+    Args: see the table in docs/contract.md §1. `module_tree` names whose module tree, and so
+    whose state_dict keys and parameter order, the model has: 'mmdet' (the default; torchvision's
+    too for a plain stem) or 'mmpretrain', whose deep stem is three ConvModules
+    (`stem.{0,1,2}.conv` / `.bn`) instead of `stem.{0,1,3,4,6,7}`, and whose ResNet avg_down
+    shortcuts leave out the pool where the stride is 1 (`downsample.{0,1}` there, not `.{1,2}`).
+    The computation is the same in both. forward(x: [N, in_channels, H, W]) returns the stage
+    outputs selected by `out_indices`, in stage order whatever the order of `out_indices` (as
+    OpenMMLab), [N, C_i, H / s_i, W / s_i] each, or logits [N, num_classes] for a classifier.
     """
 
     arch_settings = {
@@ -244,6 +270,7 @@ class ResNet(nn.Module):
         pretrained: str | None = None,
         init_cfg: dict | None = None,
         backend: str = "auto",
+        module_tree: str = "mmdet",
     ):
         super().__init__()
         if depth not in self.arch_settings:
@@ -270,6 +297,8 @@ class ResNet(nn.Module):
             )
         if style not in STYLES:
             raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+        if module_tree not in MODULE_TREES:
+            raise ValueError(f"module_tree must be one of {MODULE_TREES}, got {module_tree!r}")
         if not isinstance(frozen_stages, int) or not -1 <= frozen_stages <= num_stages:
             raise ValueError(
                 f"frozen_stages must be an int in -1..num_stages ({num_stages}), "
@@ -294,6 +323,7 @@ class ResNet(nn.Module):
         self.out_indices = out_indices
         self.style = style
         self.deep_stem, self.avg_down = deep_stem, avg_down
+        self.module_tree = module_tree
         self.frozen_stages = frozen_stages
         self.norm_cfg = norm_cfg
         self.norm_eval = norm_eval
@@ -333,18 +363,25 @@ class ResNet(nn.Module):
     def _make_stem(self) -> None:
         if self.deep_stem:
             half = self.stem_channels // 2
-            units = []
-            for cin, cout, stride in (
-                (self.in_channels, half, 2),
-                (half, half, 1),
-                (half, self.stem_channels, 1),
-            ):
-                units += [
+            units = [
+                (
                     nn.Conv2d(cin, cout, 3, stride, padding=1, bias=False),
                     build_norm_layer(self.norm_cfg, cout),
-                    nn.ReLU(inplace=True),
-                ]
-            self.stem = nn.Sequential(*units)
+                )
+                for cin, cout, stride in (
+                    (self.in_channels, half, 2),
+                    (half, half, 1),
+                    (half, self.stem_channels, 1),
+                )
+            ]
+            if self.module_tree == "mmpretrain":
+                self.stem = nn.Sequential(
+                    *(ConvNormReLU(conv, norm, self.norm_cfg) for conv, norm in units)
+                )
+            else:
+                self.stem = nn.Sequential(
+                    *(m for conv, norm in units for m in (conv, norm, nn.ReLU(inplace=True)))
+                )
         else:
             self.conv1 = nn.Conv2d(self.in_channels, self.stem_channels, 7, 2, 3, bias=False)
             self.norm1_name = norm_name(self.norm_cfg, 1)
@@ -352,13 +389,19 @@ class ResNet(nn.Module):
             self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
+    @property
+    def pools_at_stride_1(self) -> bool:
+        """Whether an avg_down shortcut at stride 1 keeps its (identity) pool: mmdet's do,
+        mmpretrain's ResNet leaves it out."""
+        return self.module_tree == "mmdet"
+
     def make_downsample(self, inplanes: int, outplanes: int, stride: int) -> nn.Module | None:
         """The shortcut of a stage's first block, or None where it is the identity."""
         if stride == 1 and inplanes == outplanes:
             return None
         layers: list[nn.Module] = []
         conv_stride = stride
-        if self.avg_down:
+        if self.avg_down and (stride != 1 or self.pools_at_stride_1):
             conv_stride = 1
             layers.append(nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False))
         layers += [
@@ -500,6 +543,8 @@ class ResNet(nn.Module):
 
     def stem_units(self) -> list[Unit]:
         """The stem's conv -> norm -> ReLU units, before its max-pool."""
+        if self.deep_stem and self.module_tree == "mmpretrain":
+            return [Unit(m.conv, m.norm) for m in self.stem]
         if self.deep_stem:
             return [Unit(self.stem[i], self.stem[i + 1]) for i in (0, 3, 6)]
         return [Unit(self.conv1, self.norm1)]

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from . import conv2d_fused
 from .conv2d_fused import interpreting, may_overlap
+from .precision import accumulator_dtype
 
 # Tile of one program: pixels x channels (channels cover a Res2Net chunk slot of 32..208 in
 # 1..4). 32 pixels: at 64, an fp32 tile's nine taps took 255 registers on sm_90 and spilled.
@@ -34,6 +35,7 @@ def pool_output_size(h: int, w: int, kernel: int, stride: int, padding: int) -> 
 @torch.library.custom_op("fastres::res2net_pool_out", mutates_args=("out",))
 def _res2net_pool_out_op(x: Tensor, out: Tensor, kernel: int, stride: int, padding: int) -> None:
     import triton
+    import triton.language as tl
 
     from fastres.kernels.res2net_pool import res2net_pool_kernel
 
@@ -61,7 +63,8 @@ def _res2net_pool_out_op(x: Tensor, out: Tensor, kernel: int, stride: int, paddi
     grid = (triton.cdiv(m, block_m), triton.cdiv(c, block_c))
     res2net_pool_kernel[grid](
         x, out, n, h, w, c, oh, ow, stride, padding, *x.stride(), *out.stride(),
-        K=kernel, EMULATE_RTNE=int(interpreting()), BLOCK_M=block_m, BLOCK_C=block_c,
+        K=kernel, ACC=tl.float64 if accumulator_dtype(x.dtype) == torch.float64 else tl.float32,
+        EMULATE_RTNE=int(interpreting()), BLOCK_M=block_m, BLOCK_C=block_c,
     )  # fmt: skip
 
 
@@ -76,7 +79,8 @@ def res2net_pool(
     """AvgPool2d(kernel, stride, padding, count_include_pad=True) of x written into out.
 
     Args:
-        x: [N, C, H, W] float32 / float16 / bfloat16, any strides (e.g. conv1's last chunk).
+        x: [N, C, H, W] float32 / float16 / bfloat16 (float64 under the interpreter, summed
+            in float64), any strides (e.g. conv1's last chunk).
         out: [N, C, OH, OW] in x's dtype, any strides, memory disjoint from x's (e.g. the last
             channel slice of the concatenation buffer).
         kernel, stride, padding: of the pool (Res2Net: 3, the block's stride, 1).
