@@ -205,3 +205,21 @@ def test_data_write_then_refresh(backend):
             m.running_var.data.mul_(1.5)
     assert model.refresh() is model
     assert_matches_weights(model, x)
+
+
+def test_cudnn_units_fold_cache():
+    """native's cuDNN units ('auto' on CUDA) keep their own folds: checked here on CPU tensors,
+    where the cache works the same (only its convolutions need CUDA)."""
+    from fastres.backends import native
+    from fastres.backends.folding import fold
+
+    block = build("torch").layer1[0]
+    conv, bn = block.conv1, block.bn1
+    native._plain_folded(conv, bn, torch.float32)
+    random_grads(block)
+    torch.optim.Adam(block.parameters(), lr=1e-2, fused=True).step()
+    weight, bias = native._plain_folded(conv, bn, torch.float32)
+    with torch.no_grad():
+        expected_weight, expected_bias = fold(conv, bn, torch.float32)
+    torch.testing.assert_close(weight, expected_weight)
+    torch.testing.assert_close(bias, expected_bias)
