@@ -4,8 +4,8 @@ Every conv -> BatchNorm [-> + shortcut] [-> ReLU] unit of the stem and of the bl
 PyTorch's own convolution (oneDNN on CPU, cuDNN on CUDA) followed by one fused element-wise op:
 
 - BatchNorm in eval mode (eval(), norm_eval, frozen stages): the BN is an affine map. Without
-  autograd it is folded into the convolution (weights cached per module, keyed on the
-  parameters' versions, never written back); with autograd (BN-frozen layers in training) the
+  autograd it is folded into the convolution (weights cached per module until they are stale,
+  `fold_cache`, never written back); with autograd (BN-frozen layers in training) the
   per-channel scale and shift are computed with torch ops so that gradients reach the conv and
   BN parameters, and `fastres::bn_apply` applies them.
 - BatchNorm in training mode: `fastres::bn_stats`, then `bn_finalize` / `bn_apply` forward and
@@ -30,7 +30,6 @@ a predicate saying where it runs (`runs_*`): `ONEDNN_UNITS` (what this backend r
 
 from __future__ import annotations
 
-import weakref
 from typing import NamedTuple
 
 import torch
@@ -40,6 +39,7 @@ from .. import cpu_cache, extension
 from ..ops import batchnorm as bn_ops
 from ..ops.precision import accumulator_dtype
 from .base import Backend
+from .fold_cache import fold_key, new_cache
 from .folding import bn_scale_shift, fold, uses_batch_stats
 from .plan import Implementation, Shortcut, Unit, run_block, run_units
 
@@ -116,12 +116,8 @@ class _Folded(NamedTuple):
     bias: Tensor  # [C_out]: BN shift (+ scaled conv bias)
 
 
-# conv module -> its folded weights; weak, so that copies and deleted models leave no state.
-_FOLDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _version_key(*tensors: Tensor | None) -> tuple:
-    return tuple(None if t is None else (t.data_ptr(), t._version) for t in tensors)
+# conv module -> its folded weights.
+_FOLDED = new_cache()
 
 
 def _prepackable(conv: nn.Conv2d, bn: nn.Module, x: Tensor) -> bool:
@@ -147,12 +143,8 @@ def _prepackable(conv: nn.Conv2d, bn: nn.Module, x: Tensor) -> bool:
 
 
 def _folded(conv: nn.Conv2d, bn: nn.Module, x: Tensor) -> _Folded:
-    """The conv weight with `bn` folded in, cached until a parameter or buffer changes."""
-    key = (
-        _version_key(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var),
-        bn.eps,
-        tuple(x.shape),
-    )
+    """The conv weight with `bn` folded in, cached until it is stale (`fold_cache`)."""
+    key = (fold_key(conv, bn), tuple(x.shape))
     cached = _FOLDED.get(conv)
     if cached is not None and cached.key == key:
         return cached
@@ -376,16 +368,12 @@ def _cuda_dtype(x: Tensor) -> torch.dtype:
 
 
 # conv module -> (key, (folded weight, bias) in the compute dtype), for _CudnnUnits.
-_PLAIN_FOLDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PLAIN_FOLDED = new_cache()
 
 
 def _plain_folded(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """conv's weight with `bn` folded in, and the bias, in `dtype` (channels_last weight)."""
-    key = (
-        _version_key(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var),
-        bn.eps,
-        dtype,
-    )
+    key = (fold_key(conv, bn), dtype)
     cached = _PLAIN_FOLDED.get(conv)
     if cached is not None and cached[0] == key:
         return cached[1]

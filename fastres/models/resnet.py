@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.utils import checkpoint as torch_checkpoint
 
 from .. import backends
+from ..backends import fold_cache
 from ..backends.plan import REFERENCE, BlockPlan, Unit, run_block, run_units, shortcut_of
 from .norm import build_norm_layer, check_cpu_sync_bn, check_norm_cfg, norm_name
 
@@ -487,6 +488,10 @@ class ResNet(nn.Module):
 
     def train(self, mode: bool = True) -> ResNet:
         """nn.Module.train, then re-freeze frozen stages, then norm_eval keeps BN in eval."""
+        if mode != self.training:
+            # What training wrote without a version bump (a hand-written `p.data -= ...`
+            # step) is seen by the folds of the eval forwards that follow.
+            fold_cache.invalidate()
         super().train(mode)
         self._freeze_stages()
         if mode and self.norm_eval:
@@ -509,6 +514,28 @@ class ResNet(nn.Module):
             if isinstance(m, ResBlock):
                 m.backend = self.backend
         return self
+
+    # -- folded weights ----------------------------------------------------------------------
+
+    def refresh(self) -> ResNet:
+        """Drops the folded weights the fused backends keep for this model.
+
+        Needed only after a write that bypasses PyTorch's version counters (`p.data.add_(...)`,
+        `p.data = t`) with no optimizer step and no train() / eval() switch since; every
+        other change is seen (`fastres.backends.fold_cache`).
+        """
+        fold_cache.refresh(self.modules())
+        return self
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to() / dtype / device changes replace the tensors: a new one may take a freed
+        # one's storage and keep the Parameter's version.
+        fold_cache.invalidate()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        fold_cache.invalidate()  # load_state_dict(assign=True) replaces the tensors
+        super()._load_from_state_dict(*args, **kwargs)
 
     # -- forward -----------------------------------------------------------------------------
 

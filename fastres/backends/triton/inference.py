@@ -2,25 +2,24 @@
 kernel, the avg_down shortcut with its pool in the conv's input load.
 
 Each BatchNorm on running statistics is folded into its convolution (`fastres.backends.folding`),
-cached per conv until a parameter or buffer changes, never written back; when gradients are
-wanted the fold is recomputed with autograd ops each forward, so they reach the conv weight and
-the BN weight / bias.
+cached per conv until it is stale (`fastres.backends.fold_cache`), never written back; when
+gradients are wanted the fold is recomputed with autograd ops each forward, so they reach the
+conv weight and the BN weight / bias.
 """
 
 from __future__ import annotations
-
-import weakref
 
 import torch
 from torch import Tensor, nn
 
 from ...ops.conv2d_fused import arrange_weight, conv2d_fused, kernel_dtypes
 from ...ops.precision import accumulator_dtype
+from ..fold_cache import fold_key, new_cache
 from ..folding import fold
 from ..plan import Shortcut
 
 # conv module -> (key of the tensors it was folded from, (arranged weight, bias)).
-_FOLD_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_FOLD_CACHE = new_cache()
 
 
 def compute_dtype(x: Tensor) -> torch.dtype | None:
@@ -57,20 +56,13 @@ def _fold(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype) -> tuple[Tensor, T
 
 
 def folded(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """`_fold`, cached while the conv and BN tensors are unchanged and no gradient is wanted."""
-    sources = [
-        t for t in (conv.weight, conv.bias, *bn.parameters(), *bn.buffers()) if t is not None
-    ]
+    """`_fold`, cached while it is not stale (`fold_cache`) and no gradient is wanted."""
+    params = (conv.weight, conv.bias, bn.weight, bn.bias)
     if torch.compiler.is_compiling() or (
-        torch.is_grad_enabled() and any(t.requires_grad for t in sources)
+        torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
     ):
         return _fold(conv, bn, dtype)
-    key = (
-        dtype,
-        torch.is_inference_mode_enabled(),
-        bn.eps,
-        *[(t.data_ptr(), t._version, t.dtype) for t in sources],
-    )
+    key = (fold_key(conv, bn), dtype, torch.is_inference_mode_enabled())
     cached = _FOLD_CACHE.get(conv)
     if cached is not None and cached[0] == key:
         return cached[1]

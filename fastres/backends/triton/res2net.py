@@ -6,7 +6,6 @@ hierarchical-add tensors, in eval / BN-frozen mode (`split_conv_concat`) and in 
 from __future__ import annotations
 
 import functools
-import weakref
 
 import torch
 from torch import Tensor, nn
@@ -15,10 +14,12 @@ from ...ops import batchnorm as bn_ops
 from ...ops.conv2d_bn_train import conv2d_bn_train
 from ...ops.conv2d_fused import arrange_weight, conv2d_fused
 from ...ops.res2net_pool import res2net_pool
+from ..fold_cache import new_cache
 from .inference import folded, nhwc_empty
 
-# Bottle2neck -> (rotated, the folded pieces it was built from, its launch weights).
-_RES2NET_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Bottle2neck -> (rotated, the folded pieces it was built from, its launch weights): stale when
+# a piece is (`folded` then returns a new one).
+_RES2NET_CACHE = new_cache()
 
 
 def _last_chunk_pool(block: nn.Module) -> tuple[int, int, int] | None:
