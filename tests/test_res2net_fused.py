@@ -390,10 +390,9 @@ def compile_pool_for_hopper() -> str:
     """Compiles the pool kernel to an sm_90 cubin (Triton's own ptxas, no GPU needed)."""
     import triton
     import triton.language as tl
+    from fastres.kernels.res2net_pool import res2net_pool_kernel as kernel
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
-    from fastres.kernels.res2net_pool import res2net_pool_kernel as kernel
 
     constexprs = dict(
         K=3, ACC=tl.float32, EMULATE_RTNE=0, BLOCK_M=64, BLOCK_C=64, stride_x_c=1, stride_out_c=1
