@@ -19,7 +19,9 @@ The cache's blocks, and the allocations of 1 MiB or more made while `paused` (th
 prepacked weights), are mapped from the kernel and unmapped when freed, never taken from
 glibc's heap: weights prepacked again at every new input size fragmented that heap, which kept
 the freed memory resident (ResNet-18 eval at 120 random sizes: 780-960 MiB against the
-oracle's 80; see bench/results/cpu-memory/).
+oracle's 80; see bench/results/cpu-memory/). What stays per input size is bounded elsewhere:
+one prepacked weight per convolution (for the last size), and oneDNN's primitives of recent
+sizes (its primitive cache, at most ONEDNN_PRIMITIVE_CACHE_CAPACITY = 1024 by default).
 """
 
 from __future__ import annotations
