@@ -14,6 +14,14 @@ A cached block that no allocation takes within 256 scopes (a few forwards of the
 model) is freed: after the input shape changes, or after the caller drops outputs it had kept.
 So the cache holds about one forward's working set, or one training step's saved activations,
 while a model runs, and keeps it when the model stops running: `release()` frees it.
+
+The cache's blocks, and the allocations of 1 MiB or more made while `paused` (the folded,
+prepacked weights), are mapped from the kernel and unmapped when freed, never taken from
+glibc's heap: weights prepacked again at every new input size fragmented that heap, which kept
+the freed memory resident (ResNet-18 eval at 120 random sizes: 780-960 MiB against the
+oracle's 80; see bench/results/cpu-memory/). What stays per input size is bounded elsewhere:
+one prepacked weight per convolution (for the last size), and oneDNN's primitives of recent
+sizes (its primitive cache, at most ONEDNN_PRIMITIVE_CACHE_CAPACITY = 1024 by default).
 """
 
 from __future__ import annotations
@@ -103,15 +111,16 @@ def close_stale_backward_scope() -> None:
 
 
 class paused:
-    """Context manager: allocations inside are not cached (long-lived ones, such as weights)."""
+    """Context manager: allocations inside are not cached (long-lived ones, such as weights);
+    those of 1 MiB or more are mapped from the kernel (see the module's docstring)."""
 
     __slots__ = ("_depth",)
 
     def __enter__(self) -> None:
-        self._depth = _C.cpu_cache_pause() if EXTENSION_ERROR is None else 0
+        self._depth = _C.cpu_cache_pause() if EXTENSION_ERROR is None else None
 
     def __exit__(self, *exc) -> None:
-        if self._depth:
+        if self._depth is not None:
             _C.cpu_cache_resume(self._depth)
 
 
@@ -124,9 +133,11 @@ def trim_heap() -> None:
 
 
 def release() -> None:
-    """Frees every cached block (blocks still held by tensors return when those are freed)."""
+    """Frees every cached block (blocks still held by tensors return when those are freed),
+    and hands the C library's free heap memory back to the kernel (`trim_heap`)."""
     if EXTENSION_ERROR is None:
         _C.cpu_cache_release()
+    trim_heap()
 
 
 def stats() -> CacheStats:

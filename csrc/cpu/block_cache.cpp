@@ -7,8 +7,17 @@
 // (page-rounded) size freed earlier, which this cache keeps instead of returning them to glibc.
 // A cached block that no allocation takes within kStaleScopes scopes is freed (the input shape
 // changed, or outputs the caller had kept were freed); cpu_cache_release() frees them all.
-// Everything outside a scope, and every smaller allocation, goes to the allocator this one
-// replaced.
+// Allocations of at least kMinBytes while paused (long-lived ones: folded and prepacked
+// weights) are not cached, but come from the kernel as the cached blocks do (map_block).
+// Everything else, outside a scope or smaller, goes to the allocator this one replaced.
+//
+// Why blocks come from mmap and not from glibc: once glibc has freed one large mapped block,
+// its mmap threshold rises to that block's size (up to 32 MiB), and large blocks come from its
+// heap instead, which it only shrinks from the top. Weights prepacked again for every new
+// input shape, held while the activations around them come and go, then fragment that heap:
+// a ResNet-18 at 120 random sizes left 700-900 MiB free in it and resident, which neither
+// releasing this cache nor the oracle's 80 MiB explained (bench/results/cpu-memory/). Blocks
+// mapped here go back to the kernel when freed, and leave glibc's threshold where it was.
 
 #include "block_cache.h"
 
@@ -18,6 +27,7 @@
 
 #if !defined(_WIN32)
 #include <pthread.h>
+#include <sys/mman.h>
 #endif
 
 #include <cstdint>
@@ -25,6 +35,7 @@
 #include <mutex>
 #include <new>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 namespace fastres {
@@ -39,20 +50,51 @@ constexpr uint64_t kStaleScopes = 256;
 constexpr uint64_t kSweepEveryScopes = 32;
 
 thread_local int scope_depth = 0;
+// cpu_cache_pause() calls on this thread not yet resumed (allocations inside are long-lived).
+thread_local int pause_depth = 0;
+
+// A block from the kernel, page-aligned, of a size that is a multiple of kPageBytes.
+void* map_block(size_t size) {
+#if defined(_WIN32)
+  return c10::alloc_cpu(size);
+#else
+  void* ptr = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  TORCH_CHECK_WITH(OutOfMemoryError, ptr != MAP_FAILED, "fastres: mmap of ", size,
+                   " bytes failed (out of memory)");
+  return ptr;
+#endif
+}
+
+void unmap_block(void* ptr, size_t size) {
+#if defined(_WIN32)
+  c10::free_cpu(ptr);
+#else
+  munmap(ptr, size);
+#endif
+}
 
 class BlockCache final : public c10::Allocator {
  public:
   explicit BlockCache(c10::Allocator* base) : base_(base), base_raw_deleter_(base->raw_deleter()) {}
 
   c10::DataPtr allocate(size_t nbytes) override {
-    if (scope_depth == 0 || nbytes < kMinBytes) {
+    if (nbytes < kMinBytes || (scope_depth == 0 && pause_depth == 0)) {
       return base_->allocate(nbytes);
     }
     const size_t size = (nbytes + kPageBytes - 1) / kPageBytes * kPageBytes;
+    if (scope_depth == 0) {  // paused: long-lived, not cached
+      void* ptr = map_block(size);
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        long_lived_.emplace(ptr, size);
+      }
+      report(ptr, static_cast<int64_t>(size));
+      return {ptr, ptr, &free_block, c10::Device(c10::DeviceType::CPU)};
+    }
     void* ptr = take_cached(size);
     const bool hit = ptr != nullptr;
     if (!hit) {
-      ptr = c10::alloc_cpu(size);  // throws on out-of-memory
+      ptr = map_block(size);
     }
     {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -76,7 +118,7 @@ class BlockCache final : public c10::Allocator {
 
   // An outermost scope begins: the scope clock ticks, and now and then stale blocks go.
   void tick() {
-    std::vector<void*> to_free;
+    std::vector<std::pair<void*, size_t>> to_free;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       if (++scopes_ % kSweepEveryScopes != 0) {
@@ -95,7 +137,7 @@ class BlockCache final : public c10::Allocator {
   }
 
   void release() {
-    std::vector<void*> to_free;
+    std::vector<std::pair<void*, size_t>> to_free;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       evict_if(to_free, [](const Cached&) { return true; });
@@ -129,6 +171,7 @@ class BlockCache final : public c10::Allocator {
 
   void give_back(void* ptr) {
     size_t size = 0;
+    bool long_lived = false;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       auto it = live_.find(ptr);
@@ -138,23 +181,30 @@ class BlockCache final : public c10::Allocator {
         live_bytes_ -= size;
         cached_[size].push_back({ptr, scopes_});
         cached_bytes_ += size;
+      } else if ((it = long_lived_.find(ptr)) != long_lived_.end()) {
+        size = it->second;
+        long_lived_.erase(it);
+        long_lived = true;
       }
     }
     if (size == 0) {
-      base_raw_deleter_(ptr);  // not a cached block: the base allocator's (raw_deallocate)
+      base_raw_deleter_(ptr);  // not this cache's block: the base allocator's (raw_deallocate)
       return;
     }
     report(ptr, -static_cast<int64_t>(size));
+    if (long_lived) {
+      unmap_block(ptr, size);
+    }
   }
 
   // Moves the cached blocks that `evict` picks into to_free (freed after the lock is released).
   template <typename Pred>
-  void evict_if(std::vector<void*>& to_free, const Pred& evict) {
+  void evict_if(std::vector<std::pair<void*, size_t>>& to_free, const Pred& evict) {
     for (auto entry = cached_.begin(); entry != cached_.end();) {
       auto& blocks = entry->second;
       for (size_t i = 0; i < blocks.size();) {
         if (evict(blocks[i])) {
-          to_free.push_back(blocks[i].ptr);
+          to_free.emplace_back(blocks[i].ptr, entry->first);
           cached_bytes_ -= entry->first;
           blocks[i] = blocks.back();
           blocks.pop_back();
@@ -166,9 +216,9 @@ class BlockCache final : public c10::Allocator {
     }
   }
 
-  static void free_all(const std::vector<void*>& blocks) {
-    for (void* ptr : blocks) {
-      c10::free_cpu(ptr);
+  static void free_all(const std::vector<std::pair<void*, size_t>>& blocks) {
+    for (const auto& [ptr, size] : blocks) {
+      unmap_block(ptr, size);
     }
   }
 
@@ -192,6 +242,7 @@ class BlockCache final : public c10::Allocator {
   const c10::DeleterFnPtr base_raw_deleter_;
   std::mutex mutex_;
   std::unordered_map<void*, size_t> live_;
+  std::unordered_map<void*, size_t> long_lived_;  // allocated while paused, never cached
   std::unordered_map<size_t, std::vector<Cached>> cached_;
   size_t live_bytes_ = 0;
   size_t cached_bytes_ = 0;
@@ -244,10 +295,16 @@ void cpu_cache_exit() {
 int cpu_cache_pause() {
   const int depth = scope_depth;
   scope_depth = 0;
+  ++pause_depth;
   return depth;
 }
 
-void cpu_cache_resume(int depth) { scope_depth = depth; }
+void cpu_cache_resume(int depth) {
+  scope_depth = depth;
+  if (pause_depth > 0) {
+    --pause_depth;
+  }
+}
 
 void cpu_cache_release() {
   if (installed_cache != nullptr) {

@@ -18,7 +18,8 @@ struct CpuCacheStats {
 // higher-priority CPU allocator keeps it out.
 bool cpu_cache_enter();
 void cpu_cache_exit();
-// Leaves every scope of this thread (for long-lived allocations), returning what resume takes.
+// Leaves every scope of this thread (for long-lived allocations, not cached: those of 1 MiB or
+// more are mapped from the kernel), returning what resume takes; every pause needs its resume.
 int cpu_cache_pause();
 void cpu_cache_resume(int depth);
 // Frees every cached block; blocks still held by tensors come back later.
