@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import tuning
-from .precision import accumulator_dtype
+from .precision import accumulator_dtype, triton_accumulator
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -246,7 +246,6 @@ def launch(
     dtype, taken before rounding), else None.
     """
     import triton
-    import triton.language as tl
 
     from fastres.kernels.conv2d_configs import (
         FLAT_K_MAX_C_IN,
@@ -265,7 +264,6 @@ def launch(
     ph, pw, oh, ow = size
     m = n * oh * ow
     acc = accumulator_dtype(x.dtype)
-    tl_acc = tl.float64 if acc == torch.float64 else tl.float32
     if m == 0 or c_out == 0:
         if not stats:
             return None
@@ -303,7 +301,7 @@ def launch(
             RESIDUAL=int(args.residual is not None),
             RES_AFFINE=int(args.residual_scale is not None), RELU=int(args.relu),
             STATS=int(stats), DOT_PRECISION=dot_precision,
-            ACC=tl_acc,
+            ACC=triton_accumulator(x.dtype),
             EMULATE_RTNE=int(interpreting()), FLAT_K=int(flat_k),
             **config,
         )  # fmt: skip

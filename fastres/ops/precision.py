@@ -10,3 +10,10 @@ import torch
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype that sums and per-channel statistics of `dtype` values are kept in."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def triton_accumulator(dtype: torch.dtype):
+    """`accumulator_dtype` as a Triton type, for a kernel's ACC constexpr (imports Triton)."""
+    import triton.language as tl
+
+    return tl.float64 if accumulator_dtype(dtype) == torch.float64 else tl.float32

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from . import conv2d_fused
 from .conv2d_fused import interpreting, may_overlap
-from .precision import accumulator_dtype
+from .precision import triton_accumulator
 
 # Tile of one program: pixels x channels (channels cover a Res2Net chunk slot of 32..208 in
 # 1..4). 32 pixels: at 64, an fp32 tile's nine taps took 255 registers on sm_90 and spilled.
@@ -35,7 +35,6 @@ def pool_output_size(h: int, w: int, kernel: int, stride: int, padding: int) -> 
 @torch.library.custom_op("fastres::res2net_pool_out", mutates_args=("out",))
 def _res2net_pool_out_op(x: Tensor, out: Tensor, kernel: int, stride: int, padding: int) -> None:
     import triton
-    import triton.language as tl
 
     from fastres.kernels.res2net_pool import res2net_pool_kernel
 
@@ -63,7 +62,7 @@ def _res2net_pool_out_op(x: Tensor, out: Tensor, kernel: int, stride: int, paddi
     grid = (triton.cdiv(m, block_m), triton.cdiv(c, block_c))
     res2net_pool_kernel[grid](
         x, out, n, h, w, c, oh, ow, stride, padding, *x.stride(), *out.stride(),
-        K=kernel, ACC=tl.float64 if accumulator_dtype(x.dtype) == torch.float64 else tl.float32,
+        K=kernel, ACC=triton_accumulator(x.dtype),
         EMULATE_RTNE=int(interpreting()), BLOCK_M=block_m, BLOCK_C=block_c,
     )  # fmt: skip
 
