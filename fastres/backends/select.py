@@ -489,7 +489,8 @@ def _pick(kind, site, runnable: list[Candidate], device) -> tuple[Candidate, str
         return runnable[0], "default", {}
     parsed = _parse_shape_class(key)
     site_class = key if parsed is None else parsed[0]
-    if _CHOSEN.tunings.get((device_id, site_class), 0) >= _sizes_tuned():
+    tuned_sizes = _CHOSEN.tunings.get((device_id, site_class), 0)
+    if tuned_sizes >= _sizes_tuned():
         name = None if parsed is None else _nearest(device_id, *parsed, by_name)
         if name is None:
             return runnable[0], "default", {}
@@ -499,7 +500,7 @@ def _pick(kind, site, runnable: list[Candidate], device) -> tuple[Candidate, str
     for loser in runnable:
         if loser.impl is not chosen.impl:
             loser.impl.forget(site.modules())
-    _CHOSEN.tunings[device_id, site_class] = _CHOSEN.tunings.get((device_id, site_class), 0) + 1
+    _CHOSEN.tunings[device_id, site_class] = tuned_sizes + 1
     _CHOSEN.by_class[device_id, key] = chosen.name
     _SELECTIONS.put(device_id, key, chosen.name)
     return chosen, "tuned", times

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..ops.batchnorm import sync_group_name
@@ -66,6 +67,9 @@ def check_cpu_sync_bn(model: nn.Module) -> None:
     ("expected input tensor to be on GPU") without saying so. Call it where the oracle runs a
     CPU input.
     """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return  # nothing synchronizes: no walk over the modules on every forward
     if any(sync_group_name(m) for m in model.modules()):
         raise RuntimeError(
             "SyncBatchNorm would synchronize this CPU batch with other processes on the 'torch' "
