@@ -343,6 +343,48 @@ def test_a_remembered_choice_follows_what_it_depends_on(fresh, monkeypatch):
     assert fresh.exists()
 
 
+def _gpu_like_tables(monkeypatch) -> dict[str, _Counting]:
+    """CUDA's candidate names on CPU tensors: 'triton' first (the untuned default 'auto' had on
+    CUDA), then 'native' and the oracle; each an oracle that counts its sites."""
+    impls = {name: _Counting() for name in ("triton", "native", "torch")}
+    table = _table(*(select.Candidate(n, impl, select._always) for n, impl in impls.items()))
+    monkeypatch.setattr(select, "UNIT_CANDIDATES", table)
+    monkeypatch.setattr(select, "BLOCK_CANDIDATES", table)
+    return impls
+
+
+@pytest.mark.parametrize("gpu_class", [(9, 0), (8, 6)], ids=["measured", "unmeasured"])
+def test_without_a_measurement_a_gpu_runs_the_floor(fresh, monkeypatch, gpu_class):
+    """Where 'auto' may not time (FASTRES_TRITON_TUNE=0; and under torch.compile) a GPU runs
+    what was measured fastest on a GPU of its class (`measured.py`: on the H200, PyTorch's
+    modules for training and ResNet inference, native for Res2Net blocks in inference), and
+    PyTorch's modules on a class nobody measured: never the table's first, untuned Triton."""
+    from fastres.backends import measured
+
+    monkeypatch.setattr(measured, "device_class", lambda device: gpu_class)
+    impls = _gpu_like_tables(monkeypatch)
+    monkeypatch.setenv(tuning.TUNE_ENV_VAR, "0")
+    measured_class = gpu_class in measured.MEASURED
+    res2net = fastres.Res2Net(depth=50, base_channels=8, base_width=4, zero_init_residual=False)
+    res2net = randomize_norms(res2net)
+    x = torch.randn(2, 3, 32, 32)
+    for model, train in ((_model(), False), (_model(), True), (res2net.eval(), False)):
+        model.train(train)
+        chosen = {(type(c.module).__name__, c.chosen, c.how) for c in _run(model, x, train)}
+        expected_block = "native" if measured_class and model is res2net else "torch"
+        assert all(how == "default" for _, _, how in chosen)
+        for module, name, _ in chosen:
+            block_site = module == "Bottle2neck"
+            assert name == (expected_block if block_site else "torch"), (module, name)
+    # torch.compile traces the floor's backend: nothing may be chosen while it traces.
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    calls = {name: impl.calls for name, impl in impls.items()}
+    with torch.no_grad():
+        res2net(x)
+    ran = {name for name, impl in impls.items() if impl.calls > calls[name]}
+    assert ran == ({"native", "torch"} if measured_class else {"torch"})
+
+
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_selection_under_the_interpreter_with_triton_a_candidate(fresh, monkeypatch, train):
     """Under TRITON_INTERPRET=1 the Triton units take part (tests only: the interpreter is no
@@ -427,7 +469,7 @@ def test_new_image_sizes_share_choices_within_a_bounded_tuning(fresh, monkeypatc
     tunings = []
     tune = select._tune
     monkeypatch.setattr(
-        select, "_tune", lambda site, runnable: tunings.append(site) or tune(site, runnable)
+        select, "_tune", lambda site, *rest: tunings.append(site) or tune(site, *rest)
     )
     # channels_last in and out of every candidate, and at least 2x2 pixels in layer4 (inputs of
     # 33 px and more): each site's layout, part of its site class, is the same at every size.

@@ -32,8 +32,10 @@ is made once per machine:
    site class, so a model tunes at most that many times its number of site classes, whatever
    sizes it is fed. Beyond that a new size class takes the choice of the nearest size class of
    its site class known to the process or persisted ('transferred', kept in this process only);
-4. else the default: the first candidate that can run, in the order of the candidate tables
-   (what 'auto' was before it selected: Triton on CUDA, native on CPU).
+4. else the default: on a GPU the floor, what was measured fastest on a GPU of its class and
+   shipped with the package (`measured.py`; PyTorch's own modules where no GPU of the class
+   was measured; never untuned Triton); on CPU the first candidate that can run, in the order
+   of the candidate tables (native).
 
 Trials leave no trace: BatchNorm buffers are restored after each, gradients are taken with
 `torch.autograd.grad` (no `.grad` is written) on detached inputs. `recording()` collects the
@@ -59,7 +61,7 @@ from torch import Tensor, nn
 from .. import cpu_cache
 from ..ops import tuning
 from ..testing import TOLERANCE, relative_error
-from . import native, triton
+from . import measured, native, triton
 from .base import ORACLE, Backend
 from .folding import uses_batch_stats
 from .plan import REFERENCE, Implementation, Shortcut, Unit, run_block, run_units
@@ -96,7 +98,7 @@ _CHOSEN = _Choices()
 # runs, fewer once this many seconds are spent.
 _TIMED_RUNS = 5
 _TIME_BUDGET_S = 0.5
-# Another candidate replaces the default (the first of its table) only when faster by more than
+# Another candidate replaces the default (`_default`) only when faster by more than
 # this: the rest is noise, and the default's whole-model effects are known (`_time`).
 _MARGIN = 0.03
 _clock = time.perf_counter  # tests replace it
@@ -122,7 +124,8 @@ def _backend_runs(backend: Backend) -> Callable[[torch.device, Any], bool]:
     return lambda device, site: backend.unavailable_reason(device.type) is None
 
 
-# Unit sites, per device type, in default order (the first that applies is the default).
+# Unit sites, per device type. On CPU the first that applies is the default (on CUDA the floor,
+# `measured.py`).
 UNIT_CANDIDATES: dict[str, list[Candidate]] = {
     "cuda": [
         Candidate("triton", triton.EVAL_UNITS, triton.runs_units),
@@ -486,17 +489,17 @@ def _pick(kind, site, runnable: list[Candidate], device) -> tuple[Candidate, str
         _CHOSEN.by_class[device_id, key] = name
         return by_name[name], "persisted", {}
     if not _may_tune(device):
-        return runnable[0], "default", {}
+        return _default(kind, site, runnable, device), "default", {}
     parsed = _parse_shape_class(key)
     site_class = key if parsed is None else parsed[0]
     tuned_sizes = _CHOSEN.tunings.get((device_id, site_class), 0)
     if tuned_sizes >= _sizes_tuned():
         name = None if parsed is None else _nearest(device_id, *parsed, by_name)
         if name is None:
-            return runnable[0], "default", {}
+            return _default(kind, site, runnable, device), "default", {}
         _CHOSEN.by_class[device_id, key] = name
         return by_name[name], "transferred", {}
-    chosen, times = _tune(site, runnable)
+    chosen, times = _tune(site, runnable, _default(kind, site, runnable, device).name)
     for loser in runnable:
         if loser.impl is not chosen.impl:
             loser.impl.forget(site.modules())
@@ -504,6 +507,25 @@ def _pick(kind, site, runnable: list[Candidate], device) -> tuple[Candidate, str
     _CHOSEN.by_class[device_id, key] = chosen.name
     _SELECTIONS.put(device_id, key, chosen.name)
     return chosen, "tuned", times
+
+
+def _family(kind: str, site) -> str:
+    """Which GPU measurement decides the site's floor (`measured`)."""
+    if _mode(site) != "eval":
+        return "training"
+    if kind == "block" and site.module.plan().res2net is not None:
+        return "res2net-inference"
+    return "inference"
+
+
+def _default(kind: str, site, runnable: list[Candidate], device: torch.device) -> Candidate:
+    """What a site runs without a measurement of its own: on a GPU the floor (`measured`),
+    else the first candidate of its table that runs it."""
+    name = measured.floor(device, _family(kind, site))
+    if name is None:
+        return runnable[0]
+    by_name = {c.name: c for c in runnable}
+    return by_name.get(name) or next(c for c in runnable if c.family == "torch")
 
 
 def _nearest(
@@ -643,9 +665,12 @@ class _Trials:
         return [out.detach()] + [g for g in grads if g is not None]
 
 
-def _tune(site, runnable: list[Candidate]) -> tuple[Candidate, dict[str, float | None]]:
+def _tune(
+    site, runnable: list[Candidate], default: str
+) -> tuple[Candidate, dict[str, float | None]]:
     """Runs every candidate once against the oracle, times those that agree, returns the
-    fastest (and every candidate's time in ms, None where it disagreed or failed)."""
+    fastest (and every candidate's time in ms, None where it disagreed or failed); the
+    `default` candidate unless another is faster by more than `_MARGIN`."""
     needs_grad = _needs_grad(site)
     inputs = _detached(site.inputs(), needs_grad)
     trials = _Trials(site, inputs, _parameters(site) if needs_grad else [])
@@ -670,7 +695,6 @@ def _tune(site, runnable: list[Candidate]) -> tuple[Candidate, dict[str, float |
             _restore(saved)
     agreeing = {name: ms for name, ms in times.items() if ms is not None}
     best = min(agreeing, key=agreeing.get) if agreeing else oracle.name
-    default = runnable[0].name
     if default in agreeing and agreeing[best] > (1 - _MARGIN) * agreeing[default]:
         best = default
     return next(c for c in runnable if c.name == best), times
@@ -731,15 +755,28 @@ class SelectingBackend(Backend):
     name = "auto"
 
     def default(self, device: torch.device) -> Backend:
-        """What runs where nothing may be chosen (under torch.compile)."""
+        """The first backend of the block table that runs on `device` ('torch' where no fused
+        one can)."""
         for candidate in BLOCK_CANDIDATES.get(device.type, BLOCK_CANDIDATES["cpu"]):
             if candidate.applies(device, None):
                 return candidate.impl
         return _TORCH
 
+    def _unselected(self, site: _BlockSite) -> Backend:
+        """What runs a stem or block where nothing may be chosen (torch.compile traces it):
+        on a GPU the floor (`measured`), else `default`."""
+        device = site.x.device
+        name = measured.floor(device, _family("stem" if site.stem else "block", site))
+        if name is None:
+            return self.default(device)
+        for candidate in BLOCK_CANDIDATES.get(device.type, BLOCK_CANDIDATES["cpu"]):
+            if candidate.name == name and candidate.applies(device, site):
+                return candidate.impl
+        return _TORCH
+
     def run_stem(self, model: nn.Module, x: Tensor) -> Tensor:
         if torch.compiler.is_compiling():
-            return self.default(x.device).run_stem(model, x)
+            return self._unselected(_BlockSite(model, x, stem=True)).run_stem(model, x)
         units = model.stem_units()
         site = _BlockSite(model, x, stem=True)
         if _mode(site) == "train":
@@ -752,7 +789,7 @@ class SelectingBackend(Backend):
 
     def run_block(self, block: nn.Module, x: Tensor) -> Tensor:
         if torch.compiler.is_compiling():
-            return self.default(x.device).run_block(block, x)
+            return self._unselected(_BlockSite(block, x)).run_block(block, x)
         plan = block.plan()
         # From the plan's norms, not the block's module tree: walking that costs more.
         if plan.res2net is not None or any(map(uses_batch_stats, plan.norms())):
