@@ -55,6 +55,7 @@ class _FakeClock:
 
     def __init__(self):
         self.now = 0.0
+        self.loaded_until = 0.0  # until then `_Costly` candidates take three times as long
 
     def __call__(self) -> float:
         return self.now
@@ -125,6 +126,25 @@ class _WrongGradient(Backend):
         return _ScaledGrad.apply(model.stem_reference(x))
 
 
+class _Costly(Implementation):
+    """The oracle's units at `cost` seconds a call on the fake clock (three times that while
+    the machine is loaded, `_FakeClock.loaded_until`)."""
+
+    def __init__(self, clock: _FakeClock, cost: float):
+        self.clock, self.cost = clock, cost
+
+    def _charge(self) -> None:
+        self.clock.now += self.cost * (3 if self.clock.now < self.clock.loaded_until else 1)
+
+    def unit(self, unit, x):
+        self._charge()
+        return REFERENCE.unit(unit, x)
+
+    def tail(self, unit, h, x, shortcut):
+        self._charge()
+        return REFERENCE.tail(unit, h, x, shortcut)
+
+
 def _table(*candidates):
     return {"cpu": list(candidates)}
 
@@ -155,6 +175,22 @@ def test_a_candidate_that_disagrees_with_the_oracle_is_never_chosen(fresh, monke
     monkeypatch.setenv(tuning.CACHE_ENV_VAR, str(fresh.parent.parent / "other"))
     monkeypatch.setattr(select, "_SELECTIONS", tuning.JsonCache(select.SELECTION_FILE))
     assert all(c.chosen == "right" for c in _run(model, x))
+
+
+@pytest.mark.parametrize("challenger_ms", [1.2, 0.8])
+def test_a_load_spike_does_not_choose_a_slower_candidate(fresh, monkeypatch, clock, challenger_ms):
+    """The machine is loaded (3x slower) while the default runs its first timings, and quiet
+    after: the candidates take turns, so the spike hits a round of each, not the default's
+    every run. A slower challenger (1.2 ms against 1 ms) does not win the site; a faster one
+    (0.8 ms) does. Timed one candidate after the other, the slower one won."""
+    always = select._always
+    default = select.Candidate("native", _Costly(clock, 1e-3), always)
+    challenger = select.Candidate("challenger", _Costly(clock, challenger_ms * 1e-3), always)
+    oracle = select.Candidate("torch", _Slow(REFERENCE, clock), always)
+    monkeypatch.setattr(select, "UNIT_CANDIDATES", _table(default, challenger, oracle))
+    clock.loaded_until = 0.030  # the oracle's base run, then the default's first timings
+    first = next(c for c in _run(_model(), torch.randn(2, 3, 32, 32)) if c.how == "tuned")
+    assert first.chosen == ("challenger" if challenger_ms < 1 else "native"), first
 
 
 def test_a_block_whose_gradient_disagrees_is_never_chosen(fresh, monkeypatch, clock):

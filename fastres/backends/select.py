@@ -24,9 +24,10 @@ is made once per machine:
 3. else, where tuning may run (`FASTRES_TRITON_TUNE` is not 0, not under torch.compile, CUDA
    graph capture or torch.distributed), every candidate runs once on the site's inputs and must
    pass the contract's agreement rule against the float64 oracle (outputs, and gradients where
-   the site needs them, `gradient_agrees`; docs/contract.md §3); those that pass are timed
-   (on CPU each run first-touches fresh buffers, as in a whole model) and the fastest is
-   persisted, the default unless another is more than `_MARGIN` faster. The oracle itself
+   the site needs them, `gradient_agrees`; docs/contract.md §3); those that pass are timed in
+   turns, round after round (on CPU each run first-touches fresh buffers, as in a whole
+   model), and the fastest is persisted: the default unless another's best time is more than
+   `_MARGIN` faster and it beat the default in most rounds. The oracle itself
    ('torch') is always a candidate: no site is slower than PyTorch's modules. Tuning is bounded:
    one process tunes at most `FASTRES_SELECT_SIZES` (default `DEFAULT_SIZES`) size classes of a
    site class, so a model tunes at most that many times its number of site classes, whatever
@@ -94,12 +95,16 @@ class _Choices:
 
 _CHOSEN = _Choices()
 
-# Timing of one candidate: its agreement run warms it up, then the best of at most this many
-# runs, fewer once this many seconds are spent.
+# Timing: each candidate's agreement run warms it up; then rounds in which every agreeing
+# candidate runs once, in turns, so that a load spike on the machine hits one round of every
+# candidate rather than every run of one: at most _TIMED_RUNS rounds, no more once
+# _TIME_BUDGET_S seconds per candidate are spent and _MIN_ROUNDS are done.
 _TIMED_RUNS = 5
+_MIN_ROUNDS = 3
 _TIME_BUDGET_S = 0.5
-# Another candidate replaces the default (`_default`) only when faster by more than
-# this: the rest is noise, and the default's whole-model effects are known (`_time`).
+# Another candidate replaces the default (`_default`) only when its best time is faster by more
+# than this and it beat the default in most rounds: the rest is noise, and the default's
+# whole-model effects are known (`_timed_rounds`).
 _MARGIN = 0.03
 _clock = time.perf_counter  # tests replace it
 
@@ -668,9 +673,9 @@ class _Trials:
 def _tune(
     site, runnable: list[Candidate], default: str
 ) -> tuple[Candidate, dict[str, float | None]]:
-    """Runs every candidate once against the oracle, times those that agree, returns the
-    fastest (and every candidate's time in ms, None where it disagreed or failed); the
-    `default` candidate unless another is faster by more than `_MARGIN`."""
+    """Runs every candidate once against the oracle, times those that agree in rounds, returns
+    the fastest by `_fastest` (and every candidate's best time in ms, None where it disagreed
+    or failed)."""
     needs_grad = _needs_grad(site)
     inputs = _detached(site.inputs(), needs_grad)
     trials = _Trials(site, inputs, _parameters(site) if needs_grad else [])
@@ -690,43 +695,76 @@ def _tune(
                 base = trials.run(oracle.impl)
             _restore(saved)
             gold = _gold(site, trials.grad_out)
-            times = {c.name: _time(trials, c.impl, base, gold, saved) for c in runnable}
+            agreeing = [c for c in runnable if _agrees_on_site(trials, c.impl, base, gold, saved)]
+            runs = _timed_rounds(trials, agreeing, saved)
         finally:
             _restore(saved)
-    agreeing = {name: ms for name, ms in times.items() if ms is not None}
-    best = min(agreeing, key=agreeing.get) if agreeing else oracle.name
-    if default in agreeing and agreeing[best] > (1 - _MARGIN) * agreeing[default]:
-        best = default
+    times = {c.name: min(runs[c.name]) * 1e3 if c.name in runs else None for c in runnable}
+    best = _fastest(runs, default) or oracle.name
     return next(c for c in runnable if c.name == best), times
 
 
-def _time(trials: _Trials, impl, base, gold, saved) -> float | None:
-    """The implementation's best time in ms, or None where it fails or disagrees."""
-    device = trials.inputs[0].device
-    try:
-        result = trials.run(impl)
-        _restore(saved)
-        if not _agrees(result, base, gold, base[0].dtype):
-            return None
-        best, spent = math.inf, 0.0
-        for _ in range(_TIMED_RUNS):
-            if device.type == "cpu":
-                # Fresh buffers cost page faults in a whole model (the C library returns large
-                # freed blocks to the kernel; the native backend's cpu_cache keeps its own).
-                # Repeated alone, a site would reuse its heap: hand it back before each run.
-                cpu_cache.trim_heap()
-            _sync(device)
-            start = _clock()
-            trials.run(impl)
-            _sync(device)
-            elapsed = _clock() - start
-            _restore(saved)
-            best, spent = min(best, elapsed), spent + elapsed
-            if spent > _TIME_BUDGET_S:
-                break
-        return best * 1e3
-    except Exception:  # a candidate that cannot run this site is no candidate
+def _fastest(runs: dict[str, list[float]], default: str) -> str | None:
+    """The name with the best time, unless it is not `default` and either misses `_MARGIN`
+    or lost to the default in half the rounds or more (`runs`: seconds per round)."""
+    if not runs:
         return None
+    best = min(runs, key=lambda name: min(runs[name]))
+    if best == default or default not in runs:
+        return best
+    challenger, incumbent = runs[best], runs[default]
+    wins = sum(c < d for c, d in zip(challenger, incumbent))
+    if min(challenger) < (1 - _MARGIN) * min(incumbent) and 2 * wins > len(incumbent):
+        return best
+    return default
+
+
+def _agrees_on_site(trials: _Trials, impl, base, gold, saved) -> bool:
+    """Whether the implementation runs the site and agrees with the oracle (its warm-up)."""
+    try:
+        return _agrees(trials.run(impl), base, gold, base[0].dtype)
+    except Exception:  # a candidate that cannot run this site is no candidate
+        return False
+    finally:
+        _restore(saved)
+
+
+def _timed_rounds(trials: _Trials, candidates: list[Candidate], saved) -> dict[str, list[float]]:
+    """Each candidate's time (s) in every round; a candidate that fails while timed is dropped."""
+    device = trials.inputs[0].device
+    runs: dict[str, list[float]] = {c.name: [] for c in candidates}
+    budget, spent = _TIME_BUDGET_S * len(candidates), 0.0
+    for r in range(_TIMED_RUNS):
+        if r >= min(_MIN_ROUNDS, _TIMED_RUNS) and spent > budget:
+            break
+        turn = r % max(len(candidates), 1)  # each round starts with another candidate
+        for c in candidates[turn:] + candidates[:turn]:
+            if c.name not in runs:
+                continue
+            try:
+                elapsed = _run_timed(trials, c.impl, saved, device)
+            except Exception:  # a candidate that fails while timed is no candidate
+                del runs[c.name]
+                continue
+            runs[c.name].append(elapsed)
+            spent += elapsed
+    return runs
+
+
+def _run_timed(trials: _Trials, impl, saved, device: torch.device) -> float:
+    if device.type == "cpu":
+        # Fresh buffers cost page faults in a whole model (the C library returns large freed
+        # blocks to the kernel; the native backend's cpu_cache keeps its own). Repeated alone,
+        # a site would reuse its heap: hand it back before each run.
+        cpu_cache.trim_heap()
+    _sync(device)
+    start = _clock()
+    try:
+        trials.run(impl)
+        _sync(device)
+        return _clock() - start
+    finally:
+        _restore(saved)
 
 
 # -- the backend -------------------------------------------------------------------------------
