@@ -193,6 +193,32 @@ def test_a_load_spike_does_not_choose_a_slower_candidate(fresh, monkeypatch, clo
     assert first.chosen == ("challenger" if challenger_ms < 1 else "native"), first
 
 
+def test_timed_runs_use_the_cpu_block_cache_as_the_model_does(fresh, monkeypatch):
+    """Native's training blocks run in their CPU block cache scope in the model, which spares
+    them the page faults of fresh buffers: timed without it, they would lose sites to the
+    oracle that they win in the model. The stem's 2 MiB buffers come from the cache while its
+    candidates are timed."""
+    from fastres import cpu_cache
+
+    if select.native.BACKEND.unavailable_reason("cpu") is not None:
+        pytest.skip("the extension is not built")
+    hits = []
+    timed_rounds = select._timed_rounds
+
+    def counting(*args):
+        before = cpu_cache.stats().hits
+        runs = timed_rounds(*args)
+        hits.append(cpu_cache.stats().hits - before)
+        return runs
+
+    monkeypatch.setattr(select, "_timed_rounds", counting)
+    monkeypatch.setattr(select, "_TIMED_RUNS", 3)
+    model = fastres.ResNet(depth=18, stem_channels=64, base_channels=8, zero_init_residual=False)
+    stem = select._BlockSite(randomize_norms(model).train(), torch.randn(2, 3, 128, 128), True)
+    select._tune(stem, select.BLOCK_CANDIDATES["cpu"], "native")
+    assert hits and hits[0] > 0
+
+
 def test_a_block_whose_gradient_disagrees_is_never_chosen(fresh, monkeypatch, clock):
     """In training mode the candidates are whole blocks, checked on their gradients too."""
     always = select._always
@@ -209,6 +235,36 @@ def test_a_block_whose_gradient_disagrees_is_never_chosen(fresh, monkeypatch, cl
     tuned = [c for c in choices if c.how == "tuned"]
     assert tuned and {c.chosen for c in choices} == {"torch"}
     assert all(c.times_ms["wrong"] is None for c in tuned)
+
+
+class _WrongGradientOnce(Backend):
+    """The oracle's blocks, with a backward 1.5x too large on its first call only: what one
+    pre-activation rounding across a ReLU kink does to a BatchNorm's gradients on one input."""
+
+    name = "once"
+
+    def __init__(self):
+        self.calls = 0
+
+    def run_block(self, block, x):
+        self.calls += 1
+        y = block.forward_reference(x)
+        return _ScaledGrad.apply(y) if self.calls == 1 else y
+
+    def run_stem(self, model, x):
+        return model.stem_reference(x)
+
+
+def test_a_gradient_that_misses_on_one_input_only_is_checked_again(fresh, monkeypatch, clock):
+    """A candidate whose gradient misses on the site's inputs and agrees on fresh ones is a
+    candidate (a kink flip); one that misses on every input is not (the test above)."""
+    once = _WrongGradientOnce()
+    block_site = select._BlockSite(_model(train=True).layer1[0], torch.randn(2, 8, 8, 8))
+    table = [select.Candidate("once", once, select._always)]
+    table.append(select.Candidate("torch", _Slow(ORACLE, clock), select._always))
+    chosen, times = select._tune(block_site, table, "torch")
+    assert chosen.name == "once" and times["once"] is not None
+    assert once.calls > 2  # the first check, the one on fresh inputs, the timed rounds
 
 
 def test_tuning_leaves_statistics_and_gradients_as_one_oracle_step_does(fresh):
