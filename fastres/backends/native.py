@@ -332,6 +332,27 @@ class _Units(Implementation):
         return torch.cat(outs, 1)
 
 
+class _FastBnUnits(_Units):
+    """`_Units` whose BatchNorm ops run the bandwidth-bound CUDA kernels (variant 1,
+    csrc/cuda/batchnorm_fast_kernels.cu): an 'auto' candidate beside `UNITS` until measured on
+    a GPU (`runs_fast_bn`), so that it must agree with the oracle before it may win."""
+
+    def __init__(self):
+        super().__init__(prepacked=False)
+
+    def unit(self, unit: Unit, x: Tensor) -> Tensor:
+        with bn_ops.kernel_variant(1):
+            return super().unit(unit, x)
+
+    def tail(self, unit: Unit, h: Tensor, x: Tensor, shortcut: Shortcut | None) -> Tensor:
+        with bn_ops.kernel_variant(1):
+            return super().tail(unit, h, x, shortcut)
+
+    def res2net(self, block: nn.Module, conv1: Unit, x: Tensor) -> Tensor:
+        with bn_ops.kernel_variant(1):
+            return super().res2net(block, conv1, x)
+
+
 class _CudnnUnits(Implementation):
     """cuDNN's own fused convolutions with the BN folded into weight and bias:
     `cudnn_convolution_relu`, and `cudnn_convolution_add_relu` for a tail (inference on CUDA,
@@ -389,6 +410,7 @@ def _plain_folded(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype) -> tuple[T
 
 BACKEND = NativeBackend()
 UNITS, ONEDNN_UNITS, CUDNN_UNITS = _Units(prepacked=False), _Units(), _CudnnUnits()
+FAST_BN_UNITS = _FastBnUnits()
 _UNITS = ONEDNN_UNITS  # what the native backend runs: prepacked wherever it may
 
 
@@ -397,6 +419,11 @@ def runs_units(device: torch.device, site) -> bool:
     if BACKEND.unavailable_reason(device.type) is not None or not _nonempty(site.h):
         return False
     return all(_fusable(bn) for _, bn in site.pairs())
+
+
+def runs_fast_bn(device: torch.device, site) -> bool:
+    """`FAST_BN_UNITS`: where `_Units` runs, on CUDA (elsewhere the variant changes nothing)."""
+    return device.type == "cuda" and runs_units(device, site)
 
 
 def runs_onednn(device: torch.device, site) -> bool:

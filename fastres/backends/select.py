@@ -127,6 +127,7 @@ UNIT_CANDIDATES: dict[str, list[Candidate]] = {
     "cuda": [
         Candidate("triton", triton.EVAL_UNITS, triton.runs_units),
         Candidate("native", native.UNITS, native.runs_units),
+        Candidate("native-fastbn", native.FAST_BN_UNITS, native.runs_fast_bn),
         Candidate("native-cudnn", native.CUDNN_UNITS, native.runs_cudnn_fused),
         Candidate("torch", REFERENCE, _always),
     ],
