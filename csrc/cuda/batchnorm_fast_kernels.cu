@@ -786,8 +786,9 @@ size_t max_workspace_bytes(DType dtype, const Geometry& g) {
   size_t bytes = 0;
   const int widths[] = {1, 2, 4, 8};
   const int elem = dtype == DType::kFloat32 ? 4 : 2;
+  const int64_t inner = g.channels_last ? g.c : g.s;
   for (int vec : widths) {
-    if (vec * elem > 16) continue;
+    if (vec * elem > 16 || inner % vec != 0) continue;
     bytes = std::max(bytes, workspace_bytes(make_plan(g, vec, LOADS, true), g, FIELDS));
   }
   return bytes;
