@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import fastres
 from fastres.backends import native, select
 from fastres.backends.plan import Unit
 from fastres.extension import EXTENSION_ERROR, cuda_kernels_built
@@ -88,14 +89,17 @@ def _outputs(result):
 # CPU: the wiring
 
 
-def test_fast_bn_candidate_is_offered_on_cuda_only_and_never_the_default():
-    cuda = [c.name for c in select.UNIT_CANDIDATES["cuda"]]
+@pytest.mark.parametrize("table", ["UNIT_CANDIDATES", "BLOCK_CANDIDATES"])
+def test_fast_bn_candidate_is_offered_on_cuda_only_and_never_the_default(table):
+    candidates = getattr(select, table)
+    cuda = [c.name for c in candidates["cuda"]]
     assert "native-fastbn" in cuda
     # After the current kernels: it can win a timing, never be the untimed default.
     assert cuda.index("native-fastbn") > cuda.index("native")
-    assert "native-fastbn" not in [c.name for c in select.UNIT_CANDIDATES["cpu"]]
-    site_on_cpu = None  # runs_fast_bn decides on the device before it looks at the site
-    assert not native.runs_fast_bn(torch.device("cpu"), site_on_cpu)
+    assert "native-fastbn" not in [c.name for c in candidates["cpu"]]
+    fast = next(c for c in candidates["cuda"] if c.name == "native-fastbn")
+    site_on_cpu = None  # the predicates decide on the device before they look at the site
+    assert not fast.applies(torch.device("cpu"), site_on_cpu)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
@@ -154,6 +158,26 @@ def test_the_candidate_runs_every_op_with_its_variant_forward_and_backward(impl,
     assert {v for _, v in recorder.calls} == {variant}, recorder.calls
     reference = native.UNITS.unit(unit, x.detach())
     torch.testing.assert_close(out.detach(), reference, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend, variant", [("BACKEND", 0), ("FAST_BN_BACKEND", 1)])
+def test_the_block_candidate_runs_every_op_with_its_variant(backend, variant):
+    """The block candidate (training sites): the stem and a block's statistics, applies and
+    backward, all on its variant."""
+    model = fastres.ResNet(depth=18, base_channels=4, norm_eval=False).train()
+    x = torch.randn(2, 3, 16, 16)
+    impl = getattr(native, backend)
+    recorder = _RecordVariants()
+    with recorder:
+        h = impl.run_stem(model, x)
+        out = impl.run_block(model.layer1[0], h)
+        out.sum().backward()
+    assert {name for name, _ in recorder.calls} >= {
+        "bn_stats",
+        "bn_backward_reduce",
+        "bn_backward_elemt",
+    }, recorder.calls
+    assert {v for _, v in recorder.calls} == {variant}, recorder.calls
 
 
 def test_kernel_variant_scope_nests_and_restores():

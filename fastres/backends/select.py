@@ -144,6 +144,7 @@ BLOCK_CANDIDATES: dict[str, list[Candidate]] = {
     "cuda": [
         Candidate("triton", _TRITON, _backend_runs(_TRITON)),
         Candidate("native", _NATIVE, _backend_runs(_NATIVE)),
+        Candidate("native-fastbn", native.FAST_BN_BACKEND, native.runs_fast_bn_blocks),
         Candidate("torch", _TORCH, _always),
     ],
     "cpu": [
