@@ -304,8 +304,8 @@ __device__ __forceinline__ void finish_stats(const StatsOut& o, int64_t C, Lane 
   if (owner) write_stats(o, tile_c0 + t, total);
 }
 
-// The exact (count, mean, M2) of a batch of nb loaded vectors (channels j apart where
-// PER_CHANNEL, else all one channel), merged into the thread's state.
+// The exact (count, mean, M2) of the first nb of U loaded vectors, merged into the thread's
+// state: per channel j of the vectors (channels_last), or over all their values (NCHW, below).
 template <typename T, int VEC, int U>
 __device__ __forceinline__ void merge_batch_per_channel(const Pack<T, VEC> (&v)[U], int nb,
                                                         float& n, float (&mean)[VEC],
@@ -413,7 +413,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
         nb = u + 1;
       }
     }
-    if (nb > 0) merge_batch_one_channel<T, VEC, U>(v, nb, n, mean, m2);
+    merge_batch_one_channel<T, VEC, U>(v, nb, n, mean, m2);
   }
   const Column col = welford_block_merge<1>(n, mean, m2, lane);
   finish_stats<1>(o, C, lane, c, c, true, col);
