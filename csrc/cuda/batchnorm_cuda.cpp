@@ -137,7 +137,8 @@ std::tuple<Tensor, Tensor, Tensor> bn_backward_reduce_cuda(
   Tensor ws = workspace(fast ? cuda::fast::bn_backward_reduce_workspace_bytes(dt, cg)
                              : cuda::bn_backward_reduce_workspace_bytes(dt, cg),
                         p.x);
-  const auto launch = fast ? cuda::fast::launch_bn_backward_reduce : cuda::launch_bn_backward_reduce;
+  const auto launch =
+      fast ? cuda::fast::launch_bn_backward_reduce : cuda::launch_bn_backward_reduce;
   check(launch(
             dt, a.dy.const_data_ptr(), p.x.const_data_ptr(), tail_of(p, relu),
             a.mean.const_data_ptr(), a.mean_r.const_data_ptr(), cg, a.sum_dy.data_ptr(),
