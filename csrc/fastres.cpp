@@ -9,6 +9,8 @@
 //   bn_backward_reduce / bn_backward_elemt
 //                     the two passes of the backward of bn_apply and of a training-mode BN
 //                     in front of it; the ReLU mask is recomputed from the inputs.
+// `variant` picks the CUDA kernels: 0 those of cuda/batchnorm_kernels.cu, 1 the bandwidth-bound
+// ones of cuda/batchnorm_fast_kernels.cu (an 'auto' candidate until measured); CPU ignores it.
 // Kernels register per dispatch key: cpu/batchnorm_cpu.cpp, cuda/batchnorm_cuda.cpp.
 
 #include <Python.h>
@@ -17,22 +19,23 @@
 #include "cpu/block_cache.h"
 
 TORCH_LIBRARY(fastres, m) {
-  m.def("bn_stats(Tensor x) -> (Tensor mean, Tensor m2)");
+  m.def("bn_stats(Tensor x, int variant=0) -> (Tensor mean, Tensor m2)");
   m.def(
       "bn_finalize(Tensor mean, Tensor m2, int count, Tensor? weight, Tensor? bias, float eps)"
       " -> (Tensor scale, Tensor shift, Tensor invstd)");
   m.def(
       "bn_apply(Tensor x, Tensor scale, Tensor shift, Tensor? residual, Tensor? scale_r,"
-      " Tensor? shift_r, bool relu) -> Tensor");
+      " Tensor? shift_r, bool relu, int variant=0) -> Tensor");
   m.def(
       "bn_backward_reduce(Tensor grad_out, Tensor x, Tensor scale, Tensor shift,"
       " Tensor? residual, Tensor? scale_r, Tensor? shift_r, bool relu, Tensor? mean,"
-      " Tensor? mean_r) -> (Tensor sum_dy, Tensor sum_dy_xmu, Tensor sum_dy_rmu)");
+      " Tensor? mean_r, int variant=0) -> (Tensor sum_dy, Tensor sum_dy_xmu, Tensor sum_dy_rmu)");
   m.def(
       "bn_backward_elemt(Tensor grad_out, Tensor x, Tensor scale, Tensor shift,"
       " Tensor? residual, Tensor? scale_r, Tensor? shift_r, bool relu, Tensor? mean,"
       " Tensor? invstd, Tensor? sum_dy, Tensor? sum_dy_xmu, Tensor? mean_r, Tensor? invstd_r,"
-      " Tensor? sum_dy_rmu, int count, bool grad_residual) -> (Tensor grad_x, Tensor grad_r)");
+      " Tensor? sum_dy_rmu, int count, bool grad_residual, int variant=0)"
+      " -> (Tensor grad_x, Tensor grad_r)");
 }
 
 // A plain module object: importing fastres._C loads this library, whose static initialisers

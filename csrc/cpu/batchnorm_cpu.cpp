@@ -288,7 +288,7 @@ void stats_kernel(const scalar_t* x, const Geometry& g, acc_t* mean_out, acc_t* 
   });
 }
 
-std::tuple<Tensor, Tensor> bn_stats_cpu(const Tensor& x_in) {
+std::tuple<Tensor, Tensor> bn_stats_cpu(const Tensor& x_in, int64_t /*variant: CUDA only*/) {
   const StatsArgs a = prepare_stats(x_in);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "bn_stats", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -339,7 +339,8 @@ Tail<acc_t> tail_of(const Prepared& p) {
 
 Tensor bn_apply_cpu(const Tensor& x_in, const Tensor& scale, const Tensor& shift,
                     const std::optional<Tensor>& residual, const std::optional<Tensor>& scale_r,
-                    const std::optional<Tensor>& shift_r, bool relu) {
+                    const std::optional<Tensor>& shift_r, bool relu,
+                    int64_t /*variant: CUDA only*/) {
   const ApplyArgs a = prepare_apply(x_in, scale, shift, residual, scale_r, shift_r);
   const Prepared& p = a.p;
   const Geometry& g = p.g;
@@ -380,7 +381,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_backward_reduce_cpu(
     const Tensor& grad_out, const Tensor& x_in, const Tensor& scale, const Tensor& shift,
     const std::optional<Tensor>& residual, const std::optional<Tensor>& scale_r,
     const std::optional<Tensor>& shift_r, bool relu, const std::optional<Tensor>& mean,
-    const std::optional<Tensor>& mean_r) {
+    const std::optional<Tensor>& mean_r, int64_t /*variant: CUDA only*/) {
   const BackwardReduceArgs a = prepare_backward_reduce(grad_out, x_in, scale, shift, residual,
                                                        scale_r, shift_r, mean, mean_r);
   const Prepared& p = a.p;
@@ -478,7 +479,7 @@ std::tuple<Tensor, Tensor> bn_backward_elemt_cpu(
     const std::optional<Tensor>& invstd, const std::optional<Tensor>& sum_dy,
     const std::optional<Tensor>& sum_dy_xmu, const std::optional<Tensor>& mean_r,
     const std::optional<Tensor>& invstd_r, const std::optional<Tensor>& sum_dy_rmu,
-    int64_t count, bool grad_residual) {
+    int64_t count, bool grad_residual, int64_t /*variant: CUDA only*/) {
   const BackwardElemtArgs a = prepare_backward_elemt(
       grad_out, x_in, scale, shift, residual, scale_r, shift_r, mean, invstd, sum_dy, sum_dy_xmu,
       mean_r, invstd_r, sum_dy_rmu, count, grad_residual);

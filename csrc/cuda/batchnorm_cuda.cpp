@@ -12,6 +12,7 @@
 #include <tuple>
 
 #include "../batchnorm_common.h"
+#include "batchnorm_fast_kernels.h"
 #include "batchnorm_kernels.h"
 
 namespace fastres {
@@ -49,11 +50,19 @@ void check(cudaError_t err, const char* op) {
               cudaGetErrorString(err));
 }
 
+// The kernels of an op's `variant`: 0 batchnorm_kernels.cu, 1 batchnorm_fast_kernels.cu.
+bool fast_variant(int64_t variant) {
+  TORCH_CHECK(variant == 0 || variant == 1, "fastres: kernel variant must be 0 or 1, got ",
+              variant);
+  return variant == 1;
+}
+
 Tensor workspace(size_t bytes, const Tensor& like) {
   return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
 }
 
-std::tuple<Tensor, Tensor> bn_stats_cuda(const Tensor& x_in) {
+std::tuple<Tensor, Tensor> bn_stats_cuda(const Tensor& x_in, int64_t variant) {
+  const bool fast = fast_variant(variant);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const StatsArgs a = prepare_stats(x_in);
   const Geometry& g = a.g;
@@ -65,9 +74,12 @@ std::tuple<Tensor, Tensor> bn_stats_cuda(const Tensor& x_in) {
   }
   const auto dt = dtype_of(a.x);
   const auto cg = cuda_geometry(g);
-  Tensor ws = workspace(cuda::bn_stats_workspace_bytes(dt, cg), a.x);
-  check(cuda::launch_bn_stats(dt, a.x.const_data_ptr(), cg, a.mean.data_ptr(), a.m2.data_ptr(),
-                              ws.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+  Tensor ws = workspace(fast ? cuda::fast::bn_stats_workspace_bytes(dt, cg)
+                             : cuda::bn_stats_workspace_bytes(dt, cg),
+                        a.x);
+  const auto launch = fast ? cuda::fast::launch_bn_stats : cuda::launch_bn_stats;
+  check(launch(dt, a.x.const_data_ptr(), cg, a.mean.data_ptr(), a.m2.data_ptr(), ws.data_ptr(),
+               c10::cuda::getCurrentCUDAStream()),
         "bn_stats");
   return {a.mean, a.m2};
 }
@@ -91,14 +103,15 @@ std::tuple<Tensor, Tensor, Tensor> bn_finalize_cuda(const Tensor& mean_in, const
 
 Tensor bn_apply_cuda(const Tensor& x_in, const Tensor& scale, const Tensor& shift,
                      const std::optional<Tensor>& residual, const std::optional<Tensor>& scale_r,
-                     const std::optional<Tensor>& shift_r, bool relu) {
+                     const std::optional<Tensor>& shift_r, bool relu, int64_t variant) {
+  const bool fast = fast_variant(variant);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const ApplyArgs a = prepare_apply(x_in, scale, shift, residual, scale_r, shift_r);
   const Prepared& p = a.p;
   if (a.out.numel() == 0) return a.out;
-  check(cuda::launch_bn_apply(dtype_of(p.x), p.x.const_data_ptr(), tail_of(p, relu),
-                              cuda_geometry(p.g), a.out.data_ptr(),
-                              c10::cuda::getCurrentCUDAStream()),
+  const auto launch = fast ? cuda::fast::launch_bn_apply : cuda::launch_bn_apply;
+  check(launch(dtype_of(p.x), p.x.const_data_ptr(), tail_of(p, relu), cuda_geometry(p.g),
+               a.out.data_ptr(), c10::cuda::getCurrentCUDAStream()),
         "bn_apply");
   return a.out;
 }
@@ -107,7 +120,8 @@ std::tuple<Tensor, Tensor, Tensor> bn_backward_reduce_cuda(
     const Tensor& grad_out, const Tensor& x_in, const Tensor& scale, const Tensor& shift,
     const std::optional<Tensor>& residual, const std::optional<Tensor>& scale_r,
     const std::optional<Tensor>& shift_r, bool relu, const std::optional<Tensor>& mean,
-    const std::optional<Tensor>& mean_r) {
+    const std::optional<Tensor>& mean_r, int64_t variant) {
+  const bool fast = fast_variant(variant);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const BackwardReduceArgs a = prepare_backward_reduce(grad_out, x_in, scale, shift, residual,
                                                        scale_r, shift_r, mean, mean_r);
@@ -120,8 +134,12 @@ std::tuple<Tensor, Tensor, Tensor> bn_backward_reduce_cuda(
   }
   const auto dt = dtype_of(p.x);
   const auto cg = cuda_geometry(p.g);
-  Tensor ws = workspace(cuda::bn_backward_reduce_workspace_bytes(dt, cg), p.x);
-  check(cuda::launch_bn_backward_reduce(
+  Tensor ws = workspace(fast ? cuda::fast::bn_backward_reduce_workspace_bytes(dt, cg)
+                             : cuda::bn_backward_reduce_workspace_bytes(dt, cg),
+                        p.x);
+  const auto launch =
+      fast ? cuda::fast::launch_bn_backward_reduce : cuda::launch_bn_backward_reduce;
+  check(launch(
             dt, a.dy.const_data_ptr(), p.x.const_data_ptr(), tail_of(p, relu),
             a.mean.const_data_ptr(), a.mean_r.const_data_ptr(), cg, a.sum_dy.data_ptr(),
             a.sum_dy_xmu.data_ptr(), p.scale_r.defined() ? a.sum_dy_rmu.data_ptr() : nullptr,
@@ -137,14 +155,16 @@ std::tuple<Tensor, Tensor> bn_backward_elemt_cuda(
     const std::optional<Tensor>& invstd, const std::optional<Tensor>& sum_dy,
     const std::optional<Tensor>& sum_dy_xmu, const std::optional<Tensor>& mean_r,
     const std::optional<Tensor>& invstd_r, const std::optional<Tensor>& sum_dy_rmu,
-    int64_t count, bool grad_residual) {
+    int64_t count, bool grad_residual, int64_t variant) {
+  const bool fast = fast_variant(variant);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const BackwardElemtArgs a = prepare_backward_elemt(
       grad_out, x_in, scale, shift, residual, scale_r, shift_r, mean, invstd, sum_dy, sum_dy_xmu,
       mean_r, invstd_r, sum_dy_rmu, count, grad_residual);
   const Prepared& p = a.p;
   if (p.x.numel() == 0) return {a.grad_x, a.grad_r};
-  check(cuda::launch_bn_backward_elemt(
+  const auto launch = fast ? cuda::fast::launch_bn_backward_elemt : cuda::launch_bn_backward_elemt;
+  check(launch(
             dtype_of(p.x), a.dy.const_data_ptr(), p.x.const_data_ptr(), tail_of(p, relu),
             a.ec.coef.const_data_ptr(), a.ec.train_x, a.ec.train_r, cuda_geometry(p.g),
             a.grad_x.data_ptr(), a.ec.want_r ? a.grad_r.data_ptr() : nullptr,

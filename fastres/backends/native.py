@@ -22,9 +22,11 @@ blocks that earlier forwards freed, which are still mapped (no first-touch page 
 Blocks with norms this backend does not fuse (GroupNorm, BN without affine parameters) and
 degenerate inputs (an empty batch, one value per channel in training) run the oracle.
 
-For the 'auto' selection (`select.py`) this module offers three unit implementations, each with
+For the 'auto' selection (`select.py`) this module offers four unit implementations, each with
 a predicate saying where it runs (`runs_*`): `ONEDNN_UNITS` (what this backend runs), `UNITS`
-(never prepacked: PyTorch's convolution + `bn_apply`), and `CUDNN_UNITS` (cuDNN's fused
+(never prepacked: PyTorch's convolution + `bn_apply`), `FAST_BN_UNITS` (`UNITS` on the
+bandwidth-bound CUDA BN kernels, `fastres.ops.batchnorm.kernel_variant` 1; with
+`FAST_BN_BACKEND`, the same for whole blocks) and `CUDNN_UNITS` (cuDNN's fused
 `cudnn_convolution_relu` / `cudnn_convolution_add_relu` with the BN folded in; CUDA inference).
 """
 
@@ -332,6 +334,41 @@ class _Units(Implementation):
         return torch.cat(outs, 1)
 
 
+class _FastBnUnits(_Units):
+    """`_Units` whose BatchNorm ops run the bandwidth-bound CUDA kernels (variant 1,
+    csrc/cuda/batchnorm_fast_kernels.cu): an 'auto' candidate beside `UNITS` until measured on
+    a GPU (`runs_fast_bn`), so that it must agree with the oracle before it may win."""
+
+    def __init__(self):
+        super().__init__(prepacked=False)
+
+    def unit(self, unit: Unit, x: Tensor) -> Tensor:
+        with bn_ops.kernel_variant(1):
+            return super().unit(unit, x)
+
+    def tail(self, unit: Unit, h: Tensor, x: Tensor, shortcut: Shortcut | None) -> Tensor:
+        with bn_ops.kernel_variant(1):
+            return super().tail(unit, h, x, shortcut)
+
+    def res2net(self, block: nn.Module, conv1: Unit, x: Tensor) -> Tensor:
+        with bn_ops.kernel_variant(1):
+            return super().res2net(block, conv1, x)
+
+
+class _FastBnBackend(NativeBackend):
+    """The native backend with the BatchNorm ops on kernel variant 1 (see `_FastBnUnits`):
+    the 'auto' candidate of whole blocks and stems (training, Res2Net) on CUDA
+    (`runs_fast_bn_blocks`)."""
+
+    def run_stem(self, model: nn.Module, x: Tensor) -> Tensor:
+        with bn_ops.kernel_variant(1):
+            return super().run_stem(model, x)
+
+    def run_block(self, block: nn.Module, x: Tensor) -> Tensor:
+        with bn_ops.kernel_variant(1):
+            return super().run_block(block, x)
+
+
 class _CudnnUnits(Implementation):
     """cuDNN's own fused convolutions with the BN folded into weight and bias:
     `cudnn_convolution_relu`, and `cudnn_convolution_add_relu` for a tail (inference on CUDA,
@@ -389,6 +426,7 @@ def _plain_folded(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype) -> tuple[T
 
 BACKEND = NativeBackend()
 UNITS, ONEDNN_UNITS, CUDNN_UNITS = _Units(prepacked=False), _Units(), _CudnnUnits()
+FAST_BN_UNITS, FAST_BN_BACKEND = _FastBnUnits(), _FastBnBackend()
 _UNITS = ONEDNN_UNITS  # what the native backend runs: prepacked wherever it may
 
 
@@ -397,6 +435,16 @@ def runs_units(device: torch.device, site) -> bool:
     if BACKEND.unavailable_reason(device.type) is not None or not _nonempty(site.h):
         return False
     return all(_fusable(bn) for _, bn in site.pairs())
+
+
+def runs_fast_bn(device: torch.device, site) -> bool:
+    """`FAST_BN_UNITS`: where `_Units` runs, on CUDA (elsewhere the variant changes nothing)."""
+    return device.type == "cuda" and runs_units(device, site)
+
+
+def runs_fast_bn_blocks(device: torch.device, site) -> bool:
+    """`FAST_BN_BACKEND`: where the native backend runs, on CUDA."""
+    return device.type == "cuda" and FAST_BN_BACKEND.unavailable_reason(device.type) is None
 
 
 def runs_onednn(device: torch.device, site) -> bool:

@@ -144,6 +144,7 @@ UNIT_CANDIDATES: dict[str, list[Candidate]] = {
     "cuda": [
         Candidate("triton", triton.EVAL_UNITS, triton.runs_units),
         Candidate("native", native.UNITS, native.runs_units),
+        Candidate("native-fastbn", native.FAST_BN_UNITS, native.runs_fast_bn),
         Candidate("native-cudnn", native.CUDNN_UNITS, native.runs_cudnn_fused),
         Candidate("torch", REFERENCE, _always),
     ],
@@ -160,6 +161,7 @@ BLOCK_CANDIDATES: dict[str, list[Candidate]] = {
     "cuda": [
         Candidate("triton", _TRITON, _backend_runs(_TRITON)),
         Candidate("native", _NATIVE, _backend_runs(_NATIVE)),
+        Candidate("native-fastbn", native.FAST_BN_BACKEND, native.runs_fast_bn_blocks),
         Candidate("torch", _TORCH, _always),
     ],
     "cpu": [

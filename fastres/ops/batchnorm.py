@@ -16,9 +16,17 @@ inputs):
   [+ residual | + residual * scale_r + shift_r]).
 - `bn_backward_reduce` / `bn_backward_elemt`: the two passes of the backward of `bn_apply` and
   of training-mode BatchNorms in front of it (formulas in the reference).
+
+Every op but `bn_finalize` takes a last argument `variant`, the CUDA kernels it runs (CPU
+ignores it): 0 the default ones, 1 the bandwidth-bound ones (csrc/cuda/batchnorm_fast_kernels.cu),
+an 'auto' candidate until measured. The wrappers below and the composite ops pass the variant
+of the enclosing `kernel_variant` scope; a backward runs with its forward's.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
 
 import torch
 from torch import Tensor
@@ -38,13 +46,32 @@ def memory_format_of(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+_KERNEL_VARIANT = contextvars.ContextVar("fastres_bn_kernel_variant", default=0)
+
+
+@contextlib.contextmanager
+def kernel_variant(variant: int):
+    """Within the scope, the bn_* ops run CUDA kernel variant `variant` (see above)."""
+    token = _KERNEL_VARIANT.set(variant)
+    try:
+        yield
+    finally:
+        _KERNEL_VARIANT.reset(token)
+
+
+def current_variant() -> int:
+    """The enclosing scope's kernel variant; 0 while torch.compile traces (which would not
+    guard on it)."""
+    return 0 if torch.compiler.is_compiling() else _KERNEL_VARIANT.get()
+
+
 def _channels(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x.new_empty(x.shape[1], dtype=dtype)
 
 
 def _register_fakes() -> None:
     @torch.library.register_fake("fastres::bn_stats")
-    def _(x):
+    def _(x, variant=0):
         acc = accumulator_dtype(x.dtype)
         return _channels(x, acc), _channels(x, acc)
 
@@ -53,11 +80,11 @@ def _register_fakes() -> None:
         return torch.empty_like(mean), torch.empty_like(mean), torch.empty_like(mean)
 
     @torch.library.register_fake("fastres::bn_apply")
-    def _(x, scale, shift, residual, scale_r, shift_r, relu):
+    def _(x, scale, shift, residual, scale_r, shift_r, relu, variant=0):
         return torch.empty_like(x, memory_format=memory_format_of(x))
 
     @torch.library.register_fake("fastres::bn_backward_reduce")
-    def _(grad_out, x, scale, shift, residual, scale_r, shift_r, relu, mean, mean_r):
+    def _(grad_out, x, scale, shift, residual, scale_r, shift_r, relu, mean, mean_r, variant=0):
         c = x.shape[1]
         rmu = c if residual is not None and scale_r is not None else 0
         acc = accumulator_dtype(x.dtype)
@@ -65,16 +92,16 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("fastres::bn_backward_elemt")
     def _(grad_out, x, scale, shift, residual, scale_r, shift_r, relu, mean, invstd, sum_dy,
-          sum_dy_xmu, mean_r, invstd_r, sum_dy_rmu, count, grad_residual):  # fmt: skip
+          sum_dy_xmu, mean_r, invstd_r, sum_dy_rmu, count, grad_residual, variant=0):  # fmt: skip
         grad_x = torch.empty_like(x, memory_format=memory_format_of(x))
         if grad_residual and residual is not None:
             return grad_x, torch.empty_like(x, memory_format=memory_format_of(x))
         return grad_x, x.new_empty(0)
 
     def apply_setup_context(ctx, inputs, output):
-        x, scale, shift, residual, scale_r, shift_r, relu = inputs
+        x, scale, shift, residual, scale_r, shift_r, relu, variant = inputs
         ctx.save_for_backward(x, scale, shift, residual, scale_r, shift_r)
-        ctx.relu = relu
+        ctx.relu, ctx.variant = relu, variant
 
     def apply_backward(ctx, grad):
         x, scale, shift, residual, scale_r, shift_r = ctx.saved_tensors
@@ -82,7 +109,7 @@ def _register_fakes() -> None:
         grad_x = grad_scale = grad_shift = grad_r = grad_scale_r = grad_shift_r = None
         if need[1] or need[2] or need[4] or need[5]:
             sum_dy, sum_dy_x, sum_dy_r = torch.ops.fastres.bn_backward_reduce(
-                grad, x, scale, shift, residual, scale_r, shift_r, ctx.relu, None, None
+                grad, x, scale, shift, residual, scale_r, shift_r, ctx.relu, None, None, ctx.variant
             )
             grad_scale, grad_shift = sum_dy_x.to(scale.dtype), sum_dy.to(shift.dtype)
             if scale_r is not None:
@@ -90,10 +117,10 @@ def _register_fakes() -> None:
         if need[0] or need[3]:
             grad_x, grad_r = torch.ops.fastres.bn_backward_elemt(
                 grad, x, scale, shift, residual, scale_r, shift_r, ctx.relu,
-                None, None, None, None, None, None, None, 1, bool(need[3]),
+                None, None, None, None, None, None, None, 1, bool(need[3]), ctx.variant,
             )  # fmt: skip
             grad_r = grad_r if need[3] else None
-        return grad_x, grad_scale, grad_shift, grad_r, grad_scale_r, grad_shift_r, None
+        return grad_x, grad_scale, grad_shift, grad_r, grad_scale_r, grad_shift_r, None, None
 
     torch.library.register_autograd(
         "fastres::bn_apply", apply_backward, setup_context=apply_setup_context
@@ -106,7 +133,7 @@ if EXTENSION_ERROR is None:
 
 def bn_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean [C] and M2 [C] of x [N, C, *] (count = x.numel() / C)."""
-    return torch.ops.fastres.bn_stats(x)
+    return torch.ops.fastres.bn_stats(x, current_variant())
 
 
 def combine_stats(count: Tensor, mean: Tensor, m2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -151,7 +178,9 @@ def bn_apply(
 
     Differentiable in x, scale, shift, residual, scale_r and shift_r.
     """
-    return torch.ops.fastres.bn_apply(x, scale, shift, residual, scale_r, shift_r, relu)
+    return torch.ops.fastres.bn_apply(
+        x, scale, shift, residual, scale_r, shift_r, relu, current_variant()
+    )
 
 
 def bn_backward_reduce(*args) -> tuple[Tensor, Tensor, Tensor]:
@@ -256,13 +285,14 @@ def _train_act_impl(
     y, mean, m2, weight, bias, eps, residual, y_d, mean_d, m2_d, weight_d, bias_d, eps_d, relu,
     count, group,
 ):  # fmt: skip
+    variant = current_variant()
     scale, shift, _ = torch.ops.fastres.bn_finalize(mean, m2, count, weight, bias, eps)
     if y_d is None:
-        return torch.ops.fastres.bn_apply(y, scale, shift, residual, None, None, relu)
+        return torch.ops.fastres.bn_apply(y, scale, shift, residual, None, None, relu, variant)
     scale_d, shift_d, _ = torch.ops.fastres.bn_finalize(
         mean_d, m2_d, count, weight_d, bias_d, eps_d
     )
-    return torch.ops.fastres.bn_apply(y, scale, shift, y_d, scale_d, shift_d, relu)
+    return torch.ops.fastres.bn_apply(y, scale, shift, y_d, scale_d, shift_d, relu, variant)
 
 
 def _train_act_fake(
@@ -281,6 +311,7 @@ def _train_act_setup_context(ctx, inputs, output):
     )
     ctx.eps, ctx.eps_d, ctx.relu, ctx.two_bn = eps, eps_d, relu, two_bn
     ctx.count, ctx.group = count, group
+    ctx.variant = current_variant()
 
 
 def _train_act_backward(ctx, grad_out):
@@ -297,7 +328,7 @@ def _train_act_backward(ctx, grad_out):
     mu_d = mean_d if ctx.two_bn else None
     grad_out = grad_out.to(y.dtype)
     sums = torch.ops.fastres.bn_backward_reduce(
-        grad_out, y, scale, shift, r, scale_d, shift_d, ctx.relu, mean, mu_d
+        grad_out, y, scale, shift, r, scale_d, shift_d, ctx.relu, mean, mu_d, ctx.variant
     )
     # The affine parameters' gradients are this process's share (as nn.SyncBatchNorm's: DDP
     # reduces them); the input gradient's batch-statistics terms are over every process's batch.
@@ -309,6 +340,7 @@ def _train_act_backward(ctx, grad_out):
     grad_y, grad_r = torch.ops.fastres.bn_backward_elemt(
         grad_out, y, scale, shift, r, scale_d, shift_d, ctx.relu, mean, invstd, sum_dy,
         sum_dy_xmu, mu_d, invstd_d, sum_dy_rmu if ctx.two_bn else None, count, want_r,
+        ctx.variant,
     )  # fmt: skip
     grad_w = (local_dy_xmu * invstd).to(weight.dtype) if need[3] else None
     grad_b = local_dy.to(bias.dtype) if need[4] else None
