@@ -58,13 +58,17 @@ def check_triton_device(x: Tensor, what: str) -> None:
         )
 
 
-def arrange_weight(weight: Tensor) -> Tensor:
-    """The weight stored as [KH, KW, C_in, C_out], returned as a [C_out, C_in, KH, KW] view.
+def arrange_weight(weight: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """The weight stored as [KH, KW, C_in, C_out] (in `dtype`, if given), returned as a
+    [C_out, C_in, KH, KW] view.
 
     The kernel reads the weight through its strides; this storage order makes every B tile
-    contiguous along C_out. Differentiable (a permuted copy).
+    contiguous along C_out. Differentiable (a permuted copy, cast on the way: one op).
     """
-    return weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+    arranged = weight.permute(2, 3, 1, 0).to(
+        dtype or weight.dtype, memory_format=torch.contiguous_format
+    )
+    return arranged.permute(3, 2, 0, 1)
 
 
 def as_pair(v: int | Sequence[int], name: str) -> list[int]:
@@ -147,11 +151,11 @@ class ConvArgs(NamedTuple):
         n = self.weight.shape[0] if stats else 0
         return tuple(self.x.new_empty(n, dtype=accumulator_dtype(self.x.dtype)) for _ in range(2))
 
-    def dot_precision(self) -> str:
-        """The kernel's DOT_PRECISION (kernels/conv2d_fused.py)."""
+    def dot_precision(self, interpret: bool) -> str:
+        """The kernel's DOT_PRECISION (kernels/conv2d_fused.py); `interpret`: `interpreting()`."""
         if self.x.dtype == torch.float64:
             return "fp64"
-        if interpreting() or (self.x.dtype == torch.float32 and not self.allow_tf32):
+        if interpret or (self.x.dtype == torch.float32 and not self.allow_tf32):
             return "ieee"
         return "tf32" if self.x.dtype == torch.float32 else "native"
 
@@ -179,7 +183,8 @@ def check_inputs(args: ConvArgs) -> tuple[int, int, int, int]:
             f"expected x [N, C_in, H, W] and weight [C_out, C_in, KH, KW], got "
             f"{tuple(x.shape)} and {tuple(weight.shape)}"
         )
-    if x.dtype not in kernel_dtypes() or weight.dtype != x.dtype:
+    # kernel_dtypes() (an environment lookup) only for a dtype outside the usual three.
+    if weight.dtype != x.dtype or (x.dtype not in _FLOAT_DTYPES and x.dtype not in kernel_dtypes()):
         allowed = ", ".join(str(d).removeprefix("torch.") for d in kernel_dtypes())
         raise TypeError(
             f"x and weight must share a dtype among {allowed}; got {x.dtype} and {weight.dtype}"
@@ -247,12 +252,7 @@ def launch(
     """
     import triton
 
-    from fastres.kernels.conv2d_configs import (
-        FLAT_K_MAX_C_IN,
-        candidate_configs,
-        interpreter_config,
-        shape_class,
-    )
+    from fastres.kernels.conv2d_configs import FLAT_K_MAX_C_IN, interpreter_config
     from fastres.kernels.conv2d_fused import conv2d_fused_kernel
 
     x, weight, groups = args.x, args.weight, args.groups
@@ -273,7 +273,8 @@ def launch(
     res = args.residual if args.residual is not None else out
     x2 = args.input_add if args.input_add is not None else x
     tiles: dict[int, tuple[Tensor, Tensor]] = {}  # BLOCK_M -> per-tile partials
-    dot_precision = args.dot_precision()
+    interpret = interpreting()
+    dot_precision = args.dot_precision(interpret)
     stride, padding, dilation = args.stride, args.padding, args.dilation
 
     def launch_config(config: dict, compile_only: bool = False) -> None:
@@ -302,32 +303,52 @@ def launch(
             RES_AFFINE=int(args.residual_scale is not None), RELU=int(args.relu),
             STATS=int(stats), DOT_PRECISION=dot_precision,
             ACC=triton_accumulator(x.dtype),
-            EMULATE_RTNE=int(interpreting()), FLAT_K=int(flat_k),
+            EMULATE_RTNE=int(interpret), FLAT_K=int(flat_k),
             **config,
         )  # fmt: skip
 
-    if interpreting():
+    if interpret:
         config = interpreter_config(m, kh * kw * c_in if flat_k else c_in, c_out)
     else:
-        pool = args.input_pool
-        shape = "x".join(map(str, shape_class(m, c_in, c_out, kh, kw, stride[0], pool)))
-        dtype = str(x.dtype).removeprefix("torch.")
-        key = f"conv2d_fused {shape} g{groups} {dtype} dot-{dot_precision}"
-        candidates = candidate_configs(
-            m, kh * kw * c_in, c_in, c_out, flat_k, x.element_size(), pool,
-            tuning.shared_memory_limit(x.device),
-        )  # fmt: skip
-        config = tuning.choose(
-            x.device,
-            key,
-            candidates,
-            launch_config,
-            functools.partial(launch_config, compile_only=True),
-        )
+        config = _chosen_config(args, m, c_in, c_out, flat_k, dot_precision, launch_config)
     launch_config(config)
     if not stats:
         return None
     return _merge_tiles(*tiles[config["BLOCK_M"]], m, config["BLOCK_M"])
+
+
+# (device, dtype, DOT_PRECISION, groups, M, C_in, C_out, KH, KW, stride, pool) -> the tile
+# configuration `tuning.choose` gave that shape: its key, candidates and answer are made once.
+_CONFIGS: dict[tuple, dict] = {}
+
+
+def _chosen_config(
+    args: ConvArgs, m: int, c_in: int, c_out: int, flat_k: bool, dot_precision: str, launch_config
+) -> dict:
+    """The launch configuration of a shape on CUDA (`tuning.choose`), kept per shape."""
+    from fastres.kernels.conv2d_configs import candidate_configs, shape_class
+
+    x, pool = args.x, args.input_pool
+    kh, kw = args.weight.shape[2:]
+    key = (x.device, x.dtype, dot_precision, args.groups, m, c_in, c_out, kh, kw,
+           args.stride[0], pool)  # fmt: skip
+    config = _CONFIGS.get(key)
+    if config is not None:
+        return config
+    shape = "x".join(map(str, shape_class(m, c_in, c_out, kh, kw, args.stride[0], pool)))
+    dtype = str(x.dtype).removeprefix("torch.")
+    candidates = candidate_configs(
+        m, kh * kw * c_in, c_in, c_out, flat_k, x.element_size(), pool,
+        tuning.shared_memory_limit(x.device),
+    )  # fmt: skip
+    config = _CONFIGS[key] = tuning.choose(
+        x.device,
+        f"conv2d_fused {shape} g{args.groups} {dtype} dot-{dot_precision}",
+        candidates,
+        launch_config,
+        functools.partial(launch_config, compile_only=True),
+    )
+    return config
 
 
 def _merge_tiles(tile_sum: Tensor, tile_m2: Tensor, m: int, block_m: int) -> tuple[Tensor, Tensor]:
@@ -501,6 +522,24 @@ def _prologue_backward(grad: Tensor, args: ConvArgs, needs: ConvArgs) -> dict[st
 torch.library.register_autograd("fastres::conv2d_fused", _backward, setup_context=_setup_context)
 
 
+class _Conv2dFused(torch.autograd.Function):
+    """The autograd of `fastres::conv2d_fused` (same backward) for eager execution with
+    gradients: the custom op's own autograd wrapper (`register_autograd`) costs about 0.1 ms
+    more Python per call (it binds every argument to the schema's defaults). The op itself
+    still runs below it, so dispatch modes and profiles see `fastres::conv2d_fused`;
+    torch.compile traces the custom op directly (`conv2d_fused`)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = torch.ops.fastres.conv2d_fused(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _backward(ctx, *grads)
+
+
 @torch.library.custom_op("fastres::conv2d_fused_out", mutates_args=("out",))
 def _conv2d_fused_out_op(
     x: Tensor,
@@ -628,5 +667,8 @@ def conv2d_fused(
             raise ValueError("stats are not available with out=")
         torch.ops.fastres.conv2d_fused_out(*args, out)
         return out
-    result, mean, m2 = torch.ops.fastres.conv2d_fused(*args, bool(stats))
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        result, mean, m2 = _Conv2dFused.apply(*args, bool(stats))
+    else:
+        result, mean, m2 = torch.ops.fastres.conv2d_fused(*args, bool(stats))
     return (result, mean, m2) if stats else result

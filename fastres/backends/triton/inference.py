@@ -52,7 +52,7 @@ def _fold(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype) -> tuple[Tensor, T
     """The conv weight with the BN folded in ([C_out, C_in, KH, KW], arranged for the kernel,
     in `dtype`) and the folded bias ([C_out] fp32, fp64 for fp64)."""
     weight, bias = fold(conv, bn, accumulator_dtype(dtype))
-    return arrange_weight(weight.to(dtype)), bias
+    return arrange_weight(weight, dtype), bias
 
 
 def folded(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

@@ -257,14 +257,14 @@ def train_res2net_middle(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     conv = block.convs[0]
     geometry = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
     weight = _pad_outputs(block.conv1.weight, scales)
-    y, mean, m2 = conv2d_bn_train(x, arrange_weight(weight.to(x.dtype)), stride=block.conv1.stride)
+    y, mean, m2 = conv2d_bn_train(x, arrange_weight(weight, x.dtype), stride=block.conv1.stride)
     out = _train_padded_bn_relu([block.norm1], y, mean, m2, scales, width)
     split = (scales - 1) * slot
     bns = list(block.bns)
     if block.stage_type == "stage" and len({bn.eps for bn in bns}) == 1:
         weight = torch.cat([_pad_inputs(_pad_outputs(c.weight, 1), 1) for c in block.convs])
         y, mean, m2 = conv2d_bn_train(
-            out[:, :split], arrange_weight(weight.to(out.dtype)), groups=scales - 1, **geometry
+            out[:, :split], arrange_weight(weight, out.dtype), groups=scales - 1, **geometry
         )
         outs = [_train_padded_bn_relu(bns, y, mean, m2, scales - 1, width)]
     else:
@@ -272,8 +272,10 @@ def train_res2net_middle(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
         for i, (conv, bn) in enumerate(zip(block.convs, bns)):
             chunk = out[:, i * slot : (i + 1) * slot]
             add = previous if block.stage_type == "normal" else None
-            weight = _pad_inputs(_pad_outputs(conv.weight, 1), 1).to(out.dtype)
-            y, mean, m2 = conv2d_bn_train(chunk, arrange_weight(weight), input_add=add, **geometry)
+            weight = _pad_inputs(_pad_outputs(conv.weight, 1), 1)
+            y, mean, m2 = conv2d_bn_train(
+                chunk, arrange_weight(weight, out.dtype), input_add=add, **geometry
+            )
             previous = _train_padded_bn_relu([bn], y, mean, m2, 1, width)
             outs.append(previous)
     last = out[:, split:]

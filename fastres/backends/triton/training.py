@@ -108,7 +108,7 @@ def _train_conv(
         x, input_bn = x.y, x.input_bn()
     weight = conv.weight if weight is None else weight
     y, mean, m2 = conv2d_bn_train(
-        x, arrange_weight(weight.to(x.dtype)), stride=conv.stride, padding=conv.padding,
+        x, arrange_weight(weight, x.dtype), stride=conv.stride, padding=conv.padding,
         dilation=conv.dilation, input_bn=input_bn, input_pool=input_pool, input_add=input_add,
     )  # fmt: skip
     stats, group = _global_stats([bn], y, mean, m2)

@@ -1,0 +1,155 @@
+"""Host (Python) cost of the triton backend per kernel launch, on a machine without a GPU.
+
+    .venv/bin/python scripts/host_cost.py [--workload resnet50 --workload res2net50]
+        [--forwards 5] [--repeats 3] [--json out.json]
+
+Every Triton kernel is compiled for sm_90 and launched nowhere: the stand-in driver of
+`scripts/compile_report.py` (`Recorder.patched`) answers the JIT for a GPU that is not here, so
+a forward runs the triton backend's whole Python path (plan, folds, launch configuration,
+argument binding, custom-op dispatch, BatchNorm statistics ops on CPU tensors) but no kernel.
+What a forward costs there is the host time a GPU forward would cost the CPU that drives it.
+
+Configuration (the issue-25 figures): ResNet-50 and Res2Net-50 with base_channels=16 and
+stem_channels=16, input 2x3x64x64 channels_last, bf16 CPU autocast, tuning off
+(FASTRES_TRITON_TUNE=0), one thread. Measured, after one warm-up forward (which compiles, or
+reads Triton's on-disk cache): the best of `--repeats` rounds of `--forwards` forwards each,
+
+- inference: model.eval() under torch.no_grad();
+- training forward: model.train() with autograd;
+- training backward: `sum(out.float().mean()).backward()` after each training forward, beside
+  the same backward of the 'torch' backend (eager PyTorch) on the same model: both run their
+  gradient kernels for real on CPU tensors (the triton backend's backward is PyTorch's
+  convolution_backward and the extension's BatchNorm ops); `backward_vs_eager` is the ratio.
+
+Launches per forward count the JIT's launching runs (conv2d_fused and res2net_pool kernels).
+Prints one JSON line per workload and mode: ms per forward, launches, us per launch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ["FASTRES_TRITON_TUNE"] = "0"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from compile_report import Recorder  # noqa: E402  (pops TRITON_INTERPRET before triton loads)
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+import fastres  # noqa: E402
+
+ARCH = 90
+WORKLOADS = {
+    "resnet50": lambda: fastres.ResNet(depth=50, base_channels=16, stem_channels=16),
+    "res2net50": lambda: fastres.Res2Net(depth=50, base_channels=16, stem_channels=16),
+}
+
+
+def _outputs_loss(outs) -> torch.Tensor:
+    return sum(o.float().mean() for o in outs)
+
+
+@contextlib.contextmanager
+def _counting_launches():
+    """Counts the JIT's launching runs (not its compile-only warm-ups) inside the context."""
+    patched, counter = JITFunction.run, [0]
+
+    def run(fn, *args, **kwargs):
+        counter[0] += not kwargs.get("warmup")
+        return patched(fn, *args, **kwargs)
+
+    JITFunction.run = run
+    try:
+        yield counter
+    finally:
+        JITFunction.run = patched
+
+
+def _best_ms(step, forwards: int, repeats: int) -> float:
+    """Best over `repeats` rounds of the mean ms of `step` over `forwards` calls."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(forwards):
+            step()
+        best = min(best, (time.perf_counter() - start) * 1e3 / forwards)
+    return best
+
+
+def _backward_ms(model, x, forwards: int, repeats: int) -> float:
+    """Best mean ms of the backward alone (each after its own training forward)."""
+    best = float("inf")
+    for _ in range(repeats):
+        total = 0.0
+        for _ in range(forwards):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = _outputs_loss(model(x))
+            start = time.perf_counter()
+            loss.backward()
+            total += time.perf_counter() - start
+        best = min(best, total * 1e3 / forwards)
+    return best
+
+
+def measure(name: str, forwards: int, repeats: int, backward: bool = True) -> list[dict]:
+    """The rows of one workload: inference, training forward (and backward) host cost."""
+    torch.manual_seed(0)
+    model = WORKLOADS[name]().to(memory_format=torch.channels_last).set_backend("triton")
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    rows = []
+    for mode in ("infer", "train"):
+        model.train(mode == "train")
+
+        def forward(grad: bool = mode == "train"):
+            with torch.set_grad_enabled(grad), autocast:
+                return model(x)
+
+        forward()  # compiles (or reads Triton's cache), folds, picks the configurations
+        with _counting_launches() as launches:
+            forward()
+        ms = _best_ms(forward, forwards, repeats)
+        per_launch = round(ms * 1e3 / launches[0], 1)
+        row = {"workload": name, "mode": mode, "ms_per_forward": round(ms, 2),
+               "launches": launches[0], "us_per_launch": per_launch}  # fmt: skip
+        if mode == "train" and backward:
+            row["backward_ms"] = round(_backward_ms(model, x, forwards, repeats), 2)
+            model.set_backend("torch")
+            _backward_ms(model, x, 1, 1)  # warm-up
+            row["eager_backward_ms"] = round(_backward_ms(model, x, forwards, repeats), 2)
+            row["backward_vs_eager"] = round(row["backward_ms"] / row["eager_backward_ms"], 2)
+            model.set_backend("triton")
+        rows.append(row)
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workload", action="append", choices=tuple(WORKLOADS))
+    parser.add_argument("--forwards", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-backward", action="store_true")
+    parser.add_argument("--json", help="write the rows to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)  # the stand-in launches nothing: outputs are garbage
+    rows = []
+    with Recorder(all_candidates=False).patched(ARCH):
+        for name in args.workload or WORKLOADS:
+            for row in measure(name, args.forwards, args.repeats, not args.no_backward):
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
