@@ -1,7 +1,7 @@
 """Host (Python) cost of the triton backend per kernel launch, on a machine without a GPU.
 
     .venv/bin/python scripts/host_cost.py [--workload resnet50 --workload res2net50]
-        [--forwards 5] [--repeats 3] [--json out.json]
+        [--mode infer --mode train] [--forwards 5] [--repeats 3] [--no-backward] [--json FILE]
 
 Every Triton kernel is compiled for sm_90 and launched nowhere: the stand-in driver of
 `scripts/compile_report.py` (`Recorder.patched`) answers the JIT for a GPU that is not here, so
@@ -21,6 +21,8 @@ reads Triton's on-disk cache): the best of `--repeats` rounds of `--forwards` fo
   gradient kernels for real on CPU tensors (the triton backend's backward is PyTorch's
   convolution_backward and the extension's BatchNorm ops); `backward_vs_eager` is the ratio.
 
+Times are the process's CPU time (`time.process_time`, one thread), not wall time: on a shared
+machine the time other processes hold the cores is not counted.
 Launches per forward count the JIT's launching runs (conv2d_fused and res2net_pool kernels).
 Prints one JSON line per workload and mode: ms per forward, launches, us per launch.
 """
@@ -45,6 +47,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 import fastres  # noqa: E402
 
 ARCH = 90
+MODES = ("infer", "train")
 WORKLOADS = {
     "resnet50": lambda: fastres.ResNet(depth=50, base_channels=16, stem_channels=16),
     "res2net50": lambda: fastres.Res2Net(depth=50, base_channels=16, stem_channels=16),
@@ -75,10 +78,10 @@ def _best_ms(step, forwards: int, repeats: int) -> float:
     """Best over `repeats` rounds of the mean ms of `step` over `forwards` calls."""
     best = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = time.process_time()
         for _ in range(forwards):
             step()
-        best = min(best, (time.perf_counter() - start) * 1e3 / forwards)
+        best = min(best, (time.process_time() - start) * 1e3 / forwards)
     return best
 
 
@@ -90,21 +93,23 @@ def _backward_ms(model, x, forwards: int, repeats: int) -> float:
         for _ in range(forwards):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = _outputs_loss(model(x))
-            start = time.perf_counter()
+            start = time.process_time()
             loss.backward()
-            total += time.perf_counter() - start
+            total += time.process_time() - start
         best = min(best, total * 1e3 / forwards)
     return best
 
 
-def measure(name: str, forwards: int, repeats: int, backward: bool = True) -> list[dict]:
+def measure(
+    name: str, forwards: int, repeats: int, modes=MODES, backward: bool = True
+) -> list[dict]:
     """The rows of one workload: inference, training forward (and backward) host cost."""
     torch.manual_seed(0)
     model = WORKLOADS[name]().to(memory_format=torch.channels_last).set_backend("triton")
     x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16)
     rows = []
-    for mode in ("infer", "train"):
+    for mode in modes:
         model.train(mode == "train")
 
         def forward(grad: bool = mode == "train"):
@@ -132,6 +137,7 @@ def measure(name: str, forwards: int, repeats: int, backward: bool = True) -> li
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workload", action="append", choices=tuple(WORKLOADS))
+    parser.add_argument("--mode", action="append", choices=MODES)
     parser.add_argument("--forwards", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-backward", action="store_true")
@@ -142,7 +148,9 @@ def main() -> int:
     rows = []
     with Recorder(all_candidates=False).patched(ARCH):
         for name in args.workload or WORKLOADS:
-            for row in measure(name, args.forwards, args.repeats, not args.no_backward):
+            for row in measure(
+                name, args.forwards, args.repeats, args.mode or MODES, not args.no_backward
+            ):
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     if args.json:

@@ -43,6 +43,12 @@ def kernel_dtypes() -> tuple[torch.dtype, ...]:
     return (*_FLOAT_DTYPES, torch.float64) if interpreting() else _FLOAT_DTYPES
 
 
+def runs_dtype(dtype: torch.dtype) -> bool:
+    """Whether the kernels take `dtype` (`kernel_dtypes`; the environment is read only for a
+    dtype outside the usual three)."""
+    return dtype in _FLOAT_DTYPES or dtype in kernel_dtypes()
+
+
 def interpreting() -> bool:
     """True when Triton kernels run through the interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false")
@@ -183,8 +189,7 @@ def check_inputs(args: ConvArgs) -> tuple[int, int, int, int]:
             f"expected x [N, C_in, H, W] and weight [C_out, C_in, KH, KW], got "
             f"{tuple(x.shape)} and {tuple(weight.shape)}"
         )
-    # kernel_dtypes() (an environment lookup) only for a dtype outside the usual three.
-    if weight.dtype != x.dtype or (x.dtype not in _FLOAT_DTYPES and x.dtype not in kernel_dtypes()):
+    if weight.dtype != x.dtype or not runs_dtype(x.dtype):
         allowed = ", ".join(str(d).removeprefix("torch.") for d in kernel_dtypes())
         raise TypeError(
             f"x and weight must share a dtype among {allowed}; got {x.dtype} and {weight.dtype}"
@@ -352,13 +357,29 @@ def _chosen_config(
 
 
 def _merge_tiles(tile_sum: Tensor, tile_m2: Tensor, m: int, block_m: int) -> tuple[Tensor, Tensor]:
-    """Per-tile (sum, M2) [tiles, C] of m rows in tiles of block_m -> mean [C], M2 [C]."""
-    from .batchnorm import combine_stats
+    """Per-tile (sum, M2) [tiles, C] of m rows in tiles of block_m -> mean [C], M2 [C].
 
-    counts = torch.full((tile_sum.shape[0],), block_m, dtype=tile_sum.dtype, device=tile_sum.device)
-    counts[-1] = m - (tile_sum.shape[0] - 1) * block_m
-    _, mean, m2 = combine_stats(counts, tile_sum / counts.unsqueeze(1), tile_m2)
+    Chan's merge in six ops: with S_i, n_i a tile's sum and rows, mean = sum S_i / m and
+    M2 = sum (M2_i + (S_i - n_i mean)^2 / n_i), the last term being n_i (mean_i - mean)^2.
+    """
+    counts, inverse_counts = _tile_counts(
+        tile_sum.shape[0], m, block_m, tile_sum.dtype, tile_sum.device
+    )
+    mean = tile_sum.sum(0).div_(m)
+    deviation = torch.addcmul(tile_sum, counts, mean, value=-1)
+    m2 = torch.addcmul(tile_m2, deviation.mul_(deviation), inverse_counts).sum(0)
     return mean, m2
+
+
+@functools.cache
+def _tile_counts(
+    tiles: int, m: int, block_m: int, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """The rows of each tile and their inverses, [tiles, 1] each: made once per shape (on the
+    device, without a copy from the host: safe inside a CUDA-graph capture)."""
+    counts = torch.full((tiles, 1), block_m, dtype=dtype, device=device)
+    counts[-1] = m - (tiles - 1) * block_m
+    return counts, counts.reciprocal()
 
 
 def may_overlap(a: Tensor, b: Tensor) -> bool:

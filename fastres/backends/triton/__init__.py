@@ -88,9 +88,12 @@ class TritonBackend(Backend):
     def run_block(self, block: nn.Module, x: Tensor) -> Tensor:
         plan = block.plan()
         dtype = compute_dtype(x)
-        if dtype is not None and trainable(plan_pairs(plan), x):
+        if dtype is None:  # float64 on CUDA
+            return block.forward_reference(x)
+        pairs = plan_pairs(plan)
+        if trainable(pairs, x):
             return run_block(_TRAIN, plan, x.to(dtype))
-        if dtype is None or not block_foldable(block):
+        if not block_foldable(pairs):
             # GroupNorm, float64, BNs in mixed modes: the oracle runs them.
             return block.forward_reference(x)
         return run_block(_EVAL, plan, x.to(dtype))
