@@ -23,6 +23,9 @@ reads Triton's on-disk cache): the best of `--repeats` rounds of `--forwards` fo
 
 Times are the process's CPU time (`time.process_time`, one thread), not wall time: on a shared
 machine the time other processes hold the cores is not counted.
+`--ops` counts instead what one step launches (`KernelCounter`: ops but views and allocations,
+and Triton launches) on the triton and the torch backend: the kernels a GPU step would run.
+
 Launches per forward count the JIT's launching runs (conv2d_fused and res2net_pool kernels).
 Prints one JSON line per workload and mode: ms per forward, launches, us per launch.
 """
@@ -30,6 +33,7 @@ Prints one JSON line per workload and mode: ms per forward, launches, us per lau
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import os
@@ -42,16 +46,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from compile_report import Recorder  # noqa: E402  (pops TRITON_INTERPRET before triton loads)
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 import fastres  # noqa: E402
 
 ARCH = 90
-MODES = ("infer", "train")
+# train: model.train() as built (norm_eval: BatchNorms on running statistics, the detection
+# default); train-bn: norm_eval off, every BatchNorm on batch statistics.
+MODES = ("infer", "train", "train-bn")
+DEFAULT_MODES = ("infer", "train")
 WORKLOADS = {
     "resnet50": lambda: fastres.ResNet(depth=50, base_channels=16, stem_channels=16),
     "res2net50": lambda: fastres.Res2Net(depth=50, base_channels=16, stem_channels=16),
 }
+
+
+def _set_mode(model, mode: str) -> None:
+    model.norm_eval = mode != "train-bn"
+    model.train(mode != "infer")
 
 
 def _outputs_loss(outs) -> torch.Tensor:
@@ -101,7 +114,7 @@ def _backward_ms(model, x, forwards: int, repeats: int) -> float:
 
 
 def measure(
-    name: str, forwards: int, repeats: int, modes=MODES, backward: bool = True
+    name: str, forwards: int, repeats: int, modes=DEFAULT_MODES, backward: bool = True
 ) -> list[dict]:
     """The rows of one workload: inference, training forward (and backward) host cost."""
     torch.manual_seed(0)
@@ -110,9 +123,9 @@ def measure(
     autocast = torch.autocast("cpu", dtype=torch.bfloat16)
     rows = []
     for mode in modes:
-        model.train(mode == "train")
+        _set_mode(model, mode)
 
-        def forward(grad: bool = mode == "train"):
+        def forward(grad: bool = mode != "infer"):
             with torch.set_grad_enabled(grad), autocast:
                 return model(x)
 
@@ -123,7 +136,7 @@ def measure(
         per_launch = round(ms * 1e3 / launches[0], 1)
         row = {"workload": name, "mode": mode, "ms_per_forward": round(ms, 2),
                "launches": launches[0], "us_per_launch": per_launch}  # fmt: skip
-        if mode == "train" and backward:
+        if mode != "infer" and backward:
             row["backward_ms"] = round(_backward_ms(model, x, forwards, repeats), 2)
             model.set_backend("torch")
             _backward_ms(model, x, 1, 1)  # warm-up
@@ -134,6 +147,64 @@ def measure(
     return rows
 
 
+class KernelCounter(TorchDispatchMode):
+    """Counts what a step launches on a GPU: every PyTorch / extension op dispatched at any
+    depth but views and allocations, and every Triton launch. The fastres ops written in
+    Python (the Triton convolutions, `bn_train_act`) are looked into: their own ops and
+    launches count, not the op itself."""
+
+    ALLOCATIONS = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+        from fastres.ops import batchnorm, conv2d_bn_train, conv2d_fused
+
+        # The Python bodies of those ops (run with this mode on, so their ops are seen).
+        self.bodies = {
+            "conv2d_fused": conv2d_fused._conv2d_fused_op._init_fn,
+            "conv2d_fused_out": conv2d_fused._conv2d_fused_out_op._init_fn,
+            "conv2d_bn_train": conv2d_bn_train._conv2d_bn_train_op._init_fn,
+            "bn_train_act": batchnorm._train_act_impl,
+        }
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        if func.namespace == "fastres" and name in self.bodies:
+            with self:
+                return self.bodies[name](*args, **(kwargs or {}))
+        if not (func.is_view or name in self.ALLOCATIONS):
+            self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+    @contextlib.contextmanager
+    def counting_launches(self):
+        with _counting_launches() as launches, self:
+            yield
+        self.ops["triton launches"] += launches[0]
+
+
+def count_kernels(name: str, mode: str, backend: str) -> collections.Counter:
+    """Ops and launches (`KernelCounter`) of one step: an inference forward, or a training
+    forward and backward; after a warm-up step."""
+    torch.manual_seed(0)
+    model = WORKLOADS[name]().to(memory_format=torch.channels_last).set_backend(backend)
+    _set_mode(model, mode)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+
+    def step():
+        with torch.set_grad_enabled(mode != "infer"), torch.autocast("cpu", dtype=torch.bfloat16):
+            outs = model(x)
+        if mode != "infer":
+            _outputs_loss(outs).backward()
+
+    step()
+    counter = KernelCounter()
+    with counter.counting_launches():
+        step()
+    return counter.ops
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workload", action="append", choices=tuple(WORKLOADS))
@@ -141,6 +212,8 @@ def main() -> int:
     parser.add_argument("--forwards", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-backward", action="store_true")
+    parser.add_argument("--ops", action="store_true", help="count the kernels of a step "
+                        "(`KernelCounter`) on the triton and torch backends instead")  # fmt: skip
     parser.add_argument("--json", help="write the rows to this file")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -148,8 +221,17 @@ def main() -> int:
     rows = []
     with Recorder(all_candidates=False).patched(ARCH):
         for name in args.workload or WORKLOADS:
+            if args.ops:
+                for mode in args.mode or DEFAULT_MODES:
+                    counts = {b: count_kernels(name, mode, b) for b in ("torch", "triton")}
+                    row = {"workload": name, "mode": mode, "step_kernels": {
+                        b: sum(c.values()) for b, c in counts.items()}}  # fmt: skip
+                    row["by_op"] = {b: dict(c.most_common()) for b, c in counts.items()}
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+                continue
             for row in measure(
-                name, args.forwards, args.repeats, args.mode or MODES, not args.no_backward
+                name, args.forwards, args.repeats, args.mode or DEFAULT_MODES, not args.no_backward
             ):
                 print(json.dumps(row), flush=True)
                 rows.append(row)

@@ -219,11 +219,14 @@ class _Conv2dBNTrain(torch.autograd.Function):
     def forward(ctx, *inputs):
         output = torch.ops.fastres.conv2d_bn_train(*inputs)
         _setup_context(ctx, inputs, output)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the statistics
         return output
 
     @staticmethod
-    def backward(ctx, *grads):
-        return _backward(ctx, *grads)
+    def backward(ctx, grad_y, _grad_mean, _grad_m2):
+        if grad_y is None:
+            return (None,) * len(ctx.needs_input_grad)
+        return _backward(ctx, grad_y, None, None)
 
 
 def conv2d_bn_train(

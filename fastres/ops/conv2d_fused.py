@@ -357,29 +357,25 @@ def _chosen_config(
 
 
 def _merge_tiles(tile_sum: Tensor, tile_m2: Tensor, m: int, block_m: int) -> tuple[Tensor, Tensor]:
-    """Per-tile (sum, M2) [tiles, C] of m rows in tiles of block_m -> mean [C], M2 [C].
+    """Per-tile (sum, M2) [tiles, C] of m rows in tiles of block_m -> mean [C], M2 [C], merged
+    by one launch of `kernels/merge_tile_stats.py` (Chan's formula)."""
+    import triton
 
-    Chan's merge in six ops: with S_i, n_i a tile's sum and rows, mean = sum S_i / m and
-    M2 = sum (M2_i + (S_i - n_i mean)^2 / n_i), the last term being n_i (mean_i - mean)^2.
-    """
-    counts, inverse_counts = _tile_counts(
-        tile_sum.shape[0], m, block_m, tile_sum.dtype, tile_sum.device
-    )
-    mean = tile_sum.sum(0).div_(m)
-    deviation = torch.addcmul(tile_sum, counts, mean, value=-1)
-    m2 = torch.addcmul(tile_m2, deviation.mul_(deviation), inverse_counts).sum(0)
+    from fastres.kernels.merge_tile_stats import merge_tile_stats_kernel
+
+    tiles, c = tile_sum.shape
+    mean, m2 = tile_sum.new_empty(c), tile_sum.new_empty(c)
+    block_c = min(_MERGE_BLOCK_C, max(16, triton.next_power_of_2(c)))
+    block_t = min(_MERGE_BLOCK_T, max(16, triton.next_power_of_2(tiles)))
+    merge_tile_stats_kernel[(triton.cdiv(c, block_c),)](
+        tile_sum, tile_m2, mean, m2, tiles, c, m, block_m,
+        ACC=triton_accumulator(tile_sum.dtype), BLOCK_T=block_t, BLOCK_C=block_c,
+    )  # fmt: skip
     return mean, m2
 
 
-@functools.cache
-def _tile_counts(
-    tiles: int, m: int, block_m: int, dtype: torch.dtype, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """The rows of each tile and their inverses, [tiles, 1] each: made once per shape (on the
-    device, without a copy from the host: safe inside a CUDA-graph capture)."""
-    counts = torch.full((tiles, 1), block_m, dtype=dtype, device=device)
-    counts[-1] = m - (tiles - 1) * block_m
-    return counts, counts.reciprocal()
+# The merge's tile: BLOCK_C channels x BLOCK_T tiles per step of its loops.
+_MERGE_BLOCK_C, _MERGE_BLOCK_T = 128, 32
 
 
 def may_overlap(a: Tensor, b: Tensor) -> bool:
@@ -483,7 +479,8 @@ def _backward(ctx, grad_out: Tensor, _grad_mean, _grad_m2):
     args, (out,) = saved_args(ctx)
     needs = ConvArgs.of_op_inputs(ctx.needs_input_grad)
     grads = dict.fromkeys(ConvArgs._fields)
-    grad_z = grad_out.masked_fill(out <= 0, 0) if args.relu else grad_out
+    # ReLU's backward as PyTorch computes it (one op; a NaN output passes no gradient).
+    grad_z = torch.ops.aten.threshold_backward(grad_out, out, 0) if args.relu else grad_out
     if args.bias is not None and needs.bias:
         grads["bias"] = _channel_sum(grad_z).to(args.bias.dtype)
     residual = args.residual
@@ -526,7 +523,7 @@ def _prologue_backward(grad: Tensor, args: ConvArgs, needs: ConvArgs) -> dict[st
             grad, v, [pool, pool], [pool, pool], [0, 0], True, False, None
         )
     if args.input_relu:
-        grad = grad.masked_fill(u <= 0, 0)
+        grad = torch.ops.aten.threshold_backward(grad, u, 0)
     if input_scale is None:
         return {"x": grad}
     return {
@@ -554,11 +551,15 @@ class _Conv2dFused(torch.autograd.Function):
     def forward(ctx, *inputs):
         output = torch.ops.fastres.conv2d_fused(*inputs)
         _setup_context(ctx, inputs, output)
+        # No zero-filled gradients for the statistics (never differentiable): two ops less.
+        ctx.set_materialize_grads(False)
         return output
 
     @staticmethod
-    def backward(ctx, *grads):
-        return _backward(ctx, *grads)
+    def backward(ctx, grad_out, _grad_mean, _grad_m2):
+        if grad_out is None:
+            return (None,) * len(ctx.needs_input_grad)
+        return _backward(ctx, grad_out, None, None)
 
 
 @torch.library.custom_op("fastres::conv2d_fused_out", mutates_args=("out",))
