@@ -15,8 +15,10 @@ Both take `groups` (a grouped convolution in one launch) and `input_add` (a seco
 to the first after its prologue: Res2Net's hierarchical add).
 
 The launcher checks its inputs, allocates the output (channels_last), picks the launch
-configuration (on CUDA timed once per shape class and GPU and kept on disk, see `tuning`;
-derived from the shape under the Triton interpreter) and launches. It never touches
+configuration (on CUDA timed once per shape class and GPU and kept on disk, see `tuning`, and
+kept per shape for the process; derived from the shape under the Triton interpreter) and
+launches. In eager mode with gradients the ops run under a plain autograd.Function
+(`_Conv2dFused`): the custom op's own autograd wrapper costs more per call. It never touches
 `torch.cuda` for CPU tensors, so it runs under TRITON_INTERPRET=1 on a machine without a GPU.
 """
 
