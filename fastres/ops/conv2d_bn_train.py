@@ -37,6 +37,7 @@ from .conv2d_fused import (
     as_pair,
     check_channel_vector,
     check_inputs,
+    eager_autograd,
     launch,
     prologue_reference,
     save_args,
@@ -271,6 +272,6 @@ def conv2d_bn_train(
         as_pair(dilation, "dilation"), int(groups), allow_tf32, int(input_pool), input_add,
         bn.mean, bn.m2, int(bn.count), bn.weight, bn.bias, float(bn.eps), bn.group,
     )  # fmt: skip
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+    if eager_autograd():
         return _Conv2dBNTrain.apply(*args)
     return torch.ops.fastres.conv2d_bn_train(*args)

@@ -542,6 +542,17 @@ def _prologue_backward(grad: Tensor, args: ConvArgs, needs: ConvArgs) -> dict[st
 torch.library.register_autograd("fastres::conv2d_fused", _backward, setup_context=_setup_context)
 
 
+def eager_autograd() -> bool:
+    """Whether a differentiable op runs under its plain autograd.Function: gradients on, in
+    eager mode (torch.compile traces the custom op; torch.func transforms need its autograd
+    registration)."""
+    return (
+        torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and not torch._C._are_functorch_transforms_active()
+    )
+
+
 class _Conv2dFused(torch.autograd.Function):
     """The autograd of `fastres::conv2d_fused` (same backward) for eager execution with
     gradients: the custom op's own autograd wrapper (`register_autograd`) costs about 0.1 ms
@@ -709,7 +720,7 @@ def conv2d_fused(
             raise ValueError("stats are not available with out=")
         run_out_op(torch.ops.fastres.conv2d_fused_out, *args, out, out=out)
         return out
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+    if eager_autograd():
         result, mean, m2 = _Conv2dFused.apply(*args, bool(stats))
     else:
         result, mean, m2 = torch.ops.fastres.conv2d_fused(*args, bool(stats))
