@@ -481,8 +481,7 @@ def _backward(ctx, grad_out: Tensor, _grad_mean, _grad_m2):
     args, (out,) = saved_args(ctx)
     needs = ConvArgs.of_op_inputs(ctx.needs_input_grad)
     grads = dict.fromkeys(ConvArgs._fields)
-    # ReLU's backward as PyTorch computes it (one op; a NaN output passes no gradient).
-    grad_z = torch.ops.aten.threshold_backward(grad_out, out, 0) if args.relu else grad_out
+    grad_z = grad_out.masked_fill(out <= 0, 0) if args.relu else grad_out
     if args.bias is not None and needs.bias:
         grads["bias"] = _channel_sum(grad_z).to(args.bias.dtype)
     residual = args.residual
@@ -525,7 +524,7 @@ def _prologue_backward(grad: Tensor, args: ConvArgs, needs: ConvArgs) -> dict[st
             grad, v, [pool, pool], [pool, pool], [0, 0], True, False, None
         )
     if args.input_relu:
-        grad = torch.ops.aten.threshold_backward(grad, u, 0)
+        grad = grad.masked_fill(u <= 0, 0)
     if input_scale is None:
         return {"x": grad}
     return {
