@@ -77,13 +77,17 @@ class Recorder:
 
         def run(fn, *args, grid, warmup, **kwargs):
             kernel = real_run(fn, *args, grid=grid, warmup=True, **kwargs)
-            constexprs = {k: v for k, v in kwargs.items() if k.isupper() or k.startswith("num_")}
             # One entry per compiled kernel: the JIT returns the same one for the same
             # specialization, and the entries keep them alive, so their ids stay distinct.
-            recorder.kernels.setdefault(
-                id(kernel), {"kernel": fn.__name__, "constexprs": constexprs, "compiled": kernel,
-                             "first_seen": recorder.context},
-            )  # fmt: skip
+            # (Made on a kernel's first launch only: scripts/host_cost.py times this path.)
+            if id(kernel) not in recorder.kernels:
+                constexprs = {
+                    k: v for k, v in kwargs.items() if k.isupper() or k.startswith("num_")
+                }
+                recorder.kernels[id(kernel)] = {
+                    "kernel": fn.__name__, "constexprs": constexprs, "compiled": kernel,
+                    "first_seen": recorder.context,
+                }  # fmt: skip
             return kernel
 
         def choose(device, key, candidates, launch, compile_only):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from fastres.ops.batchnorm_reference import bn_stats
-from fastres.testing import assert_matches_oracle
+from fastres.testing import OpRecorder, assert_matches_oracle
 
 triton = pytest.importorskip("triton")
 
@@ -253,6 +253,26 @@ def test_channel_slices(device, dtype):
     base = reference(chunk, weight, bias, padding=1, relu=True)
     assert_matches_oracle(target[:, 2 * width :], base, gold, dtype, "slice out")
     assert torch.isnan(target[:, : 2 * width]).all(), "wrote outside its channel slice"
+
+
+def test_out_bumps_the_version_and_dispatches(device):
+    """conv2d_fused(out=) runs below the custom op's ADInplaceOrView wrapper when no gradient
+    is in play (`run_out_op`): out's version still advances, so autograd still rejects a
+    backward through a value it overwrote, and dispatch modes still see the op."""
+    x = torch.randn(2, 8, 5, 5, device=device).contiguous(memory_format=CL)
+    weight = torch.randn(4, 8, 1, 1, device=device)
+    out = torch.empty(2, 4, 5, 5, device=device).contiguous(memory_format=CL)
+    version = out._version
+    with OpRecorder() as recorder:
+        conv2d_fused(x, arrange_weight(weight), out=out)
+    assert out._version > version
+    assert "fastres.conv2d_fused_out.default" in recorder.ops
+    torch.testing.assert_close(out, reference(x, weight))
+    product = torch.randn(2, 4, 5, 5, device=device, requires_grad=True).exp()  # saved
+    with torch.no_grad():
+        conv2d_fused(x, arrange_weight(weight), out=product)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        product.sum().backward()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

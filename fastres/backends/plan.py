@@ -72,6 +72,11 @@ class Implementation:
         """ReLU(norm(conv(h)) + shortcut(x)), shortcut(x) = x for the identity."""
         raise NotImplementedError
 
+    def res2net_tail(self, unit: Unit, h: Any, x: Tensor, shortcut: Shortcut | None) -> Tensor:
+        """`tail` of a Bottle2neck, whose h is what `res2net` returned (an implementation may
+        return another type there than its units do)."""
+        return self.tail(unit, h, x, shortcut)
+
     def output(self, h: Any) -> Tensor:
         """The activation tensor of a unit's result (the stem's last unit, before its pool)."""
         return h
@@ -88,9 +93,9 @@ def run_block(impl: Implementation, plan: BlockPlan, x: Tensor) -> Tensor:
     if plan.res2net is not None:
         (conv1,) = head
         h = impl.res2net(plan.res2net, conv1, x)
-    else:
-        for unit in head:
-            h = impl.unit(unit, h)
+        return impl.res2net_tail(last, h, x, plan.shortcut)
+    for unit in head:
+        h = impl.unit(unit, h)
     return impl.tail(last, h, x, plan.shortcut)
 
 

@@ -15,8 +15,10 @@ Both take `groups` (a grouped convolution in one launch) and `input_add` (a seco
 to the first after its prologue: Res2Net's hierarchical add).
 
 The launcher checks its inputs, allocates the output (channels_last), picks the launch
-configuration (on CUDA timed once per shape class and GPU and kept on disk, see `tuning`;
-derived from the shape under the Triton interpreter) and launches. It never touches
+configuration (on CUDA timed once per shape class and GPU and kept on disk, see `tuning`, and
+kept per shape for the process; derived from the shape under the Triton interpreter) and
+launches. In eager mode with gradients the ops run under a plain autograd.Function
+(`_Conv2dFused`): the custom op's own autograd wrapper costs more per call. It never touches
 `torch.cuda` for CPU tensors, so it runs under TRITON_INTERPRET=1 on a machine without a GPU.
 """
 
@@ -43,6 +45,12 @@ def kernel_dtypes() -> tuple[torch.dtype, ...]:
     return (*_FLOAT_DTYPES, torch.float64) if interpreting() else _FLOAT_DTYPES
 
 
+def runs_dtype(dtype: torch.dtype) -> bool:
+    """Whether the kernels take `dtype` (`kernel_dtypes`; the environment is read only for a
+    dtype outside the usual three)."""
+    return dtype in _FLOAT_DTYPES or dtype in kernel_dtypes()
+
+
 def interpreting() -> bool:
     """True when Triton kernels run through the interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false")
@@ -58,13 +66,17 @@ def check_triton_device(x: Tensor, what: str) -> None:
         )
 
 
-def arrange_weight(weight: Tensor) -> Tensor:
-    """The weight stored as [KH, KW, C_in, C_out], returned as a [C_out, C_in, KH, KW] view.
+def arrange_weight(weight: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """The weight stored as [KH, KW, C_in, C_out] (in `dtype`, if given), returned as a
+    [C_out, C_in, KH, KW] view.
 
     The kernel reads the weight through its strides; this storage order makes every B tile
-    contiguous along C_out. Differentiable (a permuted copy).
+    contiguous along C_out. Differentiable (a permuted copy, cast on the way: one op).
     """
-    return weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+    arranged = weight.permute(2, 3, 1, 0).to(
+        dtype or weight.dtype, memory_format=torch.contiguous_format
+    )
+    return arranged.permute(3, 2, 0, 1)
 
 
 def as_pair(v: int | Sequence[int], name: str) -> list[int]:
@@ -147,11 +159,11 @@ class ConvArgs(NamedTuple):
         n = self.weight.shape[0] if stats else 0
         return tuple(self.x.new_empty(n, dtype=accumulator_dtype(self.x.dtype)) for _ in range(2))
 
-    def dot_precision(self) -> str:
-        """The kernel's DOT_PRECISION (kernels/conv2d_fused.py)."""
+    def dot_precision(self, interpret: bool) -> str:
+        """The kernel's DOT_PRECISION (kernels/conv2d_fused.py); `interpret`: `interpreting()`."""
         if self.x.dtype == torch.float64:
             return "fp64"
-        if interpreting() or (self.x.dtype == torch.float32 and not self.allow_tf32):
+        if interpret or (self.x.dtype == torch.float32 and not self.allow_tf32):
             return "ieee"
         return "tf32" if self.x.dtype == torch.float32 else "native"
 
@@ -179,7 +191,7 @@ def check_inputs(args: ConvArgs) -> tuple[int, int, int, int]:
             f"expected x [N, C_in, H, W] and weight [C_out, C_in, KH, KW], got "
             f"{tuple(x.shape)} and {tuple(weight.shape)}"
         )
-    if x.dtype not in kernel_dtypes() or weight.dtype != x.dtype:
+    if weight.dtype != x.dtype or not runs_dtype(x.dtype):
         allowed = ", ".join(str(d).removeprefix("torch.") for d in kernel_dtypes())
         raise TypeError(
             f"x and weight must share a dtype among {allowed}; got {x.dtype} and {weight.dtype}"
@@ -247,12 +259,7 @@ def launch(
     """
     import triton
 
-    from fastres.kernels.conv2d_configs import (
-        FLAT_K_MAX_C_IN,
-        candidate_configs,
-        interpreter_config,
-        shape_class,
-    )
+    from fastres.kernels.conv2d_configs import FLAT_K_MAX_C_IN, interpreter_config
     from fastres.kernels.conv2d_fused import conv2d_fused_kernel
 
     x, weight, groups = args.x, args.weight, args.groups
@@ -273,7 +280,8 @@ def launch(
     res = args.residual if args.residual is not None else out
     x2 = args.input_add if args.input_add is not None else x
     tiles: dict[int, tuple[Tensor, Tensor]] = {}  # BLOCK_M -> per-tile partials
-    dot_precision = args.dot_precision()
+    interpret = interpreting()
+    dot_precision = args.dot_precision(interpret)
     stride, padding, dilation = args.stride, args.padding, args.dilation
 
     def launch_config(config: dict, compile_only: bool = False) -> None:
@@ -302,42 +310,74 @@ def launch(
             RES_AFFINE=int(args.residual_scale is not None), RELU=int(args.relu),
             STATS=int(stats), DOT_PRECISION=dot_precision,
             ACC=triton_accumulator(x.dtype),
-            EMULATE_RTNE=int(interpreting()), FLAT_K=int(flat_k),
+            EMULATE_RTNE=int(interpret), FLAT_K=int(flat_k),
             **config,
         )  # fmt: skip
 
-    if interpreting():
+    if interpret:
         config = interpreter_config(m, kh * kw * c_in if flat_k else c_in, c_out)
     else:
-        pool = args.input_pool
-        shape = "x".join(map(str, shape_class(m, c_in, c_out, kh, kw, stride[0], pool)))
-        dtype = str(x.dtype).removeprefix("torch.")
-        key = f"conv2d_fused {shape} g{groups} {dtype} dot-{dot_precision}"
-        candidates = candidate_configs(
-            m, kh * kw * c_in, c_in, c_out, flat_k, x.element_size(), pool,
-            tuning.shared_memory_limit(x.device),
-        )  # fmt: skip
-        config = tuning.choose(
-            x.device,
-            key,
-            candidates,
-            launch_config,
-            functools.partial(launch_config, compile_only=True),
-        )
+        config = _chosen_config(args, m, c_in, c_out, flat_k, dot_precision, launch_config)
     launch_config(config)
     if not stats:
         return None
     return _merge_tiles(*tiles[config["BLOCK_M"]], m, config["BLOCK_M"])
 
 
-def _merge_tiles(tile_sum: Tensor, tile_m2: Tensor, m: int, block_m: int) -> tuple[Tensor, Tensor]:
-    """Per-tile (sum, M2) [tiles, C] of m rows in tiles of block_m -> mean [C], M2 [C]."""
-    from .batchnorm import combine_stats
+# (device, dtype, DOT_PRECISION, groups, M, C_in, C_out, KH, KW, stride, pool) -> the tile
+# configuration `tuning.choose` gave that shape: its key, candidates and answer are made once.
+_CONFIGS: dict[tuple, dict] = {}
 
-    counts = torch.full((tile_sum.shape[0],), block_m, dtype=tile_sum.dtype, device=tile_sum.device)
-    counts[-1] = m - (tile_sum.shape[0] - 1) * block_m
-    _, mean, m2 = combine_stats(counts, tile_sum / counts.unsqueeze(1), tile_m2)
+
+def _chosen_config(
+    args: ConvArgs, m: int, c_in: int, c_out: int, flat_k: bool, dot_precision: str, launch_config
+) -> dict:
+    """The launch configuration of a shape on CUDA (`tuning.choose`), kept per shape."""
+    from fastres.kernels.conv2d_configs import candidate_configs, shape_class
+
+    x, pool = args.x, args.input_pool
+    kh, kw = args.weight.shape[2:]
+    key = (x.device, x.dtype, dot_precision, args.groups, m, c_in, c_out, kh, kw,
+           args.stride[0], pool)  # fmt: skip
+    config = _CONFIGS.get(key)
+    if config is not None:
+        return config
+    shape = "x".join(map(str, shape_class(m, c_in, c_out, kh, kw, args.stride[0], pool)))
+    dtype = str(x.dtype).removeprefix("torch.")
+    candidates = candidate_configs(
+        m, kh * kw * c_in, c_in, c_out, flat_k, x.element_size(), pool,
+        tuning.shared_memory_limit(x.device),
+    )  # fmt: skip
+    config = _CONFIGS[key] = tuning.choose(
+        x.device,
+        f"conv2d_fused {shape} g{args.groups} {dtype} dot-{dot_precision}",
+        candidates,
+        launch_config,
+        functools.partial(launch_config, compile_only=True),
+    )
+    return config
+
+
+def _merge_tiles(tile_sum: Tensor, tile_m2: Tensor, m: int, block_m: int) -> tuple[Tensor, Tensor]:
+    """Per-tile (sum, M2) [tiles, C] of m rows in tiles of block_m -> mean [C], M2 [C], merged
+    by one launch of `kernels/merge_tile_stats.py` (Chan's formula)."""
+    import triton
+
+    from fastres.kernels.merge_tile_stats import merge_tile_stats_kernel
+
+    tiles, c = tile_sum.shape
+    mean, m2 = tile_sum.new_empty(c), tile_sum.new_empty(c)
+    block_c = min(_MERGE_BLOCK_C, max(16, triton.next_power_of_2(c)))
+    block_t = min(_MERGE_BLOCK_T, max(16, triton.next_power_of_2(tiles)))
+    merge_tile_stats_kernel[(triton.cdiv(c, block_c),)](
+        tile_sum, tile_m2, mean, m2, tiles, c, m, block_m,
+        ACC=triton_accumulator(tile_sum.dtype), BLOCK_T=block_t, BLOCK_C=block_c,
+    )  # fmt: skip
     return mean, m2
+
+
+# The merge's tile: BLOCK_C channels x BLOCK_T tiles per step of its loops.
+_MERGE_BLOCK_C, _MERGE_BLOCK_T = 128, 32
 
 
 def may_overlap(a: Tensor, b: Tensor) -> bool:
@@ -501,6 +541,39 @@ def _prologue_backward(grad: Tensor, args: ConvArgs, needs: ConvArgs) -> dict[st
 torch.library.register_autograd("fastres::conv2d_fused", _backward, setup_context=_setup_context)
 
 
+def eager_autograd() -> bool:
+    """Whether a differentiable op runs under its plain autograd.Function: gradients on, in
+    eager mode (torch.compile traces the custom op; torch.func transforms need its autograd
+    registration)."""
+    return (
+        torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and not torch._C._are_functorch_transforms_active()
+    )
+
+
+class _Conv2dFused(torch.autograd.Function):
+    """The autograd of `fastres::conv2d_fused` (same backward) for eager execution with
+    gradients: the custom op's own autograd wrapper (`register_autograd`) costs about 0.1 ms
+    more Python per call (it binds every argument to the schema's defaults). The op itself
+    still runs below it, so dispatch modes and profiles see `fastres::conv2d_fused`;
+    torch.compile traces the custom op directly (`conv2d_fused`)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = torch.ops.fastres.conv2d_fused(*inputs)
+        _setup_context(ctx, inputs, output)
+        # No zero-filled gradients for the statistics (never differentiable): two ops less.
+        ctx.set_materialize_grads(False)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_mean, _grad_m2):
+        if grad_out is None:
+            return (None,) * len(ctx.needs_input_grad)
+        return _backward(ctx, grad_out, None, None)
+
+
 @torch.library.custom_op("fastres::conv2d_fused_out", mutates_args=("out",))
 def _conv2d_fused_out_op(
     x: Tensor,
@@ -540,6 +613,24 @@ def _conv2d_fused_out_op(
 @_conv2d_fused_out_op.register_fake
 def _(*inputs) -> None:
     return None
+
+
+def run_out_op(op, *inputs, out: Tensor) -> None:
+    """Calls a custom op that writes `out` (one of `inputs`) and returns nothing.
+
+    In eager mode with no gradient in play it runs below the ADInplaceOrView wrapper that
+    custom ops get for a mutated argument (which re-binds every argument to the schema on each
+    call: about 0.1 ms, more than the launch) and bumps out's version counter as that wrapper
+    would. The op itself still dispatches: dispatch modes and profiles see it.
+    """
+    if torch.compiler.is_compiling() or (
+        torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in inputs)
+    ):
+        op(*inputs)
+        return
+    with torch._C._AutoDispatchBelowADInplaceOrView():
+        op(*inputs)
+    torch.autograd.graph.increment_version(out)
 
 
 def conv2d_fused(
@@ -626,7 +717,10 @@ def conv2d_fused(
     if out is not None:
         if stats:
             raise ValueError("stats are not available with out=")
-        torch.ops.fastres.conv2d_fused_out(*args, out)
+        run_out_op(torch.ops.fastres.conv2d_fused_out, *args, out, out=out)
         return out
-    result, mean, m2 = torch.ops.fastres.conv2d_fused(*args, bool(stats))
+    if eager_autograd():
+        result, mean, m2 = _Conv2dFused.apply(*args, bool(stats))
+    else:
+        result, mean, m2 = torch.ops.fastres.conv2d_fused(*args, bool(stats))
     return (result, mean, m2) if stats else result

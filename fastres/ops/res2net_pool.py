@@ -87,5 +87,7 @@ def res2net_pool(
     Returns:
         out.
     """
-    torch.ops.fastres.res2net_pool_out(x, out, int(kernel), int(stride), int(padding))
+    conv2d_fused.run_out_op(
+        torch.ops.fastres.res2net_pool_out, x, out, int(kernel), int(stride), int(padding), out=out
+    )
     return out

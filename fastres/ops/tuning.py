@@ -10,6 +10,10 @@ the package (`fastres/tuned/<gpu>.json`) are used before anything is timed.
 The cache directory is `$FASTRES_CACHE_DIR`, else `$XDG_CACHE_HOME/fastres`, else
 `~/.cache/fastres`. `FASTRES_TRITON_TUNE=0` times nothing: a cached or shipped choice, else the
 first candidate.
+
+Both variables are read when a shape class is first launched in the process: the launcher keeps
+each shape's configuration from then on (`fastres.ops.conv2d_fused`), so changing them at run
+time affects only shapes not launched yet (set them before the first forward).
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ from .inference import (
     foldable,
     forget_folded,
 )
-from .res2net import forget_launch_weights, split_conv_concat
+from .res2net import PaddedConcat, forget_launch_weights, split_conv_concat
 from .training import TrainUnits, plan_pairs, trainable
 
 # Looked up once, without importing triton (slow, and the interpreter switch must be set first).
@@ -88,9 +88,12 @@ class TritonBackend(Backend):
     def run_block(self, block: nn.Module, x: Tensor) -> Tensor:
         plan = block.plan()
         dtype = compute_dtype(x)
-        if dtype is not None and trainable(plan_pairs(plan), x):
+        if dtype is None:  # float64 on CUDA
+            return block.forward_reference(x)
+        pairs = plan_pairs(plan)
+        if trainable(pairs, x):
             return run_block(_TRAIN, plan, x.to(dtype))
-        if dtype is None or not block_foldable(block):
+        if not block_foldable(pairs):
             # GroupNorm, float64, BNs in mixed modes: the oracle runs them.
             return block.forward_reference(x)
         return run_block(_EVAL, plan, x.to(dtype))
@@ -107,18 +110,24 @@ class _EvalUnits(Implementation):
     def unit(self, unit: Unit, x: Tensor) -> Tensor:
         return conv_bn(unit.conv, unit.norm, x.to(compute_dtype(x)), relu=unit.relu)
 
-    def res2net(self, block: nn.Module, conv1: Unit, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def res2net(self, block: nn.Module, conv1: Unit, x: Tensor) -> PaddedConcat:
         return split_conv_concat(block, x)
 
-    def tail(self, unit: Unit, h: Tensor | tuple, x: Tensor, shortcut: Shortcut | None) -> Tensor:
+    def tail(self, unit: Unit, h: Tensor, x: Tensor, shortcut: Shortcut | None) -> Tensor:
+        identity = self._identity(x, shortcut)
+        h = h.to(compute_dtype(h))
+        return conv_bn(unit.conv, unit.norm, h, relu=True, residual=identity)
+
+    def res2net_tail(
+        self, unit: Unit, h: PaddedConcat, x: Tensor, shortcut: Shortcut | None
+    ) -> Tensor:
+        identity = self._identity(x, shortcut)
+        return conv2d_fused(h.cat, h.weight, h.bias, relu=True, residual=identity)
+
+    @staticmethod
+    def _identity(x: Tensor, shortcut: Shortcut | None) -> Tensor:
         x = x.to(compute_dtype(x))
-        identity = x if shortcut is None else downsample_shortcut(shortcut, x)
-        if isinstance(h, Tensor):
-            h = h.to(compute_dtype(h))
-            return conv_bn(unit.conv, unit.norm, h, relu=True, residual=identity)
-        # A Res2Net concatenation in padded chunk slots, with conv3's folded weight for them.
-        cat, weight, bias = h
-        return conv2d_fused(cat, weight, bias, relu=True, residual=identity)
+        return x if shortcut is None else downsample_shortcut(shortcut, x)
 
 
 _EVAL, _TRAIN = _EvalUnits(), TrainUnits()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ...ops.conv2d_fused import arrange_weight, conv2d_fused, kernel_dtypes
+from ...ops.conv2d_fused import arrange_weight, conv2d_fused, runs_dtype
 from ...ops.precision import accumulator_dtype
 from ..fold_cache import fold_key, new_cache
 from ..folding import fold
@@ -27,7 +27,7 @@ def compute_dtype(x: Tensor) -> torch.dtype | None:
     dtype = x.dtype
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
-    return dtype if dtype in kernel_dtypes() else None
+    return dtype if runs_dtype(dtype) else None
 
 
 def foldable(conv: nn.Module, bn: nn.Module) -> bool:
@@ -42,17 +42,26 @@ def foldable(conv: nn.Module, bn: nn.Module) -> bool:
     )
 
 
-def block_foldable(block: nn.Module) -> bool:
-    norms = [m for m in block.modules() if isinstance(m, (nn.GroupNorm, nn.LayerNorm))]
-    bns = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    return not norms and all(not bn.training and bn.running_mean is not None for bn in bns)
+def block_foldable(pairs: list[tuple[nn.Module, nn.Module | None]]) -> bool:
+    """Whether every norm of a block's (conv, norm) pairs (`training.plan_pairs`: every norm
+    of the block) is a BatchNorm on running statistics; a pair without a norm (a pool) is
+    skipped. Not a walk over the block's modules: this runs every forward."""
+    return all(
+        norm is None
+        or (
+            isinstance(norm, nn.modules.batchnorm._BatchNorm)
+            and not norm.training
+            and norm.running_mean is not None
+        )
+        for _, norm in pairs
+    )
 
 
 def _fold(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """The conv weight with the BN folded in ([C_out, C_in, KH, KW], arranged for the kernel,
     in `dtype`) and the folded bias ([C_out] fp32, fp64 for fp64)."""
     weight, bias = fold(conv, bn, accumulator_dtype(dtype))
-    return arrange_weight(weight.to(dtype)), bias
+    return arrange_weight(weight, dtype), bias
 
 
 def folded(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

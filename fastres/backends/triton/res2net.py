@@ -6,6 +6,7 @@ hierarchical-add tensors, in eval / BN-frozen mode (`split_conv_concat`) and in 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +17,18 @@ from ...ops.conv2d_fused import arrange_weight, conv2d_fused
 from ...ops.res2net_pool import res2net_pool
 from ..fold_cache import new_cache
 from .inference import folded, nhwc_empty
+
+
+class PaddedConcat(NamedTuple):
+    """A fused Bottle2neck middle's result, conv3's input: the concatenation [N, scales * slot,
+    H, W] channels_last with each chunk in a padded slot of `_chunk_slot(width)` channels
+    (possibly a channel slice of a larger buffer), and conv3's weight for that layout (folded,
+    with its folded bias, in eval mode; raw, bias None, in training)."""
+
+    cat: Tensor
+    weight: Tensor
+    bias: Tensor | None = None
+
 
 # Bottle2neck -> (rotated, the folded pieces it was built from, its launch weights): stale when
 # a piece is (`folded` then returns a new one).
@@ -141,16 +154,14 @@ def forget_launch_weights(modules: list[nn.Module]) -> None:
         _RES2NET_CACHE.pop(block, None)
 
 
-def split_conv_concat(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def split_conv_concat(block: nn.Module, x: Tensor) -> PaddedConcat:
     """conv1 -> split -> 3x3 convs -> concat of a Bottle2neck: the input of its conv3.
 
     Args:
         x: [N, inplanes, H, W], the block input.
 
     Returns:
-        The concatenation [N, scales * slot, OH, OW] channels_last, each chunk in a padded slot
-        of `_chunk_slot(width)` channels (possibly a channel slice of a larger buffer),
-        and conv3's folded weight and bias for that layout.
+        The concatenation (OH x OW) and conv3's folded weight and bias for its layout.
 
     Without autograd (inference), nothing is copied and no tensor is formed between the convs:
 
@@ -210,17 +221,17 @@ def split_conv_concat(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tens
     if block.stage_type == "stage":
         weight, bias = convs
         conv2d_fused(chunks, weight, bias, groups=scales - 1, out=cat[:, :split], **geometry)
-        return cat, w3, b3
+        return PaddedConcat(cat, w3, b3)
     previous = None
     for i, (weight, bias) in enumerate(convs):
         dest = cat[:, i * slot : (i + 1) * slot]
         chunk = chunks[:, i * slot : (i + 1) * slot]
         conv2d_fused(chunk, weight, bias, input_add=previous, out=dest, **geometry)
         previous = dest
-    return cat, w3, b3
+    return PaddedConcat(cat, w3, b3)
 
 
-def _res2net_autograd(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _res2net_autograd(block: nn.Module, x: Tensor) -> PaddedConcat:
     """The differentiable Bottle2neck middle (see `split_conv_concat`)."""
     slot, scales = _chunk_slot(block.width), block.scales
     w1, b1, convs, w3, b3 = _res2net_launch_weights(block, x.dtype, rotate=False)
@@ -241,30 +252,30 @@ def _res2net_autograd(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tens
     if block.pools_last_chunk:
         last = block.pool(last)
     cat = torch.cat([*outs, last], 1).contiguous(memory_format=torch.channels_last)
-    return cat, w3, b3
+    return PaddedConcat(cat, w3, b3)
 
 
-def train_res2net_middle(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+def train_res2net_middle(block: nn.Module, x: Tensor) -> PaddedConcat:
     """split -> 3x3 convs -> concat of a training-mode Bottle2neck: the input of its conv3.
 
-    Returns the concatenation, each chunk in a padded slot of `_chunk_slot(width)` channels,
-    and conv3's weight for that layout. conv1's and every chunk conv's activation are written
-    out (the chunks and the hierarchical add feed several consumers); chunks are read in place
-    as channel slices, the add happens in the next conv's input load, and a 'stage' block's
-    chunk convs are one grouped launch whose BNs apply in one pass.
+    Returns the concatenation and conv3's (raw) weight for its layout. conv1's and every chunk
+    conv's activation are written out (the chunks and the hierarchical add feed several
+    consumers); chunks are read in place as channel slices, the add happens in the next conv's
+    input load, and a 'stage' block's chunk convs are one grouped launch whose BNs apply in one
+    pass.
     """
     width, scales, slot = block.width, block.scales, _chunk_slot(block.width)
     conv = block.convs[0]
     geometry = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
     weight = _pad_outputs(block.conv1.weight, scales)
-    y, mean, m2 = conv2d_bn_train(x, arrange_weight(weight.to(x.dtype)), stride=block.conv1.stride)
+    y, mean, m2 = conv2d_bn_train(x, arrange_weight(weight, x.dtype), stride=block.conv1.stride)
     out = _train_padded_bn_relu([block.norm1], y, mean, m2, scales, width)
     split = (scales - 1) * slot
     bns = list(block.bns)
     if block.stage_type == "stage" and len({bn.eps for bn in bns}) == 1:
         weight = torch.cat([_pad_inputs(_pad_outputs(c.weight, 1), 1) for c in block.convs])
         y, mean, m2 = conv2d_bn_train(
-            out[:, :split], arrange_weight(weight.to(out.dtype)), groups=scales - 1, **geometry
+            out[:, :split], arrange_weight(weight, out.dtype), groups=scales - 1, **geometry
         )
         outs = [_train_padded_bn_relu(bns, y, mean, m2, scales - 1, width)]
     else:
@@ -272,15 +283,17 @@ def train_res2net_middle(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
         for i, (conv, bn) in enumerate(zip(block.convs, bns)):
             chunk = out[:, i * slot : (i + 1) * slot]
             add = previous if block.stage_type == "normal" else None
-            weight = _pad_inputs(_pad_outputs(conv.weight, 1), 1).to(out.dtype)
-            y, mean, m2 = conv2d_bn_train(chunk, arrange_weight(weight), input_add=add, **geometry)
+            weight = _pad_inputs(_pad_outputs(conv.weight, 1), 1)
+            y, mean, m2 = conv2d_bn_train(
+                chunk, arrange_weight(weight, out.dtype), input_add=add, **geometry
+            )
             previous = _train_padded_bn_relu([bn], y, mean, m2, 1, width)
             outs.append(previous)
     last = out[:, split:]
     if block.pools_last_chunk:
         last = block.pool(last)
     cat = torch.cat([*outs, last], 1).contiguous(memory_format=torch.channels_last)
-    return cat, _pad_inputs(block.conv3.weight, scales)
+    return PaddedConcat(cat, _pad_inputs(block.conv3.weight, scales))
 
 
 def _train_padded_bn_relu(

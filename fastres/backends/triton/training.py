@@ -20,7 +20,7 @@ from ...ops.conv2d_bn_train import InputBN, conv2d_bn_train
 from ...ops.conv2d_fused import arrange_weight
 from ..plan import BlockPlan, Implementation, Shortcut, Unit
 from .inference import fusable_pool
-from .res2net import train_res2net_middle
+from .res2net import PaddedConcat, train_res2net_middle
 
 
 def plan_pairs(plan: BlockPlan) -> list[tuple[nn.Module, nn.Module | None]]:
@@ -108,7 +108,7 @@ def _train_conv(
         x, input_bn = x.y, x.input_bn()
     weight = conv.weight if weight is None else weight
     y, mean, m2 = conv2d_bn_train(
-        x, arrange_weight(weight.to(x.dtype)), stride=conv.stride, padding=conv.padding,
+        x, arrange_weight(weight, x.dtype), stride=conv.stride, padding=conv.padding,
         dilation=conv.dilation, input_bn=input_bn, input_pool=input_pool, input_add=input_add,
     )  # fmt: skip
     stats, group = _global_stats([bn], y, mean, m2)
@@ -125,21 +125,21 @@ class TrainUnits(Implementation):
     def output(self, h: _Unnormalized) -> Tensor:
         return h.apply()
 
-    def res2net(self, block: nn.Module, conv1: Unit, x: Tensor) -> tuple[Tensor, Tensor]:
+    def res2net(self, block: nn.Module, conv1: Unit, x: Tensor) -> PaddedConcat:
         return train_res2net_middle(block, x)
 
-    def tail(
-        self,
-        unit: Unit,
-        h: _Unnormalized | tuple[Tensor, Tensor],
-        x: Tensor,
-        shortcut: Shortcut | None,
+    def tail(self, unit: Unit, h: _Unnormalized, x: Tensor, shortcut: Shortcut | None) -> Tensor:
+        return self._add_shortcut(_train_conv(unit.conv, unit.norm, h), x, shortcut)
+
+    def res2net_tail(
+        self, unit: Unit, h: PaddedConcat, x: Tensor, shortcut: Shortcut | None
     ) -> Tensor:
-        if isinstance(h, _Unnormalized):
-            raw = _train_conv(unit.conv, unit.norm, h)
-        else:  # a Res2Net concatenation in padded chunk slots, with conv3's weight for them
-            cat, weight = h
-            raw = _train_conv(unit.conv, unit.norm, cat, weight=weight)
+        raw = _train_conv(unit.conv, unit.norm, h.cat, weight=h.weight)
+        return self._add_shortcut(raw, x, shortcut)
+
+    @staticmethod
+    def _add_shortcut(raw: _Unnormalized, x: Tensor, shortcut: Shortcut | None) -> Tensor:
+        """ReLU(raw's BN + the shortcut of x), one pass."""
         if shortcut is None:
             return raw.apply(residual=x)
         pools, (conv, bn, _) = shortcut

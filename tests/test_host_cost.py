@@ -1,0 +1,64 @@
+"""scripts/host_cost.py: the triton backend's host cost per kernel launch, every kernel compiled
+for sm_90 and launched nowhere (the stand-in driver of scripts/compile_report.py).
+
+A subprocess, because the stand-in needs Triton's compiler and the tests run Triton through its
+interpreter (chosen when triton is imported). Kept short: ResNet-50 (base_channels 16) at
+2x3x64x64, two rounds of two forwards per mode; its kernels compile once per machine (Triton's
+on-disk cache keeps them). The bounds (`BOUND_US`, process CPU time) are set on a 2-core Xeon VM
+against issue 25's targets (60 us per launch in inference, 100 us in the training forward): they
+catch a launch path that grows back (a tuning call, a compile or a re-derived configuration per
+launch), not noise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parent.parent / "scripts" / "host_cost.py"
+# us per launch. Inference: three times the target. The training forward (BatchNorms frozen,
+# norm_eval) still refolds every BatchNorm with autograd ops each forward (folding.py), which
+# keeps it above 300: bounded here below the 528 us that 8e71f49 took.
+BOUND_US = {"infer": 3 * 60, "train": 450}
+
+
+def _run(*args: str) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--workload", "resnet50", *args],
+        env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def _nvidia_backend() -> bool:
+    try:
+        from triton.backends.nvidia import compiler  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _nvidia_backend(), reason="Triton without its NVIDIA backend")
+def test_host_cost_per_launch_is_bounded():
+    rows = _run("--forwards", "2", "--repeats", "2", "--no-backward")
+    assert [row["mode"] for row in rows] == ["infer", "train"]
+    for row in rows:
+        assert row["launches"] == 53, row  # every convolution of ResNet-50 is one launch
+        assert row["us_per_launch"] <= BOUND_US[row["mode"]], row
+
+
+@pytest.mark.skipif(not _nvidia_backend(), reason="Triton without its NVIDIA backend")
+def test_inference_runs_fewer_kernels_than_eager():
+    """A ResNet-50 inference forward: one launch per convolution and the stem's pool (eager:
+    a convolution, a BatchNorm, a ReLU and the weight's cast per layer)."""
+    (row,) = _run("--ops", "--mode", "infer")
+    kernels = row["step_kernels"]
+    assert kernels["triton"] <= kernels["torch"], row["by_op"]
+    assert row["by_op"]["triton"]["triton launches"] == 53

@@ -1,0 +1,63 @@
+"""The fused convolution's statistics, second stage: per-tile (sum, M2) merged into the
+per-channel mean and M2 by one kernel (`kernels/merge_tile_stats.py`), against float64 PyTorch.
+
+Runs on CPU tensors under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1),
+and on CUDA where a GPU is present.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastres.ops.conv2d_fused import _merge_tiles, interpreting
+from fastres.testing import OpRecorder
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.skipif(
+    not (interpreting() or torch.cuda.is_available()), reason="needs a GPU or TRITON_INTERPRET=1"
+)
+
+
+def _tile_partials(x: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the convolution's epilogue writes: each tile's sum and M2 about its own mean."""
+    tiles = x.split(block_m)
+    sums = torch.stack([t.sum(0) for t in tiles])
+    m2 = torch.stack([((t - t.mean(0)) ** 2).sum(0) for t in tiles])
+    return sums, m2
+
+
+# (rows, channels, rows per tile): a last tile with fewer rows; more tiles than one step of
+# the kernel's loop over tiles (32), and more channels than one program's (128).
+SHAPES = [(16 * 70 + 5, 24, 16), (1000, 130, 64), (7, 3, 16)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("m, c, block_m", SHAPES)
+def test_merge_matches_float64(device, dtype, m, c, block_m):
+    if dtype == torch.float64 and device.type == "cuda":
+        pytest.skip("float64 statistics come from the interpreter's float64 kernels only")
+    # Channels with a mean far from 0 against their spread: a one-pass sum of squares would
+    # lose their variance. (Not further in float32: there the partials' own rounding is what
+    # limits any merge.)
+    spread = torch.rand(c, dtype=torch.float64) * 3 + 0.5
+    x = torch.randn(m, c, dtype=torch.float64) * spread + torch.randn(c, dtype=torch.float64) * 100
+    sums, m2 = _tile_partials(x, block_m)
+    mean, merged_m2 = _merge_tiles(sums.to(device, dtype), m2.to(device, dtype), m, block_m)
+    assert mean.dtype == merged_m2.dtype == dtype and mean.shape == merged_m2.shape == (c,)
+    gold_m2 = ((x - x.mean(0)) ** 2).sum(0)
+    tol = dict(rtol=1e-4, atol=1e-3) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(mean.cpu().double(), x.mean(0), **tol)
+    torch.testing.assert_close(merged_m2.cpu().double(), gold_m2, **tol)
+
+
+def test_merge_is_one_launch_and_no_pytorch_op(device):
+    """The merge used to take about a dozen ATen ops (kernels on a GPU): now its two outputs
+    are allocated and one kernel runs (the interpreter's copies of the kernel's arguments,
+    copy_ / set_, are no PyTorch arithmetic)."""
+    sums, m2 = _tile_partials(torch.randn(100, 8, dtype=torch.float64), 16)
+    sums, m2 = sums.float().to(device), m2.float().to(device)
+    with OpRecorder() as recorder:
+        _merge_tiles(sums, m2, 100, 16)
+    allocations_or_copies = ("aten.empty", "aten.new_empty", "aten.set_", "aten.copy_")
+    assert not [op for op in recorder.ops if not op.startswith(allocations_or_copies)]
