@@ -10,6 +10,12 @@ the package (`fastres/tuned/<gpu>.json`) are used before anything is timed.
 The cache directory is `$FASTRES_CACHE_DIR`, else `$XDG_CACHE_HOME/fastres`, else
 `~/.cache/fastres`. `FASTRES_TRITON_TUNE=0` times nothing: a cached or shipped choice, else the
 first candidate.
+
+Inside a CUDA graph capture nothing is timed either (timing synchronises, which a capture
+forbids, and a choice made there would stay in the graph): a known choice is used, and a shape
+that would be tuned raises `CaptureError`. A warm-up call on the same shapes before capturing
+tunes and chooses (`torch.cuda.make_graphed_callables` and torch.compile's "reduce-overhead"
+mode make such calls themselves).
 """
 
 from __future__ import annotations
@@ -45,6 +51,30 @@ def cache_dir() -> Path:
 
 def tuning_enabled() -> bool:
     return os.environ.get(TUNE_ENV_VAR, "1") != "0"
+
+
+class CaptureError(RuntimeError):
+    """A choice that needs timing was asked for inside a CUDA graph capture."""
+
+
+def capturing(device: torch.device) -> bool:
+    """Whether `device`'s current stream is capturing a CUDA graph (free where CUDA was never
+    initialised)."""
+    return (
+        device.type == "cuda"
+        and torch.cuda.is_initialized()
+        and torch.cuda.is_current_stream_capturing()
+    )
+
+
+def refuse_in_capture(device: torch.device, what: str) -> None:
+    """Raises `CaptureError` inside a capture on `device`: `what` would be timed there."""
+    if capturing(device):
+        raise CaptureError(
+            f"fastres: {what} inside a CUDA graph capture, where nothing may be timed: run the "
+            "model once on the same shapes, dtype and mode before capturing (that call tunes "
+            f"and chooses), or set {TUNE_ENV_VAR}=0 to use the defaults untimed"
+        )
 
 
 def device_key(device: torch.device) -> str:
@@ -150,6 +180,7 @@ def choose(
             break
     else:
         if tuning_enabled():
+            refuse_in_capture(device, f"tuning the Triton launch configuration of {key}")
             chosen = _tune(key, candidates, launch, compile_only)
             _CONFIGS.put(device_id, key, chosen)
         else:
