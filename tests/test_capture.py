@@ -133,8 +133,7 @@ def _step(model: torch.nn.Module, x: torch.Tensor, train: bool) -> list[torch.Te
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_a_step_waits_for_nothing_after_a_warm_up(arch, mode, backend, device, monkeypatch):
     """Forward (and backward in training) of every backend, after one warm-up call that tunes
-    and chooses: no op reads a device value on the host or sizes a result from one. The step's
-    output still keeps the contract against the oracle."""
+    and chooses: no op reads a device value on the host or sizes a result from one."""
     device = torch.device(device)
     if backend == "triton" and device.type == "cpu":
         pytest.importorskip("triton")
@@ -145,16 +144,16 @@ def test_a_step_waits_for_nothing_after_a_warm_up(arch, mode, backend, device, m
     monkeypatch.setattr(select, "_TIMED_RUNS", 1)  # 'auto' tunes in the warm-up: not timed here
     model = randomize_norms(MODELS[arch](**MODES[mode])).train(mode != "eval").to(device)
     oracle = copy.deepcopy(model).set_backend("torch")
-    gold = copy.deepcopy(model).double().set_backend("torch")
+    gold = copy.deepcopy(oracle).double()
     model.set_backend(backend)
     train = mode != "eval"
     x = torch.randn(2, 3, 16, 16, device=device)
     _step(model, x, train)  # the warm-up: tuning, selection, folded weights
     with HostSyncGuard():
         outs = _step(model, x, train)
-    # The warm-up moved the running statistics of a training model: only inference and
-    # BN-frozen outputs are the oracle's.
-    if mode != "train":
+    # The guard changes nothing it lets through: inference's output is still the oracle's
+    # (training's is checked by the tests of each backend, without the guard's cost).
+    if mode == "eval":
         base, gold_out = _step(oracle, x, train), _step(gold, x.double(), train)
         for i, (y, b, g) in enumerate(zip(outs, base, gold_out)):
             assert_matches_oracle(y, b, g, torch.float32, f"{backend} {mode} output {i}")
