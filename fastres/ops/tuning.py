@@ -54,12 +54,13 @@ def tuning_enabled() -> bool:
 
 
 class CaptureError(RuntimeError):
-    """A choice that needs timing was asked for inside a CUDA graph capture."""
+    """What a CUDA graph capture forbids was asked for inside one: a choice still to be timed,
+    or a device value read on the host."""
 
 
 def capturing(device: torch.device) -> bool:
-    """Whether `device`'s current stream is capturing a CUDA graph (free where CUDA was never
-    initialised)."""
+    """Whether work on `device` is being captured into a CUDA graph: a CUDA device while the
+    current stream captures (free where CUDA was never initialised)."""
     return (
         device.type == "cuda"
         and torch.cuda.is_initialized()
