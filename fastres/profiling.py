@@ -5,11 +5,16 @@ module path (`stem`, `layer2`, `layer2.0`, ...): an NVTX range on CUDA (for Nsig
 Nsight Compute filters) and a torch.profiler `record_function` range everywhere (for the Chrome
 trace). The ranges come from forward hooks, so they cover the forward pass only; the backward
 kernels appear under autograd's own names.
+
+On a GPU the profile ends with the device's busy time per iteration (the union of its kernels'
+and copies' intervals) against the wall time of an unprofiled iteration: where the device is
+idle for much of the wall time, the host's launches, not the kernels, set the speed.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 from collections.abc import Callable
 
@@ -71,6 +76,28 @@ class BlockRanges:
             handle.remove()
 
 
+def busy_us(intervals: list[tuple[float, float]]) -> float:
+    """The time covered by the union of (start, end) intervals: overlapping kernels (several
+    streams) count once."""
+    busy, reach = 0.0, -math.inf
+    for start, end in sorted(intervals):
+        if end > reach:
+            busy += end - max(start, reach)
+            reach = end
+    return busy
+
+
+def device_busy_us(prof: torch.profiler.profile) -> float:
+    """Microseconds during which the GPU ran a kernel, copy or fill in the profile."""
+    return busy_us(
+        [
+            (e.time_range.start, e.time_range.end)
+            for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA
+        ]
+    )
+
+
 def run_profile(args: argparse.Namespace) -> int:
     """Runs the configuration in `args` (see `python -m fastres profile --help`)."""
     config = bm.config_from_args(args, args.model, args.mode)
@@ -111,6 +138,13 @@ def run_profile(args: argparse.Namespace) -> int:
             sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
             print(f"top ops over {args.profile_iters} profiled iterations ({sort_by}):")
             print(prof.key_averages().table(sort_by=sort_by, row_limit=args.top))
+            if device.type == "cuda":
+                busy_ms = device_busy_us(prof) / args.profile_iters / 1e3
+                print(
+                    f"GPU busy {busy_ms:.2f} ms per iteration of {median * 1e3:.2f} ms wall "
+                    f"(median, unprofiled): {100 * busy_ms / (median * 1e3):.0f}% busy, "
+                    f"{max(median * 1e3 - busy_ms, 0):.2f} ms idle (host-bound where large)"
+                )
             if args.trace:
                 prof.export_chrome_trace(args.trace)
                 print(f"Chrome trace written to {args.trace}")

@@ -1,45 +1,52 @@
 #!/usr/bin/env bash
-# The GPU check, sized for a lent GPU session (15 minutes of device time, machine starts
-# included, at most 10 minutes a command): two calls of about 6 minutes each, every figure
-# written to $OUT as soon as it exists, so that a call stopped at its limit still returns what
-# it measured.
+# The GPU check, sized for a lent GPU session (15 minutes of device time, the machine's start
+# included): two calls of at most 6 minutes each, every result written to $OUT as soon as it
+# exists (steps.log grows step by step), so that a call stopped at its limit still returns what
+# it measured. The first call answers "why" (where the time goes) before "how fast".
 #
-#   bash scripts/gpu_check.sh                      # call 1: build, smoke checks, figures
-#   GPU_CHECK_CALL=2 bash scripts/gpu_check.sh     # call 2: compile peers, layers, CUDA suite
+#   bash scripts/gpu_check.sh                      # call 1: why, op by op
+#   GPU_CHECK_CALL=2 bash scripts/gpu_check.sh     # call 2: smoke checks, host cost, models
+#   GPU_CHECK_CALL=3 bash scripts/gpu_check.sh     # beyond the 15 minutes: tuned tiles, Res2Net
 #   GPU_CHECK_DRY_RUN=1 bash scripts/gpu_check.sh  # rehearsal on a CPU machine: the same
 #                                                  # steps, tiny sizes, nothing built
 #
-# Call 1 (most important first):
-#   build        the extension in place for the visible GPU (in the background, while the
-#                Triton inference smoke checks compile their kernels);
-#   smoke-*      tests/test_cuda_models.py: ResNet-50 and Res2Net-50, inference and a training
-#                step, bf16, every backend, against the float64 oracle (batch 32: the kernels
-#                of batch 256); one process per Triton case, so that a kernel that breaks its
-#                CUDA context costs only its own case;
-#   bench-*      python -m fastres bench, b256 bf16 224 px, inference and training step:
-#                eager, eager-cl and the fastres backends whose smoke checks passed.
-# Call 2: 'auto' tuned (tune: the implementation chosen per layer), the Triton backend with
-#   tuned tiles and auto (bench-tuned-infer, then bench-tuned-train with native beside them),
-#   the tuning cache returned in the results
-#   (cache/triton-configs.json, the defaults to ship for the GPU), torch.profiler tables of a
-#   ResNet-50 step per backend (profile-*), every ResNet-50 conv shape against cuDNN
-#   (bench-layers), then the torch.compile peers (bench-compile-*).
+# Call 1, "why" (b256 bf16 224 px unless said; Triton tiles untuned, FASTRES_TRITON_TUNE=0):
+#   build          the extension in place for the visible GPU, in the background while
+#   triton-conv    (4) the Triton convolution per ResNet-50 shape against F.conv2d + BN + ReLU,
+#                  tiles untuned (bench/gpu_why.py triton-conv; no extension needed);
+#   bn-ops         (2) every BatchNorm op against ATen's at the six BN shapes of issue 24, GB/s
+#                  and % of the measured copy bandwidth (bench/gpu_why.py bn; new kernels enter
+#                  as its BN_VARIANTS);
+#   cudnn-fused    (3) cuDNN's cudnn_convolution_(add_)relu against conv + bn_apply at the stem
+#                  and each stage's conv3, first call included (bench/gpu_why.py cudnn-fused);
+#   profile-*      (1) torch.profiler per-kernel tables of one ResNet-50 inference forward and
+#                  training step for eager-cl (the 'torch' backend, channels_last), native,
+#                  triton and auto, each ending with GPU-busy time against wall time
+#                  (python -m fastres profile).
+# Call 2: the smoke checks (tests/test_cuda_models.py: ResNet-50 and Res2Net-50, inference and
+#   a training step, bf16, every backend, against the float64 oracle; one process per group),
+#   the two ways to remove host cost (scripts/cuda_graphs.py: torch.compile "reduce-overhead"
+#   and torch.cuda.make_graphed_callables, checked against the float64 oracle and timed beside
+#   eager-cl, b32), then the whole-model figures of ResNet-50 with 'auto' and native beside
+#   eager, eager-cl and their torch.compile peers (python -m fastres bench).
+# Call 3 (a later session): the Triton convolution per shape with tuned tiles, 'auto' tuned
+#   (python -m fastres tune), Res2Net-50's whole-model figures.
 #
 # Results: $OUT when set (the device tool's return folder, at most 8 files: summary.txt,
 # steps.log with every step's output, the bench JSONs, logs.tar.gz with the logs and JUnit
-# files of every step), else
-# bench/results/local/gpu-check-<time>/. Every step runs under `timeout` with what is left of
-# GPU_CHECK_BUDGET seconds (default 360); a step that fails or times out is recorded and the
-# script goes on. Exit status 0 when every step passed.
+# files of every step), else bench/results/local/gpu-check-<time>/. Every step runs under
+# `timeout` with what is left of GPU_CHECK_BUDGET seconds (default 345); a step that fails or
+# times out is recorded and the script goes on. Exit status 0 when every step passed.
 #
 # Environment: PYTHON (default python3; the GPU machine's has torch and Triton),
-# GPU_CHECK_CALL (1 or 2), GPU_CHECK_BUDGET, GPU_CHECK_DRY_RUN, MAX_JOBS (default 16).
+# GPU_CHECK_CALL (1, 2 or 3), GPU_CHECK_BUDGET, GPU_CHECK_DRY_RUN, MAX_JOBS (default 12: cores
+# left for the Triton compiles that run beside the build).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 CALL=${GPU_CHECK_CALL:-1}
-BUDGET=${GPU_CHECK_BUDGET:-360}
+BUDGET=${GPU_CHECK_BUDGET:-345}
 DRY_RUN=${GPU_CHECK_DRY_RUN:-0}
 START=$SECONDS
 if [ -n "${OUT:-}" ]; then
@@ -118,11 +125,14 @@ finish() {
 } >>"$summary"
 cat "$summary"
 
+
 if [ "$DRY_RUN" = 1 ]; then
   device=cpu
   export TRITON_INTERPRET=1
-  shape_args=(--device cpu --batch 4 --image-size 64)
+  shape_args=(--device cpu --depth 18 --batch 2 --image-size 32)  # the steps, not the figures
   size_args=("${shape_args[@]}" --iters 1 --warmup 0)
+  dry=(--dry-run)
+  bench_modes=(--mode infer)  # a CPU's training step of every system: minutes
 else
   device=cuda
   if ! "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
@@ -131,22 +141,35 @@ else
   fi
   shape_args=(--device cuda --batch 256 --image-size 224 --dtype bf16)
   size_args=("${shape_args[@]}" --iters 10 --warmup 3)
+  dry=()
+  bench_modes=(--mode both)
 fi
 
 # The checkout runs in place, nothing installed: the extension built next to the sources,
 # kernels/ reached as fastres.kernels through a link (an install maps it there).
 if [ "$DRY_RUN" != 1 ] && [ ! -e fastres/kernels ]; then ln -s ../kernels fastres/kernels; fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-export MAX_JOBS=${MAX_JOBS:-16}
-# Untuned Triton tiles in call 1: tuning compiles every candidate of every shape first.
+export MAX_JOBS=${MAX_JOBS:-12}
+# Untuned Triton tiles but in call 3: tuning compiles every candidate of every shape first.
+# 'auto' then runs its defaults where it has no persisted choice (what it runs under
+# torch.compile or torch.distributed too).
 export FASTRES_TRITON_TUNE=${FASTRES_TRITON_TUNE:-0}
 
-build() {
+build() {  # in place; a machine still warm from an earlier call only relinks (or nothing)
   if [ "$DRY_RUN" = 1 ]; then
     run_step build 60 "$PYTHON" -c 'import fastres.extension as e; assert e.EXTENSION_ERROR is None, e.EXTENSION_ERROR'
   else
     run_step build 240 "$PYTHON" setup.py build_ext --inplace
   fi
+}
+
+why() {  # why NAME LIMIT SECTION: one table of bench/gpu_why.py
+  run_step "$1" "$2" "$PYTHON" bench/gpu_why.py "$3" "${dry[@]}"
+}
+
+profile() {  # profile BACKEND MODE LIMIT: per-kernel table and GPU-busy against wall time
+  run_step "profile-$1-$2" "$3" "$PYTHON" -m fastres profile "${shape_args[@]}" --backend "$1" \
+    --mode "$2" --iters 3 --warmup 2 --profile-iters 1 --top 30
 }
 
 smoke() {  # smoke NAME PYTEST_K: one process of tests/test_cuda_models.py
@@ -155,77 +178,56 @@ smoke() {  # smoke NAME PYTEST_K: one process of tests/test_cuda_models.py
   echo "$1" "$PYTHON -m pytest tests/test_cuda_models.py ${cuda[*]} -q -ra -k '$2' --junitxml=$logs/$1.xml"
 }
 
-# Which fastres backends the bench times: those whose smoke checks passed (the oracle alone
-# when none did, so that the peers are still measured).
-bench_backends() {
-  local args=() name names=(native triton)
-  [ "$DRY_RUN" = 1 ] && names=(native)  # Triton on CPU is interpreted: not worth timing
-  for name in "${names[@]}"; do
-    if ! grep -qE "^(FAIL|TIME|SKIP) +smoke-.*$name" "$summary"; then args+=(--backend "$name"); fi
-  done
-  [ "${#args[@]}" -eq 0 ] && args=(--backend torch)
-  echo "${args[@]}"
-}
-
 bench() {  # bench NAME MODEL LIMIT EXTRA...: python -m fastres bench, JSON into the results
   local name=$1 model=$2 limit=$3
   shift 3
-  run_step "$name" "$limit" "$PYTHON" -m fastres bench --model "$model" --mode both \
+  run_step "$name" "$limit" "$PYTHON" -m fastres bench --model "$model" "${bench_modes[@]}" \
     "${size_args[@]}" "$@" --json "$results/$name.json"
 }
 
-if [ "$CALL" = 1 ]; then
+case "$CALL" in
+1)
   build &
   build_pid=$!
-  # Triton inference needs no extension: its kernels compile while the extension builds.
-  read -r n1 c1 < <(smoke smoke-resnet-infer-triton "resnet and infer and triton")
-  read -r n2 c2 < <(smoke smoke-res2net-infer-triton "res2net and infer and triton")
-  parallel_steps 200 "$n1" "$c1" "$n2" "$c2"
+  why triton-conv 150 triton-conv  # no extension needed: its kernels compile beside the build
   wait "$build_pid"
   run_step import 60 "$PYTHON" -m fastres info
+  why bn-ops 60 bn
+  why cudnn-fused 45 cudnn-fused
+  # eager-cl and native first (no Triton compiles), then triton, then auto (whose untuned
+  # defaults reuse the Triton kernels just compiled, from Triton's cache).
+  backends=(torch native triton auto)
+  [ "$DRY_RUN" = 1 ] && backends=(torch native auto)  # Triton on CPU: the interpreter
+  for backend in "${backends[@]}"; do
+    profile "$backend" infer 45
+    # Triton's training kernels compile in this step (about 50 s at b32 in the smoke checks).
+    profile "$backend" train "$([ "$backend" = triton ] && echo 90 || echo 60)"
+  done
+  ;;
+2)
+  build
+  read -r n1 c1 < <(smoke smoke-resnet-infer-triton "resnet and infer and triton")
+  read -r n2 c2 < <(smoke smoke-res2net-infer-triton "res2net and infer and triton")
   read -r n3 c3 < <(smoke smoke-torch-native "not triton")
   read -r n4 c4 < <(smoke smoke-resnet-train-triton "resnet and train and triton")
   read -r n5 c5 < <(smoke smoke-res2net-train-triton "res2net and train and triton")
-  parallel_steps 150 "$n3" "$c3" "$n4" "$c4" "$n5" "$c5"
-  read -r -a backends < <(bench_backends)
-  bench bench-resnet50 resnet 150 --no-compile "${backends[@]}"
-  bench bench-res2net50 res2net 150 --no-compile "${backends[@]}"
-  finish
-fi
-
-# -- call 2 ------------------------------------------------------------------------------------
-# Tuned Triton tiles, chosen once and kept in the results (cache/triton-configs.json: the
-# defaults to ship for this GPU), then the peers torch.compile.
-export FASTRES_TRITON_TUNE=1 FASTRES_CACHE_DIR=$results/cache
-build &
-build_pid=$!
-if [ "$DRY_RUN" = 1 ]; then
-  tuned=(--backend native) compiled=(--no-compile --backend native)
-else
-  tuned=(--backend triton) compiled=(--backend triton)
-fi
-wait "$build_pid"
-# 'auto': each layer's candidates (Triton with its tiles tuned here, native, cuDNN's fused
-# convolutions, the oracle) checked and timed, the choice per layer printed to steps.log and
-# kept in cache/selection.json; the benches below then time auto beside the backends.
-tune_args=()
-[ "$DRY_RUN" = 1 ] && tune_args=(--model resnet --mode infer)  # CPU: the step, not the figures
-run_step tune 150 "$PYTHON" -m fastres tune "${shape_args[@]}" "${tune_args[@]}"
-bench bench-tuned-infer both 150 --mode infer --no-compile --backend auto "${tuned[@]}"
-bench bench-tuned-train both 150 --mode train --no-compile --backend native --backend auto \
-  "${tuned[@]}"
-# Where the time of a ResNet-50 step goes, per op, for the oracle (eager-cl) and the backends.
-profiled=(torch-infer native-infer torch-train native-train triton-train)
-[ "$DRY_RUN" = 1 ] && profiled=("${profiled[@]:0:4}")  # Triton on CPU is interpreted: too slow
-for system in "${profiled[@]}"; do
-  run_step "profile-$system" 45 "$PYTHON" -m fastres profile "${shape_args[@]}" \
-    --backend "${system%-*}" --mode "${system#*-}" --iters 5 --warmup 3 --profile-iters 1 --top 25
-done
-# Every ResNet-50 conv shape: the fused Triton conv (the tiles tuned above) against cuDNN.
-if "$PYTHON" -c 'import pytest_benchmark' 2>/dev/null; then
-  run_step bench-layers 150 "$PYTHON" -m pytest bench/test_bench_conv2d_fused.py --benchmark-only \
-    -q -ra --benchmark-json="$results/bench-layers.json"
-fi
-bench bench-compile-resnet50 resnet 200 "${compiled[@]}"
-bench bench-compile-res2net50 res2net 200 "${compiled[@]}"
+  parallel_steps 120 "$n1" "$c1" "$n2" "$c2" "$n3" "$c3" "$n4" "$c4" "$n5" "$c5"
+  run_step cuda-graphs 100 "$PYTHON" scripts/cuda_graphs.py --backend native "${dry[@]}"
+  compile=()
+  [ "$DRY_RUN" = 1 ] && compile=(--no-compile)  # torch.compile on CPU: minutes of C++ builds
+  bench bench-resnet50 resnet 120 --backend auto --backend native "${compile[@]}"
+  ;;
+3)
+  export FASTRES_TRITON_TUNE=1 FASTRES_CACHE_DIR=$results/cache
+  build
+  why triton-conv-tuned 150 triton-conv
+  tune_args=()
+  [ "$DRY_RUN" = 1 ] && tune_args=(--model resnet --mode infer)  # CPU: the step, not the figures
+  run_step tune 120 "$PYTHON" -m fastres tune "${shape_args[@]}" "${tune_args[@]}"
+  bench bench-res2net50 res2net 120 --depth 50 --no-compile --backend auto --backend native
+  ;;
+*)
+  note "FAIL  GPU_CHECK_CALL=$CALL: expected 1, 2 or 3"
+  ;;
+esac
 finish

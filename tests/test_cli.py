@@ -302,6 +302,21 @@ def test_profile_writes_trace(tmp_path, capsys, one_thread):
     assert {"stem", "layer1", "layer1.0", "layer4.1", "iteration"} <= names
 
 
+def test_device_busy_time_counts_overlapping_kernels_once():
+    """The GPU-busy figure of `fastres profile`: the union of the kernels' intervals, so that
+    kernels of two streams running together do not make the device busier than the wall."""
+    from fastres.profiling import busy_us
+
+    starts = torch.rand(20).double() * 100
+    intervals = [(float(a), float(a + d)) for a, d in zip(starts, torch.rand(20).double() * 10)]
+    covered = torch.zeros(12_000, dtype=torch.bool)  # a 0.01 us grid over 0..120 us
+    for a, b in intervals:
+        covered[round(a * 100) : round(b * 100)] = True
+    assert busy_us(intervals) == pytest.approx(int(covered.sum()) / 100, abs=0.2)
+    assert busy_us([(0.0, 10.0), (2.0, 4.0), (10.0, 12.0)]) == 12.0
+    assert busy_us([]) == 0.0
+
+
 @pytest.mark.parametrize("mode", bm.MODES)
 def test_subnormal_activations_are_counted(mode, one_thread):
     """An input below float32's smallest normal value makes the stem convolution's output

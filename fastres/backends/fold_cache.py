@@ -19,6 +19,11 @@ what it was when the entry was made:
   Process-wide on purpose: a step hook cannot tell cheaply which model an optimizer updates,
   and then writes made right after a step (an EMA copy updated through `.data`) are seen too.
 
+Inside a CUDA graph capture no entry is used (and none made there is used after it): a cached
+fold would enter the graph as a constant, and each replay would compute with the weights of
+the last eager call, however the parameters changed since. Folded inside the capture, the fold
+is part of the graph and each replay folds the parameters' values of its moment.
+
 Not seen: a write that bypasses the version counter (`p.data.add_(...)`, `p.data = t`, a
 kernel writing a tensor's memory) with no optimizer step and no train() / eval() switch
 after it. Call `model.refresh()` after such a write.
@@ -30,6 +35,8 @@ import weakref
 
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from ..ops import tuning
 
 _generation = 0
 
@@ -73,9 +80,10 @@ def _tensor_key(t: Tensor | None) -> tuple[int, int] | None:
 
 def fold_key(conv: nn.Module, bn: nn.Module) -> tuple:
     """What a fold of `bn` into `conv` depends on (see the module docstring), cheap to build:
-    it is built for every unit of every forward."""
+    it is built for every unit of every forward. Inside a capture, a key that matches no
+    other."""
     return (
-        _generation,
+        object() if tuning.capturing(conv.weight.device) else _generation,
         bn.eps,
         _tensor_key(conv.weight),
         _tensor_key(conv.bias),

@@ -21,8 +21,9 @@ is made once per machine:
    family (`native-onednn` -> `native`); elsewhere the choice is made as below;
 2. the choice this process made, else the one persisted under the device's key in
    `<cache dir>/selection.json` (the cache directory of the Triton configs: `fastres.ops.tuning`);
-3. else, where tuning may run (`FASTRES_TRITON_TUNE` is not 0, not under torch.compile, CUDA
-   graph capture or torch.distributed), every candidate runs once on the site's inputs and must
+3. else, where tuning may run (`FASTRES_TRITON_TUNE` is not 0, not under torch.compile or
+   torch.distributed; inside a CUDA graph capture it raises `tuning.CaptureError`: a warm-up
+   call before capturing chooses), every candidate runs once on the site's inputs and must
    pass the contract's agreement rule against the float64 oracle (outputs, and gradients where
    the site needs them, `gradient_agrees`, where a candidate that misses only a gradient is
    checked again on fresh inputs, `_REDRAWS`; docs/contract.md §3); those that pass are timed in
@@ -396,12 +397,13 @@ def _forced() -> str | None:
     return name
 
 
-def _may_tune(device: torch.device) -> bool:
+def _may_tune() -> bool:
+    """Whether a site with no known choice is tuned (inside a CUDA graph capture it is refused
+    instead: `_pick`)."""
     if not tuning.tuning_enabled():
         return False
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return False  # every rank must make the same choice: tune ahead (`fastres tune`)
-    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+    # Every rank must make the same choice: tune ahead (`fastres tune`).
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized())
 
 
 _RECORD: list | None = None
@@ -436,7 +438,7 @@ def _settings(device: torch.device) -> tuple:
         torch.get_autocast_dtype(device.type) if autocast else None,
         os.environ.get(SELECT_ENV_VAR),
         torch.get_num_threads(),
-        _may_tune(device),
+        _may_tune(),
         _sizes_tuned(),
     )
 
@@ -510,7 +512,7 @@ def _pick(kind, site, runnable: list[Candidate], device) -> tuple[Candidate, str
     if name in by_name:
         _CHOSEN.by_class[device_id, key] = name
         return by_name[name], "persisted", {}
-    if not _may_tune(device):
+    if not _may_tune():
         return _default(kind, site, runnable, device), "default", {}
     parsed = _parse_shape_class(key)
     site_class = key if parsed is None else parsed[0]
@@ -521,6 +523,7 @@ def _pick(kind, site, runnable: list[Candidate], device) -> tuple[Candidate, str
             return _default(kind, site, runnable, device), "default", {}
         _CHOSEN.by_class[device_id, key] = name
         return by_name[name], "transferred", {}
+    tuning.refuse_in_capture(device, f"choosing the implementation of {key}")
     chosen, times = _tune(site, runnable, _default(kind, site, runnable, device).name)
     for loser in runnable:
         if loser.impl is not chosen.impl:

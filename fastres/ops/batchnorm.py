@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ..extension import EXTENSION_ERROR
+from . import tuning
 from .precision import accumulator_dtype
 
 
@@ -264,6 +265,12 @@ def sync_batch_stats(
     All-gathers (count, mean [C], M2 [C]) over the group and merges them with Chan's formula
     (`combine_stats`), so unequal batch sizes merge exactly. Returns mean, M2 and the count.
     """
+    if tuning.capturing(mean.device):
+        raise tuning.CaptureError(
+            "fastres: SyncBatchNorm on the fused backends reads the merged batch count on the "
+            "host, which a CUDA graph capture forbids: capture it with the 'torch' backend "
+            "(nn.SyncBatchNorm), or without SyncBatchNorm"
+        )
     group = _process_group(group_name)
     local = torch.cat([mean.new_full((1,), count), mean, m2])
     parts = [torch.empty_like(local) for _ in range(torch.distributed.get_world_size(group))]

@@ -14,6 +14,12 @@ first candidate.
 Both variables are read when a shape class is first launched in the process: the launcher keeps
 each shape's configuration from then on (`fastres.ops.conv2d_fused`), so changing them at run
 time affects only shapes not launched yet (set them before the first forward).
+
+Inside a CUDA graph capture nothing is timed either (timing synchronises, which a capture
+forbids, and a choice made there would stay in the graph): a known choice is used, and a shape
+that would be tuned raises `CaptureError`. A warm-up call on the same shapes before capturing
+tunes and chooses (`torch.cuda.make_graphed_callables` and torch.compile's "reduce-overhead"
+mode make such calls themselves).
 """
 
 from __future__ import annotations
@@ -49,6 +55,31 @@ def cache_dir() -> Path:
 
 def tuning_enabled() -> bool:
     return os.environ.get(TUNE_ENV_VAR, "1") != "0"
+
+
+class CaptureError(RuntimeError):
+    """What a CUDA graph capture forbids was asked for inside one: a choice still to be timed,
+    or a device value read on the host."""
+
+
+def capturing(device: torch.device) -> bool:
+    """Whether work on `device` is being captured into a CUDA graph: a CUDA device while the
+    current stream captures (free where CUDA was never initialised)."""
+    return (
+        device.type == "cuda"
+        and torch.cuda.is_initialized()
+        and torch.cuda.is_current_stream_capturing()
+    )
+
+
+def refuse_in_capture(device: torch.device, what: str) -> None:
+    """Raises `CaptureError` inside a capture on `device`: `what` would be timed there."""
+    if capturing(device):
+        raise CaptureError(
+            f"fastres: {what} inside a CUDA graph capture, where nothing may be timed: run the "
+            "model once on the same shapes, dtype and mode before capturing (that call tunes "
+            f"and chooses), or set {TUNE_ENV_VAR}=0 to use the defaults untimed"
+        )
 
 
 def device_key(device: torch.device) -> str:
@@ -154,6 +185,7 @@ def choose(
             break
     else:
         if tuning_enabled():
+            refuse_in_capture(device, f"tuning the Triton launch configuration of {key}")
             chosen = _tune(key, candidates, launch, compile_only)
             _CONFIGS.put(device_id, key, chosen)
         else:
