@@ -51,7 +51,7 @@ TORCH_LIBRARY(fastres, m) {
       " Tensor? scale_r, Tensor? shift_r, bool relu, Tensor mean, Tensor invstd, Tensor? mean_r,"
       " Tensor? invstd_r, int count, bool grad_residual) -> (Tensor grad_x, Tensor grad_r,"
       " Tensor grad_weight, Tensor grad_bias, Tensor grad_weight_r, Tensor grad_bias_r)");
-  m.def("add_relu_(Tensor(a!) y, Tensor r) -> Tensor(a!)");
+  m.def("add_relu_(Tensor(a!) y, Tensor r) -> ()");
 }
 
 // A plain module object: importing fastres._C loads this library, whose static initialisers

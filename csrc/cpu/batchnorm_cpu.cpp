@@ -596,8 +596,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_backward_cpu(
 // ---------------------------------------------------------------------------------------------
 // add_relu_: y = ReLU(y + r) in place.
 
-Tensor& add_relu_cpu(Tensor& y, const Tensor& r) {
-  if (!add_relu_flat(y, r)) return y.add_(r).relu_();
+void add_relu_cpu(const Tensor& y, const Tensor& r) {
+  if (!add_relu_flat(y, r)) {
+    y.add_(r).relu_();
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "add_relu_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* yp = y.data_ptr<scalar_t>();
@@ -612,7 +615,6 @@ FASTRES_NO_ALIAS
       });
     });
   });
-  return y;
 }
 
 }  // namespace

@@ -213,14 +213,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_backward_cuda(
   return {a.grad_x, a.grad_r, a.grads[0], a.grads[1], a.grads[2], a.grads[3]};
 }
 
-Tensor& add_relu_cuda(Tensor& y, const Tensor& r) {
+void add_relu_cuda(const Tensor& y, const Tensor& r) {
   const c10::cuda::CUDAGuard guard(y.device());
-  if (!add_relu_flat(y, r)) return y.add_(r).relu_();
-  if (y.numel() == 0) return y;
+  if (!add_relu_flat(y, r)) {
+    y.add_(r).relu_();
+    return;
+  }
+  if (y.numel() == 0) return;
   check(cuda::launch_add_relu(dtype_of(y), y.data_ptr(), r.const_data_ptr(), y.numel(),
                               c10::cuda::getCurrentCUDAStream()),
         "add_relu_");
-  return y;
 }
 
 }  // namespace

@@ -418,7 +418,7 @@ def _residual_act(y: Tensor, residual: Tensor | None, relu: bool) -> Tensor:
     if residual.dtype != y.dtype:
         y, residual = _common_dtype(y, residual)
     if relu:
-        return torch.ops.fastres.add_relu_(y, residual)
+        return bn_ops.add_relu_(y, residual)
     return y.add_(residual)
 
 

@@ -80,7 +80,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("fastres::add_relu_")
     def _(y, r):
-        return y
+        return None
 
     @torch.library.register_fake("fastres::bn_apply")
     def _(x, scale, shift, residual, scale_r, shift_r, relu):
@@ -166,6 +166,37 @@ def bn_finalize(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Batch statistics and BN weight / bias [C] -> scale, shift, invstd [C]."""
     return torch.ops.fastres.bn_finalize(mean, m2, count, weight, bias, eps)
+
+
+def bn_finalize_update(
+    mean: Tensor,
+    m2: Tensor,
+    count: int,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor | None,
+    momentum: float | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`bn_finalize`, and the running statistics updated in place (one op; see
+    `update_running_stats`)."""
+    return torch.ops.fastres.bn_finalize_update(
+        mean, m2, count, weight, bias, eps, running_mean, running_var, num_batches_tracked,
+        momentum,
+    )  # fmt: skip
+
+
+def bn_backward(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """`fastres::bn_backward`; see `batchnorm_reference.bn_backward`."""
+    return torch.ops.fastres.bn_backward(*args)
+
+
+def add_relu_(y: Tensor, r: Tensor) -> Tensor:
+    """y = ReLU(y + r) in place, one pass (NaN stays NaN, as torch.relu)."""
+    torch.ops.fastres.add_relu_(y, r)
+    return y
 
 
 def bn_apply(
