@@ -10,6 +10,7 @@ What is counted (`StepOps`): every op the dispatcher hands to a TorchDispatchMod
 - views (`func.is_view`: view, expand, permute, detach, split, ...) and `_unsafe_view`, which
   only describe memory that exists;
 - allocations without a fill (`_ALLOCATIONS`: empty, empty_like, ...), which launch nothing;
+- ops on no tensor (`promote_types`, which `Tensor.to` dispatches), which compute no data;
 - the Python custom ops that are compositions of other ops (`COMPOSITE_OPS`): they are opened
   and their ops counted instead. Other Python custom ops of fastres (the Triton launchers) count
   once each and are opened too (their own torch ops count as well).
@@ -23,8 +24,9 @@ Run as a script for the table (bench/results/cpu-op-count/):
 
 from __future__ import annotations
 
-import copy
+import functools
 import sys
+import time
 
 import pytest
 import torch
@@ -47,6 +49,14 @@ _ALLOCATIONS = {
 COMPOSITE_OPS = {"fastres::bn_train_act"}
 
 
+def _no_tensor(func) -> bool:
+    schema = func._schema
+    return not any(
+        isinstance(a.type, torch.TensorType) or "Tensor" in str(a.type)
+        for a in (*schema.arguments, *schema.returns)
+    )
+
+
 class StepOps(TorchDispatchMode):
     """Counts the dispatched ops that compute (see the module docstring): `ops` their names."""
 
@@ -57,7 +67,7 @@ class StepOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func._schema.name
-        if not (func.is_view or name in _ALLOCATIONS or name in COMPOSITE_OPS):
+        if not (func.is_view or name in _ALLOCATIONS or name in COMPOSITE_OPS or _no_tensor(func)):
             self.ops.append(str(func))
         opdef = OPDEFS.get(name)
         if opdef is not None:  # a Python custom op: open it
@@ -85,6 +95,7 @@ def _step(model: torch.nn.Module, x: torch.Tensor, mode: str) -> None:
     sum(o.float().sum() for o in outs).backward()
 
 
+@functools.cache
 def step_ops(backend: str, mode: str, dtype: torch.dtype) -> list[str]:
     """The counted ops of one step of `mode` ('inference', 'train', 'train-frozen-bn') on
     `backend`, in `dtype` (bfloat16: fp32 model under CPU autocast; float32: plain), after one
@@ -145,6 +156,8 @@ if __name__ == "__main__":
     print("|---|---|" + "---|" * (1 + len(BACKENDS)))
     for dtype in DTYPES:
         for mode in MODES:
+            start = time.perf_counter()
             counts = [len(step_ops(b, mode, dtype)) for b in ["torch", *BACKENDS]]
+            print(f"  ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
             print(f"| {str(dtype)[6:]} | {mode} | " + " | ".join(map(str, counts)) + " |")
             sys.stdout.flush()

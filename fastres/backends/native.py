@@ -355,7 +355,7 @@ class _CudnnUnits(Implementation):
             for pool in shortcut.pools:
                 x = pool(x)
             x = self.unit(shortcut.unit, x)
-        weight, bias = _plain_folded(unit.conv, unit.norm, _compute_dtype(h), torch.channels_last)
+        weight, bias = _plain_folded(unit.conv, unit.norm, _compute_dtype(h))
         h = h.to(weight.dtype)
         z = x.to(weight.dtype).contiguous(memory_format=bn_ops.memory_format_of(h))
         return torch.cudnn_convolution_add_relu(h, weight, z, 1.0, bias, *_geometry(unit.conv))
@@ -376,9 +376,13 @@ _PLAIN_FOLDED = new_cache()
 
 
 def _plain_folded(
-    conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype, memory_format: torch.memory_format
+    conv: nn.Conv2d,
+    bn: nn.Module,
+    dtype: torch.dtype,
+    memory_format: torch.memory_format = torch.channels_last,
 ) -> tuple[Tensor, Tensor]:
-    """conv's weight with `bn` folded in (`memory_format`), and the bias, in `dtype`."""
+    """conv's weight with `bn` folded in (`memory_format`; channels_last: cuDNN's fused
+    calls), and the bias, in `dtype`."""
     key = (fold_key(conv, bn), dtype, memory_format)
     cached = _PLAIN_FOLDED.get(conv)
     if cached is not None and cached[0] == key:
