@@ -53,16 +53,17 @@ FASTRES_HD void finalize_channel(const FinalizePointers<A>& p, int64_t count, do
 // The running-statistics update of nn.BatchNorm2d in training mode: with factor = momentum (or
 // 1 / num_batches_tracked after its increment, the cumulative average),
 // running_mean = (1 - factor) running_mean + factor mean and
-// running_var = (1 - factor) running_var + factor M2 / (count - 1) (unbiased), computed in A,
-// stored in the running statistics' type R.
-template <typename A, typename R>
-FASTRES_HD void update_running_channel(const A* mean, const A* m2, int64_t count, A factor,
-                                       R* running_mean, R* running_var, int64_t c) {
-  const A unbiased = m2[c] / static_cast<A>(count - 1);
-  running_mean[c] = static_cast<R>((A(1) - factor) * static_cast<A>(running_mean[c]) +
-                                   factor * mean[c]);
-  running_var[c] = static_cast<R>((A(1) - factor) * static_cast<A>(running_var[c]) +
-                                  factor * unbiased);
+// running_var = (1 - factor) running_var + factor M2 / (count - 1) (unbiased), in A; the
+// callers load and store the running statistics in their own type.
+template <typename A>
+struct Running {
+  A mean, var;
+};
+
+template <typename A>
+FASTRES_HD Running<A> updated_running(A mean, A m2, int64_t count, A factor, Running<A> old) {
+  const A unbiased = m2 / static_cast<A>(count - 1);
+  return {(A(1) - factor) * old.mean + factor * mean, (A(1) - factor) * old.var + factor * unbiased};
 }
 
 // The factor of that update; num_batches_tracked is the count before this batch's increment.

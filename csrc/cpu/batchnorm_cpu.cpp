@@ -337,7 +337,10 @@ std::tuple<Tensor, Tensor, Tensor> bn_finalize_update_cpu(
       scalar_t* rv = running_var.data_ptr<scalar_t>();
       for (int64_t c = 0; c < a.c; ++c) {
         math::finalize_channel(ptrs, count, eps, c);
-        math::update_running_channel(ptrs.mean, ptrs.m2, count, factor, rm, rv, c);
+        const math::Running<acc_t> old{static_cast<acc_t>(rm[c]), static_cast<acc_t>(rv[c])};
+        const auto u = math::updated_running(ptrs.mean[c], ptrs.m2[c], count, factor, old);
+        rm[c] = static_cast<scalar_t>(u.mean);
+        rv[c] = static_cast<scalar_t>(u.var);
       }
     });
   });

@@ -295,6 +295,16 @@ __global__ void finalize_kernel(math::FinalizePointers<A> p, int64_t count, doub
   if (c < C) math::finalize_channel(p, count, eps, c);
 }
 
+// A running statistic of type R from an A value (fp64 ones from fp64 values only).
+template <typename R, typename A>
+__device__ __forceinline__ R running_from(A v) {
+  if constexpr (std::is_same_v<R, double>) {
+    return static_cast<double>(v);
+  } else {
+    return from_acc<R>(static_cast<float>(v));
+  }
+}
+
 // One block (the whole of C in a block-stride loop), so that every thread has read
 // num_batches_tracked before thread 0 increments it.
 constexpr int kFinalizeUpdateThreads = 512;
@@ -309,7 +319,11 @@ __global__ void __launch_bounds__(kFinalizeUpdateThreads)
   const A factor = math::running_factor<A>(momentum, cumulative, before);
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
     math::finalize_channel(p, count, eps, c);
-    math::update_running_channel(p.mean, p.m2, count, factor, running_mean, running_var, c);
+    const math::Running<A> old{static_cast<A>(to_acc(running_mean[c])),
+                               static_cast<A>(to_acc(running_var[c]))};
+    const auto u = math::updated_running(p.mean[c], p.m2[c], count, factor, old);
+    running_mean[c] = running_from<R>(u.mean);
+    running_var[c] = running_from<R>(u.var);
   }
   __syncthreads();
   if (threadIdx.x == 0 && num_batches_tracked) *num_batches_tracked = before + 1;
