@@ -369,3 +369,58 @@ def test_opcheck_new_ops():
              vec().abs(), count, True),
         )  # fmt: skip
     torch.library.opcheck(torch.ops.fastres.add_relu_.default, (x.clone(), residual))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not cuda_kernels_built(), reason="fastres._C built without CUDA kernels")
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64], ids=str)
+def test_cuda_fused_ops_match_cpu_reference(dtype, layout):
+    """bn_backward, bn_finalize_update and add_relu_ on CUDA (their per-channel kernels run
+    batchnorm_math.h, as the CPU loops the other tests check)."""
+    acc = accumulator_dtype(dtype)
+    for shape in SHAPES.values():
+        c = shape[1]
+
+        def vec(c=c):
+            return torch.randn(c, device="cuda", dtype=acc)
+
+        for tail in TAILS:
+            x, scale, shift, residual, scale_r, shift_r = (
+                t.cuda() if t is not None else None for t in _tail_args(shape, dtype, layout, tail)
+            )
+            scale, shift, scale_r, shift_r = (
+                t.to(acc) if t is not None else None for t in (scale, shift, scale_r, shift_r)
+            )
+            grad = _rand(shape, dtype, layout, device="cuda")
+            two_bn = tail == "two_bn"
+            for count in (x.numel() // c, 0):
+                args = (
+                    grad, x, scale, shift, residual, scale_r, shift_r, True, vec(),
+                    vec().abs() + 0.5, vec() if two_bn else None,
+                    vec().abs() + 0.5 if two_bn else None, count, residual is not None,
+                )  # fmt: skip
+                actual = bn_ops.bn_backward(*args)
+                _check(actual, ref.bn_backward(*args), ref.bn_backward(*_f64(args)), dtype,
+                       f"cuda bn_backward {shape} {tail} count {count}")  # fmt: skip
+        y, r = _rand(shape, dtype, layout, device="cuda"), _rand(shape, dtype, layout, "cuda")
+        gold = ref.add_relu_(y.double(), r.double())
+        base = ref.add_relu_(y.clone(), r)
+        _check(bn_ops.add_relu_(y, r), base, gold, dtype, f"cuda add_relu_ {shape}")
+        mean, m2 = bn_ops.bn_stats(x)
+        count = x.numel() // c
+        for momentum in (0.1, None):
+            running = (vec(), vec().abs() + 0.5)
+            nbt = torch.tensor(5, device="cuda")
+            gold_running = [t.double() for t in running]
+            gold_nbt = nbt.clone()
+            out = bn_ops.bn_finalize_update(
+                mean, m2, count, vec(), vec(), 1e-5, *running, nbt, momentum
+            )
+            ref.bn_finalize_update(
+                mean.double(), m2.double(), count, None, None, 1e-5, *gold_running, gold_nbt,
+                momentum,
+            )  # fmt: skip
+            assert out[0].shape == (c,) and nbt.item() == 6
+            for ours, expected in zip(running, gold_running, strict=True):
+                torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=1e-6)
