@@ -11,6 +11,8 @@
 #include <algorithm>
 #include <optional>
 
+#include "batchnorm_math.h"
+
 namespace fastres {
 
 // The accumulation rule: ATen's opmath type (fp64 tensors accumulate in fp64; fp32, fp16 and
@@ -97,13 +99,44 @@ inline Prepared prepare(const at::Tensor& x_in, const at::Tensor& scale,
 // Per-channel coefficients [6, C] (accumulation dtype) of bn_backward_elemt:
 // grad_x = c0 * g + c1 * x + c2 and grad_r = c3 * g + c4 * r + c5, g = grad_out * ReLU mask.
 // The x terms (c1, c2) exist only where x's norm trains (train_x), the r terms (c4, c5) only
-// where r's does (train_r); elsewhere the kernels leave x and r out of the gradient.
+// where r's does (train_r); elsewhere the kernels leave x and r out of the gradient. The
+// arithmetic is math::coef_channel (batchnorm_math.h), one loop (CPU) or kernel (CUDA); here
+// the inputs it reads, as [C] vectors in the accumulation dtype (undefined where absent).
 struct ElemtCoefficients {
   at::Tensor coef;
   bool train_x;
   bool train_r;
   bool want_r;  // grad_r wanted: grad_residual and a residual
+  double count;
+  at::Tensor mean, invstd, sum_dy, sum_dy_xmu, mean_r, invstd_r, sum_dy_rmu;
+
+  // The pointers of math::coef_channel (acc_t: the accumulation type, or void for the CUDA
+  // launcher); the affine gradients [4] (grads, BackwardArgs) not wanted unless given.
+  template <typename acc_t>
+  math::CoefPointers<acc_t> pointers(const Prepared& p, at::Tensor* grads = nullptr) const {
+    const auto in = [](const at::Tensor& t) -> const acc_t* {
+      return t.defined() && t.numel() > 0 ? static_cast<const acc_t*>(t.const_data_ptr())
+                                          : nullptr;
+    };
+    const auto out = [](at::Tensor* t) -> acc_t* {
+      return t != nullptr && t->defined() && t->numel() > 0 ? static_cast<acc_t*>(t->data_ptr())
+                                                            : nullptr;
+    };
+    return {in(p.scale), in(p.scale_r), in(mean), in(invstd), in(sum_dy), in(sum_dy_xmu),
+            in(mean_r), in(invstd_r), in(sum_dy_rmu), static_cast<acc_t*>(coef.data_ptr()),
+            grads ? out(grads) : nullptr, grads ? out(grads + 1) : nullptr,
+            grads ? out(grads + 2) : nullptr, grads ? out(grads + 3) : nullptr};
+  }
+
+  math::CoefFlags flags(const Prepared& p) const {
+    return {p.g.c, count, train_x, train_r, want_r};
+  }
 };
+
+inline at::Tensor optional_channel(const std::optional<at::Tensor>& t, const Prepared& p,
+                                   const char* name) {
+  return t.has_value() ? channel_param(*t, p.g.c, p.acc, name) : at::Tensor();
+}
 
 inline ElemtCoefficients elemt_coefficients(
     const Prepared& p, const std::optional<at::Tensor>& mean,
@@ -111,49 +144,30 @@ inline ElemtCoefficients elemt_coefficients(
     const std::optional<at::Tensor>& sum_dy_xmu, const std::optional<at::Tensor>& mean_r,
     const std::optional<at::Tensor>& invstd_r, const std::optional<at::Tensor>& sum_dy_rmu,
     int64_t count, bool grad_residual) {
-  using at::Tensor;
-  const int64_t C = p.g.c;
-  const bool train_x = sum_dy.has_value();
-  const bool want_r = grad_residual && p.r.defined();
-  const bool train_r = want_r && p.scale_r.defined() && sum_dy_rmu.has_value();
-  TORCH_CHECK(!train_x || (mean && invstd && sum_dy_xmu && count > 0),
+  ElemtCoefficients ec;
+  ec.train_x = sum_dy.has_value();
+  ec.want_r = grad_residual && p.r.defined();
+  ec.train_r = ec.want_r && p.scale_r.defined() && sum_dy_rmu.has_value();
+  TORCH_CHECK(!ec.train_x || (mean && invstd && sum_dy_xmu && count > 0),
               "fastres: bn_backward_elemt with sum_dy needs mean, invstd, sum_dy_xmu, count > 0");
-  TORCH_CHECK(!train_r || (train_x && mean_r && invstd_r),
+  TORCH_CHECK(!ec.train_r || (ec.train_x && mean_r && invstd_r),
               "fastres: bn_backward_elemt with sum_dy_rmu needs sum_dy, mean_r and invstd_r");
-  // Uninitialised: each kernel reads only the rows written below under the same flags (row 0
-  // always; 1, 2 with train_x; 3 with want_r; 4, 5 with train_r).
-  Tensor coef = at::empty({6, C}, p.scale.options());
-  const double n = static_cast<double>(count);
-  // sum_dy / count, shared by both norms' batch terms (train_r needs train_x).
-  const Tensor sd = train_x ? channel_param(*sum_dy, C, p.acc, "sum_dy") / n : Tensor();
-  // A training norm's batch-statistics terms, written into rows first + 1 (the input's
-  // coefficient) and first + 2 (the constant): -scale * invstd^2 * sum_dy_?mu / count and
-  // -scale * sum_dy / count - that * mean.
-  const auto batch_terms = [&](int64_t first, const Tensor& scale, const at::Tensor& invstd_t,
-                               const at::Tensor& mean_t, const at::Tensor& sum_dy_mu_t,
-                               const char* invstd_name, const char* mean_name,
-                               const char* sum_dy_mu_name) {
-    const Tensor inv = channel_param(invstd_t, C, p.acc, invstd_name);
-    const Tensor mu = channel_param(mean_t, C, p.acc, mean_name);
-    const Tensor smu = channel_param(sum_dy_mu_t, C, p.acc, sum_dy_mu_name) / n;
-    Tensor b = coef[first + 1];
-    b.copy_(-scale * inv * inv * smu);
-    coef[first + 2].copy_(-scale * sd - b * mu);
-  };
-  coef[0].copy_(p.scale);
-  if (train_x) {
-    batch_terms(0, p.scale, *invstd, *mean, *sum_dy_xmu, "invstd", "mean", "sum_dy_xmu");
+  ec.count = static_cast<double>(count);
+  if (ec.train_x) {
+    ec.mean = optional_channel(mean, p, "mean");
+    ec.invstd = optional_channel(invstd, p, "invstd");
+    ec.sum_dy = optional_channel(sum_dy, p, "sum_dy");
+    ec.sum_dy_xmu = optional_channel(sum_dy_xmu, p, "sum_dy_xmu");
   }
-  if (want_r && p.scale_r.defined()) {
-    coef[3].copy_(p.scale_r);
-    if (train_r) {
-      batch_terms(3, p.scale_r, *invstd_r, *mean_r, *sum_dy_rmu, "invstd_r", "mean_r",
-                  "sum_dy_rmu");
-    }
-  } else if (want_r) {
-    coef[3].fill_(1);
+  if (ec.train_r) {
+    ec.mean_r = optional_channel(mean_r, p, "mean_r");
+    ec.invstd_r = optional_channel(invstd_r, p, "invstd_r");
+    ec.sum_dy_rmu = optional_channel(sum_dy_rmu, p, "sum_dy_rmu");
   }
-  return {coef, train_x, train_r, want_r};
+  // Uninitialised: each kernel reads only the rows coef_channel writes under the same flags
+  // (row 0 always; 1, 2 with train_x; 3 with want_r; 4, 5 with train_r).
+  ec.coef = at::empty({6, p.g.c}, p.scale.options());
+  return ec;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -203,6 +217,60 @@ inline FinalizeArgs prepare_finalize(const at::Tensor& mean_in, const at::Tensor
   a.shift = at::empty({a.c}, a.mean.options());
   a.invstd = at::empty({a.c}, a.mean.options());
   return a;
+}
+
+// The pointers of math::finalize_channel (acc_t: the accumulation type, or void for CUDA).
+template <typename acc_t>
+math::FinalizePointers<acc_t> finalize_pointers(const FinalizeArgs& a) {
+  const auto in = [](const at::Tensor& t) -> const acc_t* {
+    return t.defined() ? static_cast<const acc_t*>(t.const_data_ptr()) : nullptr;
+  };
+  return {in(a.mean),
+          in(a.m2),
+          in(a.weight),
+          in(a.bias),
+          static_cast<acc_t*>(a.scale.data_ptr()),
+          static_cast<acc_t*>(a.shift.data_ptr()),
+          static_cast<acc_t*>(a.invstd.data_ptr())};
+}
+
+// bn_finalize_update: bn_finalize's arguments, and the running statistics it updates in place
+// ([C], contiguous, any floating dtype; num_batches_tracked an int64 of one element, needed
+// for the cumulative average: momentum None).
+inline void check_running(const at::Tensor& mean, const at::Tensor& running_mean,
+                          const at::Tensor& running_var,
+                          const std::optional<at::Tensor>& num_batches_tracked,
+                          const std::optional<double>& momentum) {
+  const int64_t c = mean.numel();
+  for (const at::Tensor* t : {&running_mean, &running_var}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == c && t->is_contiguous() &&
+                    at::isFloatingType(t->scalar_type()) && t->device() == mean.device(),
+                "fastres: the running statistics must be contiguous floating [", c,
+                "] tensors on the statistics' device, got ", t->sizes(), " ", t->scalar_type());
+  }
+  TORCH_CHECK(running_mean.scalar_type() == running_var.scalar_type(),
+              "fastres: running_mean and running_var differ in dtype");
+  TORCH_CHECK(mean.scalar_type() != at::kDouble || running_mean.scalar_type() == at::kDouble,
+              "fastres: float64 statistics update float64 running statistics only, got ",
+              running_mean.scalar_type());
+  if (num_batches_tracked.has_value()) {
+    TORCH_CHECK(num_batches_tracked->numel() == 1 &&
+                    num_batches_tracked->scalar_type() == at::kLong &&
+                    num_batches_tracked->device() == mean.device(),
+                "fastres: num_batches_tracked must be an int64 tensor of one element");
+  }
+  TORCH_CHECK(momentum.has_value() || num_batches_tracked.has_value(),
+              "fastres: the cumulative average (momentum None) needs num_batches_tracked");
+}
+
+// add_relu_: whether y and r (same shape, dtype, device) can be walked as one flat array
+// (same strides over dense memory: same layout); elsewhere the bindings fall back to ATen.
+inline bool add_relu_flat(const at::Tensor& y, const at::Tensor& r) {
+  TORCH_CHECK(y.sizes() == r.sizes() && y.scalar_type() == r.scalar_type() &&
+                  y.device() == r.device() && at::isFloatingType(y.scalar_type()),
+              "fastres: add_relu_ needs y and r of one shape, floating dtype and device, got ",
+              y.sizes(), " ", y.scalar_type(), " and ", r.sizes(), " ", r.scalar_type());
+  return y.is_non_overlapping_and_dense() && r.strides() == y.strides();
 }
 
 // bn_apply: out like x.
@@ -276,6 +344,57 @@ inline BackwardElemtArgs prepare_backward_elemt(
                             count, grad_residual);
   a.grad_x = empty_like_x(a.p);
   a.grad_r = a.ec.want_r ? empty_like_x(a.p) : at::empty({0}, a.p.x.options());
+  return a;
+}
+
+// bn_backward: bn_backward_reduce's arguments and outputs (the sums), then the coefficients
+// and outputs of bn_backward_elemt, and the affine gradients [C] (of r's norm: [C] where it
+// has one, scale_r, else [0]). count > 0: batch statistics (the batch terms of both norms);
+// 0: running statistics (mean, mean_r: the running means, for the affine gradients).
+struct BackwardArgs {
+  BackwardReduceArgs r;
+  ElemtCoefficients ec;
+  at::Tensor grad_x, grad_r;
+  at::Tensor grads[4];  // grad_weight, grad_bias, grad_weight_r, grad_bias_r
+};
+
+inline BackwardArgs prepare_backward(
+    const at::Tensor& grad_out, const at::Tensor& x_in, const at::Tensor& scale,
+    const at::Tensor& shift, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& scale_r, const std::optional<at::Tensor>& shift_r,
+    const at::Tensor& mean, const at::Tensor& invstd, const std::optional<at::Tensor>& mean_r,
+    const std::optional<at::Tensor>& invstd_r, int64_t count, bool grad_residual) {
+  TORCH_CHECK(count >= 0, "fastres: bn_backward needs count >= 0, got ", count);
+  TORCH_CHECK(!scale_r.has_value() || (mean_r.has_value() && invstd_r.has_value()),
+              "fastres: bn_backward with scale_r needs mean_r and invstd_r");
+  BackwardArgs a;
+  a.r = prepare_backward_reduce(grad_out, x_in, scale, shift, residual, scale_r, shift_r, mean,
+                                mean_r);
+  const Prepared& p = a.r.p;
+  const int64_t C = p.g.c;
+  const bool second_bn = p.scale_r.defined();
+  ElemtCoefficients& ec = a.ec;
+  ec.train_x = count > 0;
+  ec.want_r = grad_residual && p.r.defined();
+  ec.train_r = ec.train_x && ec.want_r && second_bn;
+  ec.count = static_cast<double>(count);
+  ec.mean = a.r.mean;
+  ec.invstd = channel_param(invstd, C, p.acc, "invstd");
+  ec.sum_dy = a.r.sum_dy;
+  ec.sum_dy_xmu = a.r.sum_dy_xmu;
+  if (second_bn) {
+    ec.mean_r = a.r.mean_r;
+    ec.invstd_r = channel_param(*invstd_r, C, p.acc, "invstd_r");
+    ec.sum_dy_rmu = a.r.sum_dy_rmu;
+  }
+  ec.coef = at::empty({6, C}, p.scale.options());
+  a.grad_x = empty_like_x(p);
+  a.grad_r = ec.want_r ? empty_like_x(p) : at::empty({0}, p.x.options());
+  const auto opts = p.scale.options();
+  a.grads[0] = at::empty({C}, opts);
+  a.grads[1] = at::empty({C}, opts);
+  a.grads[2] = at::empty({second_bn ? C : 0}, opts);
+  a.grads[3] = at::empty({second_bn ? C : 0}, opts);
   return a;
 }
 

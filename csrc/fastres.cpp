@@ -5,10 +5,18 @@
 //   bn_stats          x -> mean[c], m2[c] = sum (x - mean)^2 (count = N * H * W; mergeable
 //                     across processes with Chan's formula, so SyncBN can all-gather them)
 //   bn_finalize       mean, m2, count, weight, bias, eps -> scale, shift, invstd
+//   bn_finalize_update
+//                     bn_finalize, and the running statistics updated in place as
+//                     nn.BatchNorm2d's training forward does (momentum, or None: the
+//                     cumulative average; unbiased variance; num_batches_tracked + 1)
 //   bn_apply          act(x * scale + shift [+ r | + r * scale_r + shift_r]), act ReLU / identity
 //   bn_backward_reduce / bn_backward_elemt
 //                     the two passes of the backward of bn_apply and of a training-mode BN
 //                     in front of it; the ReLU mask is recomputed from the inputs.
+//   bn_backward       both passes and the affine gradients in one op (one process's batch);
+//                     count 0: a BN on running statistics (no batch terms)
+//   add_relu_         y = ReLU(y + r) in place (an inference tail after a folded convolution)
+// The per-channel arithmetic: batchnorm_math.h, shared by the CPU loops and the CUDA kernels.
 // `variant` picks the CUDA kernels: 0 those of cuda/batchnorm_kernels.cu, 1 the bandwidth-bound
 // ones of cuda/batchnorm_fast_kernels.cu (an 'auto' candidate until measured); CPU ignores it.
 // Kernels register per dispatch key: cpu/batchnorm_cpu.cpp, cuda/batchnorm_cuda.cpp.
@@ -24,6 +32,11 @@ TORCH_LIBRARY(fastres, m) {
       "bn_finalize(Tensor mean, Tensor m2, int count, Tensor? weight, Tensor? bias, float eps)"
       " -> (Tensor scale, Tensor shift, Tensor invstd)");
   m.def(
+      "bn_finalize_update(Tensor mean, Tensor m2, int count, Tensor? weight, Tensor? bias,"
+      " float eps, Tensor(a!) running_mean, Tensor(b!) running_var,"
+      " Tensor(c!)? num_batches_tracked, float? momentum)"
+      " -> (Tensor scale, Tensor shift, Tensor invstd)");
+  m.def(
       "bn_apply(Tensor x, Tensor scale, Tensor shift, Tensor? residual, Tensor? scale_r,"
       " Tensor? shift_r, bool relu, int variant=0) -> Tensor");
   m.def(
@@ -36,6 +49,13 @@ TORCH_LIBRARY(fastres, m) {
       " Tensor? invstd, Tensor? sum_dy, Tensor? sum_dy_xmu, Tensor? mean_r, Tensor? invstd_r,"
       " Tensor? sum_dy_rmu, int count, bool grad_residual, int variant=0)"
       " -> (Tensor grad_x, Tensor grad_r)");
+  m.def(
+      "bn_backward(Tensor grad_out, Tensor x, Tensor scale, Tensor shift, Tensor? residual,"
+      " Tensor? scale_r, Tensor? shift_r, bool relu, Tensor mean, Tensor invstd, Tensor? mean_r,"
+      " Tensor? invstd_r, int count, bool grad_residual, int variant=0) -> (Tensor grad_x,"
+      " Tensor grad_r, Tensor grad_weight, Tensor grad_bias, Tensor grad_weight_r,"
+      " Tensor grad_bias_r)");
+  m.def("add_relu_(Tensor(a!) y, Tensor r) -> ()");
 }
 
 // A plain module object: importing fastres._C loads this library, whose static initialisers

@@ -266,3 +266,161 @@ def test_stats_of_parts_combine_to_the_whole(layout):
     assert total.item() == x.numel() // x.shape[1]
     torch.testing.assert_close(mean, whole_mean, rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(m2, whole_m2, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("running_dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_finalize_update_is_nn_batchnorm_training_update(momentum, running_dtype):
+    """bn_finalize_update: bn_finalize's coefficients, and the running statistics (momentum or
+    cumulative average, unbiased variance, num_batches_tracked) exactly as nn.BatchNorm2d."""
+    x = _rand((3, 7, 5, 4), torch.float32, torch.channels_last)
+    module = torch.nn.BatchNorm2d(7, momentum=momentum).to(running_dtype)
+    with torch.no_grad():
+        module.running_mean.copy_(torch.randn(7))
+        module.running_var.copy_(torch.rand(7) + 0.5)
+    module.num_batches_tracked.fill_(3)
+    buffers = [b.clone() for b in (module.running_mean, module.running_var)]
+    gold_buffers = [b.double() for b in buffers]
+    nbt = module.num_batches_tracked.clone()
+    gold_nbt = nbt.clone()
+    mean, m2 = bn_ops.bn_stats(x)
+    count = x.numel() // 7
+    weight, bias = torch.rand(7) + 0.5, torch.randn(7)
+    out = bn_ops.bn_finalize_update(mean, m2, count, weight, bias, 1e-5, *buffers, nbt, momentum)
+    module.train()(x.to(running_dtype) if running_dtype != torch.float32 else x)
+    gold_mean, gold_m2 = ref.bn_stats(x.double())
+    gold = ref.bn_finalize_update(
+        gold_mean, gold_m2, count, weight.double(), bias.double(), 1e-5, *gold_buffers,
+        gold_nbt, momentum,
+    )  # fmt: skip
+    base = ref.bn_finalize(mean, m2, count, weight, bias, 1e-5)
+    _check(out, base, gold, torch.float32, "bn_finalize_update")
+    assert nbt.item() == module.num_batches_tracked.item() == 4
+    tol = {"rtol": 1e-5, "atol": 1e-6} if running_dtype == torch.float32 else {}
+    for ours, theirs, gold_buffer in zip(buffers, module.buffers(), gold_buffers):
+        assert ours.dtype == running_dtype
+        torch.testing.assert_close(ours.double(), gold_buffer.to(running_dtype).double(), **tol)
+        if running_dtype == torch.float32:
+            torch.testing.assert_close(ours, theirs, **tol)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train_bn", "eval_bn"])
+@pytest.mark.parametrize("tail", TAILS)
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [SHAPES["odd-3ch"], SHAPES["wide-260ch"]], ids=["3ch", "260ch"])
+def test_fused_backward(shape, dtype, layout, tail, train):
+    """bn_backward = bn_backward_reduce + bn_backward_elemt + the affine gradients, in one op;
+    count 0 (eval_bn): norms on running statistics, no batch terms."""
+    x, scale, shift, residual, scale_r, shift_r = _tail_args(shape, dtype, layout, tail)
+    c = shape[1]
+    grad = _rand(shape, dtype, layout)
+    mean, invstd = _channel(c, "shift"), _channel(c, "scale")
+    two_bn = tail == "two_bn"
+    mean_r = _channel(c, "shift") if two_bn else None
+    invstd_r = _channel(c, "scale") if two_bn else None
+    count = x.numel() // c if train else 0
+    outs = _compare(
+        "bn_backward",
+        (grad, x, scale, shift, residual, scale_r, shift_r, True, mean, invstd, mean_r,
+         invstd_r, count, residual is not None),
+        dtype,
+    )  # fmt: skip
+    assert outs[4].numel() == outs[5].numel() == (c if two_bn else 0)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_add_relu_(dtype, layout):
+    y = _rand((2, 6, 5, 3), dtype, layout)
+    r = _rand((2, 6, 5, 3), dtype, layout)
+    y[0, 0, 0, 0] = float("nan")
+    gold = ref.add_relu_(y.double(), r.double())
+    base = ref.add_relu_(y.clone(), r)
+    out = bn_ops.add_relu_(y, r)
+    assert out is y and out.is_contiguous(memory_format=layout)
+    assert out[0, 0, 0, 0].isnan(), "ReLU keeps NaN"
+    out[0, 0, 0, 0] = gold[0, 0, 0, 0] = base[0, 0, 0, 0] = 0
+    _check(out, base, gold, dtype, "add_relu_")
+    # Layouts that differ: the same result through ATen.
+    other = _rand((2, 6, 5, 3), dtype, torch.contiguous_format)
+    expected = ref.add_relu_(y.clone(), other)
+    torch.testing.assert_close(bn_ops.add_relu_(y, other), expected)
+
+
+def test_opcheck_new_ops():
+    shape, c = (2, 6, 3, 4), 6
+    x, scale, shift, residual, scale_r, shift_r = _tail_args(
+        shape, torch.float32, torch.channels_last, "two_bn"
+    )
+    scale, shift, scale_r, shift_r = (t.float() for t in (scale, shift, scale_r, shift_r))
+    grad = _rand(shape, torch.float32, torch.channels_last)
+    vec = lambda: torch.randn(c)  # noqa: E731
+    for momentum in (0.1, None):
+        running = (vec(), vec().abs() + 1, torch.tensor(2))
+        torch.library.opcheck(
+            torch.ops.fastres.bn_finalize_update.default,
+            (vec(), vec().abs() + 1, 24, vec(), vec(), 1e-5, *running, momentum),
+        )
+    for count in (24, 0):
+        torch.library.opcheck(
+            torch.ops.fastres.bn_backward.default,
+            (grad, x, scale, shift, residual, scale_r, shift_r, True, vec(), vec().abs(), vec(),
+             vec().abs(), count, True),
+        )  # fmt: skip
+    torch.library.opcheck(torch.ops.fastres.add_relu_.default, (x.clone(), residual))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not cuda_kernels_built(), reason="fastres._C built without CUDA kernels")
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64], ids=str)
+def test_cuda_fused_ops_match_cpu_reference(dtype, layout):
+    """bn_backward, bn_finalize_update and add_relu_ on CUDA (their per-channel kernels run
+    batchnorm_math.h, as the CPU loops the other tests check)."""
+    acc = accumulator_dtype(dtype)
+    for shape in SHAPES.values():
+        c = shape[1]
+
+        def vec(c=c):
+            return torch.randn(c, device="cuda", dtype=acc)
+
+        for tail in TAILS:
+            x, scale, shift, residual, scale_r, shift_r = (
+                t.cuda() if t is not None else None for t in _tail_args(shape, dtype, layout, tail)
+            )
+            scale, shift, scale_r, shift_r = (
+                t.to(acc) if t is not None else None for t in (scale, shift, scale_r, shift_r)
+            )
+            grad = _rand(shape, dtype, layout, device="cuda")
+            two_bn = tail == "two_bn"
+            for count in (x.numel() // c, 0):
+                args = (
+                    grad, x, scale, shift, residual, scale_r, shift_r, True, vec(),
+                    vec().abs() + 0.5, vec() if two_bn else None,
+                    vec().abs() + 0.5 if two_bn else None, count, residual is not None,
+                )  # fmt: skip
+                actual = bn_ops.bn_backward(*args)
+                _check(actual, ref.bn_backward(*args), ref.bn_backward(*_f64(args)), dtype,
+                       f"cuda bn_backward {shape} {tail} count {count}")  # fmt: skip
+        y, r = _rand(shape, dtype, layout, device="cuda"), _rand(shape, dtype, layout, "cuda")
+        gold = ref.add_relu_(y.double(), r.double())
+        base = ref.add_relu_(y.clone(), r)
+        _check(bn_ops.add_relu_(y, r), base, gold, dtype, f"cuda add_relu_ {shape}")
+        mean, m2 = bn_ops.bn_stats(x)
+        count = x.numel() // c
+        for momentum in (0.1, None):
+            running = (vec(), vec().abs() + 0.5)
+            nbt = torch.tensor(5, device="cuda")
+            gold_running = [t.double() for t in running]
+            gold_nbt = nbt.clone()
+            out = bn_ops.bn_finalize_update(
+                mean, m2, count, vec(), vec(), 1e-5, *running, nbt, momentum
+            )
+            ref.bn_finalize_update(
+                mean.double(), m2.double(), count, None, None, 1e-5, *gold_running, gold_nbt,
+                momentum,
+            )  # fmt: skip
+            assert out[0].shape == (c,) and nbt.item() == 6
+            for ours, expected in zip(running, gold_running, strict=True):
+                torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=1e-6)

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(EXTENSION_ERROR is not None, reason=str(EXTENSIO
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 TAILS = ["plain", "residual", "two_bn"]
 # The variant's op arguments: those of every bn_* op but bn_finalize, by name.
-VARIANT_OPS = ("bn_stats", "bn_apply", "bn_backward_reduce", "bn_backward_elemt")
+VARIANT_OPS = ("bn_stats", "bn_apply", "bn_backward_reduce", "bn_backward_elemt", "bn_backward")
 
 
 def _rand(shape, dtype, layout, device="cpu"):
@@ -149,11 +149,9 @@ def test_the_candidate_runs_every_op_with_its_variant_forward_and_backward(impl,
         out = getattr(native, impl).unit(unit, x)
         out.sum().backward()
     names = {name for name, _ in recorder.calls}
-    # Eval: one apply and its backward; training: the statistics, and the composite op's
-    # backward (its forward's apply runs inside bn_train_act, below the recorder).
-    expected = {"bn_backward_reduce", "bn_backward_elemt"} | (
-        {"bn_stats"} if train else {"bn_apply"}
-    )
+    # The composite op's backward, and in training the statistics (the forward's apply runs
+    # inside bn_train_act, below the recorder).
+    expected = {"bn_backward"} | ({"bn_stats"} if train else set())
     assert names == expected, recorder.calls
     assert {v for _, v in recorder.calls} == {variant}, recorder.calls
     reference = native.UNITS.unit(unit, x.detach())
@@ -172,11 +170,7 @@ def test_the_block_candidate_runs_every_op_with_its_variant(backend, variant):
         h = impl.run_stem(model, x)
         out = impl.run_block(model.layer1[0], h)
         out.sum().backward()
-    assert {name for name, _ in recorder.calls} >= {
-        "bn_stats",
-        "bn_backward_reduce",
-        "bn_backward_elemt",
-    }, recorder.calls
+    assert {name for name, _ in recorder.calls} >= {"bn_stats", "bn_backward"}, recorder.calls
     assert {v for _, v in recorder.calls} == {variant}, recorder.calls
 
 

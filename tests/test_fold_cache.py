@@ -20,7 +20,9 @@ from fastres.backends import select
 from fastres.ops import tuning
 from fastres.testing import assert_matches_oracle, randomize_norms
 
-BACKENDS = ["native", "auto", "triton"]
+# "auto-native": 'auto' forced to native's units that are not prepacked: eval units as one
+# convolution with the BN folded in, in the compute dtype (what native runs on CUDA).
+BACKENDS = ["native", "auto", "auto-native", "triton"]
 TWO_STAGES = dict(
     base_channels=8,
     num_stages=2,
@@ -38,8 +40,11 @@ def backend(request, monkeypatch, tmp_path) -> str:
     status = fastres.available_backends().get(name)
     if status is not None and not status.available:
         pytest.skip(status.reason)
-    if name == "auto":
+    if name.startswith("auto"):
         untimed_auto(monkeypatch, tmp_path)
+    if name == "auto-native":
+        monkeypatch.setenv(select.SELECT_ENV_VAR, "native")
+        return "auto"
     return name
 
 
@@ -237,3 +242,51 @@ def test_cudnn_units_fold_cache():
         expected_weight, expected_bias = fold(conv, bn, torch.float32)
     torch.testing.assert_close(weight, expected_weight)
     torch.testing.assert_close(bias, expected_bias)
+
+
+def _autocast_matches_weights(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """The eval forward under CPU bf16 autocast agrees with the oracle's on the current
+    weights (base: the oracle under the same autocast; gold: float64); returns its ops."""
+    from fastres.testing import OpRecorder
+
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with OpRecorder() as recorder:
+                out = as_tuple(model(x))
+            base = as_tuple(copy.deepcopy(model).set_backend("torch")(x))
+        gold = as_tuple(copy.deepcopy(model).double().set_backend("torch")(x.double()))
+    for i, (a, b, g) in enumerate(zip(out, base, gold, strict=True)):
+        assert_matches_oracle(a, b, g, torch.bfloat16, f"output {i}")
+    return recorder.ops
+
+
+@pytest.mark.parametrize("change", ["sgd_step", "load_state_dict", "training_forward"])
+def test_folded_in_the_autocast_dtype_is_never_stale(change):
+    """native's eval units under autocast (the path CUDA runs, here on CPU): the BN folded into
+    the convolution's weight and bias in bf16, no BatchNorm op, and a fresh fold after each
+    change (changes large enough to show through bf16's tolerance)."""
+    model = build("native")
+    x = torch.randn(2, 3, 32, 32)
+    ops = _autocast_matches_weights(model, x)
+    assert not [op for op in ops if "batch_norm" in op or "bn_" in op], ops
+    if change == "sgd_step":
+        random_grads(model)
+        torch.optim.SGD(model.parameters(), lr=0.5).step()
+    elif change == "load_state_dict":
+        model.load_state_dict(build("torch").state_dict())
+    else:
+        model.train()
+        sum(o.sum() for o in model(torch.randn(4, 3, 32, 32) * 3 + 1)).backward()
+        model.eval()
+    _autocast_matches_weights(model, x)
+
+
+def test_folded_float64():
+    """float64 models (never prepacked) fold in float64."""
+    model = build("native").double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        out = as_tuple(model(x))
+        gold = as_tuple(copy.deepcopy(model).set_backend("torch")(x))
+    for i, (a, g) in enumerate(zip(out, gold, strict=True)):
+        assert_matches_oracle(a, g, g, torch.float64, f"output {i}")

@@ -308,22 +308,43 @@ std::tuple<Tensor, Tensor, Tensor> bn_finalize_cpu(const Tensor& mean_in, const 
                                                    double eps) {
   const FinalizeArgs a = prepare_finalize(mean_in, m2_in, count, weight, bias);
   AT_DISPATCH_FLOATING_TYPES(a.mean.scalar_type(), "bn_finalize", [&] {
-    const scalar_t* pm = a.mean.const_data_ptr<scalar_t>();
-    const scalar_t* pq = a.m2.const_data_ptr<scalar_t>();
-    const scalar_t* pw = a.weight.defined() ? a.weight.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* pb = a.bias.defined() ? a.bias.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* ps = a.scale.data_ptr<scalar_t>();
-    scalar_t* pt = a.shift.data_ptr<scalar_t>();
-    scalar_t* pi = a.invstd.data_ptr<scalar_t>();
-    for (int64_t c = 0; c < a.c; ++c) {
-      const scalar_t var = pq[c] / static_cast<scalar_t>(count);
-      const scalar_t inv = scalar_t(1) / std::sqrt(var + static_cast<scalar_t>(eps));
-      const scalar_t s = pw ? pw[c] * inv : inv;
-      pi[c] = inv;
-      ps[c] = s;
-      pt[c] = (pb ? pb[c] : scalar_t(0)) - pm[c] * s;
-    }
+    const auto ptrs = finalize_pointers<scalar_t>(a);
+    for (int64_t c = 0; c < a.c; ++c) math::finalize_channel(ptrs, count, eps, c);
   });
+  return {a.scale, a.shift, a.invstd};
+}
+
+// ---------------------------------------------------------------------------------------------
+// bn_finalize_update: bn_finalize, and the running statistics updated as nn.BatchNorm2d does.
+
+std::tuple<Tensor, Tensor, Tensor> bn_finalize_update_cpu(
+    const Tensor& mean_in, const Tensor& m2_in, int64_t count,
+    const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps,
+    const Tensor& running_mean, const Tensor& running_var,
+    const std::optional<Tensor>& num_batches_tracked, std::optional<double> momentum) {
+  TORCH_CHECK(count > 1, "fastres: bn_finalize_update needs count > 1, got ", count);
+  const FinalizeArgs a = prepare_finalize(mean_in, m2_in, count, weight, bias);
+  check_running(a.mean, running_mean, running_var, num_batches_tracked, momentum);
+  int64_t* nbt = num_batches_tracked ? num_batches_tracked->data_ptr<int64_t>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES(a.mean.scalar_type(), "bn_finalize_update", [&] {
+    using acc_t = scalar_t;
+    const auto ptrs = finalize_pointers<acc_t>(a);
+    const acc_t factor = math::running_factor<acc_t>(momentum.value_or(0.0),
+                                                     !momentum.has_value(), nbt ? *nbt : 0);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running_mean.scalar_type(),
+                                    "bn_update_running", [&] {
+      scalar_t* rm = running_mean.data_ptr<scalar_t>();
+      scalar_t* rv = running_var.data_ptr<scalar_t>();
+      for (int64_t c = 0; c < a.c; ++c) {
+        math::finalize_channel(ptrs, count, eps, c);
+        const math::Running<acc_t> old{static_cast<acc_t>(rm[c]), static_cast<acc_t>(rv[c])};
+        const auto u = math::updated_running(ptrs.mean[c], ptrs.m2[c], count, factor, old);
+        rm[c] = static_cast<scalar_t>(u.mean);
+        rv[c] = static_cast<scalar_t>(u.var);
+      }
+    });
+  });
+  if (nbt) ++*nbt;
   return {a.scale, a.shift, a.invstd};
 }
 
@@ -377,13 +398,7 @@ FASTRES_NO_ALIAS
 // bn_backward_reduce: sum_dy = sum g, sum_dy_xmu = sum g (x - mean),
 // sum_dy_rmu = sum g (r - mean_r) with g = grad_out * relu_mask(z).
 
-std::tuple<Tensor, Tensor, Tensor> bn_backward_reduce_cpu(
-    const Tensor& grad_out, const Tensor& x_in, const Tensor& scale, const Tensor& shift,
-    const std::optional<Tensor>& residual, const std::optional<Tensor>& scale_r,
-    const std::optional<Tensor>& shift_r, bool relu, const std::optional<Tensor>& mean,
-    const std::optional<Tensor>& mean_r, int64_t /*variant: CUDA only*/) {
-  const BackwardReduceArgs a = prepare_backward_reduce(grad_out, x_in, scale, shift, residual,
-                                                       scale_r, shift_r, mean, mean_r);
+void backward_reduce(const BackwardReduceArgs& a, bool relu) {
   const Prepared& p = a.p;
   const Geometry& g = p.g;
   const int64_t C = g.c;
@@ -462,6 +477,16 @@ std::tuple<Tensor, Tensor, Tensor> bn_backward_reduce_cpu(
       if (o2) o2[c] = static_cast<acc_t>(a2);
     }
   });
+}
+
+std::tuple<Tensor, Tensor, Tensor> bn_backward_reduce_cpu(
+    const Tensor& grad_out, const Tensor& x_in, const Tensor& scale, const Tensor& shift,
+    const std::optional<Tensor>& residual, const std::optional<Tensor>& scale_r,
+    const std::optional<Tensor>& shift_r, bool relu, const std::optional<Tensor>& mean,
+    const std::optional<Tensor>& mean_r, int64_t /*variant: CUDA only*/) {
+  const BackwardReduceArgs a = prepare_backward_reduce(grad_out, x_in, scale, shift, residual,
+                                                       scale_r, shift_r, mean, mean_r);
+  backward_reduce(a, relu);
   return {a.sum_dy, a.sum_dy_xmu, a.sum_dy_rmu};
 }
 
@@ -472,19 +497,19 @@ std::tuple<Tensor, Tensor, Tensor> bn_backward_reduce_cpu(
 //   grad_r = g (no scale_r); scale_r * (g - sum_dy / count - (r - mean_r) * invstd_r^2 *
 //            sum_dy_rmu / count) (sum_dy_rmu given); else scale_r * g.
 
-std::tuple<Tensor, Tensor> bn_backward_elemt_cpu(
-    const Tensor& grad_out, const Tensor& x_in, const Tensor& scale, const Tensor& shift,
-    const std::optional<Tensor>& residual, const std::optional<Tensor>& scale_r,
-    const std::optional<Tensor>& shift_r, bool relu, const std::optional<Tensor>& mean,
-    const std::optional<Tensor>& invstd, const std::optional<Tensor>& sum_dy,
-    const std::optional<Tensor>& sum_dy_xmu, const std::optional<Tensor>& mean_r,
-    const std::optional<Tensor>& invstd_r, const std::optional<Tensor>& sum_dy_rmu,
-    int64_t count, bool grad_residual, int64_t /*variant: CUDA only*/) {
-  const BackwardElemtArgs a = prepare_backward_elemt(
-      grad_out, x_in, scale, shift, residual, scale_r, shift_r, mean, invstd, sum_dy, sum_dy_xmu,
-      mean_r, invstd_r, sum_dy_rmu, count, grad_residual);
-  const Prepared& p = a.p;
-  const ElemtCoefficients& ec = a.ec;
+// The coefficients (math::coef_channel), and the affine gradients where grads is given.
+void backward_coefficients(const Prepared& p, const ElemtCoefficients& ec,
+                           Tensor* grads = nullptr) {
+  AT_DISPATCH_FLOATING_TYPES(p.acc, "bn_bwd_coef", [&] {
+    const auto ptrs = ec.pointers<scalar_t>(p, grads);
+    const auto flags = ec.flags(p);
+    for (int64_t c = 0; c < p.g.c; ++c) math::coef_channel(ptrs, flags, c);
+  });
+}
+
+// The element-wise pass, from the coefficients (backward_coefficients).
+void backward_elemt(const Prepared& p, const Tensor& dy, const ElemtCoefficients& ec, bool relu,
+                    const Tensor& grad_x, const Tensor& grad_r) {
   const Geometry& g = p.g;
   const int64_t C = g.c;
   const bool want_r = ec.want_r;
@@ -494,12 +519,12 @@ std::tuple<Tensor, Tensor> bn_backward_elemt_cpu(
     const Tail<acc_t> t = tail_of<acc_t>(p);
     const scalar_t* x = p.x.const_data_ptr<scalar_t>();
     const scalar_t* r = p.r.defined() ? p.r.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* go = a.dy.const_data_ptr<scalar_t>();
+    const scalar_t* go = dy.const_data_ptr<scalar_t>();
     const acc_t* cf = ec.coef.const_data_ptr<acc_t>();
     const acc_t *A = cf, *B = cf + C, *K = cf + 2 * C, *AR = cf + 3 * C, *BR = cf + 4 * C,
                 *KR = cf + 5 * C;
-    scalar_t* gx = a.grad_x.data_ptr<scalar_t>();
-    scalar_t* gr = want_r ? a.grad_r.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gx = grad_x.data_ptr<scalar_t>();
+    scalar_t* gr = want_r ? grad_r.data_ptr<scalar_t>() : nullptr;
     auto run = [&](auto want_tag, auto tx_tag, auto tr_tag) {
       constexpr bool WR = decltype(want_tag)::value, TX = decltype(tx_tag)::value,
                      TR = decltype(tr_tag)::value;
@@ -536,7 +561,64 @@ std::tuple<Tensor, Tensor> bn_backward_elemt_cpu(
       run_terms(std::false_type{});
     }
   });
+}
+
+std::tuple<Tensor, Tensor> bn_backward_elemt_cpu(
+    const Tensor& grad_out, const Tensor& x_in, const Tensor& scale, const Tensor& shift,
+    const std::optional<Tensor>& residual, const std::optional<Tensor>& scale_r,
+    const std::optional<Tensor>& shift_r, bool relu, const std::optional<Tensor>& mean,
+    const std::optional<Tensor>& invstd, const std::optional<Tensor>& sum_dy,
+    const std::optional<Tensor>& sum_dy_xmu, const std::optional<Tensor>& mean_r,
+    const std::optional<Tensor>& invstd_r, const std::optional<Tensor>& sum_dy_rmu,
+    int64_t count, bool grad_residual, int64_t /*variant: CUDA only*/) {
+  const BackwardElemtArgs a = prepare_backward_elemt(
+      grad_out, x_in, scale, shift, residual, scale_r, shift_r, mean, invstd, sum_dy, sum_dy_xmu,
+      mean_r, invstd_r, sum_dy_rmu, count, grad_residual);
+  backward_coefficients(a.p, a.ec);
+  backward_elemt(a.p, a.dy, a.ec, relu, a.grad_x, a.grad_r);
   return {a.grad_x, a.grad_r};
+}
+
+// ---------------------------------------------------------------------------------------------
+// bn_backward: bn_backward_reduce, the coefficients with the affine gradients, and
+// bn_backward_elemt, in one op (one process's batch: no SyncBN sum between the two passes).
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_backward_cpu(
+    const Tensor& grad_out, const Tensor& x_in, const Tensor& scale, const Tensor& shift,
+    const std::optional<Tensor>& residual, const std::optional<Tensor>& scale_r,
+    const std::optional<Tensor>& shift_r, bool relu, const Tensor& mean, const Tensor& invstd,
+    const std::optional<Tensor>& mean_r, const std::optional<Tensor>& invstd_r, int64_t count,
+    bool grad_residual, int64_t /*variant: CUDA only*/) {
+  BackwardArgs a = prepare_backward(grad_out, x_in, scale, shift, residual, scale_r, shift_r,
+                                    mean, invstd, mean_r, invstd_r, count, grad_residual);
+  backward_reduce(a.r, relu);
+  backward_coefficients(a.r.p, a.ec, a.grads);
+  backward_elemt(a.r.p, a.r.dy, a.ec, relu, a.grad_x, a.grad_r);
+  return {a.grad_x, a.grad_r, a.grads[0], a.grads[1], a.grads[2], a.grads[3]};
+}
+
+// ---------------------------------------------------------------------------------------------
+// add_relu_: y = ReLU(y + r) in place.
+
+void add_relu_cpu(const Tensor& y, const Tensor& r) {
+  if (!add_relu_flat(y, r)) {
+    y.add_(r).relu_();
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "add_relu_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    const scalar_t* rp = r.const_data_ptr<scalar_t>();
+    at::parallel_for(0, y.numel(), kChunkElems, [&](int64_t i0, int64_t i1) {
+      with_best_isa([&]() FASTRES_INLINE {
+FASTRES_NO_ALIAS
+        for (int64_t i = i0; i < i1; ++i) {
+          const acc_t z = static_cast<acc_t>(yp[i]) + static_cast<acc_t>(rp[i]);
+          yp[i] = static_cast<scalar_t>(z < acc_t(0) ? acc_t(0) : z);  // NaN stays NaN
+        }
+      });
+    });
+  });
 }
 
 }  // namespace
@@ -544,9 +626,12 @@ std::tuple<Tensor, Tensor> bn_backward_elemt_cpu(
 TORCH_LIBRARY_IMPL(fastres, CPU, m) {
   m.impl("bn_stats", &bn_stats_cpu);
   m.impl("bn_finalize", &bn_finalize_cpu);
+  m.impl("bn_finalize_update", &bn_finalize_update_cpu);
   m.impl("bn_apply", &bn_apply_cpu);
   m.impl("bn_backward_reduce", &bn_backward_reduce_cpu);
   m.impl("bn_backward_elemt", &bn_backward_elemt_cpu);
+  m.impl("bn_backward", &bn_backward_cpu);
+  m.impl("add_relu_", &add_relu_cpu);
 }
 
 }  // namespace fastres

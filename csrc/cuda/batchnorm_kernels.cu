@@ -14,6 +14,7 @@
 #include <cuda_fp16.h>
 
 #include <cstring>
+#include <type_traits>
 
 #include "batchnorm_kernels.h"
 
@@ -288,18 +289,50 @@ __global__ void stats_merge_kernel(const A* __restrict__ part, int64_t P, int64_
 // Finalize
 
 template <typename A>
-__global__ void finalize_kernel(const A* __restrict__ mean, const A* __restrict__ m2,
-                                int64_t count, const A* __restrict__ weight,
-                                const A* __restrict__ bias, double eps, int64_t C,
-                                A* __restrict__ scale, A* __restrict__ shift,
-                                A* __restrict__ invstd) {
+__global__ void finalize_kernel(math::FinalizePointers<A> p, int64_t count, double eps,
+                                int64_t C) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= C) return;
-  const A inv = A(1) / sqrt(m2[c] / static_cast<A>(count) + static_cast<A>(eps));
-  const A s = weight ? weight[c] * inv : inv;
-  invstd[c] = inv;
-  scale[c] = s;
-  shift[c] = (bias ? bias[c] : A(0)) - mean[c] * s;
+  if (c < C) math::finalize_channel(p, count, eps, c);
+}
+
+// A running statistic of type R from an A value (fp64 ones from fp64 values only).
+template <typename R, typename A>
+__device__ __forceinline__ R running_from(A v) {
+  if constexpr (std::is_same_v<R, double>) {
+    return static_cast<double>(v);
+  } else {
+    return from_acc<R>(static_cast<float>(v));
+  }
+}
+
+// One block (the whole of C in a block-stride loop), so that every thread has read
+// num_batches_tracked before thread 0 increments it.
+constexpr int kFinalizeUpdateThreads = 512;
+
+template <typename A, typename R>
+__global__ void __launch_bounds__(kFinalizeUpdateThreads)
+    finalize_update_kernel(math::FinalizePointers<A> p, int64_t count, double eps, int64_t C,
+                           R* __restrict__ running_mean, R* __restrict__ running_var,
+                           int64_t* __restrict__ num_batches_tracked, double momentum,
+                           bool cumulative) {
+  const int64_t before = num_batches_tracked ? *num_batches_tracked : 0;
+  const A factor = math::running_factor<A>(momentum, cumulative, before);
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+    math::finalize_channel(p, count, eps, c);
+    const math::Running<A> old{static_cast<A>(to_acc(running_mean[c])),
+                               static_cast<A>(to_acc(running_var[c]))};
+    const auto u = math::updated_running(p.mean[c], p.m2[c], count, factor, old);
+    running_mean[c] = running_from<R>(u.mean);
+    running_var[c] = running_from<R>(u.var);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0 && num_batches_tracked) *num_batches_tracked = before + 1;
+}
+
+template <typename A>
+__global__ void coef_kernel(math::CoefPointers<A> p, math::CoefFlags f) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c < f.c) math::coef_channel(p, f, c);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -371,6 +404,25 @@ __global__ void __launch_bounds__(kPlaneThreads)
     }
     store<T, VEC>(grad_x, i, ox);
     if constexpr (GRAD_R && HAS_R) store<T, VEC>(grad_r, i, orr);
+  }
+}
+
+// y = ReLU(y + r) in place, over numel elements of the same layout (the inference tail after
+// a convolution with the BN folded in).
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kPlaneThreads)
+    add_relu_kernel(T* __restrict__ y, const T* __restrict__ r, int64_t numel) {
+  using A = typename Acc<T>::type;
+  for (int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
+       i < numel; i += static_cast<int64_t>(gridDim.x) * blockDim.x * VEC) {
+    Pack<T, VEC> yv = load<T, VEC>(y, i);
+    const Pack<T, VEC> rv = load<T, VEC>(r, i);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const A z = to_acc(yv.v[j]) + to_acc(rv.v[j]);
+      yv.v[j] = from_acc<T>(z < A(0) ? A(0) : z);  // NaN stays NaN, as torch.relu
+    }
+    store<T, VEC>(y, i, yv);
   }
 }
 
@@ -712,16 +764,60 @@ cudaError_t launch_bn_stats(DType dtype, const void* x, Geometry g, void* mean, 
   });
 }
 
-cudaError_t launch_bn_finalize(DType dtype, const void* mean, const void* m2, int64_t count,
-                               const void* weight, const void* bias, double eps, int64_t c,
-                               void* scale, void* shift, void* invstd, cudaStream_t stream) {
-  const auto blocks = static_cast<unsigned>((c + 127) / 128);
+template <typename A>
+math::FinalizePointers<A> typed(const math::FinalizePointers<void>& p) {
+  return {static_cast<const A*>(p.mean),  static_cast<const A*>(p.m2),
+          static_cast<const A*>(p.weight), static_cast<const A*>(p.bias),
+          static_cast<A*>(p.scale),       static_cast<A*>(p.shift),
+          static_cast<A*>(p.invstd)};
+}
+
+template <typename A>
+math::CoefPointers<A> typed(const math::CoefPointers<void>& p) {
+  return {static_cast<const A*>(p.scale),         static_cast<const A*>(p.scale_r),
+          static_cast<const A*>(p.mean),          static_cast<const A*>(p.invstd),
+          static_cast<const A*>(p.sum_dy),        static_cast<const A*>(p.sum_dy_xmu),
+          static_cast<const A*>(p.mean_r),        static_cast<const A*>(p.invstd_r),
+          static_cast<const A*>(p.sum_dy_rmu),    static_cast<A*>(p.coef),
+          static_cast<A*>(p.grad_weight),         static_cast<A*>(p.grad_bias),
+          static_cast<A*>(p.grad_weight_r),       static_cast<A*>(p.grad_bias_r)};
+}
+
+unsigned channel_blocks(int64_t c) { return static_cast<unsigned>((c + 127) / 128); }
+
+cudaError_t launch_bn_finalize(DType dtype, const math::FinalizePointers<void>& p,
+                               int64_t count, double eps, int64_t c, cudaStream_t stream) {
   return dispatch_dtype(dtype, [&](auto tag) {
     using A = typename Acc<decltype(tag)>::type;
-    finalize_kernel<A><<<blocks, 128, 0, stream>>>(
-        static_cast<const A*>(mean), static_cast<const A*>(m2), count,
-        static_cast<const A*>(weight), static_cast<const A*>(bias), eps, c,
-        static_cast<A*>(scale), static_cast<A*>(shift), static_cast<A*>(invstd));
+    finalize_kernel<A><<<channel_blocks(c), 128, 0, stream>>>(typed<A>(p), count, eps, c);
+  });
+}
+
+cudaError_t launch_bn_finalize_update(DType dtype, const math::FinalizePointers<void>& p,
+                                      int64_t count, double eps, int64_t c,
+                                      DType running_dtype, void* running_mean,
+                                      void* running_var, int64_t* num_batches_tracked,
+                                      double momentum, bool cumulative, cudaStream_t stream) {
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using A = typename Acc<decltype(tag)>::type;
+    visit_dtype(running_dtype, [&](auto rtag) {
+      using R = decltype(rtag);
+      // fp64 statistics come from fp64 models, whose running statistics are fp64 (the binding
+      // checks it): the other pairs are not compiled.
+      if constexpr (std::is_same_v<A, float> || std::is_same_v<R, double>) {
+        finalize_update_kernel<A, R><<<1, kFinalizeUpdateThreads, 0, stream>>>(
+            typed<A>(p), count, eps, c, static_cast<R*>(running_mean),
+            static_cast<R*>(running_var), num_batches_tracked, momentum, cumulative);
+      }
+    });
+  });
+}
+
+cudaError_t launch_bn_coef(DType dtype, const math::CoefPointers<void>& p,
+                           const math::CoefFlags& f, cudaStream_t stream) {
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using A = typename Acc<decltype(tag)>::type;
+    coef_kernel<A><<<channel_blocks(f.c), 128, 0, stream>>>(typed<A>(p), f);
   });
 }
 
@@ -735,6 +831,23 @@ cudaError_t launch_bn_apply(DType dtype, const void* x, Tail tail, Geometry g, v
       apply_typed<T, vec_width<T>()>(xp, tail, g, op, stream);
     } else {
       apply_typed<T, 1>(xp, tail, g, op, stream);
+    }
+  });
+}
+
+cudaError_t launch_add_relu(DType dtype, void* y, const void* r, int64_t numel,
+                            cudaStream_t stream) {
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int VEC = vec_width<T>();
+    T* yp = static_cast<T*>(y);
+    const T* rp = static_cast<const T*>(r);
+    if (numel % VEC == 0 && aligned16(y) && aligned16(r)) {
+      add_relu_kernel<T, VEC><<<static_cast<unsigned>(elementwise_blocks(numel / VEC)),
+                                kPlaneThreads, 0, stream>>>(yp, rp, numel);
+    } else {
+      add_relu_kernel<T, 1><<<static_cast<unsigned>(elementwise_blocks(numel)), kPlaneThreads, 0,
+                              stream>>>(yp, rp, numel);
     }
   });
 }

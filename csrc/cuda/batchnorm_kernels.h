@@ -10,6 +10,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "../batchnorm_math.h"
+
 namespace fastres {
 namespace cuda {
 
@@ -38,12 +40,28 @@ size_t bn_backward_reduce_workspace_bytes(DType dtype, Geometry g);
 cudaError_t launch_bn_stats(DType dtype, const void* x, Geometry g, void* mean, void* m2,
                             void* workspace, cudaStream_t stream);
 
-// All pointers are acc (dtype: that of the statistics, or of the x they come from).
-cudaError_t launch_bn_finalize(DType dtype, const void* mean, const void* m2, int64_t count,
-                               const void* weight, const void* bias, double eps, int64_t c,
-                               void* scale, void* shift, void* invstd, cudaStream_t stream);
+// Per-channel launches (math:: in batchnorm_math.h): every pointer is acc, dtype that of the
+// statistics or of the x they come from.
+cudaError_t launch_bn_finalize(DType dtype, const math::FinalizePointers<void>& p, int64_t count,
+                               double eps, int64_t c, cudaStream_t stream);
+
+// bn_finalize, and the running statistics (of running_dtype; num_batches_tracked may be
+// nullptr where momentum is used) updated in place: one block.
+cudaError_t launch_bn_finalize_update(DType dtype, const math::FinalizePointers<void>& p,
+                                      int64_t count, double eps, int64_t c,
+                                      DType running_dtype, void* running_mean,
+                                      void* running_var, int64_t* num_batches_tracked,
+                                      double momentum, bool cumulative, cudaStream_t stream);
+
+// The coefficients of launch_bn_backward_elemt (and the affine gradients) from the sums.
+cudaError_t launch_bn_coef(DType dtype, const math::CoefPointers<void>& p,
+                           const math::CoefFlags& f, cudaStream_t stream);
 
 cudaError_t launch_bn_apply(DType dtype, const void* x, Tail tail, Geometry g, void* out,
+                            cudaStream_t stream);
+
+// y = ReLU(y + r) in place, numel elements of y and r in the same layout.
+cudaError_t launch_add_relu(DType dtype, void* y, const void* r, int64_t numel,
                             cudaStream_t stream);
 
 // sum_dy_rmu may be nullptr (no second BN: tail.scale_r nullptr). mean and mean_r must be valid

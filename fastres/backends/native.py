@@ -42,7 +42,7 @@ from ..ops import batchnorm as bn_ops
 from ..ops.precision import accumulator_dtype
 from .base import Backend
 from .fold_cache import fold_key, new_cache
-from .folding import bn_scale_shift, fold, uses_batch_stats
+from .folding import fold, uses_batch_stats
 from .plan import Implementation, Shortcut, Unit, run_block, run_units
 
 
@@ -54,10 +54,11 @@ def _fusable(bn: nn.Module) -> bool:
     return type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm)
 
 
-def _stats_updating_running(bn: nn.Module, y: Tensor, group: str) -> tuple[Tensor, Tensor, int]:
-    """(mean, m2, count) of y's batch (every process's for SyncBN); updates bn's running stats."""
-    mean, m2 = bn_ops.bn_stats(y.detach())  # constants to autograd: see `bn_train_act`
-    return bn_ops.gather_stats_and_update_running([bn], y, mean, m2, group)
+def _batch_normalized(bn: nn.Module, y: Tensor, group: str) -> tuple[bn_ops.Normalized, int]:
+    """bn on y's batch (every process's for SyncBN) and the count; updates bn's running stats."""
+    mean, m2 = bn_ops.bn_stats(y.detach())  # constants to autograd: see `bn_norm_act`
+    mean, m2, count = bn_ops.gather_stats(y, mean, m2, group)
+    return bn_ops.batch_normalized(bn, mean, m2, count), count
 
 
 def _common_dtype(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -85,20 +86,16 @@ def _bn_act(
         y, residual = _common_dtype(y, residual)
     if uses_batch_stats(bn):
         group = bn_ops.sync_group_name(bn)
-        stats = _stats_updating_running(bn, y, group)
-        affine = (bn.weight, bn.bias, bn.eps)
-        if shortcut is None:
-            return bn_ops.bn_train_act(y, stats, *affine, residual, None, relu, group)
-        bn_d, y_d = shortcut
-        stats_d = _stats_updating_running(bn_d, y_d, group)
-        shortcut = (y_d, stats_d, bn_d.weight, bn_d.bias, bn_d.eps)
-        return bn_ops.bn_train_act(y, stats, *affine, None, shortcut, relu, group)
-    acc = accumulator_dtype(y.dtype)
-    scale, shift = bn_scale_shift(bn, acc)
+        norm, count = _batch_normalized(bn, y, group)
+        if shortcut is not None:
+            norm_d, count_d = _batch_normalized(shortcut[0], y_d, group)
+            assert count_d == count, "a block's two BNs normalize the same batch"
+            shortcut = (y_d, norm_d)
+        return bn_ops.bn_norm_act(y, norm, count, residual, shortcut, relu, group)
+    # Running statistics with autograd (BN-frozen training) or under torch.compile.
     if shortcut is not None:
-        scale_d, shift_d = bn_scale_shift(shortcut[0], acc)
-        return bn_ops.bn_apply(y, scale, shift, shortcut[1], scale_d, shift_d, relu)
-    return bn_ops.bn_apply(y, scale, shift, residual, None, None, relu)
+        shortcut = (y_d, bn_ops.running_normalized(shortcut[0]))
+    return bn_ops.bn_norm_act(y, bn_ops.running_normalized(bn), 0, residual, shortcut, relu)
 
 
 def _conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
@@ -222,6 +219,11 @@ def _conv_bn_act(
             return _fused_conv(
                 conv, bn, x, relu, residual, residual_is_scratch=shortcut is not None
             )
+    if _foldable(conv, bn, x) and (shortcut is None or _foldable(*shortcut)):
+        y = _folded_conv(conv, bn, x)
+        if shortcut is not None:
+            residual = _folded_conv(*shortcut)
+        return _residual_act(y, residual, relu)
     if shortcut is not None:
         conv_d, bn_d, x_d = shortcut
         return _bn_act(bn, _conv(conv, x), relu, residual, (bn_d, _conv(conv_d, x_d)))
@@ -286,9 +288,9 @@ class _Units(Implementation):
         self.prepacked = prepacked
 
     def forget(self, modules: list[nn.Module]) -> None:
-        if self.prepacked:
-            for conv in modules:
-                _FOLDED.pop(conv, None)
+        for conv in modules:
+            _FOLDED.pop(conv, None)
+            _PLAIN_FOLDED.pop(conv, None)
 
     def unit(self, unit: Unit, x: Tensor) -> Tensor:
         return _conv_bn_act(unit.conv, unit.norm, x, unit.relu, prepacked=self.prepacked)
@@ -379,7 +381,7 @@ class _CudnnUnits(Implementation):
             _PLAIN_FOLDED.pop(conv, None)
 
     def unit(self, unit: Unit, x: Tensor) -> Tensor:
-        weight, bias = _plain_folded(unit.conv, unit.norm, _cuda_dtype(x))
+        weight, bias = _plain_folded(unit.conv, unit.norm, _compute_dtype(x), torch.channels_last)
         x = x.to(weight.dtype)
         if unit.relu:
             return torch.cudnn_convolution_relu(x, weight, bias, *_geometry(unit.conv))
@@ -390,7 +392,7 @@ class _CudnnUnits(Implementation):
             for pool in shortcut.pools:
                 x = pool(x)
             x = self.unit(shortcut.unit, x)
-        weight, bias = _plain_folded(unit.conv, unit.norm, _cuda_dtype(h))
+        weight, bias = _plain_folded(unit.conv, unit.norm, _compute_dtype(h))
         h = h.to(weight.dtype)
         z = x.to(weight.dtype).contiguous(memory_format=bn_ops.memory_format_of(h))
         return torch.cudnn_convolution_add_relu(h, weight, z, 1.0, bias, *_geometry(unit.conv))
@@ -400,28 +402,65 @@ def _geometry(conv: nn.Conv2d) -> tuple:
     return conv.stride, conv.padding, conv.dilation, conv.groups
 
 
-def _cuda_dtype(x: Tensor) -> torch.dtype:
-    return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype x's convolution computes in: autocast's where it is on, else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
-# conv module -> (key, (folded weight, bias) in the compute dtype), for _CudnnUnits.
+# conv module -> (key, (folded weight, bias) in the compute dtype), for the folded units.
 _PLAIN_FOLDED = new_cache()
 
 
-def _plain_folded(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """conv's weight with `bn` folded in, and the bias, in `dtype` (channels_last weight)."""
-    key = (fold_key(conv, bn), dtype)
+def _plain_folded(
+    conv: nn.Conv2d,
+    bn: nn.Module,
+    dtype: torch.dtype,
+    memory_format: torch.memory_format = torch.channels_last,
+) -> tuple[Tensor, Tensor]:
+    """conv's weight with `bn` folded in (`memory_format`; channels_last: cuDNN's fused
+    calls), and the bias, in `dtype`."""
+    key = (fold_key(conv, bn), dtype, memory_format)
     cached = _PLAIN_FOLDED.get(conv)
     if cached is not None and cached[0] == key:
         return cached[1]
     with torch.no_grad():
-        weight, bias = fold(conv, bn, torch.float32)
-        folded = (
-            weight.to(dtype).contiguous(memory_format=torch.channels_last),
-            bias.to(dtype),
-        )
+        weight, bias = fold(conv, bn, accumulator_dtype(dtype))
+        folded = (weight.to(dtype).contiguous(memory_format=memory_format), bias.to(dtype))
     _PLAIN_FOLDED[conv] = (key, folded)
     return folded
+
+
+def _foldable(conv: nn.Conv2d, bn: nn.Module, x: Tensor) -> bool:
+    """Whether this unit may run as one convolution with `bn` folded into its weight and bias
+    (`_folded_conv`): inference (no autograd), no tracing (the cache keys on storage and
+    versions), BN on running statistics, floating-point compute dtype."""
+    if uses_batch_stats(bn) or torch.compiler.is_compiling():
+        return False
+    if not _compute_dtype(x).is_floating_point:
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    params = (x, conv.weight, conv.bias, bn.weight, bn.bias)
+    return not any(p is not None and p.requires_grad for p in params)
+
+
+def _folded_conv(conv: nn.Conv2d, bn: nn.Module, x: Tensor) -> Tensor:
+    """bn(conv(x)) as one convolution with the folded weight and bias, in the compute dtype
+    (under autocast, the weights are already in its dtype: no cast per forward)."""
+    weight, bias = _plain_folded(conv, bn, _compute_dtype(x), bn_ops.memory_format_of(x))
+    return conv._conv_forward(x, weight, bias)
+
+
+def _residual_act(y: Tensor, residual: Tensor | None, relu: bool) -> Tensor:
+    """act(y [+ residual]) in y's memory (y is this backend's temporary): one pass."""
+    if residual is None:
+        return y.relu_() if relu else y
+    if residual.dtype != y.dtype:
+        y, residual = _common_dtype(y, residual)
+    if relu:
+        return bn_ops.add_relu_(y, residual)
+    return y.add_(residual)
 
 
 BACKEND = NativeBackend()
@@ -462,7 +501,7 @@ def runs_cudnn_fused(device: torch.device, site) -> bool:
     convolutions, and no torch.compile; a unit without ReLU only as a tail's shortcut."""
     if device.type != "cuda" or not _nonempty(site.h) or torch.compiler.is_compiling():
         return False
-    if _cuda_dtype(site.h) not in (torch.float32, torch.float16, torch.bfloat16):
+    if _compute_dtype(site.h) not in (torch.float32, torch.float16, torch.bfloat16):
         return False
     if not site.tail and not site.unit.relu:
         return False

@@ -12,21 +12,32 @@ inputs):
   of several processes merge with Chan's formula (`combine_stats`), which is how SyncBN
   would all-gather them.
 - `bn_finalize(mean, m2, count, weight, bias, eps) -> (scale, shift, invstd)`.
+- `bn_finalize_update(..., running_mean, running_var, num_batches_tracked, momentum)`: the same,
+  and the running statistics updated in place as nn.BatchNorm2d's training forward does.
 - `bn_apply(x, scale, shift, residual, scale_r, shift_r, relu)`: act(x * scale + shift
   [+ residual | + residual * scale_r + shift_r]).
 - `bn_backward_reduce` / `bn_backward_elemt`: the two passes of the backward of `bn_apply` and
-  of training-mode BatchNorms in front of it (formulas in the reference).
+  of training-mode BatchNorms in front of it (formulas in the reference); `bn_backward`: both
+  and the affine gradients in one op.
+- `add_relu_(y, r)`: y = ReLU(y + r) in place, one pass (an inference tail whose BN is folded
+  into the convolution).
 
-Every op but `bn_finalize` takes a last argument `variant`, the CUDA kernels it runs (CPU
-ignores it): 0 the default ones, 1 the bandwidth-bound ones (csrc/cuda/batchnorm_fast_kernels.cu),
-an 'auto' candidate until measured. The wrappers below and the composite ops pass the variant
-of the enclosing `kernel_variant` scope; a backward runs with its forward's.
+Each op's per-channel arithmetic runs in its kernel (csrc/batchnorm_math.h): a training-mode
+BatchNorm costs `bn_stats`, `bn_finalize_update` and `bn_apply` forward (as many ops as
+nn.BatchNorm2d + ReLU) and one `bn_backward` (tests/test_op_count.py).
+
+`bn_stats`, `bn_apply` and the backward ops take a last argument `variant`, the CUDA kernels
+they run (CPU ignores it): 0 the default ones, 1 the bandwidth-bound ones
+(csrc/cuda/batchnorm_fast_kernels.cu), an 'auto' candidate until measured. The wrappers below
+and the composite ops pass the variant of the enclosing `kernel_variant` scope; a backward runs
+with its forward's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -79,6 +90,25 @@ def _register_fakes() -> None:
     @torch.library.register_fake("fastres::bn_finalize")
     def _(mean, m2, count, weight, bias, eps):
         return torch.empty_like(mean), torch.empty_like(mean), torch.empty_like(mean)
+
+    @torch.library.register_fake("fastres::bn_finalize_update")
+    def _(mean, m2, count, weight, bias, eps, running_mean, running_var, nbt, momentum):
+        return torch.empty_like(mean), torch.empty_like(mean), torch.empty_like(mean)
+
+    @torch.library.register_fake("fastres::bn_backward")
+    def _(grad_out, x, scale, shift, residual, scale_r, shift_r, relu, mean, invstd, mean_r,
+          invstd_r, count, grad_residual, variant=0):  # fmt: skip
+        grad_x = torch.empty_like(x, memory_format=memory_format_of(x))
+        want_r = grad_residual and residual is not None
+        grad_r = torch.empty_like(grad_x) if want_r else x.new_empty(0)
+        c_r = x.shape[1] if scale_r is not None else 0
+        acc = accumulator_dtype(x.dtype)
+        grads = [x.new_empty(c, dtype=acc) for c in (x.shape[1], x.shape[1], c_r, c_r)]
+        return grad_x, grad_r, *grads
+
+    @torch.library.register_fake("fastres::add_relu_")
+    def _(y, r):
+        return None
 
     @torch.library.register_fake("fastres::bn_apply")
     def _(x, scale, shift, residual, scale_r, shift_r, relu, variant=0):
@@ -166,6 +196,37 @@ def bn_finalize(
     return torch.ops.fastres.bn_finalize(mean, m2, count, weight, bias, eps)
 
 
+def bn_finalize_update(
+    mean: Tensor,
+    m2: Tensor,
+    count: int,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor | None,
+    momentum: float | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`bn_finalize`, and the running statistics updated in place (one op; see
+    `update_running_stats`)."""
+    return torch.ops.fastres.bn_finalize_update(
+        mean, m2, count, weight, bias, eps, running_mean, running_var, num_batches_tracked,
+        momentum,
+    )  # fmt: skip
+
+
+def bn_backward(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """`fastres::bn_backward`; see `batchnorm_reference.bn_backward`."""
+    return torch.ops.fastres.bn_backward(*args)
+
+
+def add_relu_(y: Tensor, r: Tensor) -> Tensor:
+    """y = ReLU(y + r) in place, one pass (NaN stays NaN, as torch.relu)."""
+    torch.ops.fastres.add_relu_(y, r)
+    return y
+
+
 def bn_apply(
     x: Tensor,
     scale: Tensor,
@@ -194,24 +255,46 @@ def bn_backward_elemt(*args) -> tuple[Tensor, Tensor]:
     return torch.ops.fastres.bn_backward_elemt(*args)
 
 
+def _tracks_running_stats(bn: torch.nn.Module) -> bool:
+    return bool(bn.training and bn.track_running_stats and bn.running_mean is not None)
+
+
+def bn_finalize_updating_running(
+    bn: torch.nn.Module, mean: Tensor, m2: Tensor, count: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`bn_finalize` of bn's affine parameters (constants here: `bn_train_act` takes their
+    gradients), and bn's running statistics updated as nn.BatchNorm2d in training mode does
+    (`update_running_stats`), in one op.
+
+    Args:
+        mean, m2: [C] batch statistics over `count` values per channel (all processes' for
+            SyncBN).
+    """
+    with torch.no_grad():
+        if not _tracks_running_stats(bn):
+            return torch.ops.fastres.bn_finalize(mean, m2, count, bn.weight, bn.bias, bn.eps)
+        return torch.ops.fastres.bn_finalize_update(
+            mean, m2, count, bn.weight, bn.bias, bn.eps, bn.running_mean, bn.running_var,
+            bn.num_batches_tracked, bn.momentum,
+        )  # fmt: skip
+
+
 def update_running_stats(bn: torch.nn.Module, mean: Tensor, m2: Tensor, count: int) -> None:
-    """The running-statistics update of nn.BatchNorm2d in training mode, from batch statistics.
+    """The running-statistics update of nn.BatchNorm2d in training mode, from batch statistics
+    (momentum, or None: the cumulative average; unbiased variance; num_batches_tracked + 1).
 
     Args:
         mean, m2: [C] batch statistics (`bn_stats`, or a conv epilogue's), over `count` values
             per channel (all processes' for SyncBN).
     """
-    if not (bn.training and bn.track_running_stats and bn.running_mean is not None):
+    if not _tracks_running_stats(bn):
         return
     with torch.no_grad():
-        bn.num_batches_tracked.add_(1)
-        # momentum None: the cumulative moving average; a tensor factor keeps torch.compile
-        # from specializing on the step count.
-        cumulative = bn.momentum is None
-        factor = 1.0 / bn.num_batches_tracked.to(mean.dtype) if cumulative else bn.momentum
-        unbiased_var = m2 / (count - 1)
-        bn.running_mean.mul_(1 - factor).add_((mean * factor).to(bn.running_mean.dtype))
-        bn.running_var.mul_(1 - factor).add_((unbiased_var * factor).to(bn.running_var.dtype))
+        # One op (its scale / shift / invstd unused): the update is in its kernel.
+        torch.ops.fastres.bn_finalize_update(
+            mean, m2, count, None, None, bn.eps, bn.running_mean, bn.running_var,
+            bn.num_batches_tracked, bn.momentum,
+        )  # fmt: skip
 
 
 def sync_group_name(bn: torch.nn.Module) -> str:
@@ -230,14 +313,11 @@ def sync_group_name(bn: torch.nn.Module) -> str:
     return group.group_name if dist.get_world_size(group) > 1 else ""
 
 
-def gather_stats_and_update_running(
-    bns: list[torch.nn.Module], y: Tensor, mean: Tensor, m2: Tensor, group: str
-) -> tuple[Tensor, Tensor, int]:
+def gather_stats(y: Tensor, mean: Tensor, m2: Tensor, group: str) -> tuple[Tensor, Tensor, int]:
     """This process's batch statistics of y -> (mean, m2, count) over the group's batch.
 
-    Synchronizes them for SyncBN (`group`, see `sync_group_name`), rejects one value per
-    channel as nn.BatchNorm2d does, and updates the running statistics of `bns`, which
-    normalize consecutive equal channel ranges of y [N, C, H, W].
+    Synchronizes them for SyncBN (`group`, see `sync_group_name`) and rejects one value per
+    channel as nn.BatchNorm2d does.
     """
     count = y.numel() // y.shape[1]
     if group:
@@ -246,6 +326,15 @@ def gather_stats_and_update_running(
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {y.size()}"
         )
+    return mean, m2, count
+
+
+def gather_stats_and_update_running(
+    bns: list[torch.nn.Module], y: Tensor, mean: Tensor, m2: Tensor, group: str
+) -> tuple[Tensor, Tensor, int]:
+    """`gather_stats`, and the running statistics of `bns` updated, which normalize
+    consecutive equal channel ranges of y [N, C, H, W]."""
+    mean, m2, count = gather_stats(y, mean, m2, group)
     width = y.shape[1] // len(bns)
     for i, bn in enumerate(bns):
         part = slice(i * width, (i + 1) * width)
@@ -288,78 +377,105 @@ def all_reduce_sums(tensors: list[Tensor], group_name: str) -> list[Tensor]:
     return list(flat.split([t.numel() for t in tensors]))
 
 
+class Normalized(NamedTuple):
+    """A BatchNorm as the per-channel affine map it applies, bn(y) = y * scale + shift [C], with
+    what its backward needs: its affine parameters (their gradients), the mean it subtracts
+    and invstd (batch statistics, or the running ones in eval mode)."""
+
+    weight: Tensor
+    bias: Tensor
+    mean: Tensor
+    scale: Tensor
+    shift: Tensor
+    invstd: Tensor
+
+
+def batch_normalized(bn: torch.nn.Module, mean: Tensor, m2: Tensor, count: int) -> Normalized:
+    """bn normalizing with batch statistics (mean, m2 over count values per channel), its
+    running statistics updated (`bn_finalize_updating_running`): one op."""
+    scale, shift, invstd = bn_finalize_updating_running(bn, mean, m2, count)
+    return Normalized(bn.weight, bn.bias, mean, scale, shift, invstd)
+
+
+def running_normalized(bn: torch.nn.Module) -> Normalized:
+    """bn normalizing with its running statistics (eval mode): one op (`bn_finalize` reads the
+    running variance as M2 over one value)."""
+    with torch.no_grad():
+        scale, shift, invstd = torch.ops.fastres.bn_finalize(
+            bn.running_mean, bn.running_var, 1, bn.weight, bn.bias, bn.eps
+        )
+    return Normalized(bn.weight, bn.bias, bn.running_mean, scale, shift, invstd)
+
+
 def _train_act_impl(
-    y, mean, m2, weight, bias, eps, residual, y_d, mean_d, m2_d, weight_d, bias_d, eps_d, relu,
-    count, group,
+    y, weight, bias, mean, scale, shift, invstd, residual, y_d, weight_d, bias_d, mean_d, scale_d,
+    shift_d, invstd_d, relu, count, group,
 ):  # fmt: skip
     variant = current_variant()
-    scale, shift, _ = torch.ops.fastres.bn_finalize(mean, m2, count, weight, bias, eps)
     if y_d is None:
         return torch.ops.fastres.bn_apply(y, scale, shift, residual, None, None, relu, variant)
-    scale_d, shift_d, _ = torch.ops.fastres.bn_finalize(
-        mean_d, m2_d, count, weight_d, bias_d, eps_d
-    )
     return torch.ops.fastres.bn_apply(y, scale, shift, y_d, scale_d, shift_d, relu, variant)
 
 
-def _train_act_fake(
-    y, mean, m2, weight, bias, eps, residual, y_d, mean_d, m2_d, weight_d, bias_d, eps_d, relu,
-    count, group,
-):  # fmt: skip
+def _train_act_fake(*inputs):
+    y = inputs[0]
     return torch.empty_like(y, memory_format=memory_format_of(y))
 
 
 def _train_act_setup_context(ctx, inputs, output):
-    y, mean, m2, weight, bias, eps, residual, y_d, mean_d, m2_d, weight_d, bias_d = inputs[:12]
-    eps_d, relu, count, group = inputs[12:]
+    y, weight, bias, mean, scale, shift, invstd, residual, y_d = inputs[:9]
+    weight_d, bias_d, mean_d, scale_d, shift_d, invstd_d, relu, count, group = inputs[9:]
     two_bn = y_d is not None
     ctx.save_for_backward(
-        y, weight, bias, y_d if two_bn else residual, weight_d, bias_d, mean, m2, mean_d, m2_d
-    )
-    ctx.eps, ctx.eps_d, ctx.relu, ctx.two_bn = eps, eps_d, relu, two_bn
-    ctx.count, ctx.group = count, group
+        y, weight, bias, mean, scale, shift, invstd, y_d if two_bn else residual, weight_d,
+        bias_d, mean_d, scale_d, shift_d, invstd_d,
+    )  # fmt: skip
+    ctx.relu, ctx.two_bn, ctx.count, ctx.group = relu, two_bn, count, group
     ctx.variant = current_variant()
 
 
 def _train_act_backward(ctx, grad_out):
-    y, weight, bias, r, weight_d, bias_d, mean, m2, mean_d, m2_d = ctx.saved_tensors
+    saved = ctx.saved_tensors  # once: checkpointing lets each saved tensor unpack once
+    y, weight, bias, mean, scale, shift, invstd, r = saved[:8]
+    weight_d, bias_d, mean_d, scale_d, shift_d, invstd_d = saved[8:]
     need = ctx.needs_input_grad
-    count = ctx.count
-    # scale / shift / invstd are [C] vectors: recomputing them is cheaper than saving them.
-    scale, shift, invstd = torch.ops.fastres.bn_finalize(mean, m2, count, weight, bias, ctx.eps)
-    scale_d = shift_d = invstd_d = None
-    if ctx.two_bn:
-        scale_d, shift_d, invstd_d = torch.ops.fastres.bn_finalize(
-            mean_d, m2_d, count, weight_d, bias_d, ctx.eps_d
-        )
-    mu_d = mean_d if ctx.two_bn else None
+    count, group = ctx.count, ctx.group
     grad_out = grad_out.to(y.dtype)
-    sums = torch.ops.fastres.bn_backward_reduce(
-        grad_out, y, scale, shift, r, scale_d, shift_d, ctx.relu, mean, mu_d, ctx.variant
-    )
-    # The affine parameters' gradients are this process's share (as nn.SyncBatchNorm's: DDP
-    # reduces them); the input gradient's batch-statistics terms are over every process's batch.
-    local_dy, local_dy_xmu, local_dy_rmu = sums
-    if ctx.group:
-        sums = all_reduce_sums(list(sums), ctx.group)
-    sum_dy, sum_dy_xmu, sum_dy_rmu = sums
-    want_r = r is not None and bool(need[6] or need[7])
-    grad_y, grad_r = torch.ops.fastres.bn_backward_elemt(
-        grad_out, y, scale, shift, r, scale_d, shift_d, ctx.relu, mean, invstd, sum_dy,
-        sum_dy_xmu, mu_d, invstd_d, sum_dy_rmu if ctx.two_bn else None, count, want_r,
-        ctx.variant,
-    )  # fmt: skip
-    grad_w = (local_dy_xmu * invstd).to(weight.dtype) if need[3] else None
-    grad_b = local_dy.to(bias.dtype) if need[4] else None
+    want_r = r is not None and bool(need[7] or need[8])
+    if not group:
+        grad_y, grad_r, grad_w, grad_b, grad_w_d, grad_b_d = torch.ops.fastres.bn_backward(
+            grad_out, y, scale, shift, r, scale_d, shift_d, ctx.relu, mean, invstd, mean_d,
+            invstd_d, count, want_r, ctx.variant,
+        )  # fmt: skip
+    else:
+        # SyncBN: the input gradient's batch-statistics terms are over every process's batch,
+        # the affine parameters' gradients this process's share (as nn.SyncBatchNorm's: DDP
+        # reduces them).
+        sums = torch.ops.fastres.bn_backward_reduce(
+            grad_out, y, scale, shift, r, scale_d, shift_d, ctx.relu, mean, mean_d, ctx.variant
+        )
+        local_dy, local_dy_xmu, local_dy_rmu = sums
+        sum_dy, sum_dy_xmu, sum_dy_rmu = all_reduce_sums(list(sums), group)
+        grad_y, grad_r = torch.ops.fastres.bn_backward_elemt(
+            grad_out, y, scale, shift, r, scale_d, shift_d, ctx.relu, mean, invstd, sum_dy,
+            sum_dy_xmu, mean_d, invstd_d, sum_dy_rmu if ctx.two_bn else None, count, want_r,
+            ctx.variant,
+        )  # fmt: skip
+        grad_w, grad_b = local_dy_xmu * invstd, local_dy
+        grad_w_d = local_dy_rmu * invstd_d if ctx.two_bn else None
+        grad_b_d = local_dy
+    grad_w = grad_w.to(weight.dtype) if need[1] else None
+    grad_b = grad_b.to(bias.dtype) if need[2] else None
     grad_residual = grad_r if want_r and not ctx.two_bn else None
     grad_y_d = grad_r if want_r and ctx.two_bn else None
-    grad_w_d = grad_b_d = None
     if ctx.two_bn:
-        grad_w_d = (local_dy_rmu * invstd_d).to(weight_d.dtype) if need[10] else None
-        grad_b_d = local_dy.to(bias_d.dtype) if need[11] else None
+        grad_w_d = grad_w_d.to(weight_d.dtype) if need[9] else None
+        grad_b_d = grad_b_d.to(bias_d.dtype) if need[10] else None
+    else:
+        grad_w_d = grad_b_d = None
     return (
-        grad_y, None, None, grad_w, grad_b, None, grad_residual, grad_y_d, None, None,
-        grad_w_d, grad_b_d, None, None, None, None,
+        grad_y, grad_w, grad_b, None, None, None, None, grad_residual, grad_y_d, grad_w_d,
+        grad_b_d, None, None, None, None, None, None, None,
     )  # fmt: skip
 
 
@@ -373,9 +489,10 @@ if EXTENSION_ERROR is None:
         _train_act_impl,
         mutates_args=(),
         schema=(
-            "(Tensor y, Tensor mean, Tensor m2, Tensor weight, Tensor bias, float eps,"
-            " Tensor? residual, Tensor? y_d, Tensor? mean_d, Tensor? m2_d, Tensor? weight_d,"
-            " Tensor? bias_d, float eps_d, bool relu, int count, str group) -> Tensor"
+            "(Tensor y, Tensor weight, Tensor bias, Tensor mean, Tensor scale, Tensor shift,"
+            " Tensor invstd, Tensor? residual, Tensor? y_d, Tensor? weight_d, Tensor? bias_d,"
+            " Tensor? mean_d, Tensor? scale_d, Tensor? shift_d, Tensor? invstd_d, bool relu,"
+            " int count, str group) -> Tensor"
         ),
     )
     _train_act_op.register_fake(_train_act_fake)
@@ -388,7 +505,7 @@ class _TrainAct(torch.autograd.Function):
     The custom op's own autograd wrapper (`register_autograd`) costs 0.05-0.1 ms more Python
     per call each way than this Function; the op itself still runs (below autograd), so
     dispatch modes and profiles see `fastres::bn_train_act`. torch.compile traces the custom
-    op directly (see `bn_train_act`).
+    op directly (see `bn_norm_act`).
     """
 
     @staticmethod
@@ -402,6 +519,44 @@ class _TrainAct(torch.autograd.Function):
         return _train_act_backward(ctx, grad_out)
 
 
+def bn_norm_act(
+    y: Tensor,
+    norm: Normalized,
+    count: int,
+    residual: Tensor | None = None,
+    shortcut: tuple[Tensor, Normalized] | None = None,
+    relu: bool = True,
+    group: str = "",
+) -> Tensor:
+    """act(bn(y) [+ residual | + bn_d(y_d)]) for BatchNorms given as `Normalized` maps: one
+    `bn_apply` forward, one `bn_backward` backward (SyncBN: reduce, all-reduce, elemt).
+
+    Args:
+        y: [N, C, H, W] conv output.
+        norm: its BN (`batch_normalized`, or `running_normalized` for eval mode).
+        count: values per channel of the batch statistics of both norms; 0 for norms on
+            running statistics (the backward then has no batch-statistics terms).
+        residual: [N, C, H, W] shortcut added as is, or None.
+        shortcut: (y_d, norm_d): the downsample conv output and its BN (the two-BN tail), in
+            the same mode as `norm`, or None.
+        group: `sync_group_name` of the BNs: the backward sums its batch-statistics terms over
+            that process group (SyncBN); "" for none.
+
+    Returns:
+        out [N, C, H, W] in y's dtype. Differentiable in y, the norms' weight and bias,
+        residual and y_d; the statistics are constants to autograd (their gradient is part of
+        the formula).
+    """
+    y_d, norm_d = shortcut if shortcut is not None else (None, None)
+    args = (
+        y, *norm, residual, y_d, *(norm_d or (None,) * len(Normalized._fields)), relu, count,
+        group,
+    )  # fmt: skip
+    if torch.compiler.is_compiling():
+        return torch.ops.fastres.bn_train_act(*args)
+    return _TrainAct.apply(*args)
+
+
 def bn_train_act(
     y: Tensor,
     stats: tuple[Tensor, Tensor, int],
@@ -413,7 +568,8 @@ def bn_train_act(
     relu: bool = True,
     group: str = "",
 ) -> Tensor:
-    """act(BN(y) [+ residual | + BN_d(y_d)]) with batch statistics (training-mode BN).
+    """act(BN(y) [+ residual | + BN_d(y_d)]) with batch statistics (training-mode BN):
+    `bn_finalize` of each BN, then `bn_norm_act`.
 
     Args:
         y: [N, C, H, W] conv output; weight, bias: [C] BN affine parameters.
@@ -428,19 +584,20 @@ def bn_train_act(
     Returns:
         out [N, C, H, W] in y's dtype. Differentiable in y, weight, bias, residual, y_d,
         weight_d and bias_d; the statistics are constants to autograd (their gradient is part
-        of the formula). Running statistics are the caller's (`update_running_stats`).
+        of the formula). Running statistics are the caller's (`update_running_stats`, or
+        `batch_normalized` and `bn_norm_act`, which finalize and update in one op).
     """
+
+    def normalized(mean, m2, count, weight, bias, eps) -> Normalized:
+        with torch.no_grad():
+            coefficients = torch.ops.fastres.bn_finalize(mean, m2, count, weight, bias, eps)
+        return Normalized(weight, bias, mean, *coefficients)
+
     mean, m2, count = stats
-    y_d = mean_d = m2_d = weight_d = bias_d = None
-    eps_d = 1e-5
+    norm = normalized(mean, m2, count, weight, bias, eps)
     if shortcut is not None:
         y_d, (mean_d, m2_d, count_d), weight_d, bias_d, eps_d = shortcut
         if count_d != count:
             raise ValueError(f"the two BNs normalize {count} and {count_d} values per channel")
-    args = (
-        y, mean, m2, weight, bias, eps, residual, y_d, mean_d, m2_d, weight_d, bias_d, eps_d,
-        relu, count, group,
-    )  # fmt: skip
-    if torch.compiler.is_compiling():
-        return torch.ops.fastres.bn_train_act(*args)
-    return _TrainAct.apply(*args)
+        shortcut = (y_d, normalized(mean_d, m2_d, count, weight_d, bias_d, eps_d))
+    return bn_norm_act(y, norm, count, residual, shortcut, relu, group)

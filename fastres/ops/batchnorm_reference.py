@@ -146,3 +146,69 @@ def bn_backward_elemt(
         return grad_x.to(x.dtype), x.new_empty(0)
     grad_r = g if scale_r is None else grad_of(residual, scale_r, mean_r, invstd_r, sum_dy_rmu)
     return grad_x.to(x.dtype), grad_r.to(residual.dtype)
+
+
+def bn_finalize_update(
+    mean: Tensor,
+    m2: Tensor,
+    count: int,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor | None,
+    momentum: float | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`bn_finalize`, and the running statistics updated in place as nn.BatchNorm2d's training
+    forward does: factor = momentum (None: 1 / num_batches_tracked after its increment),
+    running = (1 - factor) running + factor * (mean | M2 / (count - 1))."""
+    acc = accumulator_dtype(mean.dtype)
+    factor = momentum
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if momentum is None:
+            factor = 1.0 / num_batches_tracked.item()
+    for running, value in ((running_mean, mean.to(acc)), (running_var, m2.to(acc) / (count - 1))):
+        running.copy_((1 - factor) * running.to(acc) + factor * value)
+    return bn_finalize(mean, m2, count, weight, bias, eps)
+
+
+def bn_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    residual: Tensor | None,
+    scale_r: Tensor | None,
+    shift_r: Tensor | None,
+    relu: bool,
+    mean: Tensor,
+    invstd: Tensor,
+    mean_r: Tensor | None,
+    invstd_r: Tensor | None,
+    count: int,
+    grad_residual: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """`bn_backward_reduce`, then `bn_backward_elemt` with the batch terms of both norms where
+    count > 0 (0: norms on running statistics), and the affine gradients: grad_weight =
+    sum g (x - mean) * invstd, grad_bias = sum g, and those of r's norm ([0] without scale_r)."""
+    sums = bn_backward_reduce(grad_out, x, scale, shift, residual, scale_r, shift_r, relu, mean,
+                              mean_r)  # fmt: skip
+    sum_dy, sum_dy_xmu, sum_dy_rmu = sums
+    train = count > 0
+    grad_x, grad_r = bn_backward_elemt(
+        grad_out, x, scale, shift, residual, scale_r, shift_r, relu, mean, invstd,
+        sum_dy if train else None, sum_dy_xmu, mean_r, invstd_r,
+        sum_dy_rmu if train and scale_r is not None else None, max(count, 1), grad_residual,
+    )  # fmt: skip
+    acc = sum_dy.dtype
+    grad_w_r = sum_dy_rmu * invstd_r.to(acc) if scale_r is not None else sum_dy.new_empty(0)
+    grad_b_r = sum_dy if scale_r is not None else sum_dy.new_empty(0)
+    return grad_x, grad_r, sum_dy_xmu * invstd.to(acc), sum_dy, grad_w_r, grad_b_r
+
+
+def add_relu_(y: Tensor, r: Tensor) -> Tensor:
+    """y = ReLU(y + r) in place (in y's precision, rounded once)."""
+    acc = accumulator_dtype(y.dtype)
+    return y.copy_(torch.relu(y.to(acc) + r.to(acc)))

@@ -1,0 +1,163 @@
+"""No backend dispatches more ops per ResNet-50 step than PyTorch's own modules (issue 25).
+
+Each dispatched op that computes something is, on CUDA, at least one kernel launch, so the count
+of ops a step dispatches is the launch count's proxy that runs on CPU tensors: under bf16
+autocast the CPU path is the code path a CUDA run takes (the same folding, the same BatchNorm
+ops; only fp32 CPU inference has a path of its own, oneDNN's prepacked convolutions).
+
+What is counted (`StepOps`): every op the dispatcher hands to a TorchDispatchMode, except
+
+- views (`func.is_view`: view, expand, permute, detach, split, ...) and `_unsafe_view`, which
+  only describe memory that exists;
+- allocations without a fill (`_ALLOCATIONS`: empty, empty_like, ...), which launch nothing;
+- ops on no tensor (`promote_types`, which `Tensor.to` dispatches), which compute no data;
+- the Python custom ops that are compositions of other ops (`COMPOSITE_OPS`): they are opened
+  and their ops counted instead. Other Python custom ops of fastres (the Triton launchers) count
+  once each and are opened too (their own torch ops count as well).
+
+Ops that C++ kernels call internally are not seen by a dispatch mode: fastres's C++ ops do their
+per-channel arithmetic in their kernels (csrc/batchnorm_math.h), not in ATen calls.
+
+Run as a script for the table (bench/results/cpu-op-count/):
+`PYTHONPATH=$PWD python tests/test_op_count.py`.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+
+import pytest
+import torch
+from torch._library.custom_ops import OPDEFS
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastres
+from fastres.testing import randomize_norms
+
+_ALLOCATIONS = {
+    "aten::empty",
+    "aten::empty_like",
+    "aten::empty_strided",
+    "aten::new_empty",
+    "aten::new_empty_strided",
+    "aten::_unsafe_view",
+}
+
+# Python custom ops whose implementation is other dispatched ops only (no kernel of its own).
+COMPOSITE_OPS = {"fastres::bn_train_act"}
+
+
+def _no_tensor(func) -> bool:
+    schema = func._schema
+    return not any(
+        isinstance(a.type, torch.TensorType) or "Tensor" in str(a.type)
+        for a in (*schema.arguments, *schema.returns)
+    )
+
+
+class StepOps(TorchDispatchMode):
+    """Counts the dispatched ops that compute (see the module docstring): `ops` their names."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name
+        if not (func.is_view or name in _ALLOCATIONS or name in COMPOSITE_OPS or _no_tensor(func)):
+            self.ops.append(str(func))
+        opdef = OPDEFS.get(name)
+        if opdef is not None:  # a Python custom op: open it
+            with self:
+                return opdef._init_fn(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _model(mode: str) -> torch.nn.Module:
+    """ResNet-50 with narrow channels (the op count does not depend on the widths)."""
+    model = fastres.models.ResNet(
+        depth=50, base_channels=8, stem_channels=8, norm_eval=mode == "train-frozen-bn"
+    )
+    model = randomize_norms(model).to(memory_format=torch.channels_last)
+    return model.eval() if mode == "inference" else model.train()
+
+
+def _step(model: torch.nn.Module, x: torch.Tensor, mode: str) -> None:
+    if mode == "inference":
+        with torch.no_grad():
+            model(x)
+        return
+    model.zero_grad(set_to_none=True)
+    outs = model(x)
+    sum(o.float().sum() for o in outs).backward()
+
+
+@functools.cache
+def step_ops(backend: str, mode: str, dtype: torch.dtype) -> list[str]:
+    """The counted ops of one step of `mode` ('inference', 'train', 'train-frozen-bn') on
+    `backend`, in `dtype` (bfloat16: fp32 model under CPU autocast; float32: plain), after one
+    warm-up step (folding, 'auto''s selection)."""
+    torch.manual_seed(0)
+    model = _model(mode).set_backend(backend)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        _step(model, x, mode)
+        with StepOps() as recorder:
+            _step(model, x, mode)
+    return recorder.ops
+
+
+MODES = ["inference", "train", "train-frozen-bn"]
+# The triton backend enters here once its count is at eager's (issue 25).
+BACKENDS = ["native", "auto"]
+DTYPES = [torch.bfloat16, torch.float32]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_more_ops_than_eager(backend, mode, dtype):
+    eager = step_ops("torch", mode, dtype)
+    ours = step_ops(backend, mode, dtype)
+    assert eager, "the step dispatched nothing: the recorder is broken"
+    assert len(ours) <= len(eager), _difference(ours, eager)
+
+
+def _difference(ours: list[str], eager: list[str]) -> str:
+    def histogram(ops):
+        counts: dict[str, int] = {}
+        for op in ops:
+            counts[op] = counts.get(op, 0) + 1
+        return counts
+
+    a, b = histogram(ours), histogram(eager)
+    rows = [f"  {op}: {a.get(op, 0)} vs eager {b.get(op, 0)}" for op in sorted(set(a) | set(b))]
+    return f"{len(ours)} ops vs eager's {len(eager)}:\n" + "\n".join(rows)
+
+
+def test_recorder_counts_the_inside_of_composite_ops():
+    """bn_train_act is opened: its finalize and apply count, the op itself does not."""
+    from fastres.ops import batchnorm as bn_ops
+
+    y = torch.randn(2, 4, 3, 3)
+    stats = (*bn_ops.bn_stats(y), 18)
+    with StepOps() as recorder:
+        bn_ops.bn_train_act(y, stats, torch.ones(4), torch.zeros(4), 1e-5)
+    assert "fastres.bn_train_act.default" not in recorder.ops
+    assert "fastres.bn_apply.default" in recorder.ops
+
+
+if __name__ == "__main__":
+    print(f"torch {torch.__version__}; ops per ResNet-50 step (base 8, 2x3x32x32, channels_last)")
+    print("| dtype | mode | " + " | ".join(["torch", *BACKENDS]) + " |")
+    print("|---|---|" + "---|" * (1 + len(BACKENDS)))
+    for dtype in DTYPES:
+        for mode in MODES:
+            start = time.perf_counter()
+            counts = [len(step_ops(b, mode, dtype)) for b in ["torch", *BACKENDS]]
+            print(f"  ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+            print(f"| {str(dtype)[6:]} | {mode} | " + " | ".join(map(str, counts)) + " |")
+            sys.stdout.flush()
