@@ -941,8 +941,9 @@ cudaError_t launch_bn_stats_finalize(DType dtype, const void* x, Geometry g, voi
   if (fin.running_mean) return cudaErrorNotSupported;
   const cudaError_t err = cuda::launch_bn_stats(dtype, x, g, mean, m2, workspace, stream);
   if (err != cudaSuccess) return err;
-  return cuda::launch_bn_finalize(dtype, mean, m2, g.n * g.s, fin.weight, fin.bias, fin.eps, g.c,
-                                  fin.scale, fin.shift, fin.invstd, stream);
+  const math::FinalizePointers<void> p{mean, m2, fin.weight, fin.bias, fin.scale, fin.shift,
+                                       fin.invstd};
+  return cuda::launch_bn_finalize(dtype, p, g.n * g.s, fin.eps, g.c, stream);
 }
 
 cudaError_t launch_bn_apply(DType dtype, const void* x, Tail tail, Geometry g, void* out,
