@@ -159,15 +159,12 @@ def _bn_fastres(op: str, t: dict) -> Callable:
     mean, m2 = bn_ops.bn_stats(x)
     scale, shift, invstd = bn_ops.bn_finalize(mean, m2, count, weight, bias, 1e-5)
 
-    def backward():
-        sums = bn_ops.bn_backward_reduce(
-            t["grad"], x, scale, shift, None, None, None, True, mean, None
-        )
-        grad_x, _ = bn_ops.bn_backward_elemt(
-            t["grad"], x, scale, shift, None, None, None, True, mean, invstd, sums[0], sums[1],
-            None, None, None, count, False,
+    def backward():  # what the native backend runs: one op
+        grad_x, _, grad_w, grad_b, _, _ = bn_ops.bn_backward(
+            t["grad"], x, scale, shift, None, None, None, True, mean, invstd, None, None, count,
+            False,
         )  # fmt: skip
-        return grad_x, sums[1] * invstd, sums[0]
+        return grad_x, grad_w, grad_b
 
     return backward
 

@@ -7,7 +7,7 @@ against the PyTorch eager sequence it replaces:
 - `apply_residual` (BN eval + add + ReLU, a block tail) vs batch_norm + add_ + relu_;
 - `apply_two_bn` (the downsample tail) vs two batch_norms + add_ + relu_;
 - `train_forward` (bn_stats + bn_finalize + bn_apply with ReLU) vs batch_norm(train) + relu_;
-- `train_backward` (bn_backward_reduce + bn_backward_elemt, ReLU mask recomputed) vs the
+- `train_backward` (one bn_backward, ReLU mask recomputed) vs the
   autograd backward of batch_norm(train) + relu.
 
 Group names are `<op>-<shape>-fp32-<mode>`; each benchmark first checks the fused result once
@@ -129,15 +129,12 @@ def _fused(op: str, t: dict):
     mean, m2 = bn_ops.bn_stats(x)
     scale, shift, invstd = bn_ops.bn_finalize(mean, m2, count, t["weight"], t["bias"], 1e-5)
 
-    def backward():
-        sums = bn_ops.bn_backward_reduce(
-            t["grad"], x, scale, shift, None, None, None, True, mean, None
-        )
-        grad_x, _ = bn_ops.bn_backward_elemt(
-            t["grad"], x, scale, shift, None, None, None, True, mean, invstd, sums[0], sums[1],
-            None, None, None, count, False,
+    def backward():  # what the native backend runs: one op
+        grad_x, _, grad_w, grad_b, _, _ = bn_ops.bn_backward(
+            t["grad"], x, scale, shift, None, None, None, True, mean, invstd, None, None, count,
+            False,
         )  # fmt: skip
-        return grad_x, sums[1] * invstd, sums[0]
+        return grad_x, grad_w, grad_b
 
     return backward
 

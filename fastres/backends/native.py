@@ -133,6 +133,11 @@ def _prepackable(conv: nn.Conv2d, bn: nn.Module, x: Tensor) -> bool:
         return False
     if conv.weight.dtype != torch.float32:
         return False
+    return _without_autograd(conv, bn, x)
+
+
+def _without_autograd(conv: nn.Conv2d, bn: nn.Module, x: Tensor) -> bool:
+    """Whether no gradient flows through this unit: grad mode off, or nothing requires grad."""
     if not torch.is_grad_enabled():
         return True
     # The parameters by name: Module.parameters() walks the module tree, which costs more per
@@ -437,12 +442,7 @@ def _foldable(conv: nn.Conv2d, bn: nn.Module, x: Tensor) -> bool:
     versions), BN on running statistics, floating-point compute dtype."""
     if uses_batch_stats(bn) or torch.compiler.is_compiling():
         return False
-    if not _compute_dtype(x).is_floating_point:
-        return False
-    if not torch.is_grad_enabled():
-        return True
-    params = (x, conv.weight, conv.bias, bn.weight, bn.bias)
-    return not any(p is not None and p.requires_grad for p in params)
+    return _compute_dtype(x).is_floating_point and _without_autograd(conv, bn, x)
 
 
 def _folded_conv(conv: nn.Conv2d, bn: nn.Module, x: Tensor) -> Tensor:
