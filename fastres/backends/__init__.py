@@ -18,6 +18,12 @@ in `_REGISTRY`: `native.py`, and `triton/` (inference, Res2Net, training). `fold
 eval-mode BatchNorm folding both use; `plan.py` the block plans and the one executor that walks
 them (the oracle included); `select.py` the selection behind 'auto'. Nothing here imports the
 models: a block describes itself by its `plan()`.
+
+A model or block resolves its backend once per (backend name, device) and keeps it (`bound`):
+a forward finds it with a lookup. What `resolve` answers depends only on what this machine
+and process can run, which does not change while the process runs; `set_backend`, an
+assignment to a block's `backend`, `.to()` another device are seen (the name and device key
+it).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import os
 from typing import NamedTuple
 
 import torch
+from torch import nn
 
 from . import native, select, triton
 from .base import ORACLE, Backend
@@ -115,3 +122,22 @@ def resolve(name: str, device: torch.device) -> Backend:
     if reason is not None:
         raise RuntimeError(f"backend {name!r} cannot run on {device.type} tensors: {reason}")
     return backend
+
+
+BOUND = "_fastres_bound_backend"  # the module attribute `bound` keeps its backend in
+
+
+def bound(module: nn.Module, device: torch.device) -> Backend:
+    """`resolve(module.backend, device)`, kept in `module` for its backend name and `device`.
+
+    Under export every backend is still the oracle. Not through nn.Module's attribute
+    machinery, which costs more than this lookup may.
+    """
+    if exporting():
+        return ORACLE
+    name = module.backend
+    kept = module.__dict__.get(BOUND)
+    if kept is None or kept[0] != name or kept[1] != device:
+        kept = (name, device, resolve(name, device))
+        module.__dict__[BOUND] = kept
+    return kept[2]

@@ -74,22 +74,21 @@ def _after_optimizer_step(optimizer, args, kwargs) -> None:
 register_optimizer_step_post_hook(_after_optimizer_step)
 
 
-def _tensor_key(t: Tensor | None) -> tuple[int, int] | None:
-    return None if t is None else (t.data_ptr(), t._version)
-
-
 def fold_key(conv: nn.Module, bn: nn.Module) -> tuple:
     """What a fold of `bn` into `conv` depends on (see the module docstring), cheap to build:
     it is built for every unit of every forward. Inside a capture, a key that matches no
     other."""
-    return (
-        object() if tuning.capturing(conv.weight.device) else _generation,
-        bn.eps,
-        _tensor_key(conv.weight),
-        _tensor_key(conv.bias),
-        _tensor_key(bn.weight),
-        _tensor_key(bn.bias),
-        _tensor_key(bn.running_mean),
-        _tensor_key(bn.running_var),
-        _tensor_key(bn.num_batches_tracked),
-    )
+    try:
+        # The tensors from the modules' own dicts: nn.Module's attribute lookup costs more
+        # than the rest of the key (bench/results/README.md, "Measurements behind comments").
+        params, bn_params, buffers = conv._parameters, bn._parameters, bn._buffers
+        tensors = (params["weight"], params["bias"], bn_params["weight"], bn_params["bias"],
+                   buffers["running_mean"], buffers["running_var"],
+                   buffers["num_batches_tracked"])  # fmt: skip
+    except KeyError:  # a tensor computed on access (a parametrization)
+        tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                   bn.num_batches_tracked)  # fmt: skip
+    key = [object() if tuning.capturing(tensors[0].device) else _generation, bn.eps]
+    for t in tensors:
+        key += (None, None) if t is None else (t.data_ptr(), t._version)
+    return tuple(key)

@@ -12,15 +12,30 @@ An implementation (`Implementation`) computes units; what it passes from one uni
 is its own business (a tensor, or a raw convolution output whose BatchNorm the next unit applies
 in its input load). The oracle is this executor with `Reference`, so every backend shares the
 oracle's wiring.
+
+A model keeps each block's plan (and its stem's units) from one forward to the next
+(`kept_plan`) and builds it again only after the module structure changed: any submodule,
+parameter or buffer registered anywhere in the process (assignment, `add_module`,
+`register_buffer`, `SyncBatchNorm.convert_sync_batchnorm`, a replaced submodule inside a
+container), any submodule deleted from a block, or `model.refresh()`. Not seen without
+`refresh()`: a submodule deleted from inside a container of a block (`del block.downsample[0]`).
+Kept plans are this process's alone: copies and pickles of a model do not carry them.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.module import (
+    register_module_buffer_registration_hook,
+    register_module_module_registration_hook,
+    register_module_parameter_registration_hook,
+)
 
 
 class Unit(NamedTuple):
@@ -41,7 +56,15 @@ class Shortcut(NamedTuple):
 class BlockPlan(NamedTuple):
     units: tuple[Unit, ...]
     shortcut: Shortcut | None  # None: the identity
-    res2net: nn.Module | None = None  # a Bottle2neck: its middle runs between the two units
+    # A Bottle2neck, whose middle runs between the two units; weakly, so that a block keeping
+    # its own plan is no reference cycle (which would keep a deleted model's memory until the
+    # garbage collector's next full pass).
+    res2net_ref: weakref.ref | None = None
+
+    @property
+    def res2net(self) -> nn.Module | None:
+        """The Bottle2neck whose middle runs between the two units, or None."""
+        return None if self.res2net_ref is None else self.res2net_ref()
 
     def norms(self) -> list[nn.Module]:
         """The norms of the units and of the shortcut's unit (not a Bottle2neck's middle)."""
@@ -55,6 +78,42 @@ def shortcut_of(downsample: nn.Sequential | None) -> Shortcut | None:
         return None
     *pools, conv, norm = downsample
     return Shortcut(tuple(pools), Unit(conv, norm, relu=False))
+
+
+# Bumped by every module, parameter and buffer registration of the process (and by
+# `structure_changed`): a kept plan made under another value is built again.
+_structure = 0
+
+
+def structure_changed(*args) -> None:
+    """Makes every kept plan of the process stale (a registration hook, hence the arguments)."""
+    global _structure
+    _structure += 1
+
+
+for _register in (
+    register_module_module_registration_hook,
+    register_module_parameter_registration_hook,
+    register_module_buffer_registration_hook,
+):
+    _register(structure_changed)
+
+KEPT_PLAN = "_fastres_plan"  # the module attribute `kept_plan` keeps a plan in
+P = TypeVar("P")
+
+
+def kept_plan(module: nn.Module, build: Callable[[], P]) -> P:
+    """`build()`, kept in `module` until the module structure changes (module docstring).
+
+    Not through nn.Module's attribute machinery, which costs more than a plan lookup may.
+    """
+    kept = module.__dict__.get(KEPT_PLAN)
+    if kept is not None and kept[0] == _structure:
+        return kept[1]
+    generation = _structure  # before building: a change while it builds leaves it stale
+    plan = build()
+    module.__dict__[KEPT_PLAN] = (generation, plan)
+    return plan
 
 
 class Implementation:
@@ -99,7 +158,7 @@ def run_block(impl: Implementation, plan: BlockPlan, x: Tensor) -> Tensor:
     return impl.tail(last, h, x, plan.shortcut)
 
 
-def run_units(impl: Implementation, units: list[Unit], x: Tensor) -> Tensor:
+def run_units(impl: Implementation, units: Sequence[Unit], x: Tensor) -> Tensor:
     """Units one after the other (the stem before its max-pool)."""
     h = x
     for unit in units:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 from torch import nn
 
@@ -69,9 +70,9 @@ class Bottle2neck(Bottleneck):
         )
         self.bns = nn.ModuleList(build_norm_layer(norm_cfg, width) for _ in range(scales - 1))
 
-    def plan(self) -> BlockPlan:
+    def build_plan(self) -> BlockPlan:
         units = (Unit(self.conv1, self.norm1), Unit(self.conv3, self.norm3))
-        return BlockPlan(units, shortcut_of(self.downsample), res2net=self)
+        return BlockPlan(units, shortcut_of(self.downsample), res2net_ref=weakref.ref(self))
 
 
 class Res2Net(ResNet):

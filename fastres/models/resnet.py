@@ -17,13 +17,31 @@ from torch.utils import checkpoint as torch_checkpoint
 
 from .. import backends
 from ..backends import fold_cache
-from ..backends.plan import REFERENCE, BlockPlan, Unit, run_block, run_units, shortcut_of
+from ..backends.plan import (
+    KEPT_PLAN,
+    REFERENCE,
+    BlockPlan,
+    Unit,
+    kept_plan,
+    run_block,
+    run_units,
+    shortcut_of,
+    structure_changed,
+)
 from .norm import build_norm_layer, check_cpu_sync_bn, check_norm_cfg, norm_name
 
 DEFAULT_NORM_CFG = {"type": "BN", "requires_grad": True}
 STYLES = ("pytorch", "caffe")
 # Whose module tree (and so state_dict keys and parameter order) a model reproduces.
 MODULE_TREES = ("mmdet", "mmpretrain")
+
+
+def _without_kept_state(state: dict) -> dict:
+    """A module's pickled / copied state without what it keeps for this process's forwards
+    (its plan, its bound backend): a copy builds and binds its own."""
+    state.pop(KEPT_PLAN, None)
+    state.pop(backends.BOUND, None)
+    return state
 
 
 @contextlib.contextmanager
@@ -66,8 +84,9 @@ class ConvNormReLU(nn.Module):
 class ResBlock(nn.Module):
     """What every residual block shares: backend dispatch and gradient checkpointing.
 
-    `plan()` declares how the block's units connect; the backends run that plan and import no
-    model class.
+    `plan()` declares how the block's units connect (built by `build_plan`, kept until the
+    module structure changes: `fastres.backends.plan`); the backends run that plan and import
+    no model class.
     """
 
     expansion = 1
@@ -78,7 +97,7 @@ class ResBlock(nn.Module):
         self.backend = "auto"
 
     def forward(self, x: Tensor) -> Tensor:
-        backend = backends.resolve(self.backend, x.device)
+        backend = backends.bound(self, x.device)
         if self.with_cp and x.requires_grad:
             return torch_checkpoint.checkpoint(
                 backend.run_block,
@@ -91,7 +110,18 @@ class ResBlock(nn.Module):
 
     def plan(self) -> BlockPlan:
         """How the block's units connect (`fastres.backends.plan`)."""
+        return kept_plan(self, self.build_plan)
+
+    def build_plan(self) -> BlockPlan:
+        """`plan()`, built from the block's current submodules."""
         raise NotImplementedError
+
+    def __delattr__(self, name: str) -> None:
+        structure_changed()  # the plan may hold the submodule deleted
+        super().__delattr__(name)
+
+    def __getstate__(self) -> dict:
+        return _without_kept_state(super().__getstate__())
 
     def forward_reference(self, x: Tensor) -> Tensor:
         """The oracle: the plan run with PyTorch's modules."""
@@ -145,7 +175,7 @@ class BasicBlock(ResBlock):
     def last_norm(self) -> nn.Module:
         return self.norm2
 
-    def plan(self) -> BlockPlan:
+    def build_plan(self) -> BlockPlan:
         units = (Unit(self.conv1, self.norm1), Unit(self.conv2, self.norm2))
         return BlockPlan(units, shortcut_of(self.downsample))
 
@@ -204,7 +234,7 @@ class Bottleneck(ResBlock):
     def last_norm(self) -> nn.Module:
         return self.norm3
 
-    def plan(self) -> BlockPlan:
+    def build_plan(self) -> BlockPlan:
         units = (
             Unit(self.conv1, self.norm1),
             Unit(self.conv2, self.norm2),
@@ -518,13 +548,16 @@ class ResNet(nn.Module):
     # -- folded weights ----------------------------------------------------------------------
 
     def refresh(self) -> ResNet:
-        """Drops the folded weights the fused backends keep for this model.
+        """Drops the folded weights the fused backends keep for this model, and builds its
+        plans again at the next forward.
 
         Needed only after a write that bypasses PyTorch's version counters (`p.data.add_(...)`,
-        `p.data = t`) with no optimizer step and no train() / eval() switch since; every
-        other change is seen (`fastres.backends.fold_cache`).
+        `p.data = t`) with no optimizer step and no train() / eval() switch since, or after a
+        submodule was deleted from inside a container of a block; every other change is seen
+        (`fastres.backends.fold_cache`, `fastres.backends.plan`).
         """
         fold_cache.refresh(self.modules())
+        structure_changed()
         return self
 
     def _apply(self, fn, recurse: bool = True):
@@ -568,13 +601,20 @@ class ResNet(nn.Module):
                 f"model (model.to({x.dtype})) or run under torch.autocast"
             )
 
-    def stem_units(self) -> list[Unit]:
-        """The stem's conv -> norm -> ReLU units, before its max-pool."""
+    def stem_units(self) -> tuple[Unit, ...]:
+        """The stem's conv -> norm -> ReLU units, before its max-pool (kept as a block keeps
+        its plan)."""
+        return kept_plan(self, self._build_stem_units)
+
+    def _build_stem_units(self) -> tuple[Unit, ...]:
         if self.deep_stem and self.module_tree == "mmpretrain":
-            return [Unit(m.conv, m.norm) for m in self.stem]
+            return tuple(Unit(m.conv, m.norm) for m in self.stem)
         if self.deep_stem:
-            return [Unit(self.stem[i], self.stem[i + 1]) for i in (0, 3, 6)]
-        return [Unit(self.conv1, self.norm1)]
+            return tuple(Unit(self.stem[i], self.stem[i + 1]) for i in (0, 3, 6))
+        return (Unit(self.conv1, self.norm1),)
+
+    def __getstate__(self) -> dict:
+        return _without_kept_state(super().__getstate__())
 
     def stem_reference(self, x: Tensor) -> Tensor:
         """The oracle stem: conv(s) + norm + ReLU, then the 3x3/2 max-pool."""
@@ -582,7 +622,7 @@ class ResNet(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...] | Tensor:
         self._check_input(x)
-        backend = backends.resolve(self.backend, x.device)
+        backend = backends.bound(self, x.device)
         if backend is backends.ORACLE and x.device.type == "cpu":
             check_cpu_sync_bn(self)
         x = backend.run_stem(self, x)

@@ -91,48 +91,55 @@ class TritonBackend(Backend):
         if dtype is None:  # float64 on CUDA
             return block.forward_reference(x)
         pairs = plan_pairs(plan)
+        # Eval first, the common case: a block is never both (a BN is in training mode or not).
+        if block_foldable(pairs):
+            return run_block(_EVAL, plan, x.to(dtype))
         if trainable(pairs, x):
             return run_block(_TRAIN, plan, x.to(dtype))
-        if not block_foldable(pairs):
-            # GroupNorm, float64, BNs in mixed modes: the oracle runs them.
-            return block.forward_reference(x)
-        return run_block(_EVAL, plan, x.to(dtype))
+        # GroupNorm, float64, BNs in mixed modes: the oracle runs them.
+        return block.forward_reference(x)
 
 
 class _EvalUnits(Implementation):
     """The eval-mode unit operations: conv + folded BN (+ residual) (+ ReLU), one kernel each;
-    a Bottle2neck's middle without split or concat copies (`res2net.py`). Inputs are taken to
-    the compute dtype (a no-op inside this backend, which converts the block's input once)."""
+    a Bottle2neck's middle without split or concat copies (`res2net.py`). Inputs come in the
+    compute dtype: this backend converts a block's input once, and every unit's output is in
+    its input's dtype."""
 
     def forget(self, modules: list[nn.Module]) -> None:
         forget_folded(modules)
 
     def unit(self, unit: Unit, x: Tensor) -> Tensor:
-        return conv_bn(unit.conv, unit.norm, x.to(compute_dtype(x)), relu=unit.relu)
+        return conv_bn(unit.conv, unit.norm, x, relu=unit.relu)
 
     def res2net(self, block: nn.Module, conv1: Unit, x: Tensor) -> PaddedConcat:
         return split_conv_concat(block, x)
 
     def tail(self, unit: Unit, h: Tensor, x: Tensor, shortcut: Shortcut | None) -> Tensor:
-        identity = self._identity(x, shortcut)
-        h = h.to(compute_dtype(h))
+        identity = x if shortcut is None else downsample_shortcut(shortcut, x)
         return conv_bn(unit.conv, unit.norm, h, relu=True, residual=identity)
 
     def res2net_tail(
         self, unit: Unit, h: PaddedConcat, x: Tensor, shortcut: Shortcut | None
     ) -> Tensor:
-        identity = self._identity(x, shortcut)
+        identity = x if shortcut is None else downsample_shortcut(shortcut, x)
         return conv2d_fused(h.cat, h.weight, h.bias, relu=True, residual=identity)
 
-    @staticmethod
-    def _identity(x: Tensor, shortcut: Shortcut | None) -> Tensor:
-        x = x.to(compute_dtype(x))
-        return x if shortcut is None else downsample_shortcut(shortcut, x)
+
+class _ConvertingEvalUnits(_EvalUnits):
+    """`_EvalUnits` for 'auto' (`fastres.backends.select`), where a unit's input may come from
+    another implementation: each input is taken to the compute dtype first."""
+
+    def unit(self, unit: Unit, x: Tensor) -> Tensor:
+        return super().unit(unit, x.to(compute_dtype(x)))
+
+    def tail(self, unit: Unit, h: Tensor, x: Tensor, shortcut: Shortcut | None) -> Tensor:
+        return super().tail(unit, h.to(compute_dtype(h)), x.to(compute_dtype(x)), shortcut)
 
 
 _EVAL, _TRAIN = _EvalUnits(), TrainUnits()
 BACKEND = TritonBackend()
-EVAL_UNITS = _EVAL
+EVAL_UNITS = _ConvertingEvalUnits()
 
 
 def runs_units(device: torch.device, site) -> bool:

@@ -45,13 +45,14 @@ def foldable(conv: nn.Module, bn: nn.Module) -> bool:
 def block_foldable(pairs: list[tuple[nn.Module, nn.Module | None]]) -> bool:
     """Whether every norm of a block's (conv, norm) pairs (`training.plan_pairs`: every norm
     of the block) is a BatchNorm on running statistics; a pair without a norm (a pool) is
-    skipped. Not a walk over the block's modules: this runs every forward."""
+    skipped. Not a walk over the block's modules, and the buffer from the module's own dict,
+    not through nn.Module's attribute lookup: this runs every forward."""
     return all(
         norm is None
         or (
-            isinstance(norm, nn.modules.batchnorm._BatchNorm)
-            and not norm.training
-            and norm.running_mean is not None
+            not norm.training
+            and isinstance(norm, nn.modules.batchnorm._BatchNorm)
+            and norm._buffers.get("running_mean") is not None
         )
         for _, norm in pairs
     )
@@ -66,10 +67,7 @@ def _fold(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype) -> tuple[Tensor, T
 
 def folded(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """`_fold`, cached while it is not stale (`fold_cache`) and no gradient is wanted."""
-    params = (conv.weight, conv.bias, bn.weight, bn.bias)
-    if torch.compiler.is_compiling() or (
-        torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
-    ):
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and _wants_grad(conv, bn)):
         return _fold(conv, bn, dtype)
     key = (fold_key(conv, bn), dtype, torch.is_inference_mode_enabled())
     cached = _FOLD_CACHE.get(conv)
@@ -79,6 +77,11 @@ def folded(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype) -> tuple[Tensor, 
         folded = _fold(conv, bn, dtype)
     _FOLD_CACHE[conv] = (key, folded)
     return folded
+
+
+def _wants_grad(conv: nn.Conv2d, bn: nn.Module) -> bool:
+    params = (conv.weight, conv.bias, bn.weight, bn.bias)
+    return any(p is not None and p.requires_grad for p in params)
 
 
 def forget_folded(modules: list[nn.Module]) -> None:
