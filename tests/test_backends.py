@@ -128,3 +128,41 @@ def _step(model, x):
     outs = model(x)
     sum(o.square().mean() for o in outs).backward()
     return [*outs, *(p.grad for p in model.parameters() if p.requires_grad)]
+
+
+def test_backend_is_bound_once_per_name_and_device(monkeypatch):
+    """A model and each block resolve their backend once per (name, device), not per forward;
+    `set_backend`, an assignment to one block's `backend` and another device are seen at the
+    next forward."""
+    two_stages = dict(num_stages=2, strides=(1, 2), dilations=(1, 1), out_indices=(0, 1))
+    model = fastres.ResNet(depth=18, base_channels=8, **two_stages, backend="torch").eval()
+    blocks = [m for m in model.modules() if isinstance(m, fastres.models.ResBlock)]
+    x = torch.randn(1, 3, 32, 32)
+    resolved, ran = [], []
+    resolve = backends.resolve
+    monkeypatch.setattr(backends, "resolve", lambda *args: resolved.append(args) or resolve(*args))
+    for backend in (backends.ORACLE, backends._REGISTRY["native"]):
+        run_block = backend.run_block
+        monkeypatch.setattr(backend, "run_block", lambda b, x, run=run_block, name=backend.name:
+                            ran.append((b, name)) or run(b, x))  # fmt: skip
+
+    def forward() -> list[tuple]:
+        resolved.clear()
+        ran.clear()
+        with torch.no_grad():
+            model(x)
+        return resolved[:]
+
+    assert len(forward()) == 1 + len(blocks)  # the model (its stem) and each block
+    assert forward() == [] and ran == [(b, "torch") for b in blocks]
+    if not fastres.available_backends()["native"].available:
+        return
+    model.set_backend("native")
+    assert len(forward()) == 1 + len(blocks)
+    assert ran == [(b, "native") for b in blocks]
+    blocks[1].backend = "torch"
+    assert forward() == [("torch", x.device)]
+    assert ran == [(b, "torch" if b is blocks[1] else "native") for b in blocks]
+    model.to("meta")
+    with pytest.raises(RuntimeError, match="'native' cannot run on meta tensors"), torch.no_grad():
+        model(x.to("meta"))

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import weakref
 
-from torch import Tensor, nn
+from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..ops import tuning
