@@ -288,3 +288,28 @@ def test_torch_compile_fullgraph(device, case):
     ):
         assert p_fused.grad is not None, f"no gradient reached {name}"
         assert_matches_oracle(p_fused.grad, p_base.grad, p_gold.grad, torch.float32, name)
+
+
+def test_auto_units_convert_what_another_implementation_hands_them():
+    """Under autocast the triton backend converts a block's input once; the eval units 'auto'
+    runs (`EVAL_UNITS`) may get a unit's input from another implementation, in another dtype
+    (here float32 under bf16 autocast), and take it to the compute dtype themselves."""
+    from fastres.backends import triton
+    from fastres.backends.plan import REFERENCE
+
+    block = build(fastres.ResNet, "cpu", depth=18, **TWO_STAGES).eval().layer2[0]
+    gold_plan = copy.deepcopy(block).double().plan()
+    h = torch.randn(2, 8, 16, 16).contiguous(memory_format=CL)  # conv1's input (stride 2)
+    h2 = torch.randn(2, 16, 8, 8).contiguous(memory_format=CL)  # conv2's
+    cases = {
+        "unit": lambda impl, plan, t: impl.unit(plan.units[0], t(h)),
+        "tail": lambda impl, plan, t: impl.tail(plan.units[1], t(h2), t(h), plan.shortcut),
+    }
+    for name, run in cases.items():
+        with torch.no_grad():
+            gold = run(REFERENCE, gold_plan, torch.Tensor.double)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = run(triton.EVAL_UNITS, block.plan(), lambda t: t)
+                base = run(REFERENCE, block.plan(), lambda t: t)
+        assert out.dtype == torch.bfloat16, name
+        assert_matches_oracle(out, base, gold, torch.bfloat16, name)
