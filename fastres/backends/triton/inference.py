@@ -80,6 +80,8 @@ def folded(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype) -> tuple[Tensor, 
 
 
 def _wants_grad(conv: nn.Conv2d, bn: nn.Module) -> bool:
+    """Whether a gradient may reach a parameter the fold is made of (read only where grad
+    mode is on: nn.Module's attribute lookups cost more than the rest of a cached fold)."""
     params = (conv.weight, conv.bias, bn.weight, bn.bias)
     return any(p is not None and p.requires_grad for p in params)
 
