@@ -180,8 +180,8 @@ class _FunctionMode(torch.overrides.TorchFunctionMode):
 
 def test_ops_dispatch_where_anything_could_see_them():
     """The ops' bodies run without the dispatcher only in plain eager mode: under a dispatch
-    mode, a function mode, the profiler or with a tensor subclass the op dispatches (and the
-    mode or profile sees `fastres::conv2d_fused`)."""
+    mode, a function mode, the profiler, torch.jit tracing or with a tensor subclass the op
+    dispatches (and the mode, profile or trace sees `fastres::conv2d_fused`)."""
     x, weight, bias = _inputs()
     inputs = (x, weight, bias, [1, 1], 2, True, None)
     assert dispatch_free(inputs)
@@ -198,6 +198,9 @@ def test_ops_dispatch_where_anything_could_see_them():
         pass
 
     assert not dispatch_free((x.as_subclass(Subclass), weight))
+    with torch.no_grad():
+        traced = torch.jit.trace(lambda x: conv2d_fused(x, weight, bias, padding=1), x)
+    assert "fastres::conv2d_fused" in str(traced.graph)
     for grad in (False, True):
         with torch.set_grad_enabled(grad), OpRecorder() as recorder:
             conv2d_fused(x, weight.requires_grad_(grad), bias, padding=1)

@@ -737,14 +737,15 @@ _PLAIN_TYPES = frozenset(
 
 def dispatch_free(inputs: Sequence) -> bool:
     """Whether a custom op may run as a plain call of its Python body: in eager mode, with
-    nothing active that sees or changes an op's dispatch (torch.compile tracing, a functorch
-    transform, a TorchDispatchMode or TorchFunctionMode, the autograd profiler) and no tensor
-    subclass among `inputs`. The custom op's dispatch layers (its autograd and backend
-    wrappers, the torch.compile-disable wrapper) cost more Python than a launch; where anything
-    could see them, the op dispatches as usual."""
+    nothing active that sees or changes an op's dispatch (torch.compile tracing, torch.jit
+    tracing, a functorch transform, a TorchDispatchMode or TorchFunctionMode, the autograd
+    profiler) and no tensor subclass among `inputs`. The custom op's dispatch layers (its
+    autograd and backend wrappers, the torch.compile-disable wrapper) cost more Python than a
+    launch; where anything could see them, the op dispatches as usual."""
     return (
         not (
             torch.compiler.is_compiling()
+            or torch._C._get_tracing_state()
             or torch._C._len_torch_dispatch_stack()
             or torch._C._is_torch_function_mode_enabled()
             or torch._C._are_functorch_transforms_active()
