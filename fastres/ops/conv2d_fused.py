@@ -138,7 +138,7 @@ class ConvArgs(NamedTuple):
     @classmethod
     def bind(cls, params: dict) -> ConvArgs:
         """The fields of a custom op's parameters (its `locals()` on entry)."""
-        return cls(**{name: params[name] for name in cls._fields})
+        return cls._make(map(params.__getitem__, cls._fields))
 
     @classmethod
     def of_op_inputs(cls, inputs: Sequence) -> ConvArgs:
