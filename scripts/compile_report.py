@@ -37,7 +37,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 import fastres  # noqa: E402
 from fastres.backends.triton import TritonBackend  # noqa: E402
-from fastres.ops import conv2d_fused, tuning  # noqa: E402
+from fastres.ops import conv2d_fused, launcher, tuning  # noqa: E402
 
 
 class CompileOnlyDriver:
@@ -60,7 +60,9 @@ class CompileOnlyDriver:
 
 
 class Recorder:
-    """Patches the JIT to compile without launching, and tuning to compile its candidates."""
+    """Patches the JIT to compile without launching, the direct launch of a kernel the JIT
+    compiled (`fastres.ops.launcher.launch_compiled`) to launch nothing, and tuning to compile
+    its candidates."""
 
     def __init__(self, all_candidates: bool):
         self.all_candidates = all_candidates
@@ -70,6 +72,7 @@ class Recorder:
     @contextlib.contextmanager
     def patched(self, arch: int):
         real_run, real_choose = JITFunction.run, tuning.choose
+        real_launch_compiled = launcher.launch_compiled
         real_check = conv2d_fused.check_triton_device
         real_reason = TritonBackend.unavailable_reason
         real_limit = tuning.shared_memory_limit
@@ -104,6 +107,7 @@ class Recorder:
             real_driver = None
         triton_driver.set_active(CompileOnlyDriver(real_driver, arch))
         JITFunction.run, tuning.choose = run, choose
+        launcher.launch_compiled = lambda kernel, grid, stream, args: None
         conv2d_fused.check_triton_device = lambda x, what: None
         TritonBackend.unavailable_reason = lambda self, device_type=None: None
         tuning.shared_memory_limit = lambda device: tuning.SHARED_MEMORY_LIMIT[arch]
@@ -111,6 +115,7 @@ class Recorder:
             yield
         finally:
             JITFunction.run, tuning.choose = real_run, real_choose
+            launcher.launch_compiled = real_launch_compiled
             conv2d_fused.check_triton_device = real_check
             TritonBackend.unavailable_reason = real_reason
             tuning.shared_memory_limit = real_limit

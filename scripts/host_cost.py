@@ -26,7 +26,8 @@ machine the time other processes hold the cores is not counted.
 `--ops` counts instead what one step launches (`KernelCounter`: ops but views and allocations,
 and Triton launches) on the triton and the torch backend: the kernels a GPU step would run.
 
-Launches per forward count the JIT's launching runs (conv2d_fused and res2net_pool kernels).
+Launches per forward count the JIT's launching runs and the direct launches of the kernels it
+compiled (`fastres.ops.launcher`): the conv2d_fused and res2net_pool kernels.
 Prints one JSON line per workload and mode: ms per forward, launches, us per launch.
 """
 
@@ -50,6 +51,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 import fastres  # noqa: E402
+from fastres.ops import launcher  # noqa: E402
 
 ARCH = 90
 # train: model.train() as built (norm_eval: BatchNorms on running statistics, the detection
@@ -73,18 +75,23 @@ def _outputs_loss(outs) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _counting_launches():
-    """Counts the JIT's launching runs (not its compile-only warm-ups) inside the context."""
-    patched, counter = JITFunction.run, [0]
+    """Counts the launches inside the context: the JIT's launching runs (not its compile-only
+    warm-ups) and the direct launches of kernels it compiled (`launcher.launch_compiled`)."""
+    patched_run, patched_launch, counter = JITFunction.run, launcher.launch_compiled, [0]
 
     def run(fn, *args, **kwargs):
         counter[0] += not kwargs.get("warmup")
-        return patched(fn, *args, **kwargs)
+        return patched_run(fn, *args, **kwargs)
 
-    JITFunction.run = run
+    def launch_compiled(*args):
+        counter[0] += 1
+        return patched_launch(*args)
+
+    JITFunction.run, launcher.launch_compiled = run, launch_compiled
     try:
         yield counter
     finally:
-        JITFunction.run = patched
+        JITFunction.run, launcher.launch_compiled = patched_run, patched_launch
 
 
 def _best_ms(step, forwards: int, repeats: int) -> float:

@@ -25,6 +25,7 @@ triton = pytest.importorskip("triton")
 
 from fastres.kernels import conv2d_configs  # noqa: E402, I001
 from fastres.kernels.conv2d_fused import conv2d_fused_name  # noqa: E402
+from fastres.ops import conv2d_fused as conv2d_fused_module  # noqa: E402
 from fastres.ops.conv2d_fused import ConvArgs, arrange_weight, conv2d_fused  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -33,10 +34,12 @@ CL = torch.channels_last
 
 @pytest.fixture(autouse=True)
 def _small_interpreter_tiles(monkeypatch):
-    """Tiles smaller than the test shapes, so that several tiles and their tails run."""
+    """Tiles smaller than the test shapes, so that several tiles and their tails run (and no
+    launch prepared with other tiles, by other test files)."""
     monkeypatch.setattr(
         conv2d_configs, "INTERPRETER_MAX_TILE", {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}
     )
+    monkeypatch.setattr(conv2d_fused_module, "_PREPARED", {})
 
 
 def reference(
@@ -389,7 +392,7 @@ def test_bad_inputs(device):
 
 
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(conv2d_fused_module, "INTERPRET", False)  # TRITON_INTERPRET=0 at import
     x = torch.randn(1, 8, 4, 4)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         conv2d_fused(x, torch.randn(8, 8, 1, 1))

@@ -227,11 +227,14 @@ def test_deepcopy_and_pickle(device):
 
 
 def test_unavailable_reason(monkeypatch):
+    from fastres.ops import conv2d_fused
+
     backend = fastres.backends._REGISTRY["triton"]
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    # TRITON_INTERPRET as fastres.ops.conv2d_fused was imported (it is read once).
+    monkeypatch.setattr(conv2d_fused, "INTERPRET", True)
     assert backend.unavailable_reason("cpu") is None
     assert fastres.available_backends()["triton"].available
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(conv2d_fused, "INTERPRET", False)
     assert "TRITON_INTERPRET" in backend.unavailable_reason("cpu")
     assert "Triton" in backend.unavailable_reason("mps")
     if not torch.cuda.is_available():

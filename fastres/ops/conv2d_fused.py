@@ -15,11 +15,17 @@ Both take `groups` (a grouped convolution in one launch) and `input_add` (a seco
 to the first after its prologue: Res2Net's hierarchical add).
 
 The launcher checks its inputs, allocates the output (channels_last), picks the launch
-configuration (on CUDA timed once per shape class and GPU and kept on disk, see `tuning`, and
-kept per shape for the process; derived from the shape under the Triton interpreter) and
-launches. In eager mode with gradients the ops run under a plain autograd.Function
-(`_Conv2dFused`): the custom op's own autograd wrapper costs more per call. It never touches
-`torch.cuda` for CPU tensors, so it runs under TRITON_INTERPRET=1 on a machine without a GPU.
+configuration (on CUDA timed once per shape class and GPU and kept on disk, see `tuning`;
+derived from the shape under the Triton interpreter) and launches. What does not change from
+call to call for one key (the shapes, strides, dtypes and devices of every argument and its
+flags) is worked out once and kept (`prepare`): the inputs' verdict, the output size, the grid,
+the configuration, the kernel's arguments and, on CUDA, the compiled kernel, launched without
+Triton's per-call binding (`launcher.DirectLaunch`). In eager mode with nothing that sees an
+op's dispatch (`dispatch_free`) the ops' Python bodies are called directly: the custom op's
+dispatch layers cost more Python than the launch. With gradients the ops run under a plain
+autograd.Function (`_Conv2dFused`): the custom op's own autograd wrapper costs more per call.
+It never touches `torch.cuda` for CPU tensors, so it runs under TRITON_INTERPRET=1 on a machine
+without a GPU.
 """
 
 from __future__ import annotations
@@ -51,9 +57,15 @@ def runs_dtype(dtype: torch.dtype) -> bool:
     return dtype in _FLOAT_DTYPES or dtype in kernel_dtypes()
 
 
+# Whether Triton kernels run through the interpreter: TRITON_INTERPRET as this module is
+# imported. Triton reads it once too, when it decorates the kernels: set it before importing
+# fastres (tests replace this value to check the errors given without the interpreter).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false")
+
+
 def interpreting() -> bool:
-    """True when Triton kernels run through the interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false")
+    """True when Triton kernels run through the interpreter (`INTERPRET`)."""
+    return INTERPRET
 
 
 def check_triton_device(x: Tensor, what: str) -> None:
@@ -82,7 +94,7 @@ def arrange_weight(weight: Tensor, dtype: torch.dtype | None = None) -> Tensor:
 def as_pair(v: int | Sequence[int], name: str) -> list[int]:
     """An int or (h, w) pair argument as [h, w]."""
     pair = [v, v] if isinstance(v, int) else list(v)
-    if len(pair) != 2 or any(not isinstance(i, int) for i in pair):
+    if len(pair) != 2 or not (isinstance(pair[0], int) and isinstance(pair[1], int)):
         raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
     return pair
 
@@ -126,7 +138,7 @@ class ConvArgs(NamedTuple):
     @classmethod
     def bind(cls, params: dict) -> ConvArgs:
         """The fields of a custom op's parameters (its `locals()` on entry)."""
-        return cls(**{name: params[name] for name in cls._fields})
+        return cls._make(map(params.__getitem__, cls._fields))
 
     @classmethod
     def of_op_inputs(cls, inputs: Sequence) -> ConvArgs:
@@ -248,80 +260,228 @@ def check_inputs(args: ConvArgs) -> tuple[int, int, int, int]:
     return size
 
 
+class PreparedConv:
+    """What every launch of one key (`prepare`) shares: nothing of it depends on the tensors'
+    data or addresses, so it is worked out at the key's first call and kept.
+
+    Attributes:
+        out_shape: [N, C_out, OH, OW].
+        stats: whether launches also give the per-channel statistics.
+        acc: the accumulator's torch dtype (the statistics' dtype).
+        conv: the convolution's launch, None when there is nothing to compute (no output pixel
+            or channel).
+        tiles: the per-tile statistics' shape [tiles, C_out] (when `stats`).
+        merge: their merge's launch (when `stats`).
+    """
+
+    __slots__ = ("out_shape", "stats", "acc", "conv", "tiles", "merge")
+
+    def __init__(self, out_shape, stats, acc, conv=None, tiles=None, merge=None):
+        self.out_shape, self.stats, self.acc = out_shape, stats, acc
+        self.conv, self.tiles, self.merge = conv, tiles, merge
+
+    def allocate_output(self, x: Tensor) -> Tensor:
+        """A new channels_last output tensor."""
+        return torch.empty(
+            self.out_shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last
+        )
+
+    def launch(self, args: ConvArgs, out: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Launches the kernel that writes `out` (args of this key).
+
+        Returns, when `stats`, the per-channel mean and M2 of `out` ([C_out] in the
+        accumulator's dtype, taken before rounding), else None.
+        """
+        x = args.x
+        if self.conv is None:
+            if not self.stats:
+                return None
+            zeros = torch.zeros(self.out_shape[1], dtype=self.acc, device=x.device)
+            return zeros, zeros.clone()
+        tile_sum = tile_m2 = None
+        if self.stats:
+            tile_sum = torch.empty(self.tiles, dtype=self.acc, device=x.device)
+            tile_m2 = torch.empty(self.tiles, dtype=self.acc, device=x.device)
+        self.conv(*_pointers(args, out, tile_sum, tile_m2))
+        if not self.stats:
+            return None
+        mean = torch.empty(self.tiles[1], dtype=self.acc, device=x.device)
+        m2 = torch.empty(self.tiles[1], dtype=self.acc, device=x.device)
+        self.merge(tile_sum, tile_m2, mean, m2)
+        return mean, m2
+
+
+def _pointers(args: ConvArgs, out: Tensor, tile_sum, tile_m2) -> tuple:
+    """The kernel's pointer arguments, in its signature's order."""
+    residual = args.residual if args.residual is not None else out
+    return (
+        args.x, args.input_add, args.weight, args.bias, residual, args.residual_scale,
+        args.residual_shift, args.input_scale, args.input_shift, out, tile_sum, tile_m2,
+    )  # fmt: skip
+
+
+def _layout(t: Tensor | None) -> tuple | None:
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+
+
+def _key(args: ConvArgs, stats: bool, out: Tensor | None) -> tuple:
+    """Everything `check_inputs` and a launch read from args but the tensors' data and
+    addresses (the pointers' alignment is the kept launch's own key: `launcher.DirectLaunch`).
+    The types of groups and input_pool too: `check_inputs` checks them."""
+    x, weight = args.x, args.weight
+    return (
+        x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.stride(), weight.dtype,
+        weight.device, _layout(args.bias), tuple(args.stride), tuple(args.padding),
+        tuple(args.dilation), type(args.groups), args.groups, args.allow_tf32,
+        _layout(args.residual), _layout(args.residual_scale), _layout(args.residual_shift),
+        _layout(args.input_scale), _layout(args.input_shift), args.input_relu,
+        type(args.input_pool), args.input_pool, _layout(args.input_add), args.relu, stats,
+        _layout(out),
+    )  # fmt: skip
+
+
+# _key -> PreparedConv. Cleared when full: a process that sees ever new shapes (detection with
+# free image sizes) re-prepares rather than grows.
+_PREPARED: dict[tuple, PreparedConv] = {}
+_PREPARED_MAX = 4096
+
+
+def prepare(args: ConvArgs, stats: bool, out: Tensor | None = None) -> PreparedConv:
+    """The launch of args: checked (raises as `check_inputs` does, and, with `out`, unless out
+    is the output's [N, C_out, OH, OW] in x's dtype on x's device) at its key's first call,
+    kept for its later calls.
+
+    Args:
+        stats: launches also give the per-channel statistics.
+        out: the tensor launches will write, or None: one from `PreparedConv.allocate_output`.
+    """
+    key = _key(args, stats, out)
+    prepared = _PREPARED.get(key)
+    if prepared is not None:
+        # Not part of the kept verdict: scripts/compile_report.py replaces it for a while.
+        check_triton_device(args.x, "the fused convolution")
+        return prepared
+    prepared = _prepare(args, stats, out)
+    if len(_PREPARED) >= _PREPARED_MAX:
+        _PREPARED.clear()
+    _PREPARED[key] = prepared
+    return prepared
+
+
 def launch(
     args: ConvArgs, size: tuple[int, int, int, int], out: Tensor, stats: bool
 ) -> tuple[Tensor, Tensor] | None:
     """Launches the kernel that writes `out` (inputs checked by `check_inputs`, which returned
-    `size`).
+    `size`; `prepare` checks them once per key itself).
 
     Returns, when `stats`, the per-channel mean and M2 of `out` ([C_out] in the accumulator's
     dtype, taken before rounding), else None.
     """
-    import triton
+    return prepare(args, stats, out).launch(args, out)
 
+
+def _prepare(args: ConvArgs, stats: bool, out: Tensor | None) -> PreparedConv:
+    """`prepare` at a key's first call: checks, and works out the launch."""
     from fastres.kernels.conv2d_configs import FLAT_K_MAX_C_IN, interpreter_config
-    from fastres.kernels.conv2d_fused import conv2d_fused_kernel
 
+    size = check_inputs(args)
     x, weight, groups = args.x, args.weight, args.groups
+    out_shape = args.output_shape(size)
+    if out is not None and (
+        tuple(out.shape) != out_shape or out.dtype != x.dtype or out.device != x.device
+    ):
+        raise ValueError(
+            f"out must be {out_shape} {x.dtype} on {x.device}, got {tuple(out.shape)} "
+            f"{out.dtype} on {out.device}"
+        )
     check_triton_device(x, "the fused convolution")
-    n, _, h, w = x.shape
+    acc = accumulator_dtype(x.dtype)
     # Per group: the kernel's C_in / C_out are one group's channels.
     c_out, c_in, kh, kw = weight.shape
     c_out //= groups
-    ph, pw, oh, ow = size
-    m = n * oh * ow
-    acc = accumulator_dtype(x.dtype)
+    m = x.shape[0] * size[2] * size[3]
     if m == 0 or c_out == 0:
-        if not stats:
-            return None
-        zeros = torch.zeros(weight.shape[0], dtype=acc, device=x.device)
-        return zeros, zeros.clone()
+        return PreparedConv(out_shape, stats, acc)
+    # The output launches will write has the strides of this one (same shape, channels_last).
+    target = out if out is not None else args.allocate_output(size)
     flat_k = c_in < FLAT_K_MAX_C_IN
-    res = args.residual if args.residual is not None else out
-    x2 = args.input_add if args.input_add is not None else x
-    tiles: dict[int, tuple[Tensor, Tensor]] = {}  # BLOCK_M -> per-tile partials
-    interpret = interpreting()
-    dot_precision = args.dot_precision(interpret)
-    stride, padding, dilation = args.stride, args.padding, args.dilation
+    dot_precision = args.dot_precision(INTERPRET)
+
+    def conv_launch(config: dict):
+        return _conv_launch(args, size, target, stats, flat_k, dot_precision, config)
 
     def launch_config(config: dict, compile_only: bool = False) -> None:
-        tiles_m = triton.cdiv(m, config["BLOCK_M"])
+        """Launches (or only compiles) a candidate configuration on args (tuning)."""
+        conv = conv_launch(config)
         tile_sum = tile_m2 = None
         if stats:
-            shape = (tiles_m, weight.shape[0])
-            tile_sum = torch.empty(shape, dtype=acc, device=x.device)
+            tile_sum = torch.empty(_tiles(m, config, weight), dtype=acc, device=x.device)
             tile_m2 = torch.empty_like(tile_sum)
-            tiles[config["BLOCK_M"]] = (tile_sum, tile_m2)
-        grid = (tiles_m * triton.cdiv(c_out, config["BLOCK_N"]), groups)
+        pointers = _pointers(args, target, tile_sum, tile_m2)
         if compile_only:
-            kernel = functools.partial(conv2d_fused_kernel.warmup, grid=grid)
+            conv.warmup(*pointers)
         else:
-            kernel = conv2d_fused_kernel[grid]
-        kernel(
-            x, args.input_add, weight, args.bias, res, args.residual_scale, args.residual_shift,
-            args.input_scale, args.input_shift, out, tile_sum, tile_m2,
-            n, h, w, c_in, ph, pw, oh, ow, c_out,
-            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-            *x.stride(), *x2.stride(), *weight.stride(), *res.stride(), *out.stride(),
-            weight.shape[0], KH=kh, KW=kw, POOL=args.input_pool,
-            IN_AFFINE=int(args.input_scale is not None), IN_RELU=int(args.input_relu),
-            IN_ADD=int(args.input_add is not None), HAS_BIAS=int(args.bias is not None),
-            RESIDUAL=int(args.residual is not None),
-            RES_AFFINE=int(args.residual_scale is not None), RELU=int(args.relu),
-            STATS=int(stats), DOT_PRECISION=dot_precision,
-            ACC=triton_accumulator(x.dtype),
-            EMULATE_RTNE=int(interpret), FLAT_K=int(flat_k),
-            **config,
-        )  # fmt: skip
+            conv.through_jit(*pointers)
 
-    if interpret:
+    if INTERPRET:
         config = interpreter_config(m, kh * kw * c_in if flat_k else c_in, c_out)
     else:
         config = _chosen_config(args, m, c_in, c_out, flat_k, dot_precision, launch_config)
-    launch_config(config)
     if not stats:
-        return None
-    return _merge_tiles(*tiles[config["BLOCK_M"]], m, config["BLOCK_M"])
+        return PreparedConv(out_shape, stats, acc, conv_launch(config))
+    tiles = _tiles(m, config, weight)
+    merge = _merge_launch(tiles[0], tiles[1], m, config["BLOCK_M"], acc)
+    return PreparedConv(out_shape, stats, acc, conv_launch(config), tiles, merge)
+
+
+def _tiles(m: int, config: dict, weight: Tensor) -> tuple[int, int]:
+    """The per-tile statistics' shape: [BLOCK_M-row tiles, C_out]."""
+    return -(-m // config["BLOCK_M"]), weight.shape[0]
+
+
+def _conv_launch(
+    args: ConvArgs,
+    size: tuple[int, int, int, int],
+    out: Tensor,
+    stats: bool,
+    flat_k: bool,
+    dot_precision: str,
+    config: dict,
+):
+    """The convolution's launch with a configuration: grid, integer arguments, constexprs
+    (`out`: one with the strides of those launches will write)."""
+    from fastres.kernels.conv2d_fused import conv2d_fused_kernel
+
+    from .launcher import DirectLaunch
+
+    x, weight, groups = args.x, args.weight, args.groups
+    n, _, h, w = x.shape
+    c_out, c_in, kh, kw = weight.shape
+    c_out //= groups
+    ph, pw, oh, ow = size
+    x2 = args.input_add if args.input_add is not None else x
+    residual = args.residual if args.residual is not None else out
+    stride, padding, dilation = args.stride, args.padding, args.dilation
+    scalars = (
+        n, h, w, c_in, ph, pw, oh, ow, c_out,
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        *x.stride(), *x2.stride(), *weight.stride(), *residual.stride(), *out.stride(),
+        weight.shape[0],
+    )  # fmt: skip
+    constexprs = dict(
+        KH=kh, KW=kw, POOL=args.input_pool,
+        IN_AFFINE=int(args.input_scale is not None), IN_RELU=int(args.input_relu),
+        IN_ADD=int(args.input_add is not None), HAS_BIAS=int(args.bias is not None),
+        RESIDUAL=int(args.residual is not None),
+        RES_AFFINE=int(args.residual_scale is not None), RELU=int(args.relu),
+        STATS=int(stats), DOT_PRECISION=dot_precision,
+        ACC=triton_accumulator(x.dtype),
+        EMULATE_RTNE=int(INTERPRET), FLAT_K=int(flat_k),
+        **config,
+    )  # fmt: skip
+    tiles_m = -(-(n * oh * ow) // config["BLOCK_M"])
+    grid = (tiles_m * -(-c_out // config["BLOCK_N"]), groups)
+    return DirectLaunch(conv2d_fused_kernel, grid, 12, scalars, constexprs)
 
 
 # (device, dtype, DOT_PRECISION, groups, M, C_in, C_out, KH, KW, stride, pool) -> the tile
@@ -361,19 +521,27 @@ def _chosen_config(
 def _merge_tiles(tile_sum: Tensor, tile_m2: Tensor, m: int, block_m: int) -> tuple[Tensor, Tensor]:
     """Per-tile (sum, M2) [tiles, C] of m rows in tiles of block_m -> mean [C], M2 [C], merged
     by one launch of `kernels/merge_tile_stats.py` (Chan's formula)."""
+    tiles, c = tile_sum.shape
+    mean, m2 = tile_sum.new_empty(c), tile_sum.new_empty(c)
+    _merge_launch(tiles, c, m, block_m, tile_sum.dtype)(tile_sum, tile_m2, mean, m2)
+    return mean, m2
+
+
+@functools.lru_cache(maxsize=1024)
+def _merge_launch(tiles: int, c: int, m: int, block_m: int, dtype: torch.dtype):
+    """The merge's launch for [tiles, C] partials of `dtype`."""
     import triton
 
     from fastres.kernels.merge_tile_stats import merge_tile_stats_kernel
 
-    tiles, c = tile_sum.shape
-    mean, m2 = tile_sum.new_empty(c), tile_sum.new_empty(c)
+    from .launcher import DirectLaunch
+
     block_c = min(_MERGE_BLOCK_C, max(16, triton.next_power_of_2(c)))
     block_t = min(_MERGE_BLOCK_T, max(16, triton.next_power_of_2(tiles)))
-    merge_tile_stats_kernel[(triton.cdiv(c, block_c),)](
-        tile_sum, tile_m2, mean, m2, tiles, c, m, block_m,
-        ACC=triton_accumulator(tile_sum.dtype), BLOCK_T=block_t, BLOCK_C=block_c,
+    return DirectLaunch(
+        merge_tile_stats_kernel, (triton.cdiv(c, block_c),), 4, (tiles, c, m, block_m),
+        dict(ACC=triton_accumulator(dtype), BLOCK_T=block_t, BLOCK_C=block_c),
     )  # fmt: skip
-    return mean, m2
 
 
 # The merge's tile: BLOCK_C channels x BLOCK_T tiles per step of its loops.
@@ -430,8 +598,7 @@ def prologue_reference(
     return x
 
 
-@torch.library.custom_op("fastres::conv2d_fused", mutates_args=())
-def _conv2d_fused_op(
+def _conv2d_fused_body(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
@@ -452,12 +619,22 @@ def _conv2d_fused_op(
     stats: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     args = ConvArgs.bind(locals())
-    size = check_inputs(args)
-    out = args.allocate_output(size)
-    moments = launch(args, size, out, stats)
+    out, moments = _run(args, stats)
     if moments is None:
         return out, *args.empty_stats(False)
     return out, *moments
+
+
+def _run(args: ConvArgs, stats: bool) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """The output of args, and its statistics when `stats`."""
+    prepared = prepare(args, stats)
+    out = prepared.allocate_output(args.x)
+    return out, prepared.launch(args, out)
+
+
+_conv2d_fused_op = torch.library.custom_op("fastres::conv2d_fused", mutates_args=())(
+    _conv2d_fused_body
+)
 
 
 @_conv2d_fused_op.register_fake
@@ -552,16 +729,48 @@ def eager_autograd() -> bool:
     )
 
 
+# Argument types that dispatch nothing of their own (a tensor subclass may: FakeTensor, DTensor).
+_PLAIN_TYPES = frozenset(
+    {Tensor, torch.nn.Parameter, type(None), bool, int, float, str, list, tuple}
+)
+
+
+def dispatch_free(inputs: Sequence) -> bool:
+    """Whether a custom op may run as a plain call of its Python body: in eager mode, with
+    nothing active that sees or changes an op's dispatch (torch.compile tracing, torch.jit
+    tracing, a functorch transform, a TorchDispatchMode or TorchFunctionMode, the autograd
+    profiler) and no tensor subclass among `inputs`. The custom op's dispatch layers (its
+    autograd and backend wrappers, the torch.compile-disable wrapper) cost more Python than a
+    launch; where anything could see them, the op dispatches as usual."""
+    return (
+        not (
+            torch.compiler.is_compiling()
+            or torch._C._get_tracing_state()
+            or torch._C._len_torch_dispatch_stack()
+            or torch._C._is_torch_function_mode_enabled()
+            or torch._C._are_functorch_transforms_active()
+            or torch._C._autograd._profiler_enabled()
+        )
+        and set(map(type, inputs)) <= _PLAIN_TYPES
+    )
+
+
+def call_op(op, body, inputs: Sequence):
+    """`op(*inputs)`, a custom op whose Python body is `body`: `body(*inputs)` where
+    `dispatch_free(inputs)` (e.g. in an autograd.Function's forward, with gradients off)."""
+    return body(*inputs) if dispatch_free(inputs) else op(*inputs)
+
+
 class _Conv2dFused(torch.autograd.Function):
     """The autograd of `fastres::conv2d_fused` (same backward) for eager execution with
     gradients: the custom op's own autograd wrapper (`register_autograd`) costs about 0.1 ms
     more Python per call (it binds every argument to the schema's defaults). The op itself
-    still runs below it, so dispatch modes and profiles see `fastres::conv2d_fused`;
+    runs below it (`call_op`: dispatch modes and profiles see `fastres::conv2d_fused`);
     torch.compile traces the custom op directly (`conv2d_fused`)."""
 
     @staticmethod
     def forward(ctx, *inputs):
-        output = torch.ops.fastres.conv2d_fused(*inputs)
+        output = call_op(torch.ops.fastres.conv2d_fused, _conv2d_fused_body, inputs)
         _setup_context(ctx, inputs, output)
         # No zero-filled gradients for the statistics (never differentiable): two ops less.
         ctx.set_materialize_grads(False)
@@ -574,8 +783,7 @@ class _Conv2dFused(torch.autograd.Function):
         return _backward(ctx, grad_out, None, None)
 
 
-@torch.library.custom_op("fastres::conv2d_fused_out", mutates_args=("out",))
-def _conv2d_fused_out_op(
+def _conv2d_fused_out_body(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
@@ -596,18 +804,17 @@ def _conv2d_fused_out_op(
     out: Tensor,
 ) -> None:
     args = ConvArgs.bind(locals())
-    size = check_inputs(args)
-    expected = args.output_shape(size)
-    if tuple(out.shape) != expected or out.dtype != x.dtype or out.device != x.device:
-        raise ValueError(
-            f"out must be {expected} {x.dtype} on {x.device}, got {tuple(out.shape)} "
-            f"{out.dtype} on {out.device}"
-        )
+    prepared = prepare(args, False, out)
     # Programs of one launch read their inputs while others write out: no common memory.
     for name, t in (("x", x), ("weight", weight), ("residual", residual), ("input_add", input_add)):
         if t is not None and may_overlap(t, out):
             raise ValueError(f"out must not share memory with {name}")
-    launch(args, size, out, stats=False)
+    prepared.launch(args, out)
+
+
+_conv2d_fused_out_op = torch.library.custom_op("fastres::conv2d_fused_out", mutates_args=("out",))(
+    _conv2d_fused_out_body
+)
 
 
 @_conv2d_fused_out_op.register_fake
@@ -615,21 +822,26 @@ def _(*inputs) -> None:
     return None
 
 
-def run_out_op(op, *inputs, out: Tensor) -> None:
-    """Calls a custom op that writes `out` (one of `inputs`) and returns nothing.
+def run_out_op(op, body, *inputs, out: Tensor) -> None:
+    """Calls a custom op that writes `out` (one of `inputs`) and returns nothing; `body` is its
+    Python body.
 
-    In eager mode with no gradient in play it runs below the ADInplaceOrView wrapper that
-    custom ops get for a mutated argument (which re-binds every argument to the schema on each
-    call: about 0.1 ms, more than the launch) and bumps out's version counter as that wrapper
-    would. The op itself still dispatches: dispatch modes and profiles see it.
+    In eager mode with no gradient in play it runs its body directly (`dispatch_free`), or else
+    below the ADInplaceOrView wrapper that custom ops get for a mutated argument (which
+    re-binds every argument to the schema on each call: about 0.1 ms, more than the launch),
+    and bumps out's version counter as that wrapper would. Where a dispatch mode or a profiler
+    is active, the op itself still dispatches: they see it.
     """
     if torch.compiler.is_compiling() or (
         torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in inputs)
     ):
         op(*inputs)
         return
-    with torch._C._AutoDispatchBelowADInplaceOrView():
-        op(*inputs)
+    if dispatch_free(inputs):
+        body(*inputs)
+    else:
+        with torch._C._AutoDispatchBelowADInplaceOrView():
+            op(*inputs)
     torch.autograd.graph.increment_version(out)
 
 
@@ -717,10 +929,15 @@ def conv2d_fused(
     if out is not None:
         if stats:
             raise ValueError("stats are not available with out=")
-        run_out_op(torch.ops.fastres.conv2d_fused_out, *args, out, out=out)
+        run_out_op(torch.ops.fastres.conv2d_fused_out, _conv2d_fused_out_body, *args, out, out=out)
         return out
+    stats = bool(stats)
+    inputs = (*args, stats)
     if eager_autograd():
-        result, mean, m2 = _Conv2dFused.apply(*args, bool(stats))
+        result, mean, m2 = _Conv2dFused.apply(*inputs)
+    elif dispatch_free(inputs):
+        result, moments = _run(args, stats)
+        return (result, *moments) if stats else result
     else:
-        result, mean, m2 = torch.ops.fastres.conv2d_fused(*args, bool(stats))
+        result, mean, m2 = torch.ops.fastres.conv2d_fused(*inputs)
     return (result, mean, m2) if stats else result

@@ -14,12 +14,17 @@ PyTorch's pool); it has a fake implementation, so torch.compile traces it.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from . import conv2d_fused
 from .conv2d_fused import interpreting, may_overlap
 from .precision import triton_accumulator
+
+if TYPE_CHECKING:
+    from .launcher import DirectLaunch
 
 # Tile of one program: pixels x channels (channels cover a Res2Net chunk slot of 32..208 in
 # 1..4). 32 pixels: at 64, an fp32 tile's nine taps took 255 registers on sm_90 and spilled.
@@ -32,11 +37,50 @@ def pool_output_size(h: int, w: int, kernel: int, stride: int, padding: int) -> 
     return (h + 2 * padding - kernel) // stride + 1, (w + 2 * padding - kernel) // stride + 1
 
 
-@torch.library.custom_op("fastres::res2net_pool_out", mutates_args=("out",))
-def _res2net_pool_out_op(x: Tensor, out: Tensor, kernel: int, stride: int, padding: int) -> None:
+def _res2net_pool_out_body(x: Tensor, out: Tensor, kernel: int, stride: int, padding: int) -> None:
+    launch = _prepare(x, out, kernel, stride, padding)
+    if may_overlap(x, out):
+        raise ValueError("out must not share memory with x")
+    conv2d_fused.check_triton_device(x, "the Res2Net pool")
+    if launch is not None:
+        launch(x, out)
+
+
+_res2net_pool_out_op = torch.library.custom_op("fastres::res2net_pool_out", mutates_args=("out",))(
+    _res2net_pool_out_body
+)
+
+
+# (x's and out's shape, strides, dtype, device; kernel, stride, padding) -> the launch (None:
+# nothing to compute), made at the key's first call: the checks' verdict, grid and arguments.
+_PREPARED: dict[tuple, DirectLaunch | None] = {}
+_PREPARED_MAX = 1024
+
+
+def _prepare(x: Tensor, out: Tensor, kernel: int, stride: int, padding: int) -> DirectLaunch | None:
+    """The checked launch of a pool of x into out (raises unless they fit), kept per key."""
+    key = (
+        x.shape, x.stride(), x.dtype, x.device, out.shape, out.stride(), out.dtype, out.device,
+        kernel, stride, padding,
+    )  # fmt: skip
+    if key in _PREPARED:
+        return _PREPARED[key]
+    launch = _checked_launch(x, out, kernel, stride, padding)
+    if len(_PREPARED) >= _PREPARED_MAX:
+        _PREPARED.clear()
+    _PREPARED[key] = launch
+    return launch
+
+
+def _checked_launch(
+    x: Tensor, out: Tensor, kernel: int, stride: int, padding: int
+) -> DirectLaunch | None:
+    """`_prepare` at a key's first call: checks, and works out the launch."""
     import triton
 
     from fastres.kernels.res2net_pool import res2net_pool_kernel
+
+    from .launcher import DirectLaunch
 
     if x.dim() != 4 or out.dim() != 4:
         raise ValueError(f"expected 4-D x and out, got {tuple(x.shape)} and {tuple(out.shape)}")
@@ -49,21 +93,18 @@ def _res2net_pool_out_op(x: Tensor, out: Tensor, kernel: int, stride: int, paddi
             f"out must be {(n, c, oh, ow)} {x.dtype} on {x.device}, got {tuple(out.shape)} "
             f"{out.dtype} on {out.device}"
         )
-    if may_overlap(x, out):
-        raise ValueError("out must not share memory with x")
-    conv2d_fused.check_triton_device(x, "the Res2Net pool")
     m = n * oh * ow
     if m == 0 or c == 0:
-        return
+        return None
     # Under the interpreter every tile costs Python overhead: the fewest, largest tiles.
     block_m = _INTERPRETER_BLOCK_M if interpreting() else _BLOCK_M
     block_m = min(block_m, max(16, triton.next_power_of_2(m)))
     block_c = min(_BLOCK_C, max(16, triton.next_power_of_2(c)))
-    grid = (triton.cdiv(m, block_m), triton.cdiv(c, block_c))
-    res2net_pool_kernel[grid](
-        x, out, n, h, w, c, oh, ow, stride, padding, *x.stride(), *out.stride(),
-        K=kernel, ACC=triton_accumulator(x.dtype),
-        EMULATE_RTNE=int(interpreting()), BLOCK_M=block_m, BLOCK_C=block_c,
+    return DirectLaunch(
+        res2net_pool_kernel, (triton.cdiv(m, block_m), triton.cdiv(c, block_c)), 2,
+        (n, h, w, c, oh, ow, stride, padding, *x.stride(), *out.stride()),
+        dict(K=kernel, ACC=triton_accumulator(x.dtype), EMULATE_RTNE=int(interpreting()),
+             BLOCK_M=block_m, BLOCK_C=block_c),
     )  # fmt: skip
 
 
@@ -88,6 +129,7 @@ def res2net_pool(
         out.
     """
     conv2d_fused.run_out_op(
-        torch.ops.fastres.res2net_pool_out, x, out, int(kernel), int(stride), int(padding), out=out
-    )
+        torch.ops.fastres.res2net_pool_out, _res2net_pool_out_body,
+        x, out, int(kernel), int(stride), int(padding), out=out,
+    )  # fmt: skip
     return out
