@@ -26,8 +26,10 @@ machine the time other processes hold the cores is not counted.
 `--ops` counts instead what one step launches (`KernelCounter`: ops but views and allocations,
 and Triton launches) on the triton and the torch backend: the kernels a GPU step would run.
 
-Launches per forward count the JIT's launching runs (conv2d_fused and res2net_pool kernels).
-Prints one JSON line per workload and mode: ms per forward, launches, us per launch.
+Launches per forward count the JIT's launching runs of the convolution and Res2Net pool kernels
+(`LAUNCH_KERNELS`: not the small per-channel kernels beside them, the statistics merge and the
+frozen-BN fold, whose host cost is counted in the forward's). Prints one JSON line per workload
+and mode: ms per forward, launches, us per launch.
 """
 
 from __future__ import annotations
@@ -71,13 +73,18 @@ def _outputs_loss(outs) -> torch.Tensor:
     return sum(o.float().mean() for o in outs)
 
 
+# The kernels whose launches "us per launch" divides by: one per convolution (and Res2Net pool).
+LAUNCH_KERNELS = ("conv2d_fused_kernel", "res2net_pool_kernel")
+
+
 @contextlib.contextmanager
-def _counting_launches():
-    """Counts the JIT's launching runs (not its compile-only warm-ups) inside the context."""
+def _counting_launches(kernels: tuple[str, ...] | None = None):
+    """Counts the JIT's launching runs (not its compile-only warm-ups) inside the context, of
+    the kernels named `kernels` (None: all)."""
     patched, counter = JITFunction.run, [0]
 
     def run(fn, *args, **kwargs):
-        counter[0] += not kwargs.get("warmup")
+        counter[0] += not kwargs.get("warmup") and (kernels is None or fn.__name__ in kernels)
         return patched(fn, *args, **kwargs)
 
     JITFunction.run = run
@@ -130,7 +137,7 @@ def measure(
                 return model(x)
 
         forward()  # compiles (or reads Triton's cache), folds, picks the configurations
-        with _counting_launches() as launches:
+        with _counting_launches(LAUNCH_KERNELS) as launches:
             forward()
         ms = _best_ms(forward, forwards, repeats)
         per_launch = round(ms * 1e3 / launches[0], 1)
@@ -150,15 +157,15 @@ def measure(
 class KernelCounter(TorchDispatchMode):
     """Counts what a step launches on a GPU: every PyTorch / extension op dispatched at any
     depth but views and allocations, and every Triton launch. The fastres ops written in
-    Python (the Triton convolutions, `bn_train_act`) are looked into: their own ops and
-    launches count, not the op itself."""
+    Python (the Triton convolutions and BatchNorm fold, `bn_train_act`) are looked into: their
+    own ops and launches count, not the op itself."""
 
     ALLOCATIONS = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"}
 
     def __init__(self):
         super().__init__()
         self.ops: collections.Counter = collections.Counter()
-        from fastres.ops import batchnorm, conv2d_bn_train, conv2d_fused
+        from fastres.ops import batchnorm, bn_fold, conv2d_bn_train, conv2d_fused
 
         # The Python bodies of those ops (run with this mode on, so their ops are seen).
         self.bodies = {
@@ -166,6 +173,8 @@ class KernelCounter(TorchDispatchMode):
             "conv2d_fused_out": conv2d_fused._conv2d_fused_out_op._init_fn,
             "conv2d_bn_train": conv2d_bn_train._conv2d_bn_train_op._init_fn,
             "bn_train_act": batchnorm._train_act_impl,
+            "bn_fold": bn_fold._bn_fold_op._init_fn,
+            "bn_fold_backward": bn_fold._bn_fold_backward_op._init_fn,
         }
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
