@@ -94,3 +94,23 @@ def test_bn_fold_layout_and_dtypes():
     (weight.float().sum() + bias.sum()).backward()
     assert [p.grad.dtype for p in (conv.weight, bn.weight, bn.bias)] == [torch.float32] * 3
     assert conv.weight.grad.shape == conv.weight.shape
+
+
+def test_opcheck():
+    """The fake implementations match the ops (torch.compile traces them through those)."""
+    conv, bn = _unit(True, True, torch.channels_last, "cpu")
+    with torch.no_grad():
+        fold_args = (
+            conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps,
+            torch.bfloat16,
+        )  # fmt: skip
+        grad_w = torch.randn(conv.weight.shape, dtype=torch.bfloat16)
+        backward_args = (
+            grad_w, torch.randn(6), conv.weight, conv.bias, bn.weight, bn.running_mean,
+            bn.running_var, bn.eps,
+        )  # fmt: skip
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.fastres.bn_fold.default, fold_args, test_utils=checks)
+    torch.library.opcheck(
+        torch.ops.fastres.bn_fold_backward.default, backward_args, test_utils=checks
+    )

@@ -150,13 +150,18 @@ _bn_fold_backward_op.register_fake(
 
 
 class _BNFold(torch.autograd.Function):
-    """The autograd of `fastres::bn_fold`: one `fastres::bn_fold_backward` backward."""
+    """The autograd of `fastres::bn_fold`: one `fastres::bn_fold_backward` backward.
+
+    Both ops are called below the Autograd dispatch key: this Function is their autograd, and
+    the custom ops' own autograd layer would only cost host time. Dispatch modes and profiles
+    still see them."""
 
     @staticmethod
     def forward(ctx, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, dtype):
-        out = torch.ops.fastres.bn_fold(
-            weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, dtype
-        )
+        with torch._C._AutoDispatchBelowAutograd():
+            out = torch.ops.fastres.bn_fold(
+                weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, dtype
+            )
         ctx.save_for_backward(weight, conv_bias, bn_weight, running_mean, running_var)
         ctx.eps, ctx.bias_dtype = eps, None if bn_bias is None else bn_bias.dtype
         return out
@@ -164,10 +169,11 @@ class _BNFold(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_weight, grad_bias):
         weight, conv_bias, bn_weight, running_mean, running_var = ctx.saved_tensors
-        grad_w, grad_conv_bias, grad_gamma = torch.ops.fastres.bn_fold_backward(
-            grad_weight, grad_bias, weight, conv_bias, bn_weight, running_mean, running_var,
-            ctx.eps,
-        )  # fmt: skip
+        with torch._C._AutoDispatchBelowAutograd():
+            grad_w, grad_conv_bias, grad_gamma = torch.ops.fastres.bn_fold_backward(
+                grad_weight, grad_bias, weight, conv_bias, bn_weight, running_mean, running_var,
+                ctx.eps,
+            )  # fmt: skip
         need = ctx.needs_input_grad
         return (
             grad_w if need[0] else None,
