@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from compile_report import Recorder  # noqa: E402  (pops TRITON_INTERPRET before triton loads)
+from torch._library.custom_ops import OPDEFS  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
@@ -157,24 +158,19 @@ def measure(
 class KernelCounter(TorchDispatchMode):
     """Counts what a step launches on a GPU: every PyTorch / extension op dispatched at any
     depth but views and allocations, and every Triton launch. The fastres ops written in
-    Python (the Triton convolutions and BatchNorm fold, `bn_train_act`) are looked into: their
-    own ops and launches count, not the op itself."""
+    Python (the Triton launchers, `bn_train_act`) are looked into: their own ops and launches
+    count, not the op itself."""
 
     ALLOCATIONS = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"}
 
     def __init__(self):
         super().__init__()
         self.ops: collections.Counter = collections.Counter()
-        from fastres.ops import batchnorm, bn_fold, conv2d_bn_train, conv2d_fused
-
         # The Python bodies of those ops (run with this mode on, so their ops are seen).
         self.bodies = {
-            "conv2d_fused": conv2d_fused._conv2d_fused_op._init_fn,
-            "conv2d_fused_out": conv2d_fused._conv2d_fused_out_op._init_fn,
-            "conv2d_bn_train": conv2d_bn_train._conv2d_bn_train_op._init_fn,
-            "bn_train_act": batchnorm._train_act_impl,
-            "bn_fold": bn_fold._bn_fold_op._init_fn,
-            "bn_fold_backward": bn_fold._bn_fold_backward_op._init_fn,
+            name.removeprefix("fastres::"): opdef._init_fn
+            for name, opdef in OPDEFS.items()
+            if name.startswith("fastres::")
         }
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
