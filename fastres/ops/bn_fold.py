@@ -21,6 +21,8 @@ ops run in eager mode (torch.compile and torch.func compose `fold` from PyTorch 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -42,15 +44,16 @@ def _arranged_empty(weight: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.empty_strided(weight.shape, strides, dtype=dtype, device=weight.device)
 
 
-def _blocks(c_out: int, k: int) -> tuple[int, int]:
+@functools.cache
+def _blocks(c_out: int, k: int, interpret: bool) -> tuple[int, int]:
+    """(BLOCK_K, BLOCK_C) of a weight [c_out, k]; `interpret`: `interpreting()`."""
     import triton
 
     block_k, block_c = (
-        (_INTERPRETER_BLOCK_K, _INTERPRETER_BLOCK_C) if interpreting() else (_BLOCK_K, _BLOCK_C)
+        (_INTERPRETER_BLOCK_K, _INTERPRETER_BLOCK_C) if interpret else (_BLOCK_K, _BLOCK_C)
     )
-    return min(block_k, max(16, triton.next_power_of_2(k))), min(
-        block_c, max(16, triton.next_power_of_2(c_out))
-    )
+    block_k = min(block_k, max(16, triton.next_power_of_2(k)))
+    return block_k, min(block_c, max(16, triton.next_power_of_2(c_out)))
 
 
 def _check(weight: Tensor, *channel_vectors: Tensor | None) -> None:
@@ -85,13 +88,14 @@ def _bn_fold_op(
     k = c_in * kh * kw
     if out_w.numel() == 0:
         return out_w, out_b.zero_()
-    block_k, block_c = _blocks(c_out, k)
+    interpret = interpreting()
+    block_k, block_c = _blocks(c_out, k, interpret)
     fold_bn_kernel[(triton.cdiv(c_out, block_c),)](
         weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, out_w, out_b,
         eps, c_out, c_in, k, kw, *weight.stride(),
         HAS_CONV_BIAS=conv_bias is not None, HAS_GAMMA=bn_weight is not None,
         HAS_BETA=bn_bias is not None, ACC=triton_accumulator(dtype),
-        EMULATE_RTNE=int(interpreting()), BLOCK_K=block_k, BLOCK_C=block_c,
+        EMULATE_RTNE=int(interpret), BLOCK_K=block_k, BLOCK_C=block_c,
     )  # fmt: skip
     return out_w, out_b
 
@@ -123,7 +127,7 @@ def _bn_fold_backward_op(
     k = c_in * kh * kw
     if weight.numel() == 0:
         return grad_w, grad_conv_bias.zero_(), grad_gamma.zero_()
-    block_k, block_c = _blocks(c_out, k)
+    block_k, block_c = _blocks(c_out, k, interpreting())
     fold_bn_backward_kernel[(triton.cdiv(c_out, block_c),)](
         grad_weight, grad_bias, weight, conv_bias, bn_weight, running_mean, running_var,
         grad_w, grad_conv_bias, grad_gamma, None, eps, c_out, c_in, k, kw,

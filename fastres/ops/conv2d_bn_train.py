@@ -243,11 +243,14 @@ torch.library.register_autograd("fastres::conv2d_bn_train", _backward, setup_con
 
 class _Conv2dBNTrain(torch.autograd.Function):
     """The autograd of `fastres::conv2d_bn_train` (same backward) for eager execution with
-    gradients, cheaper than the custom op's own wrapper (see `conv2d_fused._Conv2dFused`)."""
+    gradients, cheaper than the custom op's own wrapper (see `conv2d_fused._Conv2dFused`).
+    The op is called below the Autograd dispatch key (this Function is its autograd: the op's
+    own autograd layer would only cost host time); dispatch modes and profiles still see it."""
 
     @staticmethod
     def forward(ctx, *inputs):
-        output = torch.ops.fastres.conv2d_bn_train(*inputs)
+        with torch._C._AutoDispatchBelowAutograd():
+            output = torch.ops.fastres.conv2d_bn_train(*inputs)
         _setup_context(ctx, inputs, output)
         ctx.set_materialize_grads(False)  # no zero-filled gradients for the statistics
         return output
