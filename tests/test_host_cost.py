@@ -22,8 +22,9 @@ import pytest
 
 SCRIPT = Path(__file__).parent.parent / "scripts" / "host_cost.py"
 # us per launch. Inference: three times the target. The training forward (BatchNorms frozen,
-# norm_eval) still refolds every BatchNorm with autograd ops each forward (folding.py), which
-# keeps it above 300: bounded here below the 528 us that 8e71f49 took.
+# norm_eval) refolds every BatchNorm each forward (one Triton launch beside each convolution's,
+# `fastres/ops/bn_fold.py`) and measured 204-241 us at b5326a2's successor, 259-269 at b5326a2
+# (bench/results/cpu-issue25-train/): bounded here below the 528 us that 8e71f49 took.
 BOUND_US = {"infer": 3 * 60, "train": 450}
 
 
