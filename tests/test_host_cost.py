@@ -23,8 +23,8 @@ import pytest
 SCRIPT = Path(__file__).parent.parent / "scripts" / "host_cost.py"
 # us per launch. Inference: three times the target. The training forward (BatchNorms frozen,
 # norm_eval) refolds every BatchNorm each forward (one Triton launch beside each convolution's,
-# `fastres/ops/bn_fold.py`) and measured 204-241 us at b5326a2's successor, 259-269 at b5326a2
-# (bench/results/cpu-issue25-train/): bounded here below the 528 us that 8e71f49 took.
+# `fastres/ops/bn_fold.py`): 207 us against b5326a2's 256 in bench/results/cpu-issue25-train/;
+# bounded here below the 528 us that 8e71f49 took.
 BOUND_US = {"infer": 3 * 60, "train": 450}
 
 
