@@ -26,9 +26,11 @@ machine the time other processes hold the cores is not counted.
 `--ops` counts instead what one step launches (`KernelCounter`: ops but views and allocations,
 and Triton launches) on the triton and the torch backend: the kernels a GPU step would run.
 
-Launches per forward count the JIT's launching runs and the direct launches of the kernels it
-compiled (`fastres.ops.launcher`): the conv2d_fused and res2net_pool kernels.
-Prints one JSON line per workload and mode: ms per forward, launches, us per launch.
+Launches per forward count the launches of the convolution and Res2Net pool kernels
+(`LAUNCH_KERNELS`: not the small per-channel kernels beside them, the statistics merge and the
+frozen-BN fold, whose host cost is counted in the forward's), through the JIT or directly
+(`fastres.ops.launcher`). Prints one JSON line per workload and mode: ms per forward, launches,
+us per launch.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from compile_report import Recorder  # noqa: E402  (pops TRITON_INTERPRET before triton loads)
+from torch._library.custom_ops import OPDEFS  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
@@ -73,19 +76,24 @@ def _outputs_loss(outs) -> torch.Tensor:
     return sum(o.float().mean() for o in outs)
 
 
+# The kernels whose launches "us per launch" divides by: one per convolution (and Res2Net pool).
+LAUNCH_KERNELS = ("conv2d_fused_kernel", "res2net_pool_kernel")
+
+
 @contextlib.contextmanager
-def _counting_launches():
-    """Counts the launches inside the context: the JIT's launching runs (not its compile-only
-    warm-ups) and the direct launches of kernels it compiled (`launcher.launch_compiled`)."""
+def _counting_launches(kernels: tuple[str, ...] | None = None):
+    """Counts the launches inside the context of the kernels named `kernels` (None: all): the
+    JIT's launching runs (not its compile-only warm-ups) and the direct launches of kernels it
+    compiled (`launcher.launch_compiled`)."""
     patched_run, patched_launch, counter = JITFunction.run, launcher.launch_compiled, [0]
 
     def run(fn, *args, **kwargs):
-        counter[0] += not kwargs.get("warmup")
+        counter[0] += not kwargs.get("warmup") and (kernels is None or fn.__name__ in kernels)
         return patched_run(fn, *args, **kwargs)
 
-    def launch_compiled(*args):
-        counter[0] += 1
-        return patched_launch(*args)
+    def launch_compiled(kernel, *args):
+        counter[0] += kernels is None or kernel.name in kernels
+        return patched_launch(kernel, *args)
 
     JITFunction.run, launcher.launch_compiled = run, launch_compiled
     try:
@@ -137,7 +145,7 @@ def measure(
                 return model(x)
 
         forward()  # compiles (or reads Triton's cache), folds, picks the configurations
-        with _counting_launches() as launches:
+        with _counting_launches(LAUNCH_KERNELS) as launches:
             forward()
         ms = _best_ms(forward, forwards, repeats)
         per_launch = round(ms * 1e3 / launches[0], 1)
@@ -157,22 +165,19 @@ def measure(
 class KernelCounter(TorchDispatchMode):
     """Counts what a step launches on a GPU: every PyTorch / extension op dispatched at any
     depth but views and allocations, and every Triton launch. The fastres ops written in
-    Python (the Triton convolutions, `bn_train_act`) are looked into: their own ops and
-    launches count, not the op itself."""
+    Python (the Triton launchers, `bn_train_act`) are looked into: their own ops and launches
+    count, not the op itself."""
 
     ALLOCATIONS = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"}
 
     def __init__(self):
         super().__init__()
         self.ops: collections.Counter = collections.Counter()
-        from fastres.ops import batchnorm, conv2d_bn_train, conv2d_fused
-
         # The Python bodies of those ops (run with this mode on, so their ops are seen).
         self.bodies = {
-            "conv2d_fused": conv2d_fused._conv2d_fused_op._init_fn,
-            "conv2d_fused_out": conv2d_fused._conv2d_fused_out_op._init_fn,
-            "conv2d_bn_train": conv2d_bn_train._conv2d_bn_train_op._init_fn,
-            "bn_train_act": batchnorm._train_act_impl,
+            name.removeprefix("fastres::"): opdef._init_fn
+            for name, opdef in OPDEFS.items()
+            if name.startswith("fastres::")
         }
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):

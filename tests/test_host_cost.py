@@ -63,3 +63,15 @@ def test_inference_runs_fewer_kernels_than_eager():
     kernels = row["step_kernels"]
     assert kernels["triton"] <= kernels["torch"], row["by_op"]
     assert row["by_op"]["triton"]["triton launches"] == 53
+
+
+@pytest.mark.skipif(not _nvidia_backend(), reason="Triton without its NVIDIA backend")
+def test_training_step_runs_no_more_kernels_than_eager():
+    """A ResNet-50 training step (forward and backward), its BatchNorms frozen ('train',
+    norm_eval: each folded into its convolution in one launch, one backward) and on batch
+    statistics ('train-bn': each finalized once), launches no more kernels than eager's."""
+    rows = _run("--ops", "--mode", "train", "--mode", "train-bn")
+    assert [row["mode"] for row in rows] == ["train", "train-bn"]
+    for row in rows:
+        kernels = row["step_kernels"]
+        assert kernels["triton"] <= kernels["torch"], (row["mode"], row["by_op"])

@@ -11,9 +11,10 @@ What is counted (`StepOps`): every op the dispatcher hands to a TorchDispatchMod
   only describe memory that exists;
 - allocations without a fill (`_ALLOCATIONS`: empty, empty_like, ...), which launch nothing;
 - ops on no tensor (`promote_types`, which `Tensor.to` dispatches), which compute no data;
-- the Python custom ops that are compositions of other ops (`COMPOSITE_OPS`): they are opened
-  and their ops counted instead. Other Python custom ops of fastres (the Triton launchers) count
-  once each and are opened too (their own torch ops count as well).
+- the Python custom ops of fastres (compositions of other ops, e.g. `bn_train_act`, and the
+  Triton launchers): they are opened and what they run counted instead, their ops and each
+  Triton launch (one kernel; under the interpreter, the ops the interpreter itself dispatches to
+  copy the arguments are not counted).
 
 Ops that C++ kernels call internally are not seen by a dispatch mode: fastres's C++ ops do their
 per-channel arithmetic in their kernels (csrc/batchnorm_math.h), not in ATen calls.
@@ -24,6 +25,7 @@ Run as a script for the table (bench/results/cpu-op-count/):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 import time
@@ -31,7 +33,7 @@ import time
 import pytest
 import torch
 from torch._library.custom_ops import OPDEFS
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 import fastres
 from fastres.testing import randomize_norms
@@ -45,8 +47,7 @@ _ALLOCATIONS = {
     "aten::_unsafe_view",
 }
 
-# Python custom ops whose implementation is other dispatched ops only (no kernel of its own).
-COMPOSITE_OPS = {"fastres::bn_train_act"}
+TRITON_LAUNCH = "triton launch"
 
 
 def _no_tensor(func) -> bool:
@@ -58,22 +59,59 @@ def _no_tensor(func) -> bool:
 
 
 class StepOps(TorchDispatchMode):
-    """Counts the dispatched ops that compute (see the module docstring): `ops` their names."""
+    """Counts the dispatched ops that compute (see the module docstring): `ops` their names;
+    `counting_launches` adds the Triton launches."""
 
     def __init__(self):
         super().__init__()
         self.ops: list[str] = []
 
+    @contextlib.contextmanager
+    def counting_launches(self):
+        """This mode on, and each Triton launch inside counted (`_counting_launches`)."""
+        with _counting_launches(self.ops), self:
+            yield self
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func._schema.name
-        if not (func.is_view or name in _ALLOCATIONS or name in COMPOSITE_OPS or _no_tensor(func)):
-            self.ops.append(str(func))
         opdef = OPDEFS.get(name)
         if opdef is not None:  # a Python custom op: open it
             with self:
                 return opdef._init_fn(*args, **kwargs)
+        if not (func.is_view or name in _ALLOCATIONS or _no_tensor(func)):
+            self.ops.append(str(func))
         return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _counting_launches(ops: list[str]):
+    """Appends TRITON_LAUNCH to ops for each Triton launch inside the context; the launch runs
+    with the dispatch modes off (the interpreter's own copies are not the step's ops)."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        yield
+        return
+    originals = {cls: cls.run for cls in (JITFunction, InterpretedFunction)}
+
+    def counting(run):
+        def launch(fn, *args, **kwargs):
+            if not kwargs.get("warmup"):
+                ops.append(TRITON_LAUNCH)
+            with _disable_current_modes():
+                return run(fn, *args, **kwargs)
+
+        return launch
+
+    for cls, run in originals.items():
+        cls.run = counting(run)
+    try:
+        yield
+    finally:
+        for cls, run in originals.items():
+            cls.run = run
 
 
 def _model(mode: str) -> torch.nn.Module:
@@ -105,20 +143,38 @@ def step_ops(backend: str, mode: str, dtype: torch.dtype) -> list[str]:
     x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         _step(model, x, mode)
-        with StepOps() as recorder:
+        with StepOps().counting_launches() as recorder:
             _step(model, x, mode)
     return recorder.ops
 
 
 MODES = ["inference", "train", "train-frozen-bn"]
-# The triton backend enters here once its count is at eager's (issue 25).
-BACKENDS = ["native", "auto"]
+BACKENDS = ["native", "auto", "triton"]
 DTYPES = [torch.bfloat16, torch.float32]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("backend", BACKENDS)
+# Known above eager's count: (backend, mode, dtype) -> why.
+ABOVE_EAGER = {
+    ("triton", "train-frozen-bn", torch.float32): (
+        "each fused conv's backward masks its ReLU with le + masked_fill (threshold_backward, one "
+        "op, is what tests/test_backends.py rules out) and sums its bias gradient apart: 393 vs "
+        "eager's 356 (under bf16 autocast eager's weight casts make up for it)"
+    ),
+}
+
+
+def _cases():
+    for backend in BACKENDS:
+        for mode in MODES:
+            for dtype in DTYPES:
+                why = ABOVE_EAGER.get((backend, mode, dtype))
+                marks = [pytest.mark.xfail(reason=why, strict=True)] if why else []
+                yield pytest.param(
+                    backend, mode, dtype, marks=marks, id=f"{backend}-{mode}-{dtype}"
+                )
+
+
+@pytest.mark.parametrize(("backend", "mode", "dtype"), list(_cases()))
 def test_no_more_ops_than_eager(backend, mode, dtype):
     eager = step_ops("torch", mode, dtype)
     ours = step_ops(backend, mode, dtype)

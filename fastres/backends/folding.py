@@ -1,11 +1,16 @@
 """An eval-mode BatchNorm (running statistics) as a per-channel affine map, and folded into the
 convolution before it: the one formula both fused backends use (each caches its folded weights
-in its own form: oneDNN-prepacked for native, arranged for the Triton kernel)."""
+in its own form: oneDNN-prepacked for native, arranged for the Triton kernel; `fold_arranged`
+folds for the Triton kernel with gradients, the BN frozen in training)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+from ..ops.bn_fold import bn_fold
+from ..ops.conv2d_fused import arrange_weight, eager_autograd
+from ..ops.precision import accumulator_dtype
 
 
 def uses_batch_stats(norm: nn.Module) -> bool:
@@ -35,3 +40,19 @@ def fold(conv: nn.Conv2d, bn: nn.Module, acc: torch.dtype) -> tuple[Tensor, Tens
     weight = conv.weight.to(acc) * scale.view(-1, 1, 1, 1)
     bias = shift if conv.bias is None else shift + conv.bias.to(acc) * scale
     return weight, bias
+
+
+def fold_arranged(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """`fold` for the Triton kernel: the weight arranged (`arrange_weight`) in `dtype`, the bias
+    in its accumulator dtype; differentiable in the conv and BN parameters.
+
+    In eager mode with autograd, one launch forward and one backward (`fastres.ops.bn_fold`);
+    under torch.compile or torch.func, `fold`'s PyTorch ops.
+    """
+    if eager_autograd():
+        return bn_fold(
+            conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps,
+            dtype,
+        )  # fmt: skip
+    weight, bias = fold(conv, bn, accumulator_dtype(dtype))
+    return arrange_weight(weight, dtype), bias

@@ -209,7 +209,7 @@ def bn_finalize_update(
     momentum: float | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """`bn_finalize`, and the running statistics updated in place (one op; see
-    `update_running_stats`)."""
+    `bn_finalize_updating_running`)."""
     return torch.ops.fastres.bn_finalize_update(
         mean, m2, count, weight, bias, eps, running_mean, running_var, num_batches_tracked,
         momentum,
@@ -262,9 +262,10 @@ def _tracks_running_stats(bn: torch.nn.Module) -> bool:
 def bn_finalize_updating_running(
     bn: torch.nn.Module, mean: Tensor, m2: Tensor, count: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """`bn_finalize` of bn's affine parameters (constants here: `bn_train_act` takes their
+    """`bn_finalize` of bn's affine parameters (constants here: `bn_norm_act` takes their
     gradients), and bn's running statistics updated as nn.BatchNorm2d in training mode does
-    (`update_running_stats`), in one op.
+    (momentum, or None: the cumulative average; unbiased variance; num_batches_tracked + 1),
+    in one op.
 
     Args:
         mean, m2: [C] batch statistics over `count` values per channel (all processes' for
@@ -275,24 +276,6 @@ def bn_finalize_updating_running(
             return torch.ops.fastres.bn_finalize(mean, m2, count, bn.weight, bn.bias, bn.eps)
         return torch.ops.fastres.bn_finalize_update(
             mean, m2, count, bn.weight, bn.bias, bn.eps, bn.running_mean, bn.running_var,
-            bn.num_batches_tracked, bn.momentum,
-        )  # fmt: skip
-
-
-def update_running_stats(bn: torch.nn.Module, mean: Tensor, m2: Tensor, count: int) -> None:
-    """The running-statistics update of nn.BatchNorm2d in training mode, from batch statistics
-    (momentum, or None: the cumulative average; unbiased variance; num_batches_tracked + 1).
-
-    Args:
-        mean, m2: [C] batch statistics (`bn_stats`, or a conv epilogue's), over `count` values
-            per channel (all processes' for SyncBN).
-    """
-    if not _tracks_running_stats(bn):
-        return
-    with torch.no_grad():
-        # One op (its scale / shift / invstd unused): the update is in its kernel.
-        torch.ops.fastres.bn_finalize_update(
-            mean, m2, count, None, None, bn.eps, bn.running_mean, bn.running_var,
             bn.num_batches_tracked, bn.momentum,
         )  # fmt: skip
 
@@ -326,19 +309,6 @@ def gather_stats(y: Tensor, mean: Tensor, m2: Tensor, group: str) -> tuple[Tenso
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {y.size()}"
         )
-    return mean, m2, count
-
-
-def gather_stats_and_update_running(
-    bns: list[torch.nn.Module], y: Tensor, mean: Tensor, m2: Tensor, group: str
-) -> tuple[Tensor, Tensor, int]:
-    """`gather_stats`, and the running statistics of `bns` updated, which normalize
-    consecutive equal channel ranges of y [N, C, H, W]."""
-    mean, m2, count = gather_stats(y, mean, m2, group)
-    width = y.shape[1] // len(bns)
-    for i, bn in enumerate(bns):
-        part = slice(i * width, (i + 1) * width)
-        update_running_stats(bn, mean[part], m2[part], count)
     return mean, m2, count
 
 
@@ -584,8 +554,8 @@ def bn_train_act(
     Returns:
         out [N, C, H, W] in y's dtype. Differentiable in y, weight, bias, residual, y_d,
         weight_d and bias_d; the statistics are constants to autograd (their gradient is part
-        of the formula). Running statistics are the caller's (`update_running_stats`, or
-        `batch_normalized` and `bn_norm_act`, which finalize and update in one op).
+        of the formula). Running statistics are the caller's (`batch_normalized` and
+        `bn_norm_act` finalize and update them in one op).
     """
 
     def normalized(mean, m2, count, weight, bias, eps) -> Normalized:

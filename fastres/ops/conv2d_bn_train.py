@@ -14,8 +14,13 @@ outputs, and its tail applies the last BatchNorm with the shortcut and the ReLU
 Backward: the prologue's activation relu(bn(y_prev)) is recomputed (`fastres::bn_apply`), the
 convolution's data and weight gradients come from PyTorch's `convolution_backward` (cuDNN on
 CUDA), and the gradient through the BatchNorm with batch statistics from the extension's
-`bn_backward_reduce` / `bn_backward_elemt` (its per-channel sums all-reduced over the process
-group for SyncBN). Saved: the input, the weight and per-channel statistics.
+`bn_backward` (for SyncBN `bn_backward_reduce` / `bn_backward_elemt`, the per-channel sums
+all-reduced over the process group between them). Saved: the input, the weight and
+per-channel statistics.
+
+The input BatchNorm's scale / shift / invstd are `bn_finalize`'d from its statistics in the op,
+unless the caller has them already (the triton backend finalizes each BatchNorm once, in the
+op that updates its running statistics, `batchnorm.batch_normalized`).
 
 The statistics come from the fp32 accumulator: each tile's sum and M2 about its own mean,
 merged with Chan's formula (no one-pass sum of squares, whose cancellation loses the variance
@@ -50,7 +55,8 @@ class InputBN(NamedTuple):
 
     mean, m2: [C_in] fp32 batch statistics of the input over `count` values per channel (every
     process's for SyncBN); weight, bias: the BN's affine parameters [C_in]; group: the SyncBN
-    process-group name (`batchnorm.sync_group_name`), "" for none.
+    process-group name (`batchnorm.sync_group_name`), "" for none; scale, shift, invstd: their
+    `bn_finalize`, when the caller has it (else the op finalizes: one op forward, one backward).
     """
 
     mean: Tensor
@@ -60,6 +66,9 @@ class InputBN(NamedTuple):
     bias: Tensor
     eps: float
     group: str = ""
+    scale: Tensor | None = None
+    shift: Tensor | None = None
+    invstd: Tensor | None = None
 
 
 class _TrainArgs(NamedTuple):
@@ -82,6 +91,9 @@ class _TrainArgs(NamedTuple):
     in_bias: Tensor | None
     in_eps: float
     in_group: str
+    in_scale: Tensor | None = None
+    in_shift: Tensor | None = None
+    in_invstd: Tensor | None = None
 
     def conv_args(self, input_scale: Tensor | None, input_shift: Tensor | None) -> ConvArgs:
         """The fused convolution that runs it, with the input BN folded to a scale and shift."""
@@ -101,8 +113,10 @@ class _TrainArgs(NamedTuple):
             input_add=self.input_add,
         )
 
-    def finalize_input_bn(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(scale, shift, invstd) of the input BatchNorm."""
+    def input_coefficients(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(scale, shift, invstd) of the input BatchNorm: given, or finalized here."""
+        if self.in_scale is not None:
+            return self.in_scale, self.in_shift, self.in_invstd
         return bn_ops.bn_finalize(
             self.in_mean, self.in_m2, self.in_count, self.in_weight, self.in_bias, self.in_eps
         )
@@ -126,6 +140,9 @@ def _conv2d_bn_train_op(
     in_bias: Tensor | None,
     in_eps: float,
     in_group: str,
+    in_scale: Tensor | None = None,
+    in_shift: Tensor | None = None,
+    in_invstd: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     args = _TrainArgs(**locals())
     scale = shift = None
@@ -135,10 +152,15 @@ def _conv2d_bn_train_op(
             if t is None:
                 raise ValueError(f"input_bn needs its {name}")
             check_channel_vector(t, f"input_bn.{name}", c_in, x)
+        coefficients = (in_scale, in_shift, in_invstd)
+        if any(t is None for t in coefficients) != all(t is None for t in coefficients):
+            raise ValueError("input_bn's scale, shift and invstd go together")
+        for name, t in zip(("scale", "shift", "invstd"), coefficients):
+            check_channel_vector(t, f"input_bn.{name}", c_in, x)
         if input_pool != 1 or input_add is not None:
             raise ValueError("input_bn cannot be combined with input_pool or input_add")
         extension.require("conv2d_bn_train with input_bn")  # the BN runs the extension's ops
-        scale, shift, _ = args.finalize_input_bn()
+        scale, shift, _ = args.input_coefficients()
     conv = args.conv_args(scale, shift)
     size = check_inputs(conv)
     out = conv.allocate_output(size)
@@ -168,7 +190,7 @@ def _backward(ctx, grad_y: Tensor, _grad_mean, _grad_m2):
     if not (needs_input or needs.weight):
         return tuple(grads.values())
     if args.in_mean is not None:
-        scale, shift, invstd = args.finalize_input_bn()
+        scale, shift, invstd = args.input_coefficients()
         conv_input = bn_ops.bn_apply(x, scale, shift, relu=True)
     else:
         conv_input = prologue_reference(x, input_pool=args.input_pool, input_add=args.input_add)
@@ -188,15 +210,22 @@ def _backward(ctx, grad_y: Tensor, _grad_mean, _grad_m2):
     if args.in_mean is None:
         grads["x"] = grad_input
         return tuple(grads.values())
+    if not args.in_group:
+        grad_x, _, grad_w, grad_b, _, _ = bn_ops.bn_backward(
+            grad_input, x, scale, shift, None, None, None, True, args.in_mean, invstd, None,
+            None, args.in_count, False,
+        )  # fmt: skip
+        grads["x"] = grad_x if needs.x else None
+        grads["in_weight"] = grad_w.to(args.in_weight.dtype) if needs.in_weight else None
+        grads["in_bias"] = grad_b.to(args.in_bias.dtype) if needs.in_bias else None
+        return tuple(grads.values())
     sums = bn_ops.bn_backward_reduce(
         grad_input, x, scale, shift, None, None, None, True, args.in_mean, None
     )
     # The affine parameters' gradients are this process's share (as nn.SyncBatchNorm's: DDP
     # reduces them); the input gradient's batch-statistics terms are over every process's batch.
     local_dy, local_dy_xmu, _ = sums
-    if args.in_group:
-        sums = bn_ops.all_reduce_sums(list(sums), args.in_group)
-    sum_dy, sum_dy_xmu, _ = sums
+    sum_dy, sum_dy_xmu, _ = bn_ops.all_reduce_sums(list(sums), args.in_group)
     if needs.x:
         grads["x"], _ = bn_ops.bn_backward_elemt(
             grad_input, x, scale, shift, None, None, None, True, args.in_mean, invstd, sum_dy,
@@ -214,11 +243,14 @@ torch.library.register_autograd("fastres::conv2d_bn_train", _backward, setup_con
 
 class _Conv2dBNTrain(torch.autograd.Function):
     """The autograd of `fastres::conv2d_bn_train` (same backward) for eager execution with
-    gradients, cheaper than the custom op's own wrapper (see `conv2d_fused._Conv2dFused`)."""
+    gradients, cheaper than the custom op's own wrapper (see `conv2d_fused._Conv2dFused`).
+    The op is called below the Autograd dispatch key (this Function is its autograd: the op's
+    own autograd layer would only cost host time); dispatch modes and profiles still see it."""
 
     @staticmethod
     def forward(ctx, *inputs):
-        output = torch.ops.fastres.conv2d_bn_train(*inputs)
+        with torch._C._AutoDispatchBelowAutograd():
+            output = torch.ops.fastres.conv2d_bn_train(*inputs)
         _setup_context(ctx, inputs, output)
         ctx.set_materialize_grads(False)  # no zero-filled gradients for the statistics
         return output
@@ -270,7 +302,8 @@ def conv2d_bn_train(
     args = (
         x, weight, as_pair(stride, "stride"), as_pair(padding, "padding"),
         as_pair(dilation, "dilation"), int(groups), allow_tf32, int(input_pool), input_add,
-        bn.mean, bn.m2, int(bn.count), bn.weight, bn.bias, float(bn.eps), bn.group,
+        bn.mean, bn.m2, int(bn.count), bn.weight, bn.bias, float(bn.eps), bn.group, bn.scale,
+        bn.shift, bn.invstd,
     )  # fmt: skip
     if eager_autograd():
         return _Conv2dBNTrain.apply(*args)

@@ -3,8 +3,8 @@ kernel, the avg_down shortcut with its pool in the conv's input load.
 
 Each BatchNorm on running statistics is folded into its convolution (`fastres.backends.folding`),
 cached per conv until it is stale (`fastres.backends.fold_cache`), never written back; when
-gradients are wanted the fold is recomputed with autograd ops each forward, so they reach the
-conv weight and the BN weight / bias.
+gradients are wanted the fold is recomputed each forward (`folding.fold_arranged`: one launch,
+one backward), so they reach the conv weight and the BN weight / bias.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ...ops.conv2d_fused import arrange_weight, conv2d_fused, runs_dtype
 from ...ops.precision import accumulator_dtype
 from ..fold_cache import fold_key, new_cache
-from ..folding import fold
+from ..folding import fold, fold_arranged
 from ..plan import Shortcut
 
 # conv module -> (key of the tensors it was folded from, (arranged weight, bias)).
@@ -68,7 +68,7 @@ def _fold(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype) -> tuple[Tensor, T
 def folded(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """`_fold`, cached while it is not stale (`fold_cache`) and no gradient is wanted."""
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and _wants_grad(conv, bn)):
-        return _fold(conv, bn, dtype)
+        return fold_arranged(conv, bn, dtype)
     key = (fold_key(conv, bn), dtype, torch.is_inference_mode_enabled())
     cached = _FOLD_CACHE.get(conv)
     if cached is not None and cached[0] == key:

@@ -300,16 +300,39 @@ def _train_padded_bn_relu(
     bns: list[nn.Module], y: Tensor, mean: Tensor, m2: Tensor, chunks: int, width: int
 ) -> Tensor:
     """ReLU(BN(y)) with batch statistics for a raw conv output of `chunks` padded chunk slots,
-    the i-th chunk normalized by bns[i * len(bns) // chunks]: running statistics from the real
-    channels; each pad channel gets its chunk's first channel's statistics and affine
-    parameters, so it stays a copy of that channel (see `_chunk_slot`)."""
+    the i-th chunk normalized by bns[i * len(bns) // chunks]: each BN finalized once from the
+    real channels' statistics, its running statistics updated in the same op; each pad channel
+    gets its chunk's first channel's coefficients and affine parameters, so it stays a copy of
+    that channel (see `_chunk_slot`)."""
     # The real channels: their count and values are what the statistics are gathered from.
     real = y.narrow(1, 0, chunks * width)
     group = bn_ops.sync_group_name(bns[0])
-    mean, m2, count = bn_ops.gather_stats_and_update_running(
-        bns, real, _unpad_outputs(mean, chunks, width), _unpad_outputs(m2, chunks, width), group
+    mean, m2, count = bn_ops.gather_stats(
+        real, _unpad_outputs(mean, chunks, width), _unpad_outputs(m2, chunks, width), group
     )
-    affine = [torch.cat([bn.weight for bn in bns]), torch.cat([bn.bias for bn in bns])]
-    stats = (_pad_outputs(mean, chunks), _pad_outputs(m2, chunks), count)
-    weight, bias = (_pad_outputs(t, chunks) for t in affine)
-    return bn_ops.bn_train_act(y, stats, weight, bias, bns[0].eps, group=group)
+    part = chunks * width // len(bns)
+    norms = [
+        bn_ops.batch_normalized(bn, mean[i * part : (i + 1) * part], m2[i * part : (i + 1) * part],
+                                count)
+        for i, bn in enumerate(bns)
+    ]  # fmt: skip
+    return bn_ops.bn_norm_act(y, _padded_norm(norms, chunks, width), count, group=group)
+
+
+def _padded_norm(norms: list[bn_ops.Normalized], chunks: int, width: int) -> bn_ops.Normalized:
+    """The BNs of consecutive channel ranges as one `Normalized` over `chunks` padded slots of
+    `width` real channels (`_pad_outputs` of every field): the affine parameters (which get
+    gradients) in one concatenation and gather, the coefficients (constants) in another."""
+    if len(norms) == 1 and _chunk_slot(width) == width:
+        return norms[0]
+
+    def padded(fields: tuple[str, ...]) -> list[Tensor]:
+        table = torch.cat([getattr(n, f) for f in fields for n in norms]).view(len(fields), -1)
+        if _chunk_slot(width) != width:
+            table = table.index_select(1, _pad_index(chunks, width, table.device))
+        return list(table.unbind(0))
+
+    weight, bias = padded(("weight", "bias"))
+    with torch.no_grad():
+        mean, scale, shift, invstd = padded(("mean", "scale", "shift", "invstd"))
+    return bn_ops.Normalized(weight, bias, mean, scale, shift, invstd)

@@ -4,8 +4,9 @@ Each convolution returns its raw output and that output's batch statistics from 
 epilogue; the next convolution applies the BatchNorm (those statistics) + ReLU in its input
 load, so within a block only raw convolution outputs are stored; the block's tail applies the
 last BN with the shortcut (identity, or the downsample conv's output with its own BN) and the
-ReLU in one pass (`bn_train_act`). Running statistics are updated here, from the statistics
-(all-gathered first for SyncBN), as nn.BatchNorm2d updates them.
+ReLU in one pass (`bn_norm_act`). Each BatchNorm is finalized once, from the statistics
+(all-gathered first for SyncBN), by the op that also updates its running statistics as
+nn.BatchNorm2d does (`batchnorm.batch_normalized`); its consumers take the scale and shift.
 """
 
 from __future__ import annotations
@@ -58,35 +59,46 @@ def trainable(pairs: list[tuple[nn.Module, nn.Module]], x: Tensor) -> bool:
 
 
 class _Unnormalized(NamedTuple):
-    """A convolution's raw output and the training-mode BN that normalizes it."""
+    """A convolution's raw output and the training-mode BN that normalizes it, finalized."""
 
     y: Tensor
-    bn: nn.Module
     stats: tuple[Tensor, Tensor, int]  # (mean, m2, count) over every process's batch
+    norm: bn_ops.Normalized
+    eps: float
     group: str
 
-    def input_bn(self) -> InputBN:
-        mean, m2, count = self.stats
-        return InputBN(mean, m2, count, self.bn.weight, self.bn.bias, self.bn.eps, self.group)
+    @classmethod
+    def of(cls, bn: nn.Module, y: Tensor, mean: Tensor, m2: Tensor) -> _Unnormalized:
+        """y with its BN finalized from this process's batch statistics (mean, m2): gathered
+        over the SyncBN group, the running statistics updated in the same op."""
+        group = bn_ops.sync_group_name(bn)
+        mean, m2, count = bn_ops.gather_stats(y, mean, m2, group)
+        return cls(
+            y, (mean, m2, count), bn_ops.batch_normalized(bn, mean, m2, count), bn.eps, group
+        )
 
-    def apply(self, relu: bool = True, residual: Tensor | None = None, shortcut=None) -> Tensor:
-        """act(bn(y) [+ residual | + shortcut's bn(y)]), written out."""
-        if shortcut is not None:
-            shortcut = (shortcut.y, shortcut.stats, shortcut.bn.weight, shortcut.bn.bias,
-                        shortcut.bn.eps)  # fmt: skip
-        return bn_ops.bn_train_act(
-            self.y, self.stats, self.bn.weight, self.bn.bias, self.bn.eps, residual, shortcut,
-            relu, self.group,
+    def input_bn(self) -> InputBN:
+        (mean, m2, count), norm = self.stats, self.norm
+        return InputBN(
+            mean, m2, count, norm.weight, norm.bias, self.eps, self.group, norm.scale, norm.shift,
+            norm.invstd,
         )  # fmt: skip
 
-
-def _global_stats(
-    bns: list[nn.Module], y: Tensor, mean: Tensor, m2: Tensor
-) -> tuple[tuple[Tensor, Tensor, int], str]:
-    """The statistics of y over every process's batch, the running statistics of `bns`
-    (consecutive equal channel ranges) updated from them, and their SyncBN group."""
-    group = bn_ops.sync_group_name(bns[0])
-    return bn_ops.gather_stats_and_update_running(bns, y, mean, m2, group), group
+    def apply(
+        self,
+        relu: bool = True,
+        residual: Tensor | None = None,
+        shortcut: _Unnormalized | None = None,
+    ) -> Tensor:
+        """act(bn(y) [+ residual | + shortcut's bn(y)]), written out."""
+        count = self.stats[2]
+        if shortcut is not None:
+            if shortcut.stats[2] != count:
+                raise ValueError(
+                    f"the two BNs normalize {count} and {shortcut.stats[2]} values per channel"
+                )
+            shortcut = (shortcut.y, shortcut.norm)
+        return bn_ops.bn_norm_act(self.y, self.norm, count, residual, shortcut, relu, self.group)
 
 
 def _train_conv(
@@ -111,8 +123,7 @@ def _train_conv(
         x, arrange_weight(weight, x.dtype), stride=conv.stride, padding=conv.padding,
         dilation=conv.dilation, input_bn=input_bn, input_pool=input_pool, input_add=input_add,
     )  # fmt: skip
-    stats, group = _global_stats([bn], y, mean, m2)
-    return _Unnormalized(y, bn, stats, group)
+    return _Unnormalized.of(bn, y, mean, m2)
 
 
 class TrainUnits(Implementation):

@@ -1,0 +1,217 @@
+"""Launchers, `fastres::` custom ops and autograd of the BatchNorm fold (`kernels/fold_bn.py`).
+
+    weight, bias = bn_fold(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
+                           bn.running_var, bn.eps, torch.bfloat16)
+
+gives bn(conv(x)) = conv'(x) + bias for an eval-mode BatchNorm: conv' weight arranged for the
+fused convolution (`arrange_weight`'s layout) in the kernels' dtype, and the bias in the
+accumulator's dtype, in one launch; differentiable in the conv weight and bias and the BN's
+weight and bias (one launch backward). The formula is `fastres.backends.folding.fold`'s; this
+is how the triton backend folds a frozen BatchNorm whose parameters learn (norm_eval training)
+in eager mode, at fewer kernels than eager's BatchNorm.
+
+- `fastres::bn_fold` -> (weight, bias).
+- `fastres::bn_fold_backward` -> (grad_weight, grad_conv_bias, grad_bn_weight): the last two
+  empty where the conv has no bias / the BN no weight. The BN bias's gradient is the folded
+  bias's.
+
+Both have fake implementations; the autograd (`_BNFold`) is a plain autograd.Function, so the
+ops run in eager mode (torch.compile and torch.func compose `fold` from PyTorch ops instead).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from . import conv2d_fused
+from .conv2d_fused import interpreting
+from .precision import accumulator_dtype, triton_accumulator
+
+# Tile of one program: K (the arranged C_in * KH * KW) x output channels. Under the interpreter
+# every program costs Python overhead: the fewest, largest tiles.
+_BLOCK_K, _BLOCK_C = 64, 32
+_INTERPRETER_BLOCK_K, _INTERPRETER_BLOCK_C = 1024, 256
+
+
+def _arranged_empty(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """A [C_out, C_in, KH, KW] tensor in `dtype` stored as [KH, KW, C_in, C_out] (the layout of
+    `conv2d_fused.arrange_weight`)."""
+    c_out, c_in, kh, kw = weight.shape
+    strides = (1, c_out, kw * c_in * c_out, c_in * c_out)
+    return torch.empty_strided(weight.shape, strides, dtype=dtype, device=weight.device)
+
+
+@functools.cache
+def _blocks(c_out: int, k: int, interpret: bool) -> tuple[int, int]:
+    """(BLOCK_K, BLOCK_C) of a weight [c_out, k]; `interpret`: `interpreting()`."""
+    import triton
+
+    block_k, block_c = (
+        (_INTERPRETER_BLOCK_K, _INTERPRETER_BLOCK_C) if interpret else (_BLOCK_K, _BLOCK_C)
+    )
+    block_k = min(block_k, max(16, triton.next_power_of_2(k)))
+    return block_k, min(block_c, max(16, triton.next_power_of_2(c_out)))
+
+
+def _check(weight: Tensor, *channel_vectors: Tensor | None) -> None:
+    if weight.dim() != 4:
+        raise ValueError(f"expected a conv weight [C_out, C_in, KH, KW], got {tuple(weight.shape)}")
+    for t in channel_vectors:
+        conv2d_fused.check_channel_vector(
+            t, "a per-channel BatchNorm / bias tensor", len(weight), weight
+        )
+
+
+@torch.library.custom_op("fastres::bn_fold", mutates_args=())
+def _bn_fold_op(
+    weight: Tensor,
+    conv_bias: Tensor | None,
+    bn_weight: Tensor | None,
+    bn_bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    import triton
+
+    from fastres.kernels.fold_bn import fold_bn_kernel
+
+    _check(weight, conv_bias, bn_weight, bn_bias, running_mean, running_var)
+    conv2d_fused.check_triton_device(weight, "the BatchNorm fold")
+    out_w = _arranged_empty(weight, dtype)
+    out_b = weight.new_empty(weight.shape[0], dtype=accumulator_dtype(dtype))
+    c_out, c_in, kh, kw = weight.shape
+    k = c_in * kh * kw
+    if out_w.numel() == 0:
+        return out_w, out_b.zero_()
+    interpret = interpreting()
+    block_k, block_c = _blocks(c_out, k, interpret)
+    fold_bn_kernel[(triton.cdiv(c_out, block_c),)](
+        weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, out_w, out_b,
+        eps, c_out, c_in, k, kw, *weight.stride(),
+        HAS_CONV_BIAS=conv_bias is not None, HAS_GAMMA=bn_weight is not None,
+        HAS_BETA=bn_bias is not None, ACC=triton_accumulator(dtype),
+        EMULATE_RTNE=int(interpret), BLOCK_K=block_k, BLOCK_C=block_c,
+    )  # fmt: skip
+    return out_w, out_b
+
+
+@_bn_fold_op.register_fake
+def _(weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, dtype):
+    return _arranged_empty(weight, dtype), weight.new_empty(
+        weight.shape[0], dtype=accumulator_dtype(dtype)
+    )
+
+
+@torch.library.custom_op("fastres::bn_fold_backward", mutates_args=())
+def _bn_fold_backward_op(
+    grad_weight: Tensor,
+    grad_bias: Tensor,
+    weight: Tensor,
+    conv_bias: Tensor | None,
+    bn_weight: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    import triton
+
+    from fastres.kernels.fold_bn import fold_bn_backward_kernel
+
+    grad_w, grad_conv_bias, grad_gamma = _backward_outputs(weight, conv_bias, bn_weight)
+    c_out, c_in, kh, kw = weight.shape
+    k = c_in * kh * kw
+    if weight.numel() == 0:
+        return grad_w, grad_conv_bias.zero_(), grad_gamma.zero_()
+    block_k, block_c = _blocks(c_out, k, interpreting())
+    fold_bn_backward_kernel[(triton.cdiv(c_out, block_c),)](
+        grad_weight, grad_bias, weight, conv_bias, bn_weight, running_mean, running_var,
+        grad_w, grad_conv_bias, grad_gamma, None, eps, c_out, c_in, k, kw,
+        *weight.stride(), *grad_weight.stride(), *grad_w.stride(),
+        HAS_CONV_BIAS=conv_bias is not None, HAS_GAMMA=bn_weight is not None, HAS_BETA=False,
+        ACC=triton_accumulator(weight.dtype), BLOCK_K=block_k, BLOCK_C=block_c,
+    )  # fmt: skip
+    return grad_w, grad_conv_bias, grad_gamma
+
+
+def _backward_outputs(weight, conv_bias, bn_weight) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradient buffers of weight, conv_bias and bn_weight (empty for an absent one)."""
+    grad_w = torch.empty_like(weight)
+    empty = weight.new_empty(0)
+    grad_conv_bias = empty if conv_bias is None else torch.empty_like(conv_bias)
+    return grad_w, grad_conv_bias, empty if bn_weight is None else torch.empty_like(bn_weight)
+
+
+_bn_fold_backward_op.register_fake(
+    lambda grad_weight, grad_bias, weight, conv_bias, bn_weight, *_: _backward_outputs(
+        weight, conv_bias, bn_weight
+    )
+)
+
+
+class _BNFold(torch.autograd.Function):
+    """The autograd of `fastres::bn_fold`: one `fastres::bn_fold_backward` backward.
+
+    Both ops are called below the Autograd dispatch key: this Function is their autograd, and
+    the custom ops' own autograd layer would only cost host time. Dispatch modes and profiles
+    still see them."""
+
+    @staticmethod
+    def forward(ctx, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, dtype):
+        with torch._C._AutoDispatchBelowAutograd():
+            out = torch.ops.fastres.bn_fold(
+                weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, dtype
+            )
+        ctx.save_for_backward(weight, conv_bias, bn_weight, running_mean, running_var)
+        ctx.eps, ctx.bias_dtype = eps, None if bn_bias is None else bn_bias.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_weight, grad_bias):
+        weight, conv_bias, bn_weight, running_mean, running_var = ctx.saved_tensors
+        with torch._C._AutoDispatchBelowAutograd():
+            grad_w, grad_conv_bias, grad_gamma = torch.ops.fastres.bn_fold_backward(
+                grad_weight, grad_bias, weight, conv_bias, bn_weight, running_mean, running_var,
+                ctx.eps,
+            )  # fmt: skip
+        need = ctx.needs_input_grad
+        return (
+            grad_w if need[0] else None,
+            grad_conv_bias if need[1] else None,
+            grad_gamma if need[2] else None,
+            grad_bias.to(ctx.bias_dtype) if need[3] else None,
+            None, None, None, None,
+        )  # fmt: skip
+
+
+def bn_fold(
+    weight: Tensor,
+    conv_bias: Tensor | None,
+    bn_weight: Tensor | None,
+    bn_bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """bn(conv(x)) = conv'(x) + bias for a BatchNorm on running statistics, in one launch.
+
+    Args:
+        weight: the conv weight [C_out, C_in, KH, KW], any strides; conv_bias: [C_out] or None.
+        bn_weight, bn_bias: the BN's affine parameters [C_out], or None (no affine).
+        running_mean, running_var, eps: the BN's statistics (constants to autograd).
+        dtype: the dtype of the folded weight (the kernels'): float32, float16, bfloat16
+            (float64 under the interpreter).
+
+    Returns:
+        The folded weight [C_out, C_in, KH, KW] in `dtype`, stored as [KH, KW, C_in, C_out]
+        (`arrange_weight`'s layout), and the folded bias [C_out] in `accumulator_dtype(dtype)`.
+        Differentiable in weight, conv_bias, bn_weight and bn_bias (eager mode).
+    """
+    return _BNFold.apply(
+        weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, float(eps), dtype
+    )

@@ -1,0 +1,116 @@
+"""`fastres::bn_fold` (a frozen BatchNorm folded into its convolution, with gradients) against
+the oracle: conv -> eval-mode BN run as `conv2d_fused(x, *bn_fold(...))`, its output and
+the gradients of the input, the conv weight and bias, and the BN weight and bias against
+PyTorch's modules in float64 (gold) and float32 (base), under the contract's rule. No ReLU:
+a float32 output within rounding of its kink would move a gradient element by a whole one. The
+whole-model path (norm_eval training on the triton backend) is tests/test_triton_backend.py's
+`test_bn_eval_training_gradients`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from fastres.ops.conv2d_fused import conv2d_fused, interpreting
+from fastres.testing import assert_matches_oracle
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.skipif(
+    not (interpreting() or torch.cuda.is_available()), reason="needs a GPU or TRITON_INTERPRET=1"
+)
+
+# (conv bias, BN affine, weight layout)
+CASES = {
+    "plain": (False, True, torch.contiguous_format),
+    "channels_last-weight": (False, True, torch.channels_last),
+    "conv-bias": (True, True, torch.contiguous_format),
+    "no-affine": (True, False, torch.channels_last),
+}
+
+
+def _unit(conv_bias: bool, affine: bool, layout, device) -> nn.Sequential:
+    """conv 3x3 (C_in 5 -> C_out 6) + BN (eval, random statistics and parameters)."""
+    conv = nn.Conv2d(5, 6, 3, padding=1, bias=conv_bias)
+    bn = nn.BatchNorm2d(6, affine=affine).eval()
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 2.0)
+    if affine:
+        nn.init.uniform_(bn.weight, 0.5, 1.5)
+        nn.init.normal_(bn.bias)
+    return nn.Sequential(conv, bn).to(device).to(memory_format=layout)
+
+
+def _step(unit: nn.Sequential, x: torch.Tensor, grad: torch.Tensor, fused: bool):
+    """(output, gradients of x and of every parameter) of one forward and backward."""
+    from fastres.ops.bn_fold import bn_fold
+
+    x = x.detach().requires_grad_()
+    conv, bn = unit
+    if fused:
+        weight, bias = bn_fold(
+            conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+            bn.eps, x.dtype,
+        )  # fmt: skip
+        out = conv2d_fused(x, weight, bias, padding=1)
+    else:
+        out = unit(x)
+    grads = torch.autograd.grad(out, [x, *unit.parameters()], grad.to(out.dtype))
+    return out, grads
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_bn_fold_gradients_match_oracle(device, case):
+    dtype = torch.float32
+    unit = _unit(*case, device)
+    x = torch.randn(2, 5, 6, 7, device=device)
+    grad = torch.randn(2, 6, 6, 7, device=device, dtype=torch.float64)
+    gold = _step(copy.deepcopy(unit).double(), x.double(), grad, fused=False)
+    base = _step(unit, x, grad, fused=False)
+    fused = _step(unit, x, grad, fused=True)
+    names = ["output", "grad x", *(f"grad {n}" for n, _ in unit.named_parameters())]
+    actual = [fused[0], *fused[1]]
+    for name, a, b, g in zip(names, actual, [base[0], *base[1]], [gold[0], *gold[1]], strict=True):
+        assert a.dtype == b.dtype, name
+        assert_matches_oracle(a, b, g, dtype, name)
+
+
+def test_bn_fold_layout_and_dtypes():
+    """The folded weight is in the kernels' dtype and arranged ([KH, KW, C_in, C_out] storage,
+    `arrange_weight`'s), the bias in fp32; gradients come back in each parameter's dtype."""
+    from fastres.ops.bn_fold import bn_fold
+    from fastres.ops.conv2d_fused import arrange_weight
+
+    conv, bn = _unit(False, True, torch.channels_last, "cpu")
+    weight, bias = bn_fold(
+        conv.weight, None, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps,
+        torch.bfloat16,
+    )  # fmt: skip
+    assert weight.dtype == torch.bfloat16 and bias.dtype == torch.float32
+    assert weight.stride() == arrange_weight(conv.weight.detach(), torch.bfloat16).stride()
+    (weight.float().sum() + bias.sum()).backward()
+    assert [p.grad.dtype for p in (conv.weight, bn.weight, bn.bias)] == [torch.float32] * 3
+    assert conv.weight.grad.shape == conv.weight.shape
+
+
+def test_opcheck():
+    """The fake implementations match the ops (torch.compile traces them through those)."""
+    conv, bn = _unit(True, True, torch.channels_last, "cpu")
+    with torch.no_grad():
+        fold_args = (
+            conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps,
+            torch.bfloat16,
+        )  # fmt: skip
+        grad_w = torch.randn(conv.weight.shape, dtype=torch.bfloat16)
+        backward_args = (
+            grad_w, torch.randn(6), conv.weight, conv.bias, bn.weight, bn.running_mean,
+            bn.running_var, bn.eps,
+        )  # fmt: skip
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.fastres.bn_fold.default, fold_args, test_utils=checks)
+    torch.library.opcheck(
+        torch.ops.fastres.bn_fold_backward.default, backward_args, test_utils=checks
+    )
