@@ -92,7 +92,7 @@ def _counting_launches(kernels: tuple[str, ...] | None = None):
         return patched_run(fn, *args, **kwargs)
 
     def launch_compiled(kernel, *args):
-        counter[0] += kernels is None or kernel.name in kernels
+        counter[0] += kernels is None or kernel.src.fn.__name__ in kernels
         return patched_launch(kernel, *args)
 
     JITFunction.run, launcher.launch_compiled = run, launch_compiled
