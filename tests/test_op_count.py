@@ -153,25 +153,11 @@ BACKENDS = ["native", "auto", "triton"]
 DTYPES = [torch.bfloat16, torch.float32]
 
 
-# Known above eager's count: (backend, mode, dtype) -> why.
-ABOVE_EAGER = {
-    ("triton", "train-frozen-bn", torch.float32): (
-        "each fused conv's backward masks its ReLU with le + masked_fill (threshold_backward, one "
-        "op, is what tests/test_backends.py rules out) and sums its bias gradient apart: 393 vs "
-        "eager's 356 (under bf16 autocast eager's weight casts make up for it)"
-    ),
-}
-
-
 def _cases():
     for backend in BACKENDS:
         for mode in MODES:
             for dtype in DTYPES:
-                why = ABOVE_EAGER.get((backend, mode, dtype))
-                marks = [pytest.mark.xfail(reason=why, strict=True)] if why else []
-                yield pytest.param(
-                    backend, mode, dtype, marks=marks, id=f"{backend}-{mode}-{dtype}"
-                )
+                yield pytest.param(backend, mode, dtype, id=f"{backend}-{mode}-{dtype}")
 
 
 @pytest.mark.parametrize(("backend", "mode", "dtype"), list(_cases()))

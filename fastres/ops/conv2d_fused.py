@@ -658,7 +658,8 @@ def _backward(ctx, grad_out: Tensor, _grad_mean, _grad_m2):
     args, (out,) = saved_args(ctx)
     needs = ConvArgs.of_op_inputs(ctx.needs_input_grad)
     grads = dict.fromkeys(ConvArgs._fields)
-    grad_z = grad_out.masked_fill(out <= 0, 0) if args.relu else grad_out
+    # ReLU's gradient as eager computes it (one op: grad where out > 0, else 0).
+    grad_z = torch.ops.aten.threshold_backward(grad_out, out, 0) if args.relu else grad_out
     if args.bias is not None and needs.bias:
         grads["bias"] = _channel_sum(grad_z).to(args.bias.dtype)
     residual = args.residual
