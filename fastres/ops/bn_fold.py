@@ -194,9 +194,10 @@ _bn_fold_backward_op = torch.library.custom_op("fastres::bn_fold_backward", muta
 def _backward_outputs(weight, conv_bias, bn_weight) -> tuple[Tensor, Tensor, Tensor]:
     """The gradient buffers of weight, conv_bias and bn_weight (empty for an absent one)."""
     grad_w = torch.empty_like(weight)
-    empty = weight.new_empty(0)
-    grad_conv_bias = empty if conv_bias is None else torch.empty_like(conv_bias)
-    return grad_w, grad_conv_bias, empty if bn_weight is None else torch.empty_like(bn_weight)
+    # Two empty tensors, not one: a custom op's outputs must not alias each other.
+    grad_conv_bias = weight.new_empty(0) if conv_bias is None else torch.empty_like(conv_bias)
+    grad_gamma = weight.new_empty(0) if bn_weight is None else torch.empty_like(bn_weight)
+    return grad_w, grad_conv_bias, grad_gamma
 
 
 _bn_fold_backward_op.register_fake(
