@@ -362,6 +362,8 @@ def test_training_ops_dispatch_where_anything_could_see_them():
 
     x, weight, bn_weight, bn_bias = _train_inputs()
     stats = (torch.randn(6), torch.rand(6) + 0.5)
+    # In plain eager mode they run without it (a dtype argument dispatches nothing).
+    assert dispatch_free((weight, None, None, None, *stats, 1e-5, weight.dtype))
     for grad in (False, True):
         w = weight.clone().requires_grad_(grad)
         with torch.set_grad_enabled(grad), OpRecorder() as recorder:

@@ -733,7 +733,7 @@ def eager_autograd() -> bool:
 
 # Argument types that dispatch nothing of their own (a tensor subclass may: FakeTensor, DTensor).
 _PLAIN_TYPES = frozenset(
-    {Tensor, torch.nn.Parameter, type(None), bool, int, float, str, list, tuple}
+    {Tensor, torch.nn.Parameter, type(None), bool, int, float, str, list, tuple, torch.dtype}
 )
 
 
