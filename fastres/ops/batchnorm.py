@@ -383,9 +383,16 @@ def _train_act_impl(
     shift_d, invstd_d, relu, count, group,
 ):  # fmt: skip
     variant = current_variant()
-    if y_d is None:
-        return torch.ops.fastres.bn_apply(y, scale, shift, residual, None, None, relu, variant)
-    return torch.ops.fastres.bn_apply(y, scale, shift, y_d, scale_d, shift_d, relu, variant)
+    if y_d is not None:
+        residual, scale_r, shift_r = y_d, scale_d, shift_d
+    else:
+        scale_r = shift_r = None
+    # bn_train_act's autograd is its caller's: bn_apply's own (Python) autograd layer below it
+    # would only cost host time.
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.fastres.bn_apply(
+            y, scale, shift, residual, scale_r, shift_r, relu, variant
+        )
 
 
 def _train_act_fake(*inputs):
