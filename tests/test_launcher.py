@@ -435,6 +435,13 @@ def direct_launch_check() -> dict:
         for _ in range(2):
             conv2d_fused(x, weight[:8], padding=1, out=buffer[:, 1:9])  # unaligned out
             res2net_pool(buffer[:, 9:17], buffer[:, 17:25])
+        from fastres.ops.bn_fold import bn_fold
+
+        w = torch.randn(32, 16, 3, 3, requires_grad=True)
+        stats = (torch.randn(32), torch.rand(32) + 0.5)
+        for _ in range(2):  # the BatchNorm fold's launches, forward and backward
+            folded, bias = bn_fold(w, None, None, None, *stats, 1e-5, torch.bfloat16)
+            torch.autograd.grad(folded.float().sum() + bias.sum(), [w])
     launcher.DirectLaunch.__call__ = real_call
     return {
         "direct": len(direct),
@@ -467,10 +474,11 @@ def test_direct_launch_matches_the_jit():
     result = json.loads(done.stdout.splitlines()[-1])
     assert result["unaligned_kernel_differs"] and result["aligned_kernel_kept"], result
     # JIT launches: the convolution aligned, unaligned, with statistics, into the unaligned
-    # out; the merge; the pool. Every other launch is direct, checked against the JIT.
-    assert result["jit_runs"] == 6, result
-    assert result["direct"] == 8, result
-    assert result["kernels"] == 6, result
+    # out; the merge; the pool; the fold and its backward. Every other launch is direct,
+    # checked against the JIT.
+    assert result["jit_runs"] == 8, result
+    assert result["direct"] == 10, result
+    assert result["kernels"] == 8, result
 
 
 if __name__ == "__main__":
