@@ -29,6 +29,8 @@ CASES = {
     "channels_last-weight": (False, True, torch.channels_last),
     "conv-bias": (True, True, torch.contiguous_format),
     "no-affine": (True, False, torch.channels_last),
+    # Neither a conv bias nor BN weight: two empty gradients, which must not alias.
+    "no-bias-no-affine": (False, False, torch.contiguous_format),
 }
 
 

@@ -224,6 +224,158 @@ def test_out_ops_bump_the_version_of_out():
     assert pool_out._version > before
 
 
+# -- the training ops: fastres::conv2d_bn_train, fastres::bn_fold ------------------------------
+
+
+def _train_inputs(c_in=5, c_out=6):
+    """x, conv weight, BN weight and bias for a conv2d_bn_train with an input BatchNorm."""
+    x = torch.randn(2, c_in, 6, 5).contiguous(memory_format=CL)
+    weight = torch.randn(c_out, c_in, 3, 3) / 8
+    return x, weight, torch.rand(c_in) + 0.5, torch.randn(c_in)
+
+
+def _input_bn(x, bn_weight, bn_bias, eps=1e-5):
+    from fastres.ops.batchnorm import bn_stats
+    from fastres.ops.conv2d_bn_train import InputBN
+
+    mean, m2 = bn_stats(x)
+    return InputBN(mean, m2, x.numel() // x.shape[1], bn_weight, bn_bias, eps)
+
+
+def _check_bn_train(y, mean, m2, x, weight, bn_weight, bn_bias):
+    """conv2d_bn_train's output and statistics against the oracle (BN with batch statistics,
+    ReLU, conv)."""
+
+    def oracle(dtype):
+        a = F.batch_norm(x.to(dtype), None, None, bn_weight.to(dtype), bn_bias.to(dtype), True)
+        return F.conv2d(torch.relu(a), weight.to(dtype), padding=1)
+
+    gold = oracle(torch.float64)
+    assert_matches_oracle(y, oracle(x.dtype), gold, x.dtype)
+    torch.testing.assert_close(mean.double(), gold.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    var = gold.var((0, 2, 3), unbiased=False) * gold[:, 0].numel()
+    torch.testing.assert_close(m2.double(), var, rtol=1e-4, atol=1e-4)
+
+
+def _fold_oracle(weight, bn_weight, bn_bias, running_mean, running_var, eps, dtype):
+    """The folded weight and bias in `dtype` (PyTorch ops)."""
+    scale = bn_weight.to(dtype) / torch.sqrt(running_var.to(dtype) + eps)
+    shift = bn_bias.to(dtype) - running_mean.to(dtype) * scale
+    return weight.to(dtype) * scale.view(-1, 1, 1, 1), shift
+
+
+@pytest.fixture
+def kept_training_launches(monkeypatch):
+    """Fresh caches of the training ops' kept launches and input-BN verdicts; counts how often
+    a fold's launch (either way) is made rather than reused."""
+    from fastres.ops import bn_fold as bn_fold_module
+    from fastres.ops import conv2d_bn_train as conv2d_bn_train_module
+
+    monkeypatch.setattr(bn_fold_module, "_LAUNCHES", {})
+    monkeypatch.setattr(conv2d_bn_train_module, "_CHECKED_INPUT_BN", set())
+    counts = {"fold": 0, "fold_backward": 0}
+    for name in counts:
+        real = getattr(bn_fold_module, f"_{name}_launch")
+
+        def counted(*args, name=name, real=real):
+            counts[name] += 1
+            return real(*args)
+
+        monkeypatch.setattr(bn_fold_module, f"_{name}_launch", counted)
+    return counts
+
+
+def test_training_ops_keep_their_launches_per_key_and_reuse_them_on_new_data(
+    prepared, kept_training_launches
+):
+    """conv2d_bn_train (with gradients) and the BatchNorm fold (both ways) prepare a key once
+    and give the right answer on new data; a new eps (a scalar of the fold's launch) is a new
+    key, never the kept launch of the old one."""
+    from fastres.ops.bn_fold import bn_fold
+    from fastres.ops.conv2d_bn_train import conv2d_bn_train
+
+    x, weight, bn_weight, bn_bias = _train_inputs()
+    for _ in range(3):
+        x, weight, bn_weight, bn_bias = (
+            t.clone().normal_() for t in (x, weight, bn_weight, bn_bias)
+        )
+        bn_weight = bn_weight.abs() + 0.5
+        w = weight.clone().requires_grad_()
+        y, mean, m2 = conv2d_bn_train(x, w, padding=1, input_bn=_input_bn(x, bn_weight, bn_bias))
+        _check_bn_train(y, mean, m2, x, weight, bn_weight, bn_bias)
+    assert prepared["conv"] == 1
+    running_mean, running_var = torch.randn(6), torch.rand(6) + 0.5
+    gamma, beta = torch.rand(6) + 0.5, torch.randn(6)
+    for eps, folds in ((1e-5, 1), (1e-5, 1), (1e-3, 2)):
+        w = weight.clone().normal_().requires_grad_()
+        g = gamma.clone().requires_grad_()
+        folded_w, folded_b = bn_fold(w, None, g, beta, running_mean, running_var, eps, w.dtype)
+        oracles = [_fold_oracle(w.detach(), gamma, beta, running_mean, running_var, eps, dtype)
+                   for dtype in (torch.float32, torch.float64)]  # fmt: skip
+        assert_matches_oracle(folded_w, oracles[0][0], oracles[1][0], w.dtype, "weight")
+        assert_matches_oracle(folded_b, oracles[0][1], oracles[1][1], w.dtype, "bias")
+        grad_w = torch.randn_like(folded_w)
+        grad_w_x, grad_g = torch.autograd.grad((folded_w * grad_w).sum(), [w, g])
+        scale = gamma.double() / torch.sqrt(running_var.double() + eps)
+        gold = grad_w.double() * scale.view(-1, 1, 1, 1)
+        assert_matches_oracle(grad_w_x, (grad_w * scale.float().view(-1, 1, 1, 1)), gold, w.dtype)
+        gold_g = (grad_w.double() * w.detach().double()).sum((1, 2, 3)) / torch.sqrt(
+            running_var.double() + eps
+        )
+        torch.testing.assert_close(grad_g.double(), gold_g, rtol=1e-4, atol=1e-5)
+        assert kept_training_launches == {"fold": folds, "fold_backward": folds}
+
+
+def test_kept_training_verdicts_never_hide_bad_input(kept_training_launches):
+    """After a good call, a bad one with a similar key raises the usual error (the input
+    BatchNorm's checks, the fold's), and the good call still runs."""
+    from fastres.ops.bn_fold import bn_fold
+    from fastres.ops.conv2d_bn_train import conv2d_bn_train
+
+    x, weight, bn_weight, bn_bias = _train_inputs()
+    good = _input_bn(x, bn_weight, bn_bias)
+    conv2d_bn_train(x, weight, padding=1, input_bn=good)
+    bad = [
+        (dict(input_bn=good._replace(mean=good.mean[:3])), r"input_bn.mean must have shape \[5\]"),
+        (dict(input_bn=good._replace(weight=bn_weight.int())), "floating-point"),
+        (dict(input_bn=good._replace(scale=bn_weight)), "go together"),
+        (dict(input_bn=good, input_add=x), "input_bn cannot be combined"),
+    ]
+    for change, match in bad:
+        with pytest.raises(ValueError, match=match):
+            conv2d_bn_train(x, weight, padding=1, **(dict(input_bn=good) | change))
+    y, mean, m2 = conv2d_bn_train(x, weight, padding=1, input_bn=good)
+    _check_bn_train(y, mean, m2, x, weight, bn_weight, bn_bias)
+    stats = (torch.randn(6), torch.rand(6) + 0.5)
+    bn_fold(weight, None, None, None, *stats, 1e-5, weight.dtype)
+    with pytest.raises(ValueError, match=r"must have shape \[6\]"):
+        bn_fold(weight, None, None, None, stats[0][:4], stats[1], 1e-5, weight.dtype)
+    with pytest.raises(ValueError, match="floating-point"):
+        bn_fold(weight, None, None, None, stats[0].int(), stats[1], 1e-5, weight.dtype)
+
+
+def test_training_ops_dispatch_where_anything_could_see_them():
+    """Under a dispatch mode the training ops dispatch (the mode sees them), with gradients
+    too: their bodies run without the dispatcher only in plain eager mode."""
+    from fastres.ops.bn_fold import bn_fold
+    from fastres.ops.conv2d_bn_train import conv2d_bn_train
+
+    x, weight, bn_weight, bn_bias = _train_inputs()
+    stats = (torch.randn(6), torch.rand(6) + 0.5)
+    # In plain eager mode they run without it (a dtype argument dispatches nothing).
+    assert dispatch_free((weight, None, None, None, *stats, 1e-5, weight.dtype))
+    for grad in (False, True):
+        w = weight.clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad), OpRecorder() as recorder:
+            y, _, _ = conv2d_bn_train(x, w, padding=1, input_bn=_input_bn(x, bn_weight, bn_bias))
+            folded, bias = bn_fold(w, None, None, None, *stats, 1e-5, w.dtype)
+            if grad:
+                torch.autograd.grad(y.sum() + folded.sum(), [w])
+        assert recorder.ops.count("fastres.conv2d_bn_train.default") == 1
+        assert recorder.ops.count("fastres.bn_fold.default") == 1
+        assert recorder.ops.count("fastres.bn_fold_backward.default") == int(grad)
+
+
 # -- the direct launch, under the stand-in driver (run as a script) ----------------------------
 
 
@@ -283,6 +435,13 @@ def direct_launch_check() -> dict:
         for _ in range(2):
             conv2d_fused(x, weight[:8], padding=1, out=buffer[:, 1:9])  # unaligned out
             res2net_pool(buffer[:, 9:17], buffer[:, 17:25])
+        from fastres.ops.bn_fold import bn_fold
+
+        w = torch.randn(32, 16, 3, 3, requires_grad=True)
+        stats = (torch.randn(32), torch.rand(32) + 0.5)
+        for _ in range(2):  # the BatchNorm fold's launches, forward and backward
+            folded, bias = bn_fold(w, None, None, None, *stats, 1e-5, torch.bfloat16)
+            torch.autograd.grad(folded.float().sum() + bias.sum(), [w])
     launcher.DirectLaunch.__call__ = real_call
     return {
         "direct": len(direct),
@@ -315,10 +474,11 @@ def test_direct_launch_matches_the_jit():
     result = json.loads(done.stdout.splitlines()[-1])
     assert result["unaligned_kernel_differs"] and result["aligned_kernel_kept"], result
     # JIT launches: the convolution aligned, unaligned, with statistics, into the unaligned
-    # out; the merge; the pool. Every other launch is direct, checked against the JIT.
-    assert result["jit_runs"] == 6, result
-    assert result["direct"] == 8, result
-    assert result["kernels"] == 6, result
+    # out; the merge; the pool; the fold and its backward. Every other launch is direct,
+    # checked against the JIT.
+    assert result["jit_runs"] == 8, result
+    assert result["direct"] == 10, result
+    assert result["kernels"] == 8, result
 
 
 if __name__ == "__main__":

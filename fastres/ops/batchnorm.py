@@ -44,6 +44,7 @@ from torch import Tensor
 
 from ..extension import EXTENSION_ERROR
 from . import tuning
+from .conv2d_fused import call_op
 from .precision import accumulator_dtype
 
 
@@ -382,9 +383,16 @@ def _train_act_impl(
     shift_d, invstd_d, relu, count, group,
 ):  # fmt: skip
     variant = current_variant()
-    if y_d is None:
-        return torch.ops.fastres.bn_apply(y, scale, shift, residual, None, None, relu, variant)
-    return torch.ops.fastres.bn_apply(y, scale, shift, y_d, scale_d, shift_d, relu, variant)
+    if y_d is not None:
+        residual, scale_r, shift_r = y_d, scale_d, shift_d
+    else:
+        scale_r = shift_r = None
+    # bn_train_act's autograd is its caller's: bn_apply's own (Python) autograd layer below it
+    # would only cost host time.
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.fastres.bn_apply(
+            y, scale, shift, residual, scale_r, shift_r, relu, variant
+        )
 
 
 def _train_act_fake(*inputs):
@@ -473,14 +481,14 @@ class _TrainAct(torch.autograd.Function):
     """The autograd of `fastres::bn_train_act` (same backward) for eager execution.
 
     The custom op's own autograd wrapper (`register_autograd`) costs 0.05-0.1 ms more Python
-    per call each way than this Function; the op itself still runs (below autograd), so
-    dispatch modes and profiles see `fastres::bn_train_act`. torch.compile traces the custom
-    op directly (see `bn_norm_act`).
+    per call each way than this Function. Its body runs directly where nothing could see its
+    dispatch, else the op below autograd (`call_op`), so dispatch modes and profiles see
+    `fastres::bn_train_act`. torch.compile traces the custom op directly (see `bn_norm_act`).
     """
 
     @staticmethod
     def forward(ctx, *inputs):
-        out = torch.ops.fastres.bn_train_act(*inputs)
+        out = call_op(torch.ops.fastres.bn_train_act, _train_act_impl, inputs)
         _train_act_setup_context(ctx, inputs, out)
         return out
 

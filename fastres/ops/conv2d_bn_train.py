@@ -29,6 +29,7 @@ of channels with a large mean, e.g. a conv over post-ReLU inputs).
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -40,10 +41,12 @@ from . import batchnorm as bn_ops
 from .conv2d_fused import (
     ConvArgs,
     as_pair,
+    call_op,
     check_channel_vector,
-    check_inputs,
+    dispatch_free,
     eager_autograd,
-    launch,
+    layout_key,
+    prepare,
     prologue_reference,
     save_args,
     saved_args,
@@ -122,8 +125,7 @@ class _TrainArgs(NamedTuple):
         )
 
 
-@torch.library.custom_op("fastres::conv2d_bn_train", mutates_args=())
-def _conv2d_bn_train_op(
+def _conv2d_bn_train_body(
     x: Tensor,
     weight: Tensor,
     stride: list[int],
@@ -144,28 +146,68 @@ def _conv2d_bn_train_op(
     in_shift: Tensor | None = None,
     in_invstd: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    args = _TrainArgs(**locals())
+    args = _TrainArgs(
+        x, weight, stride, padding, dilation, groups, allow_tf32, input_pool, input_add, in_mean,
+        in_m2, in_count, in_weight, in_bias, in_eps, in_group, in_scale, in_shift, in_invstd,
+    )  # fmt: skip
     scale = shift = None
     if in_mean is not None:
-        c_in = x.shape[1]
-        for name, t in (("mean", in_mean), ("m2", in_m2), ("weight", in_weight), ("bias", in_bias)):
-            if t is None:
-                raise ValueError(f"input_bn needs its {name}")
-            check_channel_vector(t, f"input_bn.{name}", c_in, x)
-        coefficients = (in_scale, in_shift, in_invstd)
-        if any(t is None for t in coefficients) != all(t is None for t in coefficients):
-            raise ValueError("input_bn's scale, shift and invstd go together")
-        for name, t in zip(("scale", "shift", "invstd"), coefficients):
-            check_channel_vector(t, f"input_bn.{name}", c_in, x)
-        if input_pool != 1 or input_add is not None:
-            raise ValueError("input_bn cannot be combined with input_pool or input_add")
+        _check_input_bn(args)
         extension.require("conv2d_bn_train with input_bn")  # the BN runs the extension's ops
         scale, shift, _ = args.input_coefficients()
     conv = args.conv_args(scale, shift)
-    size = check_inputs(conv)
-    out = conv.allocate_output(size)
-    mean, m2 = launch(conv, size, out, stats=True)
+    prepared = prepare(conv, stats=True)
+    out = prepared.allocate_output(x)
+    mean, m2 = prepared.launch(conv, out)
     return out, mean, m2
+
+
+# The input BatchNorm's checked keys (`_input_bn_key`). Cleared when full, as the prepared
+# launches are.
+_CHECKED_INPUT_BN: set[tuple] = set()
+_CHECKED_INPUT_BN_MAX = 4096
+
+
+_INPUT_BN_TENSORS = operator.attrgetter(
+    "in_mean", "in_m2", "in_weight", "in_bias", "in_scale", "in_shift", "in_invstd"
+)
+
+
+def _input_bn_key(args: _TrainArgs) -> tuple:
+    """Everything `_check_input_bn` reads from args."""
+    x = args.x
+    return (
+        x.shape[1], x.device, args.input_pool, args.input_add is None,
+        *map(layout_key, _INPUT_BN_TENSORS(args)),
+    )  # fmt: skip
+
+
+def _check_input_bn(args: _TrainArgs) -> None:
+    """Raises unless args' input BatchNorm can run (checked once per `_input_bn_key`)."""
+    key = _input_bn_key(args)
+    if key in _CHECKED_INPUT_BN:
+        return
+    x, c_in = args.x, args.x.shape[1]
+    for name in ("mean", "m2", "weight", "bias"):
+        t = getattr(args, f"in_{name}")
+        if t is None:
+            raise ValueError(f"input_bn needs its {name}")
+        check_channel_vector(t, f"input_bn.{name}", c_in, x)
+    coefficients = (args.in_scale, args.in_shift, args.in_invstd)
+    if any(t is None for t in coefficients) != all(t is None for t in coefficients):
+        raise ValueError("input_bn's scale, shift and invstd go together")
+    for name, t in zip(("scale", "shift", "invstd"), coefficients):
+        check_channel_vector(t, f"input_bn.{name}", c_in, x)
+    if args.input_pool != 1 or args.input_add is not None:
+        raise ValueError("input_bn cannot be combined with input_pool or input_add")
+    if len(_CHECKED_INPUT_BN) >= _CHECKED_INPUT_BN_MAX:
+        _CHECKED_INPUT_BN.clear()
+    _CHECKED_INPUT_BN.add(key)
+
+
+_conv2d_bn_train_op = torch.library.custom_op("fastres::conv2d_bn_train", mutates_args=())(
+    _conv2d_bn_train_body
+)
 
 
 @_conv2d_bn_train_op.register_fake
@@ -244,13 +286,12 @@ torch.library.register_autograd("fastres::conv2d_bn_train", _backward, setup_con
 class _Conv2dBNTrain(torch.autograd.Function):
     """The autograd of `fastres::conv2d_bn_train` (same backward) for eager execution with
     gradients, cheaper than the custom op's own wrapper (see `conv2d_fused._Conv2dFused`).
-    The op is called below the Autograd dispatch key (this Function is its autograd: the op's
-    own autograd layer would only cost host time); dispatch modes and profiles still see it."""
+    The op's body is called directly where nothing could see its dispatch, else the op below
+    the Autograd key (`call_op`: dispatch modes and profiles see it)."""
 
     @staticmethod
     def forward(ctx, *inputs):
-        with torch._C._AutoDispatchBelowAutograd():
-            output = torch.ops.fastres.conv2d_bn_train(*inputs)
+        output = call_op(torch.ops.fastres.conv2d_bn_train, _conv2d_bn_train_body, inputs)
         _setup_context(ctx, inputs, output)
         ctx.set_materialize_grads(False)  # no zero-filled gradients for the statistics
         return output
@@ -307,4 +348,6 @@ def conv2d_bn_train(
     )  # fmt: skip
     if eager_autograd():
         return _Conv2dBNTrain.apply(*args)
+    if dispatch_free(args):
+        return _conv2d_bn_train_body(*args)
     return torch.ops.fastres.conv2d_bn_train(*args)

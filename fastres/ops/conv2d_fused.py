@@ -320,7 +320,9 @@ def _pointers(args: ConvArgs, out: Tensor, tile_sum, tile_m2) -> tuple:
     )  # fmt: skip
 
 
-def _layout(t: Tensor | None) -> tuple | None:
+def layout_key(t: Tensor | None) -> tuple | None:
+    """What a kept launch reads of a tensor argument but its data and address: shape, strides,
+    dtype, device (None for None)."""
     return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
 
 
@@ -331,12 +333,12 @@ def _key(args: ConvArgs, stats: bool, out: Tensor | None) -> tuple:
     x, weight = args.x, args.weight
     return (
         x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.stride(), weight.dtype,
-        weight.device, _layout(args.bias), tuple(args.stride), tuple(args.padding),
+        weight.device, layout_key(args.bias), tuple(args.stride), tuple(args.padding),
         tuple(args.dilation), type(args.groups), args.groups, args.allow_tf32,
-        _layout(args.residual), _layout(args.residual_scale), _layout(args.residual_shift),
-        _layout(args.input_scale), _layout(args.input_shift), args.input_relu,
-        type(args.input_pool), args.input_pool, _layout(args.input_add), args.relu, stats,
-        _layout(out),
+        layout_key(args.residual), layout_key(args.residual_scale), layout_key(args.residual_shift),
+        layout_key(args.input_scale), layout_key(args.input_shift), args.input_relu,
+        type(args.input_pool), args.input_pool, layout_key(args.input_add), args.relu, stats,
+        layout_key(out),
     )  # fmt: skip
 
 
@@ -732,7 +734,7 @@ def eager_autograd() -> bool:
 
 # Argument types that dispatch nothing of their own (a tensor subclass may: FakeTensor, DTensor).
 _PLAIN_TYPES = frozenset(
-    {Tensor, torch.nn.Parameter, type(None), bool, int, float, str, list, tuple}
+    {Tensor, torch.nn.Parameter, type(None), bool, int, float, str, list, tuple, torch.dtype}
 )
 
 
@@ -757,9 +759,13 @@ def dispatch_free(inputs: Sequence) -> bool:
 
 
 def call_op(op, body, inputs: Sequence):
-    """`op(*inputs)`, a custom op whose Python body is `body`: `body(*inputs)` where
-    `dispatch_free(inputs)` (e.g. in an autograd.Function's forward, with gradients off)."""
-    return body(*inputs) if dispatch_free(inputs) else op(*inputs)
+    """`op(*inputs)`, a custom op whose Python body is `body`, called by its autograd (an
+    autograd.Function's forward or backward): `body(*inputs)` where `dispatch_free(inputs)`,
+    else the op below the Autograd key (the caller is its autograd; modes and profiles see it)."""
+    if dispatch_free(inputs):
+        return body(*inputs)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*inputs)
 
 
 class _Conv2dFused(torch.autograd.Function):
