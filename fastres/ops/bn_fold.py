@@ -30,9 +30,10 @@ from . import conv2d_fused
 from .conv2d_fused import call_op, interpreting, layout_key
 from .precision import accumulator_dtype, triton_accumulator
 
-# Tile of one program: K (the arranged C_in * KH * KW) x output channels. Under the interpreter
-# every program costs Python overhead: the fewest, largest tiles.
-_BLOCK_K, _BLOCK_C = 64, 32
+# Tile of one program: K (the arranged C_in * KH * KW) x output channels (32 x 32: the fp32
+# backward at 64 x 32 spills 16 B under Triton 3.6, scripts/check_triton36.sh). Under the
+# interpreter every program costs Python overhead: the fewest, largest tiles.
+_BLOCK_K, _BLOCK_C = 32, 32
 _INTERPRETER_BLOCK_K, _INTERPRETER_BLOCK_C = 1024, 256
 
 
