@@ -196,7 +196,7 @@ def saved_args(ctx) -> tuple[NamedTuple, tuple[Tensor, ...]]:
 
 def check_inputs(args: ConvArgs) -> tuple[int, int, int, int]:
     """Raises a ValueError / TypeError that says what was expected unless args can launch;
-    returns `args.output_size()` (PH, PW, OH, OW), for `allocate_output` and `launch`."""
+    returns `args.output_size()` (PH, PW, OH, OW), for `allocate_output` and the prepared launch."""
     x, weight, groups = args.x, args.weight, args.groups
     if x.dim() != 4 or weight.dim() != 4:
         raise ValueError(
@@ -368,18 +368,6 @@ def prepare(args: ConvArgs, stats: bool, out: Tensor | None = None) -> PreparedC
         _PREPARED.clear()
     _PREPARED[key] = prepared
     return prepared
-
-
-def launch(
-    args: ConvArgs, size: tuple[int, int, int, int], out: Tensor, stats: bool
-) -> tuple[Tensor, Tensor] | None:
-    """Launches the kernel that writes `out` (inputs checked by `check_inputs`, which returned
-    `size`; `prepare` checks them once per key itself).
-
-    Returns, when `stats`, the per-channel mean and M2 of `out` ([C_out] in the accumulator's
-    dtype, taken before rounding), else None.
-    """
-    return prepare(args, stats, out).launch(args, out)
 
 
 def _prepare(args: ConvArgs, stats: bool, out: Tensor | None) -> PreparedConv:
