@@ -198,7 +198,8 @@ class KernelCounter(TorchDispatchMode):
 
 def count_kernels(name: str, mode: str, backend: str) -> collections.Counter:
     """Ops and launches (`KernelCounter`) of one step: an inference forward, or a training
-    forward and backward; after a warm-up step."""
+    forward and backward; after a warm-up step (and, training, an optimizer step: what a
+    backend keeps per weight version is rebuilt, as in every real training step)."""
     torch.manual_seed(0)
     model = WORKLOADS[name]().to(memory_format=torch.channels_last).set_backend(backend)
     _set_mode(model, mode)
@@ -211,6 +212,8 @@ def count_kernels(name: str, mode: str, backend: str) -> collections.Counter:
             _outputs_loss(outs).backward()
 
     step()
+    if mode != "infer":  # the weights change between training steps, as in a real loop
+        torch.optim.SGD(model.parameters(), lr=1e-3).step()
     counter = KernelCounter()
     with counter.counting_launches():
         step()

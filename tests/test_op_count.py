@@ -133,16 +133,24 @@ def _step(model: torch.nn.Module, x: torch.Tensor, mode: str) -> None:
     sum(o.float().sum() for o in outs).backward()
 
 
+def _optimizer_step(model: torch.nn.Module, mode: str) -> None:
+    """What happens between two training steps: the weights change (so a step counted after it
+    pays for whatever a backend keeps per weight version, as every real training step does)."""
+    if mode != "inference":
+        torch.optim.SGD(model.parameters(), lr=1e-3).step()
+
+
 @functools.cache
 def step_ops(backend: str, mode: str, dtype: torch.dtype) -> list[str]:
     """The counted ops of one step of `mode` ('inference', 'train', 'train-frozen-bn') on
     `backend`, in `dtype` (bfloat16: fp32 model under CPU autocast; float32: plain), after one
-    warm-up step (folding, 'auto''s selection)."""
+    warm-up step (folding, 'auto''s selection) and, when training, an optimizer step."""
     torch.manual_seed(0)
     model = _model(mode).set_backend(backend)
     x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         _step(model, x, mode)
+        _optimizer_step(model, mode)
         with StepOps().counting_launches() as recorder:
             _step(model, x, mode)
     return recorder.ops
