@@ -285,7 +285,7 @@ class NativeBackend(Backend):
         return out
 
 
-class _Units(Implementation):
+class _Units(Implementation[Tensor, Tensor]):
     """The native unit operations: PyTorch's convolution + one fused BatchNorm pass each
     (`_conv_bn_act`); `prepacked`: inference units as prepacked oneDNN convolutions."""
 
@@ -376,7 +376,7 @@ class _FastBnBackend(NativeBackend):
             return super().run_block(block, x)
 
 
-class _CudnnUnits(Implementation):
+class _CudnnUnits(Implementation[Tensor, Tensor]):
     """cuDNN's own fused convolutions with the BN folded into weight and bias:
     `cudnn_convolution_relu`, and `cudnn_convolution_add_relu` for a tail (inference on CUDA,
     see `runs_cudnn_fused`)."""

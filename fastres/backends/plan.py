@@ -8,10 +8,11 @@ two units, conv1 and conv3, and between them its split -> 3x3 convs -> concat (`
 block itself, which owns the chunk convs, their norms and the last-chunk pool). The model's stem
 is a list of units before the max-pool (`run_stem`).
 
-An implementation (`Implementation`) computes units; what it passes from one unit to the next
-is its own business (a tensor, or a raw convolution output whose BatchNorm the next unit applies
-in its input load). The oracle is this executor with `Reference`, so every backend shares the
-oracle's wiring.
+An implementation (`Implementation[H, M]`) computes units; it declares what its units hand each
+other (H: a tensor, or the triton training path's raw convolution output whose BatchNorm the next
+unit applies in its input load) and what a Bottle2neck's middle hands conv3 (M). A block's or
+stem's first unit takes the input tensor (`first`). The oracle is this executor with
+`Reference`, so every backend shares the oracle's wiring.
 
 A model keeps each block's plan (and its stem's units) from one forward to the next
 (`kept_plan`) and builds it again only after the module structure changed: any submodule,
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -116,27 +117,34 @@ def kept_plan(module: nn.Module, build: Callable[[], P]) -> P:
     return plan
 
 
-class Implementation:
-    """The unit operations an executor needs. Values passed between units are opaque."""
+H = TypeVar("H")  # what an implementation's units hand each other
+M = TypeVar("M")  # what its Bottle2neck middle hands conv3
 
-    def unit(self, unit: Unit, x: Any) -> Any:
-        """act(norm(conv(x)))."""
+
+class Implementation(Generic[H, M]):
+    """The unit operations an executor needs (see the module docstring for H and M)."""
+
+    def first(self, unit: Unit, x: Tensor) -> H:
+        """`unit` on a block's (or the stem's) input tensor; `unit` itself where H is Tensor."""
+        return self.unit(unit, x)
+
+    def unit(self, unit: Unit, h: H) -> H:
+        """act(norm(conv(h)))."""
         raise NotImplementedError
 
-    def res2net(self, block: nn.Module, conv1: Unit, x: Tensor) -> Any:
+    def res2net(self, block: nn.Module, conv1: Unit, x: Tensor) -> M:
         """conv1's unit, then the Bottle2neck's split -> 3x3 convs -> concat: conv3's input."""
         raise NotImplementedError
 
-    def tail(self, unit: Unit, h: Any, x: Tensor, shortcut: Shortcut | None) -> Tensor:
+    def tail(self, unit: Unit, h: H, x: Tensor, shortcut: Shortcut | None) -> Tensor:
         """ReLU(norm(conv(h)) + shortcut(x)), shortcut(x) = x for the identity."""
         raise NotImplementedError
 
-    def res2net_tail(self, unit: Unit, h: Any, x: Tensor, shortcut: Shortcut | None) -> Tensor:
-        """`tail` of a Bottle2neck, whose h is what `res2net` returned (an implementation may
-        return another type there than its units do)."""
+    def res2net_tail(self, unit: Unit, h: M, x: Tensor, shortcut: Shortcut | None) -> Tensor:
+        """`tail` of a Bottle2neck, whose h is what `res2net` returned."""
         return self.tail(unit, h, x, shortcut)
 
-    def output(self, h: Any) -> Tensor:
+    def output(self, h: H) -> Tensor:
         """The activation tensor of a unit's result (the stem's last unit, before its pool)."""
         return h
 
@@ -148,25 +156,27 @@ class Implementation:
 def run_block(impl: Implementation, plan: BlockPlan, x: Tensor) -> Tensor:
     """A block's forward with `impl`'s unit operations."""
     *head, last = plan.units
-    h = x
     if plan.res2net is not None:
         (conv1,) = head
-        h = impl.res2net(plan.res2net, conv1, x)
-        return impl.res2net_tail(last, h, x, plan.shortcut)
-    for unit in head:
+        middle = impl.res2net(plan.res2net, conv1, x)
+        return impl.res2net_tail(last, middle, x, plan.shortcut)
+    first, *rest = head
+    h = impl.first(first, x)
+    for unit in rest:
         h = impl.unit(unit, h)
     return impl.tail(last, h, x, plan.shortcut)
 
 
 def run_units(impl: Implementation, units: Sequence[Unit], x: Tensor) -> Tensor:
     """Units one after the other (the stem before its max-pool)."""
-    h = x
-    for unit in units:
+    first, *rest = units
+    h = impl.first(first, x)
+    for unit in rest:
         h = impl.unit(unit, h)
     return impl.output(h)
 
 
-class Reference(Implementation):
+class Reference(Implementation[Tensor, Tensor]):
     """The oracle: PyTorch's modules, as OpenMMLab's blocks call them, with their in-place ReLUs
     (the eager and torch.compile peers of the benchmarks run this, so it keeps their memory)."""
 

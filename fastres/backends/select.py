@@ -818,7 +818,7 @@ def _run_timed(trials: _Trials, impl, saved, device: torch.device) -> float:
 # -- the backend -------------------------------------------------------------------------------
 
 
-class _SelectedUnits(Implementation):
+class _SelectedUnits(Implementation[Tensor, Tensor]):
     """Each unit and tail runs the implementation chosen for its site (under `settings`)."""
 
     def __init__(self, settings: tuple):

@@ -100,7 +100,7 @@ class TritonBackend(Backend):
         return block.forward_reference(x)
 
 
-class _EvalUnits(Implementation):
+class _EvalUnits(Implementation[Tensor, PaddedConcat]):
     """The eval-mode unit operations: conv + folded BN (+ residual) (+ ReLU), one kernel each;
     a Bottle2neck's middle without split or concat copies (`res2net.py`). Inputs come in the
     compute dtype: this backend converts a block's input once, and every unit's output is in

@@ -58,8 +58,10 @@ def trainable(pairs: list[tuple[nn.Module, nn.Module]], x: Tensor) -> bool:
     )
 
 
-class _Unnormalized(NamedTuple):
-    """A convolution's raw output and the training-mode BN that normalizes it, finalized."""
+class Unnormalized(NamedTuple):
+    """A convolution's raw output and the training-mode BN that normalizes it, finalized: what
+    the training units hand each other (the next unit applies the BN + ReLU in its input
+    load)."""
 
     y: Tensor
     stats: tuple[Tensor, Tensor, int]  # (mean, m2, count) over every process's batch
@@ -68,7 +70,7 @@ class _Unnormalized(NamedTuple):
     group: str
 
     @classmethod
-    def of(cls, bn: nn.Module, y: Tensor, mean: Tensor, m2: Tensor) -> _Unnormalized:
+    def of(cls, bn: nn.Module, y: Tensor, mean: Tensor, m2: Tensor) -> Unnormalized:
         """y with its BN finalized from this process's batch statistics (mean, m2): gathered
         over the SyncBN group, the running statistics updated in the same op."""
         group = bn_ops.sync_group_name(bn)
@@ -88,7 +90,7 @@ class _Unnormalized(NamedTuple):
         self,
         relu: bool = True,
         residual: Tensor | None = None,
-        shortcut: _Unnormalized | None = None,
+        shortcut: Unnormalized | None = None,
     ) -> Tensor:
         """act(bn(y) [+ residual | + shortcut's bn(y)]), written out."""
         count = self.stats[2]
@@ -104,43 +106,44 @@ class _Unnormalized(NamedTuple):
 def _train_conv(
     conv: nn.Conv2d,
     bn: nn.Module,
-    x: Tensor | _Unnormalized,
+    x: Tensor,
+    input_bn: InputBN | None = None,
     *,
     weight: Tensor | None = None,
     input_pool: int = 1,
     input_add: Tensor | None = None,
-) -> _Unnormalized:
-    """conv(x) with its batch statistics; an `_Unnormalized` x is normalized (+ ReLU) in the
-    input load.
+) -> Unnormalized:
+    """conv(x) with its batch statistics; x normalized (+ ReLU) in the input load by
+    `input_bn` when given.
 
     weight: conv.weight in another channel layout (Res2Net's padded chunks), else None.
     """
-    input_bn = None
-    if isinstance(x, _Unnormalized):
-        x, input_bn = x.y, x.input_bn()
     weight = conv.weight if weight is None else weight
     y, mean, m2 = conv2d_bn_train(
         x, arrange_weight(weight, x.dtype), stride=conv.stride, padding=conv.padding,
         dilation=conv.dilation, input_bn=input_bn, input_pool=input_pool, input_add=input_add,
     )  # fmt: skip
-    return _Unnormalized.of(bn, y, mean, m2)
+    return Unnormalized.of(bn, y, mean, m2)
 
 
-class TrainUnits(Implementation):
+class TrainUnits(Implementation[Unnormalized, PaddedConcat]):
     """The training-mode unit operations: a unit's result is its raw convolution output
-    (`_Unnormalized`), whose BatchNorm + ReLU the next unit applies in its input load."""
+    (`Unnormalized`), whose BatchNorm + ReLU the next unit applies in its input load."""
 
-    def unit(self, unit: Unit, x: Tensor | _Unnormalized) -> _Unnormalized:
+    def first(self, unit: Unit, x: Tensor) -> Unnormalized:
         return _train_conv(unit.conv, unit.norm, x)
 
-    def output(self, h: _Unnormalized) -> Tensor:
+    def unit(self, unit: Unit, h: Unnormalized) -> Unnormalized:
+        return _train_conv(unit.conv, unit.norm, h.y, h.input_bn())
+
+    def output(self, h: Unnormalized) -> Tensor:
         return h.apply()
 
     def res2net(self, block: nn.Module, conv1: Unit, x: Tensor) -> PaddedConcat:
         return train_res2net_middle(block, x)
 
-    def tail(self, unit: Unit, h: _Unnormalized, x: Tensor, shortcut: Shortcut | None) -> Tensor:
-        return self._add_shortcut(_train_conv(unit.conv, unit.norm, h), x, shortcut)
+    def tail(self, unit: Unit, h: Unnormalized, x: Tensor, shortcut: Shortcut | None) -> Tensor:
+        return self._add_shortcut(_train_conv(unit.conv, unit.norm, h.y, h.input_bn()), x, shortcut)
 
     def res2net_tail(
         self, unit: Unit, h: PaddedConcat, x: Tensor, shortcut: Shortcut | None
@@ -149,7 +152,7 @@ class TrainUnits(Implementation):
         return self._add_shortcut(raw, x, shortcut)
 
     @staticmethod
-    def _add_shortcut(raw: _Unnormalized, x: Tensor, shortcut: Shortcut | None) -> Tensor:
+    def _add_shortcut(raw: Unnormalized, x: Tensor, shortcut: Shortcut | None) -> Tensor:
         """ReLU(raw's BN + the shortcut of x), one pass."""
         if shortcut is None:
             return raw.apply(residual=x)
