@@ -44,7 +44,7 @@ from torch import Tensor
 
 from ..extension import EXTENSION_ERROR
 from . import tuning
-from .conv2d_fused import call_op
+from .conv2d_fused import apply_function, call_op
 from .precision import accumulator_dtype
 
 
@@ -532,7 +532,7 @@ def bn_norm_act(
     )  # fmt: skip
     if torch.compiler.is_compiling():
         return torch.ops.fastres.bn_train_act(*args)
-    return _TrainAct.apply(*args)
+    return apply_function(_TrainAct, *args)
 
 
 def bn_train_act(

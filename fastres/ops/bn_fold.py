@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from . import conv2d_fused
-from .conv2d_fused import call_op, interpreting, layout_key
+from .conv2d_fused import apply_function, call_op, interpreting, layout_key
 from .precision import accumulator_dtype, triton_accumulator
 
 # Tile of one program: K (the arranged C_in * KH * KW) x output channels (32 x 32: the fp32
@@ -267,6 +267,6 @@ def bn_fold(
         (`arrange_weight`'s layout), and the folded bias [C_out] in `accumulator_dtype(dtype)`.
         Differentiable in weight, conv_bias, bn_weight and bn_bias (eager mode).
     """
-    return _BNFold.apply(
-        weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, float(eps), dtype
+    return apply_function(
+        _BNFold, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, float(eps), dtype
     )

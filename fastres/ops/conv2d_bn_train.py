@@ -40,6 +40,7 @@ from .. import extension
 from . import batchnorm as bn_ops
 from .conv2d_fused import (
     ConvArgs,
+    apply_function,
     as_pair,
     call_op,
     check_channel_vector,
@@ -347,7 +348,7 @@ def conv2d_bn_train(
         bn.shift, bn.invstd,
     )  # fmt: skip
     if eager_autograd():
-        return _Conv2dBNTrain.apply(*args)
+        return apply_function(_Conv2dBNTrain, *args)
     if dispatch_free(args):
         return _conv2d_bn_train_body(*args)
     return torch.ops.fastres.conv2d_bn_train(*args)

@@ -720,6 +720,16 @@ def eager_autograd() -> bool:
     )
 
 
+def apply_function(function: type[torch.autograd.Function], *args):
+    """`function.apply(*args)` for a Function whose forward takes ctx: without
+    autograd.Function.apply's Python layer where no torch.func transform is active. That layer
+    then only unwraps the wrappers of tensors that escaped a finished transform, and costs
+    about 5 us a call (bench/results/cpu-issue25-final, 2026-12-06), a launch's worth."""
+    if torch._C._are_functorch_transforms_active():
+        return function.apply(*args)
+    return super(torch.autograd.Function, function).apply(*args)
+
+
 # Argument types that dispatch nothing of their own (a tensor subclass may: FakeTensor, DTensor).
 _PLAIN_TYPES = frozenset(
     {Tensor, torch.nn.Parameter, type(None), bool, int, float, str, list, tuple, torch.dtype}
@@ -929,7 +939,7 @@ def conv2d_fused(
     stats = bool(stats)
     inputs = (*args, stats)
     if eager_autograd():
-        result, mean, m2 = _Conv2dFused.apply(*inputs)
+        result, mean, m2 = apply_function(_Conv2dFused, *inputs)
     elif dispatch_free(inputs):
         result, moments = _run(args, stats)
         return (result, *moments) if stats else result
