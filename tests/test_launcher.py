@@ -483,3 +483,32 @@ def test_direct_launch_matches_the_jit():
 
 if __name__ == "__main__":
     print(json.dumps(direct_launch_check()))
+
+
+class _Scale(torch.autograd.Function):
+    """y = x * s, with a backward that says which path computed the gradient."""
+
+    @staticmethod
+    def forward(ctx, x, s):
+        ctx.s = s
+        return x * s
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.s, None
+
+
+def test_apply_function_is_function_apply():
+    """`apply_function` (the fused ops' cheap Function.apply) builds the same autograd graph as
+    Function.apply in eager mode, and under a torch.func transform is Function.apply (which
+    refuses a Function without setup_context, as it always did)."""
+    from fastres.ops.conv2d_fused import apply_function
+
+    x = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    s = float(torch.rand(()) + 0.5)
+    y = apply_function(_Scale, x, s)
+    assert y.grad_fn is not None and type(y.grad_fn).__name__ == "_ScaleBackward"
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(grad, torch.full_like(x, s))
+    with pytest.raises(RuntimeError, match="setup_context"):
+        torch.func.grad(lambda t: apply_function(_Scale, t, s).sum())(x.detach())
