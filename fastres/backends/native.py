@@ -235,14 +235,6 @@ def _conv_bn_act(
     return _bn_act(bn, _conv(conv, x), relu, residual)
 
 
-def _norms_fusable(modules) -> bool:
-    return all(
-        _fusable(m)
-        for m in modules
-        if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm))
-    )
-
-
 def _nonempty(x: Tensor) -> bool:
     """Empty batches run the oracle, which returns empty outputs of the right shapes."""
     return x.numel() > 0
@@ -265,7 +257,7 @@ class NativeBackend(Backend):
 
     def run_stem(self, model: nn.Module, x: Tensor) -> Tensor:
         units = model.stem_units()
-        if not (_norms_fusable(u.norm for u in units) and _nonempty(x)):
+        if not (all(_fusable(u.norm) for u in units) and _nonempty(x)):
             return model.stem_reference(x)
         cpu_cache.close_stale_backward_scope()
         with cpu_cache.scope(x.device):
@@ -277,10 +269,11 @@ class NativeBackend(Backend):
         _UNITS.forget(modules)
 
     def run_block(self, block: nn.Module, x: Tensor) -> Tensor:
-        if not (_norms_fusable(block.modules()) and _nonempty(x)):
+        plan = block.plan()
+        if not (all(map(_fusable, plan.norms())) and _nonempty(x)):
             return block.forward_reference(x)
         with cpu_cache.scope(x.device):
-            out = run_block(_UNITS, block.plan(), x)
+            out = run_block(_UNITS, plan, x)
         cpu_cache.scope_backward(out)
         return out
 

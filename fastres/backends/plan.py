@@ -68,9 +68,11 @@ class BlockPlan(NamedTuple):
         return None if self.res2net_ref is None else self.res2net_ref()
 
     def norms(self) -> list[nn.Module]:
-        """The norms of the units and of the shortcut's unit (not a Bottle2neck's middle)."""
+        """Every norm the block runs: its units', its shortcut unit's and its Bottle2neck
+        middle's."""
         units = self.units if self.shortcut is None else (*self.units, self.shortcut.unit)
-        return [u.norm for u in units]
+        middle = self.res2net
+        return [u.norm for u in units] + ([] if middle is None else list(middle.bns))
 
 
 def shortcut_of(downsample: nn.Sequential | None) -> Shortcut | None:
