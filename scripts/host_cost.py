@@ -15,7 +15,9 @@ stem_channels=16, input 2x3x64x64 channels_last, bf16 CPU autocast, tuning off
 reads Triton's on-disk cache): the best of `--repeats` rounds of `--forwards` forwards each,
 
 - inference: model.eval() under torch.no_grad();
-- training forward: model.train() with autograd;
+- training forward: model.train() with autograd; with batch statistics ('train-bn') also
+  `weight_casts_us_per_launch`, the share of it that casting the weights to bf16 takes (the
+  stand-in computes those casts on the CPU; on a GPU each is a launch, as in eager autocast);
 - training backward: `sum(out.float().mean()).backward()` after each training forward, beside
   the same backward of the 'torch' backend (eager PyTorch) on the same model: both run their
   gradient kernels for real on CPU tensors (the triton backend's backward is PyTorch's
@@ -55,6 +57,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 import fastres  # noqa: E402
 from fastres.ops import launcher  # noqa: E402
+from fastres.ops.conv2d_fused import arrange_weight  # noqa: E402
 
 ARCH = 90
 # train: model.train() as built (norm_eval: BatchNorms on running statistics, the detection
@@ -128,6 +131,21 @@ def _backward_ms(model, x, forwards: int, repeats: int) -> float:
     return best
 
 
+def _weight_cast_ms(model, forwards: int, repeats: int) -> float:
+    """Best mean ms of casting every convolution weight to bf16 in the kernel's layout
+    (`arrange_weight`), as each training forward does: here the stand-in computes those casts
+    on the CPU, on a GPU each is one launch. The part of a training forward that is not host
+    cost on a GPU."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+
+    def cast():
+        with torch.no_grad():
+            for w in weights:
+                arrange_weight(w, torch.bfloat16)
+
+    return _best_ms(cast, forwards, repeats)
+
+
 def measure(
     name: str, forwards: int, repeats: int, modes=DEFAULT_MODES, backward: bool = True
 ) -> list[dict]:
@@ -151,6 +169,9 @@ def measure(
         per_launch = round(ms * 1e3 / launches[0], 1)
         row = {"workload": name, "mode": mode, "ms_per_forward": round(ms, 2),
                "launches": launches[0], "us_per_launch": per_launch}  # fmt: skip
+        if mode == "train-bn":
+            cast_ms = _weight_cast_ms(model, forwards, repeats)
+            row["weight_casts_us_per_launch"] = round(cast_ms * 1e3 / launches[0], 1)
         if mode != "infer" and backward:
             row["backward_ms"] = round(_backward_ms(model, x, forwards, repeats), 2)
             model.set_backend("torch")
