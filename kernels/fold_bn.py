@@ -13,9 +13,10 @@ backward, from grad_wf [C_out, C_in, KH, KW] and grad_bf [C_out]:
 
 Layout: every weight-shaped tensor is addressed through its (C_out, C_in, KH, KW) strides (conv
 weights are channels_last after `model.to(memory_format=torch.channels_last)`); the arranged
-output is [KH, KW, C_in, C_out] contiguous (`fastres.ops.conv2d_fused.arrange_weight`). Each
-program owns BLOCK_C output channels and walks the K = KH * KW * C_in reduction in BLOCK_K
-steps, in the arranged order, so its stores run along C_out.
+output is channels_last, [C_out, KH, KW, C_in] storage (`fastres.ops.conv2d_fused.arrange_weight`'s
+layout): output channel c's K = KH * KW * C_in values are contiguous. Each program owns BLOCK_C
+output channels and walks K in BLOCK_K steps, in that order: its stores (and its loads from a
+channels_last weight) run along K.
 """
 
 import triton
@@ -43,7 +44,7 @@ def _channel_scale(
 
 @triton.jit
 def _weight_offsets(k, offs_c, C_in, KW, s_o, s_i, s_h, s_w):
-    """Offsets of the [BLOCK_K, BLOCK_C] tile (arranged index k = (kh * KW + kw) * C_in + ci,
+    """Offsets of the [BLOCK_K, BLOCK_C] tile (index k = (kh * KW + kw) * C_in + ci along K,
     output channel c) in a weight-shaped tensor of strides (s_o, s_i, s_h, s_w)."""
     ci = k % C_in
     r = k // C_in
@@ -89,7 +90,7 @@ def fold_bn_kernel(
         ok = (k < K)[:, None] & c_ok[None, :]
         src = _weight_offsets(k, offs_c, C_in, KW, s_o, s_i, s_h, s_w)
         w = tl.load(w_ptr + src, mask=ok, other=0.0).to(ACC) * scale[None, :]
-        dst = k.to(tl.int64)[:, None] * C_out + offs_c[None, :]
+        dst = k[:, None] + offs_c.to(tl.int64)[None, :] * K
         tl.store(out_w_ptr + dst, round_to(w, out_w_ptr.dtype.element_ty, EMULATE_RTNE), mask=ok)
     shift = -tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0).to(ACC) * scale
     if HAS_CONV_BIAS:

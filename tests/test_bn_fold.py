@@ -81,7 +81,7 @@ def test_bn_fold_gradients_match_oracle(device, case):
 
 
 def test_bn_fold_layout_and_dtypes():
-    """The folded weight is in the kernels' dtype and arranged ([KH, KW, C_in, C_out] storage,
+    """The folded weight is in the kernels' dtype and arranged (channels_last,
     `arrange_weight`'s), the bias in fp32; gradients come back in each parameter's dtype."""
     from fastres.ops.bn_fold import bn_fold
     from fastres.ops.conv2d_fused import arrange_weight
@@ -93,6 +93,7 @@ def test_bn_fold_layout_and_dtypes():
     )  # fmt: skip
     assert weight.dtype == torch.bfloat16 and bias.dtype == torch.float32
     assert weight.stride() == arrange_weight(conv.weight.detach(), torch.bfloat16).stride()
+    assert weight.is_contiguous(memory_format=torch.channels_last)
     (weight.float().sum() + bias.sum()).backward()
     assert [p.grad.dtype for p in (conv.weight, bn.weight, bn.bias)] == [torch.float32] * 3
     assert conv.weight.grad.shape == conv.weight.shape

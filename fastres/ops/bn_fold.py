@@ -30,7 +30,7 @@ from . import conv2d_fused
 from .conv2d_fused import call_op, interpreting, layout_key
 from .precision import accumulator_dtype, triton_accumulator
 
-# Tile of one program: K (the arranged C_in * KH * KW) x output channels (32 x 32: the fp32
+# Tile of one program: K (C_in * KH * KW) x output channels (32 x 32: the fp32
 # backward at 64 x 32 spills 16 B under Triton 3.6, scripts/check_triton36.sh). Under the
 # interpreter every program costs Python overhead: the fewest, largest tiles.
 _BLOCK_K, _BLOCK_C = 32, 32
@@ -38,11 +38,11 @@ _INTERPRETER_BLOCK_K, _INTERPRETER_BLOCK_C = 1024, 256
 
 
 def _arranged_empty(weight: Tensor, dtype: torch.dtype) -> Tensor:
-    """A [C_out, C_in, KH, KW] tensor in `dtype` stored as [KH, KW, C_in, C_out] (the layout of
+    """A [C_out, C_in, KH, KW] tensor in `dtype`, channels_last (the layout of
     `conv2d_fused.arrange_weight`)."""
-    c_out, c_in, kh, kw = weight.shape
-    strides = (1, c_out, kw * c_in * c_out, c_in * c_out)
-    return torch.empty_strided(weight.shape, strides, dtype=dtype, device=weight.device)
+    return torch.empty(
+        weight.shape, dtype=dtype, device=weight.device, memory_format=torch.channels_last
+    )
 
 
 @functools.cache
@@ -263,8 +263,8 @@ def bn_fold(
             (float64 under the interpreter).
 
     Returns:
-        The folded weight [C_out, C_in, KH, KW] in `dtype`, stored as [KH, KW, C_in, C_out]
-        (`arrange_weight`'s layout), and the folded bias [C_out] in `accumulator_dtype(dtype)`.
+        The folded weight [C_out, C_in, KH, KW] in `dtype`, channels_last (`arrange_weight`'s
+        layout), and the folded bias [C_out] in `accumulator_dtype(dtype)`.
         Differentiable in weight, conv_bias, bn_weight and bn_bias (eager mode).
     """
     return _BNFold.apply(

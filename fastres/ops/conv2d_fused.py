@@ -79,16 +79,16 @@ def check_triton_device(x: Tensor, what: str) -> None:
 
 
 def arrange_weight(weight: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """The weight stored as [KH, KW, C_in, C_out] (in `dtype`, if given), returned as a
-    [C_out, C_in, KH, KW] view.
+    """The weight [C_out, C_in, KH, KW] channels_last (stored [C_out, KH, KW, C_in]), in
+    `dtype` if given: the weight itself where it is so already.
 
-    The kernel reads the weight through its strides; this storage order makes every B tile
-    contiguous along C_out. Differentiable (a permuted copy, cast on the way: one op).
+    The kernel reads the weight through its strides; in this order every B tile is contiguous
+    along K (C_in within a tap: K-major, as Hopper's TF32 wgmma wants it), and it is the layout
+    of the parameter cast eager's autocast gives after `model.to(memory_format=channels_last)`,
+    which `convolution_backward` (oneDNN, cuDNN) then takes without a copy. Differentiable (at
+    most one op: a cast and/or a copy).
     """
-    arranged = weight.permute(2, 3, 1, 0).to(
-        dtype or weight.dtype, memory_format=torch.contiguous_format
-    )
-    return arranged.permute(3, 2, 0, 1)
+    return weight.to(dtype or weight.dtype, memory_format=torch.channels_last)
 
 
 def as_pair(v: int | Sequence[int], name: str) -> list[int]:
