@@ -28,7 +28,7 @@ from torch import Tensor
 
 from . import conv2d_fused
 from .conv2d_fused import call_op, interpreting, layout_key
-from .precision import accumulator_dtype, triton_accumulator
+from .precision import accumulator_dtype, cast, triton_accumulator
 
 # Tile of one program: K (C_in * KH * KW) x output channels (32 x 32: the fp32
 # backward at 64 x 32 spills 16 B under Triton 3.6, scripts/check_triton36.sh). Under the
@@ -238,7 +238,7 @@ class _BNFold(torch.autograd.Function):
             grad_w if need[0] else None,
             grad_conv_bias if need[1] else None,
             grad_gamma if need[2] else None,
-            grad_bias.to(ctx.bias_dtype) if need[3] else None,
+            cast(grad_bias, ctx.bias_dtype) if need[3] else None,
             None, None, None, None,
         )  # fmt: skip
 

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import tuning
-from .precision import accumulator_dtype, triton_accumulator
+from .precision import accumulator_dtype, cast, triton_accumulator
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -651,10 +651,10 @@ def _backward(ctx, grad_out: Tensor, _grad_mean, _grad_m2):
     # ReLU's gradient as eager computes it (one op: grad where out > 0, else 0).
     grad_z = torch.ops.aten.threshold_backward(grad_out, out, 0) if args.relu else grad_out
     if args.bias is not None and needs.bias:
-        grads["bias"] = _channel_sum(grad_z).to(args.bias.dtype)
+        grads["bias"] = cast(_channel_sum(grad_z), args.bias.dtype)
     residual = args.residual
     if residual is not None and args.residual_scale is None:
-        grads["residual"] = grad_z.to(residual.dtype) if needs.residual else None
+        grads["residual"] = cast(grad_z, residual.dtype) if needs.residual else None
     elif residual is not None:
         rs = args.residual_scale.view(1, -1, 1, 1)
         grads["residual"] = (grad_z.float() * rs).to(residual.dtype) if needs.residual else None
@@ -669,7 +669,7 @@ def _backward(ctx, grad_out: Tensor, _grad_mean, _grad_m2):
             args.input_add,
         )  # fmt: skip
         grad_input, grads["weight"], _ = torch.ops.aten.convolution_backward(
-            grad_z.to(args.x.dtype), x_in, args.weight, None, args.stride, args.padding,
+            cast(grad_z, args.x.dtype), x_in, args.weight, None, args.stride, args.padding,
             args.dilation, False, [0, 0], args.groups, [needs_input, needs.weight, False],
         )  # fmt: skip
         if args.input_add is not None and needs.input_add:
