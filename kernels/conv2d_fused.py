@@ -32,8 +32,9 @@ Res2Net's 'stage' blocks run their scales - 1 chunk convolutions this way.
 Layout: every activation is addressed through its (n, c, h, w) strides, so NHWC
 (channels_last) tensors and channel slices of larger NHWC buffers (channel offset and pixel
 stride) are read and written in place. The weight too is addressed by strides
-([C_out, C_in, KH, KW] logical); it is fastest channels_last ([C_out, KH, KW, C_in] storage),
-where a B tile is contiguous along K (K-major: TF32 wgmma on Hopper takes only that).
+([C_out, C_in, KH, KW] logical); it is fastest in `fastres.ops.conv2d_fused.arrange_weight`'s
+layout: channels_last for tap-major K (a B tile contiguous along K: K-major, as Hopper's TF32
+wgmma wants it), C_out innermost for flat K (whose K-major rows are not 16-byte aligned).
 Activation offsets are 64-bit.
 
 Precision: DOT_PRECISION "native" multiplies fp16/bf16 tiles as they are (tensor cores),

@@ -11,12 +11,12 @@ backward, from grad_wf [C_out, C_in, KH, KW] and grad_bf [C_out]:
     grad_w[c] = grad_wf[c] * scale, grad_conv_bias = grad_bf * scale, grad_beta = grad_bf,
     grad_gamma = (sum(grad_wf[c] * w[c]) + grad_bf * (conv_bias - mean)) * invstd
 
-Layout: every weight-shaped tensor is addressed through its (C_out, C_in, KH, KW) strides (conv
-weights are channels_last after `model.to(memory_format=torch.channels_last)`); the arranged
-output is channels_last, [C_out, KH, KW, C_in] storage (`fastres.ops.conv2d_fused.arrange_weight`'s
-layout): output channel c's K = KH * KW * C_in values are contiguous. Each program owns BLOCK_C
-output channels and walks K in BLOCK_K steps, in that order: its stores (and its loads from a
-channels_last weight) run along K.
+Layout: every weight-shaped tensor, the arranged output included, is addressed through its
+(C_out, C_in, KH, KW) strides (conv weights are channels_last after
+`model.to(memory_format=torch.channels_last)`; the output is in
+`fastres.ops.conv2d_fused.arrange_weight`'s layout: channels_last, or C_out innermost for the
+stem's few input channels). Each program owns BLOCK_C output channels and walks the
+K = KH * KW * C_in reduction in BLOCK_K steps, in channels_last order (along K there).
 """
 
 import triton
@@ -71,6 +71,10 @@ def fold_bn_kernel(
     s_i,
     s_h,
     s_w,
+    o_o,
+    o_i,
+    o_h,
+    o_w,
     HAS_CONV_BIAS: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
     HAS_BETA: tl.constexpr,
@@ -79,9 +83,8 @@ def fold_bn_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """out_w (arranged, in out_w's dtype) and out_b (ACC) of the fold.
-
-    Grid: (cdiv(C_out, BLOCK_C),)."""
+    """out_w (arranged, in out_w's dtype) and out_b (ACC) of the fold; w has strides s_*,
+    out_w o_*. Grid: (cdiv(C_out, BLOCK_C),)."""
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C_out
     _, scale = _channel_scale(gamma_ptr, var_ptr, offs_c, c_ok, eps, ACC, HAS_GAMMA)
@@ -90,7 +93,7 @@ def fold_bn_kernel(
         ok = (k < K)[:, None] & c_ok[None, :]
         src = _weight_offsets(k, offs_c, C_in, KW, s_o, s_i, s_h, s_w)
         w = tl.load(w_ptr + src, mask=ok, other=0.0).to(ACC) * scale[None, :]
-        dst = k[:, None] + offs_c.to(tl.int64)[None, :] * K
+        dst = _weight_offsets(k, offs_c, C_in, KW, o_o, o_i, o_h, o_w)
         tl.store(out_w_ptr + dst, round_to(w, out_w_ptr.dtype.element_ty, EMULATE_RTNE), mask=ok)
     shift = -tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0).to(ACC) * scale
     if HAS_CONV_BIAS:

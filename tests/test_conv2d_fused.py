@@ -150,16 +150,19 @@ def test_layouts(device, layout):
 
 
 def test_arrange_weight():
-    """The arranged weight is channels_last (as eager's autocast cast of a channels_last
-    parameter, which convolution_backward takes without a copy), in the dtype asked for; a
-    weight already so is returned as is (fp32 training copies nothing)."""
-    weight = torch.randn(12, 8, 3, 3)
+    """The arranged weight is channels_last from 16 input channels (as eager's autocast cast of
+    a channels_last parameter, which convolution_backward takes without a copy), C_out
+    innermost below (the flat-K stem), in the dtype asked for; a weight already so is returned
+    as is (fp32 training copies nothing)."""
+    weight = torch.randn(12, 16, 3, 3)
     arranged = arrange_weight(weight, torch.bfloat16)
     assert arranged.dtype == torch.bfloat16 and arranged.is_contiguous(memory_format=CL)
     assert torch.equal(arranged, weight.to(torch.bfloat16))
     param = torch.nn.Parameter(weight.contiguous(memory_format=CL))
     assert arrange_weight(param, torch.float32) is param
     assert arrange_weight(param, torch.bfloat16).stride() == param.to(torch.bfloat16).stride()
+    stem = arrange_weight(torch.randn(12, 3, 7, 7), torch.bfloat16)
+    assert stem.permute(2, 3, 1, 0).is_contiguous()
 
 
 EPILOGUES = {

@@ -38,11 +38,8 @@ _INTERPRETER_BLOCK_K, _INTERPRETER_BLOCK_C = 1024, 256
 
 
 def _arranged_empty(weight: Tensor, dtype: torch.dtype) -> Tensor:
-    """A [C_out, C_in, KH, KW] tensor in `dtype`, channels_last (the layout of
-    `conv2d_fused.arrange_weight`)."""
-    return torch.empty(
-        weight.shape, dtype=dtype, device=weight.device, memory_format=torch.channels_last
-    )
+    """An uninitialized tensor of weight's shape in `dtype`, in `arrange_weight`'s layout."""
+    return conv2d_fused.arranged_empty(weight.shape, dtype, weight.device)
 
 
 @functools.cache
@@ -122,8 +119,10 @@ def _fold_launch(weight: Tensor, vectors: tuple, eps: float, dtype: torch.dtype)
     k = c_in * kh * kw
     interpret = interpreting()
     block_k, block_c = _blocks(c_out, k, interpret)
+    out_strides = _arranged_empty(weight, dtype).stride()
     return DirectLaunch(
-        fold_bn_kernel, (-(-c_out // block_c),), 8, (eps, c_out, c_in, k, kw, *weight.stride()),
+        fold_bn_kernel, (-(-c_out // block_c),), 8,
+        (eps, c_out, c_in, k, kw, *weight.stride(), *out_strides),
         dict(
             HAS_CONV_BIAS=conv_bias is not None, HAS_GAMMA=bn_weight is not None,
             HAS_BETA=bn_bias is not None, ACC=triton_accumulator(dtype),
