@@ -32,8 +32,10 @@ Res2Net's 'stage' blocks run their scales - 1 chunk convolutions this way.
 Layout: every activation is addressed through its (n, c, h, w) strides, so NHWC
 (channels_last) tensors and channel slices of larger NHWC buffers (channel offset and pixel
 stride) are read and written in place. The weight too is addressed by strides
-([C_out, C_in, KH, KW] logical); it is fastest stored as [KH, KW, C_in, C_out] so that a B tile
-is contiguous along C_out. Activation offsets are 64-bit.
+([C_out, C_in, KH, KW] logical); it is fastest in `fastres.ops.conv2d_fused.arrange_weight`'s
+layout: channels_last for tap-major K (a B tile contiguous along K: K-major, as Hopper's TF32
+wgmma wants it), C_out innermost for flat K (whose K-major rows are not 16-byte aligned).
+Activation offsets are 64-bit.
 
 Precision: DOT_PRECISION "native" multiplies fp16/bf16 tiles as they are (tensor cores),
 "ieee" multiplies fp32 exactly, "tf32" multiplies fp32 in TF32, "fp64" multiplies fp64;

@@ -11,11 +11,12 @@ backward, from grad_wf [C_out, C_in, KH, KW] and grad_bf [C_out]:
     grad_w[c] = grad_wf[c] * scale, grad_conv_bias = grad_bf * scale, grad_beta = grad_bf,
     grad_gamma = (sum(grad_wf[c] * w[c]) + grad_bf * (conv_bias - mean)) * invstd
 
-Layout: every weight-shaped tensor is addressed through its (C_out, C_in, KH, KW) strides (conv
-weights are channels_last after `model.to(memory_format=torch.channels_last)`); the arranged
-output is [KH, KW, C_in, C_out] contiguous (`fastres.ops.conv2d_fused.arrange_weight`). Each
-program owns BLOCK_C output channels and walks the K = KH * KW * C_in reduction in BLOCK_K
-steps, in the arranged order, so its stores run along C_out.
+Layout: every weight-shaped tensor, the arranged output included, is addressed through its
+(C_out, C_in, KH, KW) strides (conv weights are channels_last after
+`model.to(memory_format=torch.channels_last)`; the output is in
+`fastres.ops.conv2d_fused.arrange_weight`'s layout: channels_last, or C_out innermost for the
+stem's few input channels). Each program owns BLOCK_C output channels and walks the
+K = KH * KW * C_in reduction in BLOCK_K steps, in channels_last order (along K there).
 """
 
 import triton
@@ -43,7 +44,7 @@ def _channel_scale(
 
 @triton.jit
 def _weight_offsets(k, offs_c, C_in, KW, s_o, s_i, s_h, s_w):
-    """Offsets of the [BLOCK_K, BLOCK_C] tile (arranged index k = (kh * KW + kw) * C_in + ci,
+    """Offsets of the [BLOCK_K, BLOCK_C] tile (index k = (kh * KW + kw) * C_in + ci along K,
     output channel c) in a weight-shaped tensor of strides (s_o, s_i, s_h, s_w)."""
     ci = k % C_in
     r = k // C_in
@@ -70,6 +71,10 @@ def fold_bn_kernel(
     s_i,
     s_h,
     s_w,
+    o_o,
+    o_i,
+    o_h,
+    o_w,
     HAS_CONV_BIAS: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
     HAS_BETA: tl.constexpr,
@@ -78,9 +83,8 @@ def fold_bn_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """out_w (arranged, in out_w's dtype) and out_b (ACC) of the fold.
-
-    Grid: (cdiv(C_out, BLOCK_C),)."""
+    """out_w (arranged, in out_w's dtype) and out_b (ACC) of the fold; w has strides s_*,
+    out_w o_*. Grid: (cdiv(C_out, BLOCK_C),)."""
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C_out
     _, scale = _channel_scale(gamma_ptr, var_ptr, offs_c, c_ok, eps, ACC, HAS_GAMMA)
@@ -89,7 +93,7 @@ def fold_bn_kernel(
         ok = (k < K)[:, None] & c_ok[None, :]
         src = _weight_offsets(k, offs_c, C_in, KW, s_o, s_i, s_h, s_w)
         w = tl.load(w_ptr + src, mask=ok, other=0.0).to(ACC) * scale[None, :]
-        dst = k.to(tl.int64)[:, None] * C_out + offs_c[None, :]
+        dst = _weight_offsets(k, offs_c, C_in, KW, o_o, o_i, o_h, o_w)
         tl.store(out_w_ptr + dst, round_to(w, out_w_ptr.dtype.element_ty, EMULATE_RTNE), mask=ok)
     shift = -tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0).to(ACC) * scale
     if HAS_CONV_BIAS:

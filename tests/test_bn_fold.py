@@ -23,10 +23,13 @@ pytestmark = pytest.mark.skipif(
     not (interpreting() or torch.cuda.is_available()), reason="needs a GPU or TRITON_INTERPRET=1"
 )
 
-# (conv bias, BN affine, weight layout)
+# (conv bias, BN affine, weight layout[, C_in]): C_in 5 folds into the flat-K layout (C_out
+# innermost), 20 into channels_last (`arrange_weight`).
 CASES = {
     "plain": (False, True, torch.contiguous_format),
     "channels_last-weight": (False, True, torch.channels_last),
+    "wide": (True, True, torch.contiguous_format, 20),
+    "wide-channels_last-weight": (False, True, torch.channels_last, 20),
     "conv-bias": (True, True, torch.contiguous_format),
     "no-affine": (True, False, torch.channels_last),
     # Neither a conv bias nor BN weight: two empty gradients, which must not alias.
@@ -34,9 +37,9 @@ CASES = {
 }
 
 
-def _unit(conv_bias: bool, affine: bool, layout, device) -> nn.Sequential:
-    """conv 3x3 (C_in 5 -> C_out 6) + BN (eval, random statistics and parameters)."""
-    conv = nn.Conv2d(5, 6, 3, padding=1, bias=conv_bias)
+def _unit(conv_bias: bool, affine: bool, layout, device, c_in: int = 5) -> nn.Sequential:
+    """conv 3x3 (C_in -> C_out 6) + BN (eval, random statistics and parameters)."""
+    conv = nn.Conv2d(c_in, 6, 3, padding=1, bias=conv_bias)
     bn = nn.BatchNorm2d(6, affine=affine).eval()
     bn.running_mean.normal_()
     bn.running_var.uniform_(0.5, 2.0)
@@ -67,8 +70,8 @@ def _step(unit: nn.Sequential, x: torch.Tensor, grad: torch.Tensor, fused: bool)
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_bn_fold_gradients_match_oracle(device, case):
     dtype = torch.float32
-    unit = _unit(*case, device)
-    x = torch.randn(2, 5, 6, 7, device=device)
+    unit = _unit(*case[:3], device, *case[3:])
+    x = torch.randn(2, unit[0].in_channels, 6, 7, device=device)
     grad = torch.randn(2, 6, 6, 7, device=device, dtype=torch.float64)
     gold = _step(copy.deepcopy(unit).double(), x.double(), grad, fused=False)
     base = _step(unit, x, grad, fused=False)
@@ -80,19 +83,22 @@ def test_bn_fold_gradients_match_oracle(device, case):
         assert_matches_oracle(a, b, g, dtype, name)
 
 
-def test_bn_fold_layout_and_dtypes():
-    """The folded weight is in the kernels' dtype and arranged ([KH, KW, C_in, C_out] storage,
-    `arrange_weight`'s), the bias in fp32; gradients come back in each parameter's dtype."""
+@pytest.mark.parametrize("c_in", [5, 20])
+def test_bn_fold_layout_and_dtypes(c_in):
+    """The folded weight is in the kernels' dtype and arranged (`arrange_weight`'s layout:
+    channels_last from 16 input channels), the bias in fp32; gradients come back in each
+    parameter's dtype."""
     from fastres.ops.bn_fold import bn_fold
     from fastres.ops.conv2d_fused import arrange_weight
 
-    conv, bn = _unit(False, True, torch.channels_last, "cpu")
+    conv, bn = _unit(False, True, torch.channels_last, "cpu", c_in)
     weight, bias = bn_fold(
         conv.weight, None, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps,
         torch.bfloat16,
     )  # fmt: skip
     assert weight.dtype == torch.bfloat16 and bias.dtype == torch.float32
     assert weight.stride() == arrange_weight(conv.weight.detach(), torch.bfloat16).stride()
+    assert weight.is_contiguous(memory_format=torch.channels_last) == (c_in >= 16)
     (weight.float().sum() + bias.sum()).backward()
     assert [p.grad.dtype for p in (conv.weight, bn.weight, bn.bias)] == [torch.float32] * 3
     assert conv.weight.grad.shape == conv.weight.shape

@@ -130,18 +130,39 @@ def test_conv_shapes(device, shape, dtype):
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("layout", ["nchw", "channels_last", "weight-nchw"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "weight-nchw", "weight-hwio"])
 def test_layouts(device, layout):
-    """NCHW input and a plain (un-arranged) weight are read through their strides."""
+    """NCHW input and a plain (un-arranged) or C_out-innermost weight are read through their
+    strides."""
     x = torch.randn(2, 18, 7, 7, dtype=torch.float64, device=device)
     weight = torch.randn(20, 18, 3, 3, dtype=torch.float64, device=device) / 10
     if layout == "channels_last":
         x = x.contiguous(memory_format=CL)
     gold = F.conv2d(x, weight, padding=1)
     base = F.conv2d(x.float(), weight.float(), padding=1)
-    w = weight.float() if layout == "weight-nchw" else arrange_weight(weight.float())
+    w = arrange_weight(weight.float())
+    if layout == "weight-nchw":
+        w = weight.float()
+    elif layout == "weight-hwio":
+        w = weight.float().permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
     actual = conv2d_fused(x.float(), w, padding=1)
     assert_matches_oracle(actual, base, gold, torch.float32, layout)
+
+
+def test_arrange_weight():
+    """The arranged weight is channels_last from 16 input channels (as eager's autocast cast of
+    a channels_last parameter, which convolution_backward takes without a copy), C_out
+    innermost below (the flat-K stem), in the dtype asked for; a weight already so is returned
+    as is (fp32 training copies nothing)."""
+    weight = torch.randn(12, 16, 3, 3)
+    arranged = arrange_weight(weight, torch.bfloat16)
+    assert arranged.dtype == torch.bfloat16 and arranged.is_contiguous(memory_format=CL)
+    assert torch.equal(arranged, weight.to(torch.bfloat16))
+    param = torch.nn.Parameter(weight.contiguous(memory_format=CL))
+    assert arrange_weight(param, torch.float32) is param
+    assert arrange_weight(param, torch.bfloat16).stride() == param.to(torch.bfloat16).stride()
+    stem = arrange_weight(torch.randn(12, 3, 7, 7), torch.bfloat16)
+    assert stem.permute(2, 3, 1, 0).is_contiguous()
 
 
 EPILOGUES = {

@@ -45,7 +45,7 @@ from torch import Tensor
 from ..extension import EXTENSION_ERROR
 from . import tuning
 from .conv2d_fused import apply_function, call_op
-from .precision import accumulator_dtype
+from .precision import accumulator_dtype, cast
 
 
 def memory_format_of(x: Tensor) -> torch.memory_format:
@@ -241,9 +241,16 @@ def bn_apply(
 
     Differentiable in x, scale, shift, residual, scale_r and shift_r.
     """
-    return torch.ops.fastres.bn_apply(
-        x, scale, shift, residual, scale_r, shift_r, relu, current_variant()
-    )
+    op = torch.ops.fastres.bn_apply.default
+    if torch.compiler.is_compiling():
+        return op(x, scale, shift, residual, scale_r, shift_r, relu, 0)
+    args = (x, scale, shift, residual, scale_r, shift_r, relu, _KERNEL_VARIANT.get())
+    if torch.is_grad_enabled():
+        return op(*args)
+    # No graph to record (e.g. a backward recomputing its forward's activation): below the op's
+    # Python autograd layer, which costs the host more than the op's own dispatch.
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
 
 
 def bn_backward_reduce(*args) -> tuple[Tensor, Tensor, Tensor]:
@@ -418,7 +425,7 @@ def _train_act_backward(ctx, grad_out):
     weight_d, bias_d, mean_d, scale_d, shift_d, invstd_d = saved[8:]
     need = ctx.needs_input_grad
     count, group = ctx.count, ctx.group
-    grad_out = grad_out.to(y.dtype)
+    grad_out = cast(grad_out, y.dtype)
     want_r = r is not None and bool(need[7] or need[8])
     if not group:
         grad_y, grad_r, grad_w, grad_b, grad_w_d, grad_b_d = torch.ops.fastres.bn_backward(
@@ -442,13 +449,13 @@ def _train_act_backward(ctx, grad_out):
         grad_w, grad_b = local_dy_xmu * invstd, local_dy
         grad_w_d = local_dy_rmu * invstd_d if ctx.two_bn else None
         grad_b_d = local_dy
-    grad_w = grad_w.to(weight.dtype) if need[1] else None
-    grad_b = grad_b.to(bias.dtype) if need[2] else None
+    grad_w = cast(grad_w, weight.dtype) if need[1] else None
+    grad_b = cast(grad_b, bias.dtype) if need[2] else None
     grad_residual = grad_r if want_r and not ctx.two_bn else None
     grad_y_d = grad_r if want_r and ctx.two_bn else None
     if ctx.two_bn:
-        grad_w_d = grad_w_d.to(weight_d.dtype) if need[9] else None
-        grad_b_d = grad_b_d.to(bias_d.dtype) if need[10] else None
+        grad_w_d = cast(grad_w_d, weight_d.dtype) if need[9] else None
+        grad_b_d = cast(grad_b_d, bias_d.dtype) if need[10] else None
     else:
         grad_w_d = grad_b_d = None
     return (

@@ -28,9 +28,9 @@ from torch import Tensor
 
 from . import conv2d_fused
 from .conv2d_fused import apply_function, call_op, interpreting, layout_key
-from .precision import accumulator_dtype, triton_accumulator
+from .precision import accumulator_dtype, cast, triton_accumulator
 
-# Tile of one program: K (the arranged C_in * KH * KW) x output channels (32 x 32: the fp32
+# Tile of one program: K (C_in * KH * KW) x output channels (32 x 32: the fp32
 # backward at 64 x 32 spills 16 B under Triton 3.6, scripts/check_triton36.sh). Under the
 # interpreter every program costs Python overhead: the fewest, largest tiles.
 _BLOCK_K, _BLOCK_C = 32, 32
@@ -38,11 +38,8 @@ _INTERPRETER_BLOCK_K, _INTERPRETER_BLOCK_C = 1024, 256
 
 
 def _arranged_empty(weight: Tensor, dtype: torch.dtype) -> Tensor:
-    """A [C_out, C_in, KH, KW] tensor in `dtype` stored as [KH, KW, C_in, C_out] (the layout of
-    `conv2d_fused.arrange_weight`)."""
-    c_out, c_in, kh, kw = weight.shape
-    strides = (1, c_out, kw * c_in * c_out, c_in * c_out)
-    return torch.empty_strided(weight.shape, strides, dtype=dtype, device=weight.device)
+    """An uninitialized tensor of weight's shape in `dtype`, in `arrange_weight`'s layout."""
+    return conv2d_fused.arranged_empty(weight.shape, dtype, weight.device)
 
 
 @functools.cache
@@ -122,8 +119,10 @@ def _fold_launch(weight: Tensor, vectors: tuple, eps: float, dtype: torch.dtype)
     k = c_in * kh * kw
     interpret = interpreting()
     block_k, block_c = _blocks(c_out, k, interpret)
+    out_strides = _arranged_empty(weight, dtype).stride()
     return DirectLaunch(
-        fold_bn_kernel, (-(-c_out // block_c),), 8, (eps, c_out, c_in, k, kw, *weight.stride()),
+        fold_bn_kernel, (-(-c_out // block_c),), 8,
+        (eps, c_out, c_in, k, kw, *weight.stride(), *out_strides),
         dict(
             HAS_CONV_BIAS=conv_bias is not None, HAS_GAMMA=bn_weight is not None,
             HAS_BETA=bn_bias is not None, ACC=triton_accumulator(dtype),
@@ -238,7 +237,7 @@ class _BNFold(torch.autograd.Function):
             grad_w if need[0] else None,
             grad_conv_bias if need[1] else None,
             grad_gamma if need[2] else None,
-            grad_bias.to(ctx.bias_dtype) if need[3] else None,
+            cast(grad_bias, ctx.bias_dtype) if need[3] else None,
             None, None, None, None,
         )  # fmt: skip
 
@@ -263,8 +262,8 @@ def bn_fold(
             (float64 under the interpreter).
 
     Returns:
-        The folded weight [C_out, C_in, KH, KW] in `dtype`, stored as [KH, KW, C_in, C_out]
-        (`arrange_weight`'s layout), and the folded bias [C_out] in `accumulator_dtype(dtype)`.
+        The folded weight [C_out, C_in, KH, KW] in `dtype`, channels_last (`arrange_weight`'s
+        layout), and the folded bias [C_out] in `accumulator_dtype(dtype)`.
         Differentiable in weight, conv_bias, bn_weight and bn_bias (eager mode).
     """
     return apply_function(

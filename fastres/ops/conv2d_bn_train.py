@@ -52,6 +52,7 @@ from .conv2d_fused import (
     save_args,
     saved_args,
 )
+from .precision import cast
 
 
 class InputBN(NamedTuple):
@@ -224,44 +225,57 @@ def _setup_context(ctx, inputs, output) -> None:
     save_args(ctx, args)
 
 
+# Where the backward's gradients go among the op's inputs (`_TrainArgs`' order): the only
+# differentiable ones.
+_GRAD_INDEX = tuple(
+    _TrainArgs._fields.index(name) for name in ("x", "weight", "input_add", "in_weight", "in_bias")
+)
+
+
+def _grads(x=None, weight=None, input_add=None, in_weight=None, in_bias=None) -> tuple:
+    """The backward's return: a gradient per op input (`_TrainArgs`' order), None but these."""
+    grads = [None] * len(_TrainArgs._fields)
+    for i, grad in zip(_GRAD_INDEX, (x, weight, input_add, in_weight, in_bias)):
+        grads[i] = grad
+    return tuple(grads)
+
+
 def _backward(ctx, grad_y: Tensor, _grad_mean, _grad_m2):
     args, _ = saved_args(ctx)
     x = args.x
     needs = _TrainArgs(*ctx.needs_input_grad)
-    grads = dict.fromkeys(_TrainArgs._fields)
     needs_input = needs.x or needs.in_weight or needs.in_bias or needs.input_add
     if not (needs_input or needs.weight):
-        return tuple(grads.values())
+        return _grads()
     if args.in_mean is not None:
         scale, shift, invstd = args.input_coefficients()
         conv_input = bn_ops.bn_apply(x, scale, shift, relu=True)
     else:
         conv_input = prologue_reference(x, input_pool=args.input_pool, input_add=args.input_add)
-    grad_input, grads["weight"], _ = torch.ops.aten.convolution_backward(
-        grad_y.to(x.dtype), conv_input, args.weight, None, args.stride, args.padding,
+    grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
+        cast(grad_y, x.dtype), conv_input, args.weight, None, args.stride, args.padding,
         args.dilation, False, [0, 0], args.groups, [needs_input, needs.weight, False],
     )  # fmt: skip
     if not needs_input:
-        return tuple(grads.values())
-    if args.input_add is not None and needs.input_add:
-        grads["input_add"] = grad_input
+        return _grads(weight=grad_weight)
+    grad_add = grad_input if args.input_add is not None and needs.input_add else None
     if args.input_pool > 1:
         pool = [args.input_pool] * 2
         grad_input = torch.ops.aten.avg_pool2d_backward(
             grad_input, x, pool, pool, [0, 0], True, False, None
         )
     if args.in_mean is None:
-        grads["x"] = grad_input
-        return tuple(grads.values())
+        return _grads(grad_input, grad_weight, grad_add)
     if not args.in_group:
         grad_x, _, grad_w, grad_b, _, _ = bn_ops.bn_backward(
             grad_input, x, scale, shift, None, None, None, True, args.in_mean, invstd, None,
             None, args.in_count, False,
         )  # fmt: skip
-        grads["x"] = grad_x if needs.x else None
-        grads["in_weight"] = grad_w.to(args.in_weight.dtype) if needs.in_weight else None
-        grads["in_bias"] = grad_b.to(args.in_bias.dtype) if needs.in_bias else None
-        return tuple(grads.values())
+        return _grads(
+            grad_x if needs.x else None, grad_weight, grad_add,
+            cast(grad_w, args.in_weight.dtype) if needs.in_weight else None,
+            cast(grad_b, args.in_bias.dtype) if needs.in_bias else None,
+        )  # fmt: skip
     sums = bn_ops.bn_backward_reduce(
         grad_input, x, scale, shift, None, None, None, True, args.in_mean, None
     )
@@ -269,16 +283,17 @@ def _backward(ctx, grad_y: Tensor, _grad_mean, _grad_m2):
     # reduces them); the input gradient's batch-statistics terms are over every process's batch.
     local_dy, local_dy_xmu, _ = sums
     sum_dy, sum_dy_xmu, _ = bn_ops.all_reduce_sums(list(sums), args.in_group)
+    grad_x = None
     if needs.x:
-        grads["x"], _ = bn_ops.bn_backward_elemt(
+        grad_x, _ = bn_ops.bn_backward_elemt(
             grad_input, x, scale, shift, None, None, None, True, args.in_mean, invstd, sum_dy,
             sum_dy_xmu, None, None, None, args.in_count, False,
         )  # fmt: skip
-    if needs.in_weight:
-        grads["in_weight"] = (local_dy_xmu * invstd).to(args.in_weight.dtype)
-    if needs.in_bias:
-        grads["in_bias"] = local_dy.to(args.in_bias.dtype)
-    return tuple(grads.values())
+    return _grads(
+        grad_x, grad_weight, grad_add,
+        (local_dy_xmu * invstd).to(args.in_weight.dtype) if needs.in_weight else None,
+        local_dy.to(args.in_bias.dtype) if needs.in_bias else None,
+    )  # fmt: skip
 
 
 torch.library.register_autograd("fastres::conv2d_bn_train", _backward, setup_context=_setup_context)

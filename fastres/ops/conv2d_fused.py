@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import tuning
-from .precision import accumulator_dtype, triton_accumulator
+from .precision import accumulator_dtype, cast, triton_accumulator
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -79,16 +79,40 @@ def check_triton_device(x: Tensor, what: str) -> None:
 
 
 def arrange_weight(weight: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """The weight stored as [KH, KW, C_in, C_out] (in `dtype`, if given), returned as a
-    [C_out, C_in, KH, KW] view.
-
-    The kernel reads the weight through its strides; this storage order makes every B tile
-    contiguous along C_out. Differentiable (a permuted copy, cast on the way: one op).
-    """
-    arranged = weight.permute(2, 3, 1, 0).to(
-        dtype or weight.dtype, memory_format=torch.contiguous_format
-    )
+    """The weight [C_out, C_in, KH, KW] laid out for the kernel (`arranged_strides`), in `dtype`
+    if given: the weight itself where it is so already. Differentiable (at most one op: a cast
+    and/or a copy)."""
+    dtype = dtype or weight.dtype
+    if not flat_k(weight.shape[1]):
+        return weight.to(dtype, memory_format=torch.channels_last)
+    arranged = weight.permute(2, 3, 1, 0).to(dtype, memory_format=torch.contiguous_format)
     return arranged.permute(3, 2, 0, 1)
+
+
+def arranged_empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """An uninitialized weight of `shape` [C_out, C_in, KH, KW] in `arrange_weight`'s layout."""
+    c_out, c_in, kh, kw = shape
+    if not flat_k(c_in):
+        return torch.empty(shape, dtype=dtype, device=device, memory_format=torch.channels_last)
+    strides = (1, c_out, kw * c_in * c_out, c_in * c_out)
+    return torch.empty_strided(shape, strides, dtype=dtype, device=device)
+
+
+def flat_k(c_in: int) -> bool:
+    """Whether the kernel walks K = KH * KW * C_in flat (`kernels/conv2d_fused.py`, FLAT_K) for
+    C_in input channels (per group), which also decides the weight's layout (`arrange_weight`):
+
+    - tap-major K (C_in >= FLAT_K_MAX_C_IN): channels_last ([C_out, KH, KW, C_in] storage). A B
+      tile is contiguous along K (K-major, as Hopper's TF32 wgmma wants it), and it is the layout
+      of eager's autocast cast of a channels_last parameter, which `convolution_backward`
+      (oneDNN, cuDNN) takes without a copy.
+    - flat K (the stem's 3 channels): [KH, KW, C_in, C_out] storage, B tiles contiguous along
+      C_out. K-major rows of KH * KW * C_in values are not 16-byte aligned there: Triton 3.6
+      then neither pipelines the bf16 B loads nor keeps the 7x7 stem free of spills.
+    """
+    from fastres.kernels.conv2d_configs import FLAT_K_MAX_C_IN
+
+    return c_in < FLAT_K_MAX_C_IN
 
 
 def as_pair(v: int | Sequence[int], name: str) -> list[int]:
@@ -372,7 +396,7 @@ def prepare(args: ConvArgs, stats: bool, out: Tensor | None = None) -> PreparedC
 
 def _prepare(args: ConvArgs, stats: bool, out: Tensor | None) -> PreparedConv:
     """`prepare` at a key's first call: checks, and works out the launch."""
-    from fastres.kernels.conv2d_configs import FLAT_K_MAX_C_IN, interpreter_config
+    from fastres.kernels.conv2d_configs import interpreter_config
 
     size = check_inputs(args)
     x, weight, groups = args.x, args.weight, args.groups
@@ -394,11 +418,11 @@ def _prepare(args: ConvArgs, stats: bool, out: Tensor | None) -> PreparedConv:
         return PreparedConv(out_shape, stats, acc)
     # The output launches will write has the strides of this one (same shape, channels_last).
     target = out if out is not None else args.allocate_output(size)
-    flat_k = c_in < FLAT_K_MAX_C_IN
+    flat = flat_k(c_in)
     dot_precision = args.dot_precision(INTERPRET)
 
     def conv_launch(config: dict):
-        return _conv_launch(args, size, target, stats, flat_k, dot_precision, config)
+        return _conv_launch(args, size, target, stats, flat, dot_precision, config)
 
     def launch_config(config: dict, compile_only: bool = False) -> None:
         """Launches (or only compiles) a candidate configuration on args (tuning)."""
@@ -414,9 +438,9 @@ def _prepare(args: ConvArgs, stats: bool, out: Tensor | None) -> PreparedConv:
             conv.through_jit(*pointers)
 
     if INTERPRET:
-        config = interpreter_config(m, kh * kw * c_in if flat_k else c_in, c_out)
+        config = interpreter_config(m, kh * kw * c_in if flat else c_in, c_out)
     else:
-        config = _chosen_config(args, m, c_in, c_out, flat_k, dot_precision, launch_config)
+        config = _chosen_config(args, m, c_in, c_out, flat, dot_precision, launch_config)
     if not stats:
         return PreparedConv(out_shape, stats, acc, conv_launch(config))
     tiles = _tiles(m, config, weight)
@@ -651,10 +675,10 @@ def _backward(ctx, grad_out: Tensor, _grad_mean, _grad_m2):
     # ReLU's gradient as eager computes it (one op: grad where out > 0, else 0).
     grad_z = torch.ops.aten.threshold_backward(grad_out, out, 0) if args.relu else grad_out
     if args.bias is not None and needs.bias:
-        grads["bias"] = _channel_sum(grad_z).to(args.bias.dtype)
+        grads["bias"] = cast(_channel_sum(grad_z), args.bias.dtype)
     residual = args.residual
     if residual is not None and args.residual_scale is None:
-        grads["residual"] = grad_z.to(residual.dtype) if needs.residual else None
+        grads["residual"] = cast(grad_z, residual.dtype) if needs.residual else None
     elif residual is not None:
         rs = args.residual_scale.view(1, -1, 1, 1)
         grads["residual"] = (grad_z.float() * rs).to(residual.dtype) if needs.residual else None
@@ -669,7 +693,7 @@ def _backward(ctx, grad_out: Tensor, _grad_mean, _grad_m2):
             args.input_add,
         )  # fmt: skip
         grad_input, grads["weight"], _ = torch.ops.aten.convolution_backward(
-            grad_z.to(args.x.dtype), x_in, args.weight, None, args.stride, args.padding,
+            cast(grad_z, args.x.dtype), x_in, args.weight, None, args.stride, args.padding,
             args.dilation, False, [0, 0], args.groups, [needs_input, needs.weight, False],
         )  # fmt: skip
         if args.input_add is not None and needs.input_add:

@@ -17,3 +17,8 @@ def triton_accumulator(dtype: torch.dtype):
     import triton.language as tl
 
     return tl.float64 if accumulator_dtype(dtype) == torch.float64 else tl.float32
+
+
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in `dtype`: t itself where it is already (`Tensor.to` costs the host a call even then)."""
+    return t if t.dtype == dtype else t.to(dtype)
