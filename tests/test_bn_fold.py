@@ -122,3 +122,16 @@ def test_opcheck():
     torch.library.opcheck(
         torch.ops.fastres.bn_fold_backward.default, backward_args, test_utils=checks
     )
+
+
+def test_strided_channel_vectors_raise():
+    """The kernels read per-channel vectors at unit stride: a strided one (a view of every
+    other element) raises instead of folding the wrong values."""
+    from fastres.ops.bn_fold import bn_fold
+
+    weight = torch.randn(6, 5, 3, 3)
+    vectors = [torch.randn(6), torch.randn(6), torch.rand(6) + 0.5]
+    bn_fold(weight, None, *vectors[:2], vectors[0], vectors[2], 1e-5, torch.float32)
+    strided_var = (torch.rand(12) + 0.5)[::2]
+    with pytest.raises(ValueError, match="must be contiguous"):
+        bn_fold(weight, None, *vectors[:2], vectors[0], strided_var, 1e-5, torch.float32)

@@ -129,6 +129,7 @@ def test_bad_input_raises_after_a_good_call_with_a_similar_key(prepared):
         (dict(weight=weight.half()), TypeError, "share a dtype"),
         (dict(bias=bias[:8]), ValueError, "bias must have shape"),
         (dict(bias=bias.int()), ValueError, "floating-point"),
+        (dict(bias=torch.randn(2 * len(bias))[::2]), ValueError, "bias must be contiguous"),
         (dict(residual=residual[:, :, :5]), ValueError, "residual must have the output's shape"),
         (dict(residual_scale=bias), ValueError, "go together"),
         (dict(input_pool=2, input_add=x), ValueError, "input_add cannot be combined"),

@@ -124,11 +124,14 @@ def as_pair(v: int | Sequence[int], name: str) -> list[int]:
 
 
 def check_channel_vector(t: Tensor | None, name: str, n: int, x: Tensor) -> None:
-    """Raises unless t is None or a floating-point [n] vector on x's device."""
+    """Raises unless t is None or a contiguous floating-point [n] vector on x's device (the
+    kernels read per-channel vectors at unit stride)."""
     if t is None:
         return
     if t.dim() != 1 or t.shape[0] != n:
         raise ValueError(f"{name} must have shape [{n}], got {tuple(t.shape)}")
+    if n > 1 and t.stride(0) != 1:
+        raise ValueError(f"{name} must be contiguous, got stride {t.stride(0)}")
     if not t.is_floating_point() or t.device != x.device:
         raise ValueError(f"{name} must be a floating-point tensor on {x.device}")
 
