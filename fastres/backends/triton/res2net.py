@@ -328,20 +328,21 @@ def train_res2net_middle(block: nn.Module, x: Tensor) -> PaddedConcat:
     bns = list(block.bns)
     grouped = block.stage_type == "stage" and len({bn.eps for bn in bns}) == 1
     w1, convs, w3 = _train_weights(block, x.dtype, grouped)
+    params = _slot_params(block, grouped)
     y, mean, m2 = conv2d_bn_train(x, w1, stride=block.conv1.stride)
-    out = _train_padded_bn_relu([block.norm1], y, mean, m2, scales, width)
+    out = _train_padded_bn_relu([block.norm1], y, mean, m2, scales, width, params[0])
     split = (scales - 1) * slot
     # One split, not a slice per chunk: its backward is one concatenation.
     *chunks, last = out.split([split, slot] if grouped else slot, 1)
     if grouped:
         y, mean, m2 = conv2d_bn_train(chunks[0], convs, groups=scales - 1, **geometry)
-        outs = [_train_padded_bn_relu(bns, y, mean, m2, scales - 1, width)]
+        outs = [_train_padded_bn_relu(bns, y, mean, m2, scales - 1, width, params[1])]
     else:
         outs, previous = [], None
-        for chunk, weight, bn in zip(chunks, convs, bns):
+        for chunk, weight, bn, bn_params in zip(chunks, convs, bns, params[1:]):
             add = previous if block.stage_type == "normal" else None
             y, mean, m2 = conv2d_bn_train(chunk, weight, input_add=add, **geometry)
-            previous = _train_padded_bn_relu([bn], y, mean, m2, 1, width)
+            previous = _train_padded_bn_relu([bn], y, mean, m2, 1, width, bn_params)
             outs.append(previous)
     if block.pools_last_chunk:
         last = block.pool(last)
@@ -363,27 +364,84 @@ def _train_weights(block: nn.Module, dtype: torch.dtype, grouped: bool):
     return w1, convs, arrange_weight(_pad_inputs(block.conv3.weight, scales), dtype)
 
 
+def _slot_params(block: nn.Module, grouped: bool) -> list[tuple[Tensor, Tensor] | None]:
+    """The affine parameters (weight, bias) of each BN group of a training-mode middle (norm1,
+    then the chunk BNs: one group when `grouped`, else one each) in their padded slots, built
+    together: one concatenation and gather each way for the whole block (`_SlotParams`). Nones
+    where nothing is padded or under torch.compile / torch.func (`_padded_norm` pads then)."""
+    scales, width, slot = block.scales, block.width, _chunk_slot(block.width)
+    groups = 1 + (1 if grouped else scales - 1)
+    if slot == width or not eager_autograd():
+        return [None] * groups
+    bns = [block.norm1, *block.bns]
+    rows = _slot_map(2 * scales - 1, width, block.norm1.weight.device)
+    sizes = [scales * slot] + ([(scales - 1) * slot] if grouped else [slot] * (scales - 1))
+    padded = _SlotParams.apply(rows, sizes, *(bn.weight for bn in bns), *(bn.bias for bn in bns))
+    return list(zip(padded[0::2], padded[1::2], strict=True))
+
+
+class _SlotParams(torch.autograd.Function):
+    """BN weights and biases of consecutive channel ranges (all weights, then all biases) in
+    padded slots (`rows`), returned as (weight, bias) per range of `sizes` padded channels: one
+    concatenation and gather each way. Backward reads each real entry's gradient at its
+    primary copy: a pad channel's gradient is zero (it only meets zero weight columns), as in
+    `padded_weight`."""
+
+    @staticmethod
+    def forward(ctx, rows: ChannelMap, sizes: list[int], *params: Tensor):
+        ctx.rows, ctx.sizes = rows, [p.numel() for p in params]
+        table = torch.cat(params).view(2, -1).index_select(1, rows.index)
+        weights, biases = table[0].split(sizes), table[1].split(sizes)
+        return tuple(t for pair in zip(weights, biases) for t in pair)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        table = torch.cat([*grads[0::2], *grads[1::2]]).view(2, -1)
+        real = table.index_select(1, ctx.rows.inverse)
+        return None, None, *real.view(-1).split(ctx.sizes)
+
+
 def _train_padded_bn_relu(
-    bns: list[nn.Module], y: Tensor, mean: Tensor, m2: Tensor, chunks: int, width: int
+    bns: list[nn.Module],
+    y: Tensor,
+    mean: Tensor,
+    m2: Tensor,
+    chunks: int,
+    width: int,
+    params: tuple[Tensor, Tensor] | None,
 ) -> Tensor:
     """ReLU(BN(y)) with batch statistics for a raw conv output of `chunks` padded chunk slots,
     the i-th chunk normalized by bns[i * len(bns) // chunks]: each BN finalized once from the
     real channels' statistics, its running statistics updated in the same op; each pad channel
     gets its chunk's first channel's coefficients and affine parameters, so it stays a copy of
-    that channel (see `_chunk_slot`)."""
-    # The real channels: their count and values are what the statistics are gathered from.
-    real = y.narrow(1, 0, chunks * width)
+    that channel (see `_chunk_slot`).
+
+    params: the BNs' padded affine parameters (`_slot_params`): the padded coefficients are then
+    one finalize of the padded statistics (a pad channel's are its chunk's first channel's);
+    None: the finalized BNs are padded field by field (`_padded_norm`).
+    """
     group = bn_ops.sync_group_name(bns[0])
-    mean, m2, count = bn_ops.gather_stats(
-        real, _unpad_outputs(mean, chunks, width), _unpad_outputs(m2, chunks, width), group
-    )
-    part = chunks * width // len(bns)
+    mean, m2, count = bn_ops.gather_stats(y, mean, m2, group)
+    # Each BN's real statistics: a slice of the padded ones where it normalizes one chunk.
+    per_bn = chunks // len(bns)
+    if per_bn > 1:
+        mean_of, m2_of = _unpad_outputs(mean, chunks, width), _unpad_outputs(m2, chunks, width)
+        step, part = per_bn * width, per_bn * width
+    else:
+        mean_of, m2_of, step, part = mean, m2, _chunk_slot(width), width
     norms = [
-        bn_ops.batch_normalized(bn, mean[i * part : (i + 1) * part], m2[i * part : (i + 1) * part],
-                                count)
+        bn_ops.batch_normalized(
+            bn, mean_of[i * step : i * step + part], m2_of[i * step : i * step + part], count
+        )
         for i, bn in enumerate(bns)
-    ]  # fmt: skip
-    return bn_ops.bn_norm_act(y, _padded_norm(norms, chunks, width), count, group=group)
+    ]
+    if params is None:
+        return bn_ops.bn_norm_act(y, _padded_norm(norms, chunks, width), count, group=group)
+    weight, bias = params
+    with torch.no_grad():
+        scale, shift, invstd = bn_ops.bn_finalize(mean, m2, count, weight, bias, bns[0].eps)
+    norm = bn_ops.Normalized(weight, bias, mean, scale, shift, invstd)
+    return bn_ops.bn_norm_act(y, norm, count, group=group)
 
 
 def _padded_norm(norms: list[bn_ops.Normalized], chunks: int, width: int) -> bn_ops.Normalized:
@@ -399,29 +457,7 @@ def _padded_norm(norms: list[bn_ops.Normalized], chunks: int, width: int) -> bn_
             table = table.index_select(1, _slot_map(chunks, width, table.device).index)
         return list(table.unbind(0))
 
-    if eager_autograd() and _chunk_slot(width) != width:
-        rows = _slot_map(chunks, width, norms[0].weight.device)
-        weight, bias = _SlotParams.apply(rows, *(n.weight for n in norms), *(n.bias for n in norms))
-    else:
-        weight, bias = padded(("weight", "bias"))
+    weight, bias = padded(("weight", "bias"))
     with torch.no_grad():
         mean, scale, shift, invstd = padded(("mean", "scale", "shift", "invstd"))
     return bn_ops.Normalized(weight, bias, mean, scale, shift, invstd)
-
-
-class _SlotParams(torch.autograd.Function):
-    """BN weights and biases of consecutive channel ranges (all weights, then all biases) in
-    padded slots (`rows`): (weight, bias), one concatenation and gather each way. Backward
-    reads each real entry's gradient at its primary copy: a pad channel's gradient is zero (it
-    only meets zero weight columns), as in `padded_weight`."""
-
-    @staticmethod
-    def forward(ctx, rows: ChannelMap, *params: Tensor):
-        ctx.rows, ctx.sizes = rows, [p.numel() for p in params]
-        table = torch.cat(params).view(2, -1).index_select(1, rows.index)
-        return table[0], table[1]
-
-    @staticmethod
-    def backward(ctx, grad_weight: Tensor, grad_bias: Tensor):
-        grads = torch.stack([grad_weight, grad_bias]).index_select(1, ctx.rows.inverse)
-        return None, *grads.view(-1).split(ctx.sizes)
