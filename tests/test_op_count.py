@@ -187,18 +187,14 @@ def test_no_more_ops_than_eager(backend, mode, dtype):
     assert len(ours) <= len(eager), _difference(ours, eager)
 
 
-# Res2Net-50 on the triton backend (the other backends run its units as ResNet's): the modes
-# where its training step pays per-forward weight preparation. With batch statistics the
-# padded chunk slots still cost a BN finalize and a gather per block more than eager's step
-# (open: the BN coefficients would have to come out padded from the finalize itself).
+# Res2Net-50 on the triton backend (the other backends run its units as ResNet's) where its
+# training step pays per-forward weight preparation, BNs frozen. Not yet with batch statistics
+# ('train'): the padded chunk slots still cost a BN finalize and a gather per block more than
+# eager's step (the padded coefficients would have to come out of the finalize itself).
 RES2NET_CASES = [
     pytest.param("train-frozen-bn", torch.bfloat16, id="train-frozen-bn-bf16"),
     pytest.param("train-frozen-bn", torch.float32, id="train-frozen-bn-fp32"),
-    pytest.param(
-        "train", torch.bfloat16, id="train-bf16",
-        marks=pytest.mark.xfail(strict=True, reason="padded BN slots: see RES2NET_CASES"),
-    ),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("mode", "dtype"), RES2NET_CASES)
