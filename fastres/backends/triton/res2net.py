@@ -24,7 +24,8 @@ class PaddedConcat(NamedTuple):
     """A fused Bottle2neck middle's result, conv3's input: the concatenation [N, scales * slot,
     H, W] channels_last with each chunk in a padded slot of `_chunk_slot(width)` channels
     (possibly a channel slice of a larger buffer), and conv3's weight for that layout (folded,
-    with its folded bias, in eval mode; raw, bias None, in training)."""
+    with its folded bias, in eval mode; unfolded, bias None, in training), arranged for the
+    kernels."""
 
     cat: Tensor
     weight: Tensor
@@ -136,11 +137,15 @@ def _res2net_launch_weights(block: nn.Module, dtype: torch.dtype, rotate: bool):
     first when `rotate`, see `split_conv_concat`); convs one stacked (weight
     [(scales-1)*slot, slot, 3, 3], bias) pair for a 'stage' block's grouped launch, else a list
     of ([slot, slot, 3, 3], [slot]) pairs; conv3's input chunks padded to slots. Differentiable
-    (and not cached) where a folded piece wants gradients.
+    (and not cached) where a folded piece wants gradients: then in eager mode each weight is
+    one `padded_weight` launch each way (`_padded_launch_weights`).
     """
     scales = block.scales
-    pairs = [(block.conv1, block.norm1), (block.conv3, block.norm3), *zip(block.convs, block.bns)]
-    if eager_autograd() and any(_wants_grad(conv, bn) for conv, bn in pairs):
+    if eager_autograd() and any(
+        _wants_grad(conv, bn)
+        for conv, bn in [(block.conv1, block.norm1), (block.conv3, block.norm3),
+                         *zip(block.convs, block.bns)]
+    ):  # fmt: skip
         return _padded_launch_weights(block, dtype, fold=True, rotate=rotate)
     pieces = [folded(block.conv1, block.norm1, dtype), folded(block.conv3, block.norm3, dtype)]
     pieces += [folded(conv, bn, dtype) for conv, bn in zip(block.convs, block.bns)]
@@ -316,7 +321,7 @@ def _res2net_autograd(block: nn.Module, x: Tensor) -> PaddedConcat:
 def train_res2net_middle(block: nn.Module, x: Tensor) -> PaddedConcat:
     """split -> 3x3 convs -> concat of a training-mode Bottle2neck: the input of its conv3.
 
-    Returns the concatenation and conv3's (raw) weight for its layout. conv1's and every chunk
+    Returns the concatenation and conv3's (unfolded) weight for its layout. conv1's and every chunk
     conv's activation are written out (the chunks and the hierarchical add feed several
     consumers); chunks are read in place as channel slices, the add happens in the next conv's
     input load, and a 'stage' block's chunk convs are one grouped launch whose BNs apply in one
