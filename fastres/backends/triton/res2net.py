@@ -13,17 +13,19 @@ from torch import Tensor, nn
 
 from ...ops import batchnorm as bn_ops
 from ...ops.conv2d_bn_train import conv2d_bn_train
-from ...ops.conv2d_fused import arrange_weight, conv2d_fused
+from ...ops.conv2d_fused import arrange_weight, conv2d_fused, eager_autograd
+from ...ops.padded_weight import ChannelMap, padded_weight
 from ...ops.res2net_pool import res2net_pool
 from ..fold_cache import new_cache
-from .inference import folded, nhwc_empty
+from .inference import _wants_grad, folded, nhwc_empty
 
 
 class PaddedConcat(NamedTuple):
     """A fused Bottle2neck middle's result, conv3's input: the concatenation [N, scales * slot,
     H, W] channels_last with each chunk in a padded slot of `_chunk_slot(width)` channels
     (possibly a channel slice of a larger buffer), and conv3's weight for that layout (folded,
-    with its folded bias, in eval mode; raw, bias None, in training)."""
+    with its folded bias, in eval mode; unfolded, bias None, in training), arranged for the
+    kernels."""
 
     cat: Tensor
     weight: Tensor
@@ -79,15 +81,34 @@ def _pad_outputs(t: Tensor, chunks: int) -> Tensor:
     width = t.shape[0] // chunks
     if _chunk_slot(width) == width:
         return t
-    return t.index_select(0, _pad_index(chunks, width, t.device))
+    return t.index_select(0, _slot_map(chunks, width, t.device).index)
 
 
 @functools.cache
-def _pad_index(chunks: int, width: int, device: torch.device) -> Tensor:
-    """The source entry of each padded entry (`_pad_outputs`), made once per device."""
-    pad = _chunk_slot(width) - width
-    within = torch.cat([torch.arange(width), torch.zeros(pad, dtype=torch.long)])
-    return (torch.arange(chunks)[:, None] * width + within).flatten().to(device)
+def _slot_map(
+    chunks: int, width: int, device: torch.device, rotate: bool = False, zeros: bool = False
+) -> ChannelMap:
+    """The layout of `chunks` chunks of `width` channels in slots (made once per device):
+    `_pad_outputs`' (pad entries copy their chunk's first channel), or with `zeros` an input
+    layout (pad entries -1: zero columns, `_pad_inputs`); `rotate`: the last chunk first (see
+    `split_conv_concat`)."""
+    slot = _chunk_slot(width)
+    order = [chunks - 1, *range(chunks - 1)] if rotate else list(range(chunks))
+    index, inverse = [], [0] * (chunks * width)
+    for position, chunk in enumerate(order):
+        for j in range(slot):
+            if j < width:
+                inverse[chunk * width + j] = position * slot + j
+            index.append(chunk * width + j if j < width else (-1 if zeros else chunk * width))
+    index, inverse = (torch.tensor(t, dtype=torch.int32, device=device) for t in (index, inverse))
+    return ChannelMap(index, inverse)
+
+
+@functools.cache
+def _identity_map(channels: int, device: torch.device) -> ChannelMap:
+    """Unpadded channels."""
+    index = torch.arange(channels, dtype=torch.int32, device=device)
+    return ChannelMap(index, index)
 
 
 def _pad_inputs(weight: Tensor, chunks: int) -> Tensor:
@@ -116,9 +137,16 @@ def _res2net_launch_weights(block: nn.Module, dtype: torch.dtype, rotate: bool):
     first when `rotate`, see `split_conv_concat`); convs one stacked (weight
     [(scales-1)*slot, slot, 3, 3], bias) pair for a 'stage' block's grouped launch, else a list
     of ([slot, slot, 3, 3], [slot]) pairs; conv3's input chunks padded to slots. Differentiable
-    (and not cached) where a folded piece wants gradients.
+    (and not cached) where a folded piece wants gradients: then in eager mode each weight is
+    one `padded_weight` launch each way (`_padded_launch_weights`).
     """
     scales = block.scales
+    if eager_autograd() and any(
+        _wants_grad(conv, bn)
+        for conv, bn in [(block.conv1, block.norm1), (block.conv3, block.norm3),
+                         *zip(block.convs, block.bns)]
+    ):  # fmt: skip
+        return _padded_launch_weights(block, dtype, fold=True, rotate=rotate)
     pieces = [folded(block.conv1, block.norm1, dtype), folded(block.conv3, block.norm3, dtype)]
     pieces += [folded(conv, bn, dtype) for conv, bn in zip(block.convs, block.bns)]
     cacheable = not torch.compiler.is_compiling() and not any(
@@ -146,6 +174,41 @@ def _res2net_launch_weights(block: nn.Module, dtype: torch.dtype, rotate: bool):
     if cacheable:
         _RES2NET_CACHE[block] = (rotate, pieces, launch)
     return launch
+
+
+def _padded_launch_weights(
+    block: nn.Module, dtype: torch.dtype, *, fold: bool, rotate: bool = False, stacked: bool = True
+):
+    """`_res2net_launch_weights`' result (with `fold`; without: the raw weights, biases None)
+    built with gradients in eager mode: each weight (a 'stage' block's chunk convs stacked
+    where `stacked`) padded, arranged and cast by one `padded_weight` launch, BNs folded in
+    (one launch back)."""
+    scales, width, device = block.scales, block.width, block.conv1.weight.device
+
+    def weight(convs, bns, rows: ChannelMap, cols: ChannelMap):
+        folds = None
+        if fold:
+            folds = [
+                (conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+                for conv, bn in zip(convs, bns)
+            ]
+        return padded_weight([conv.weight for conv in convs], rows, cols, dtype, folds)
+
+    conv1, conv3 = block.conv1, block.conv3
+    w1, b1 = weight(
+        [conv1], [block.norm1], _slot_map(scales, width, device, rotate),
+        _identity_map(conv1.in_channels, device),
+    )  # fmt: skip
+    w3, b3 = weight(
+        [conv3], [block.norm3], _identity_map(conv3.out_channels, device),
+        _slot_map(scales, width, device, zeros=True),
+    )  # fmt: skip
+    maps = (_slot_map(1, width, device), _slot_map(1, width, device, zeros=True))
+    if block.stage_type == "stage" and stacked:
+        convs = weight(list(block.convs), list(block.bns), *maps)
+    else:
+        convs = [weight([conv], [bn], *maps) for conv, bn in zip(block.convs, block.bns)]
+    return w1, b1, convs, w3, b3
 
 
 def forget_launch_weights(modules: list[nn.Module]) -> None:
@@ -238,17 +301,17 @@ def _res2net_autograd(block: nn.Module, x: Tensor) -> PaddedConcat:
     out = conv2d_fused(x, w1, b1, stride=block.conv1.stride, relu=True)
     conv = block.convs[0]
     geometry = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, relu=True)
-    split = (scales - 1) * slot
-    if block.stage_type == "stage":
+    grouped = block.stage_type == "stage"
+    # One split, not a slice per chunk: its backward is one concatenation.
+    *chunks, last = out.split([(scales - 1) * slot, slot] if grouped else slot, 1)
+    if grouped:
         weight, bias = convs
-        outs = [conv2d_fused(out[:, :split], weight, bias, groups=scales - 1, **geometry)]
+        outs = [conv2d_fused(chunks[0], weight, bias, groups=scales - 1, **geometry)]
     else:
         outs, previous = [], None
-        for i, (weight, bias) in enumerate(convs):
-            chunk = out[:, i * slot : (i + 1) * slot]
+        for chunk, (weight, bias) in zip(chunks, convs):
             previous = conv2d_fused(chunk, weight, bias, input_add=previous, **geometry)
             outs.append(previous)
-    last = out[:, split:]
     if block.pools_last_chunk:
         last = block.pool(last)
     cat = torch.cat([*outs, last], 1).contiguous(memory_format=torch.channels_last)
@@ -258,7 +321,7 @@ def _res2net_autograd(block: nn.Module, x: Tensor) -> PaddedConcat:
 def train_res2net_middle(block: nn.Module, x: Tensor) -> PaddedConcat:
     """split -> 3x3 convs -> concat of a training-mode Bottle2neck: the input of its conv3.
 
-    Returns the concatenation and conv3's (raw) weight for its layout. conv1's and every chunk
+    Returns the concatenation and conv3's (unfolded) weight for its layout. conv1's and every chunk
     conv's activation are written out (the chunks and the hierarchical add feed several
     consumers); chunks are read in place as channel slices, the add happens in the next conv's
     input load, and a 'stage' block's chunk convs are one grouped launch whose BNs apply in one
@@ -267,56 +330,123 @@ def train_res2net_middle(block: nn.Module, x: Tensor) -> PaddedConcat:
     width, scales, slot = block.width, block.scales, _chunk_slot(block.width)
     conv = block.convs[0]
     geometry = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
-    weight = _pad_outputs(block.conv1.weight, scales)
-    y, mean, m2 = conv2d_bn_train(x, arrange_weight(weight, x.dtype), stride=block.conv1.stride)
-    out = _train_padded_bn_relu([block.norm1], y, mean, m2, scales, width)
-    split = (scales - 1) * slot
     bns = list(block.bns)
-    if block.stage_type == "stage" and len({bn.eps for bn in bns}) == 1:
-        weight = torch.cat([_pad_inputs(_pad_outputs(c.weight, 1), 1) for c in block.convs])
-        y, mean, m2 = conv2d_bn_train(
-            out[:, :split], arrange_weight(weight, out.dtype), groups=scales - 1, **geometry
-        )
-        outs = [_train_padded_bn_relu(bns, y, mean, m2, scales - 1, width)]
+    grouped = block.stage_type == "stage" and len({bn.eps for bn in bns}) == 1
+    w1, convs, w3 = _train_weights(block, x.dtype, grouped)
+    params = _slot_params(block, grouped)
+    y, mean, m2 = conv2d_bn_train(x, w1, stride=block.conv1.stride)
+    out = _train_padded_bn_relu([block.norm1], y, mean, m2, scales, width, params[0])
+    split = (scales - 1) * slot
+    # One split, not a slice per chunk: its backward is one concatenation.
+    *chunks, last = out.split([split, slot] if grouped else slot, 1)
+    if grouped:
+        y, mean, m2 = conv2d_bn_train(chunks[0], convs, groups=scales - 1, **geometry)
+        outs = [_train_padded_bn_relu(bns, y, mean, m2, scales - 1, width, params[1])]
     else:
         outs, previous = [], None
-        for i, (conv, bn) in enumerate(zip(block.convs, bns)):
-            chunk = out[:, i * slot : (i + 1) * slot]
+        for chunk, weight, bn, bn_params in zip(chunks, convs, bns, params[1:]):
             add = previous if block.stage_type == "normal" else None
-            weight = _pad_inputs(_pad_outputs(conv.weight, 1), 1)
-            y, mean, m2 = conv2d_bn_train(
-                chunk, arrange_weight(weight, out.dtype), input_add=add, **geometry
-            )
-            previous = _train_padded_bn_relu([bn], y, mean, m2, 1, width)
+            y, mean, m2 = conv2d_bn_train(chunk, weight, input_add=add, **geometry)
+            previous = _train_padded_bn_relu([bn], y, mean, m2, 1, width, bn_params)
             outs.append(previous)
-    last = out[:, split:]
     if block.pools_last_chunk:
         last = block.pool(last)
     cat = torch.cat([*outs, last], 1).contiguous(memory_format=torch.channels_last)
-    return PaddedConcat(cat, _pad_inputs(block.conv3.weight, scales))
+    return PaddedConcat(cat, w3)
+
+
+def _train_weights(block: nn.Module, dtype: torch.dtype, grouped: bool):
+    """(conv1's, the chunk convs' (stacked when `grouped`, else a list), conv3's) raw weights
+    in their padded layouts, arranged for the kernels in `dtype`."""
+    if eager_autograd():
+        w1, _, convs, w3, _ = _padded_launch_weights(block, dtype, fold=False, stacked=grouped)
+        return w1, convs[0] if grouped else [w for w, _ in convs], w3
+    scales = block.scales
+    w1 = arrange_weight(_pad_outputs(block.conv1.weight, scales), dtype)
+    convs = [arrange_weight(_pad_inputs(_pad_outputs(c.weight, 1), 1), dtype) for c in block.convs]
+    if grouped:
+        convs = arrange_weight(torch.cat(convs), dtype)
+    return w1, convs, arrange_weight(_pad_inputs(block.conv3.weight, scales), dtype)
+
+
+def _slot_params(block: nn.Module, grouped: bool) -> list[tuple[Tensor, Tensor] | None]:
+    """The affine parameters (weight, bias) of each BN group of a training-mode middle (norm1,
+    then the chunk BNs: one group when `grouped`, else one each) in their padded slots, built
+    together: one concatenation and gather each way for the whole block (`_SlotParams`). Nones
+    where nothing is padded or under torch.compile / torch.func (`_padded_norm` pads then)."""
+    scales, width, slot = block.scales, block.width, _chunk_slot(block.width)
+    groups = 1 + (1 if grouped else scales - 1)
+    if slot == width or not eager_autograd():
+        return [None] * groups
+    bns = [block.norm1, *block.bns]
+    rows = _slot_map(2 * scales - 1, width, block.norm1.weight.device)
+    sizes = [scales * slot] + ([(scales - 1) * slot] if grouped else [slot] * (scales - 1))
+    padded = _SlotParams.apply(rows, sizes, *(bn.weight for bn in bns), *(bn.bias for bn in bns))
+    return list(zip(padded[0::2], padded[1::2], strict=True))
+
+
+class _SlotParams(torch.autograd.Function):
+    """BN weights and biases of consecutive channel ranges (all weights, then all biases) in
+    padded slots (`rows`), returned as (weight, bias) per range of `sizes` padded channels: one
+    concatenation and gather each way. Backward reads each real entry's gradient at its
+    primary copy: a pad channel's gradient is zero (it only meets zero weight columns), as in
+    `padded_weight`."""
+
+    @staticmethod
+    def forward(ctx, rows: ChannelMap, sizes: list[int], *params: Tensor):
+        ctx.rows, ctx.sizes = rows, [p.numel() for p in params]
+        table = torch.cat(params).view(2, -1).index_select(1, rows.index)
+        weights, biases = table[0].split(sizes), table[1].split(sizes)
+        return tuple(t for pair in zip(weights, biases) for t in pair)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        table = torch.cat([*grads[0::2], *grads[1::2]]).view(2, -1)
+        real = table.index_select(1, ctx.rows.inverse)
+        return None, None, *real.view(-1).split(ctx.sizes)
 
 
 def _train_padded_bn_relu(
-    bns: list[nn.Module], y: Tensor, mean: Tensor, m2: Tensor, chunks: int, width: int
+    bns: list[nn.Module],
+    y: Tensor,
+    mean: Tensor,
+    m2: Tensor,
+    chunks: int,
+    width: int,
+    params: tuple[Tensor, Tensor] | None,
 ) -> Tensor:
     """ReLU(BN(y)) with batch statistics for a raw conv output of `chunks` padded chunk slots,
     the i-th chunk normalized by bns[i * len(bns) // chunks]: each BN finalized once from the
     real channels' statistics, its running statistics updated in the same op; each pad channel
     gets its chunk's first channel's coefficients and affine parameters, so it stays a copy of
-    that channel (see `_chunk_slot`)."""
-    # The real channels: their count and values are what the statistics are gathered from.
-    real = y.narrow(1, 0, chunks * width)
+    that channel (see `_chunk_slot`).
+
+    params: the BNs' padded affine parameters (`_slot_params`): the padded coefficients are then
+    one finalize of the padded statistics (a pad channel's are its chunk's first channel's);
+    None: the finalized BNs are padded field by field (`_padded_norm`).
+    """
     group = bn_ops.sync_group_name(bns[0])
-    mean, m2, count = bn_ops.gather_stats(
-        real, _unpad_outputs(mean, chunks, width), _unpad_outputs(m2, chunks, width), group
-    )
-    part = chunks * width // len(bns)
+    mean, m2, count = bn_ops.gather_stats(y, mean, m2, group)
+    # Each BN's real statistics: a slice of the padded ones where it normalizes one chunk.
+    per_bn = chunks // len(bns)
+    if per_bn > 1:
+        mean_of, m2_of = _unpad_outputs(mean, chunks, width), _unpad_outputs(m2, chunks, width)
+        step, part = per_bn * width, per_bn * width
+    else:
+        mean_of, m2_of, step, part = mean, m2, _chunk_slot(width), width
     norms = [
-        bn_ops.batch_normalized(bn, mean[i * part : (i + 1) * part], m2[i * part : (i + 1) * part],
-                                count)
+        bn_ops.batch_normalized(
+            bn, mean_of[i * step : i * step + part], m2_of[i * step : i * step + part], count
+        )
         for i, bn in enumerate(bns)
-    ]  # fmt: skip
-    return bn_ops.bn_norm_act(y, _padded_norm(norms, chunks, width), count, group=group)
+    ]
+    if params is None:
+        return bn_ops.bn_norm_act(y, _padded_norm(norms, chunks, width), count, group=group)
+    weight, bias = params
+    with torch.no_grad():
+        scale, shift, invstd = bn_ops.bn_finalize(mean, m2, count, weight, bias, bns[0].eps)
+    norm = bn_ops.Normalized(weight, bias, mean, scale, shift, invstd)
+    return bn_ops.bn_norm_act(y, norm, count, group=group)
 
 
 def _padded_norm(norms: list[bn_ops.Normalized], chunks: int, width: int) -> bn_ops.Normalized:
@@ -329,7 +459,7 @@ def _padded_norm(norms: list[bn_ops.Normalized], chunks: int, width: int) -> bn_
     def padded(fields: tuple[str, ...]) -> list[Tensor]:
         table = torch.cat([getattr(n, f) for f in fields for n in norms]).view(len(fields), -1)
         if _chunk_slot(width) != width:
-            table = table.index_select(1, _pad_index(chunks, width, table.device))
+            table = table.index_select(1, _slot_map(chunks, width, table.device).index)
         return list(table.unbind(0))
 
     weight, bias = padded(("weight", "bias"))
