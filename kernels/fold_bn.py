@@ -26,7 +26,7 @@ from .conv2d_fused import round_to
 
 
 @triton.jit
-def _channel_scale(
+def channel_scale(
     gamma_ptr, var_ptr, offs_c, c_ok, eps, ACC: tl.constexpr, HAS_GAMMA: tl.constexpr
 ):
     """(invstd, scale) of channels offs_c; invstd correctly rounded in fp32 (sqrt_rn, div_rn:
@@ -43,7 +43,7 @@ def _channel_scale(
 
 
 @triton.jit
-def _weight_offsets(k, offs_c, C_in, KW, s_o, s_i, s_h, s_w):
+def weight_offsets(k, offs_c, C_in, KW, s_o, s_i, s_h, s_w):
     """Offsets of the [BLOCK_K, BLOCK_C] tile (index k = (kh * KW + kw) * C_in + ci along K,
     output channel c) in a weight-shaped tensor of strides (s_o, s_i, s_h, s_w)."""
     ci = k % C_in
@@ -87,13 +87,13 @@ def fold_bn_kernel(
     out_w o_*. Grid: (cdiv(C_out, BLOCK_C),)."""
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C_out
-    _, scale = _channel_scale(gamma_ptr, var_ptr, offs_c, c_ok, eps, ACC, HAS_GAMMA)
+    _, scale = channel_scale(gamma_ptr, var_ptr, offs_c, c_ok, eps, ACC, HAS_GAMMA)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         ok = (k < K)[:, None] & c_ok[None, :]
-        src = _weight_offsets(k, offs_c, C_in, KW, s_o, s_i, s_h, s_w)
+        src = weight_offsets(k, offs_c, C_in, KW, s_o, s_i, s_h, s_w)
         w = tl.load(w_ptr + src, mask=ok, other=0.0).to(ACC) * scale[None, :]
-        dst = _weight_offsets(k, offs_c, C_in, KW, o_o, o_i, o_h, o_w)
+        dst = weight_offsets(k, offs_c, C_in, KW, o_o, o_i, o_h, o_w)
         tl.store(out_w_ptr + dst, round_to(w, out_w_ptr.dtype.element_ty, EMULATE_RTNE), mask=ok)
     shift = -tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0).to(ACC) * scale
     if HAS_CONV_BIAS:
@@ -144,20 +144,20 @@ def fold_bn_backward_kernel(
     g_*, grad_w d_*. Grid: (cdiv(C_out, BLOCK_C),)."""
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C_out
-    invstd, scale = _channel_scale(gamma_ptr, var_ptr, offs_c, c_ok, eps, ACC, HAS_GAMMA)
+    invstd, scale = channel_scale(gamma_ptr, var_ptr, offs_c, c_ok, eps, ACC, HAS_GAMMA)
     dot = tl.zeros((BLOCK_C,), dtype=ACC)  # sum(grad_wf[c] * w[c])
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         ok = (k < K)[:, None] & c_ok[None, :]
         gwf = tl.load(
-            grad_wf_ptr + _weight_offsets(k, offs_c, C_in, KW, g_o, g_i, g_h, g_w),
+            grad_wf_ptr + weight_offsets(k, offs_c, C_in, KW, g_o, g_i, g_h, g_w),
             mask=ok,
             other=0.0,
         ).to(ACC)
         if HAS_GAMMA:
-            w = tl.load(w_ptr + _weight_offsets(k, offs_c, C_in, KW, s_o, s_i, s_h, s_w), mask=ok)
+            w = tl.load(w_ptr + weight_offsets(k, offs_c, C_in, KW, s_o, s_i, s_h, s_w), mask=ok)
             dot += tl.sum(gwf * w.to(ACC), axis=0)
-        dst = grad_w_ptr + _weight_offsets(k, offs_c, C_in, KW, d_o, d_i, d_h, d_w)
+        dst = grad_w_ptr + weight_offsets(k, offs_c, C_in, KW, d_o, d_i, d_h, d_w)
         tl.store(dst, (gwf * scale[None, :]).to(grad_w_ptr.dtype.element_ty), mask=ok)
     grad_bf = tl.load(grad_bf_ptr + offs_c, mask=c_ok, other=0.0).to(ACC)
     if HAS_CONV_BIAS:

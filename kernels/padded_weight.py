@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .conv2d_fused import round_to
-from .fold_bn import _channel_scale, _weight_offsets
+from .fold_bn import channel_scale, weight_offsets
 
 
 @triton.jit
@@ -69,7 +69,7 @@ def padded_weight_kernel(
     c_ok = offs_c < C_out
     src_c = tl.load(rows_ptr + offs_c, mask=c_ok, other=0)
     if FOLD:
-        _, scale = _channel_scale(gamma_ptr, var_ptr, src_c, c_ok, eps, ACC, HAS_GAMMA)
+        _, scale = channel_scale(gamma_ptr, var_ptr, src_c, c_ok, eps, ACC, HAS_GAMMA)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < K
@@ -79,7 +79,7 @@ def padded_weight_kernel(
         w = tl.load(w_ptr + src, mask=ok & (src_ci >= 0)[:, None], other=0.0).to(ACC)
         if FOLD:
             w = w * scale[None, :]
-        dst = _weight_offsets(k, offs_c, C_in, KW, d_o, d_i, d_h, d_w)
+        dst = weight_offsets(k, offs_c, C_in, KW, d_o, d_i, d_h, d_w)
         tl.store(out_w_ptr + dst, round_to(w, out_w_ptr.dtype.element_ty, EMULATE_RTNE), mask=ok)
     if FOLD:
         shift = -tl.load(mean_ptr + src_c, mask=c_ok, other=0.0).to(ACC) * scale
@@ -136,7 +136,7 @@ def padded_weight_backward_kernel(
     c_ok = offs_c < C_out
     row = tl.load(inv_rows_ptr + offs_c, mask=c_ok, other=0)
     if FOLD:
-        invstd, scale = _channel_scale(gamma_ptr, var_ptr, offs_c, c_ok, eps, ACC, HAS_GAMMA)
+        invstd, scale = channel_scale(gamma_ptr, var_ptr, offs_c, c_ok, eps, ACC, HAS_GAMMA)
     dot = tl.zeros((BLOCK_C,), dtype=ACC)  # sum(grad_wf[c] * w[c])
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
@@ -147,11 +147,11 @@ def padded_weight_backward_kernel(
         gwf = tl.load(grad_wf_ptr + src, mask=ok, other=0.0).to(ACC)
         if FOLD:
             if HAS_GAMMA:
-                src = _weight_offsets(k, offs_c, C_in, KW, s_o, s_i, s_h, s_w)
+                src = weight_offsets(k, offs_c, C_in, KW, s_o, s_i, s_h, s_w)
                 w = tl.load(w_ptr + src, mask=ok)
                 dot += tl.sum(gwf * w.to(ACC), axis=0)
             gwf = gwf * scale[None, :]
-        dst = grad_w_ptr + _weight_offsets(k, offs_c, C_in, KW, d_o, d_i, d_h, d_w)
+        dst = grad_w_ptr + weight_offsets(k, offs_c, C_in, KW, d_o, d_i, d_h, d_w)
         tl.store(dst, gwf.to(grad_w_ptr.dtype.element_ty), mask=ok)
     if FOLD:
         grad_bf = tl.load(grad_bf_ptr + row, mask=c_ok, other=0.0).to(ACC)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from . import conv2d_fused
-from .bn_fold import _blocks, _kept_launch
+from .bn_fold import fold_tiles, kept_launch
 from .conv2d_fused import arrange_weight, call_op, interpreting, layout_key
 from .precision import accumulator_dtype, triton_accumulator
 
@@ -74,8 +74,13 @@ def _check(weights: list[Tensor], rows: Tensor, cols: Tensor, folds: int) -> Non
     if folds not in (0, len(weights)):
         raise ValueError(f"{folds} BatchNorms for {len(weights)} weights")
     for t, name in ((rows, "rows"), (cols, "cols")):
-        if t.dtype != torch.int32 or t.dim() != 1 or t.device != weights[0].device:
-            raise ValueError(f"{name}: expected a 1-D int32 map on the weights' device")
+        if (
+            t.dtype != torch.int32
+            or t.dim() != 1
+            or t.stride(0) != 1
+            or t.device != weights[0].device
+        ):
+            raise ValueError(f"{name}: expected a contiguous 1-D int32 map on the weights' device")
 
 
 def _padded_weight_body(
@@ -104,9 +109,7 @@ def _padded_weight_body(
         e = eps[m] if fold else 0.0
         key = ("fwd", layout_key(w), *map(layout_key, vectors), p, len(cols), fold, e, dtype,
                interpreting())  # fmt: skip
-        launch = _kept_launch(
-            key, functools.partial(_launch, w, vectors, out_w[:p], e, fold, dtype)
-        )
+        launch = kept_launch(key, functools.partial(_launch, w, vectors, out_w[:p], e, fold, dtype))
         bias = out_b[m * p : (m + 1) * p] if fold else None
         launch(w, rows, cols, *vectors, out_w[m * p : (m + 1) * p], bias)
     return out_w, out_b
@@ -118,11 +121,13 @@ def _launch(w: Tensor, vectors: tuple, out_w: Tensor, eps: float, fold: bool, dt
 
     from .launcher import DirectLaunch
 
+    for t in vectors:
+        conv2d_fused.check_channel_vector(t, "a per-channel BatchNorm / bias tensor", len(w), w)
     conv_bias, gamma, beta, _, _ = vectors
     c_out, c_in, kh, kw = out_w.shape
     k = c_in * kh * kw
     interpret = interpreting()
-    block_k, block_c = _blocks(c_out, k, interpret)
+    block_k, block_c = fold_tiles(c_out, k, interpret)
     return DirectLaunch(
         padded_weight_kernel, (-(-c_out // block_c),), 10,
         (eps, c_out, c_in, k, kw, *w.stride(), *out_w.stride()),
@@ -169,7 +174,7 @@ def _padded_weight_backward_body(
         e = eps[m] if fold else 0.0
         key = ("bwd", layout_key(g_w), layout_key(w), *map(layout_key, vectors),
                layout_key(outs[0]), fold, e, interpreting())  # fmt: skip
-        launch = _kept_launch(
+        launch = kept_launch(
             key, functools.partial(_backward_launch, w, vectors, g_w, outs[0], e, fold)
         )
         outs = [o if o is not None and o.numel() else None for o in outs]
@@ -186,7 +191,7 @@ def _backward_launch(w: Tensor, vectors: tuple, g_w: Tensor, grad_w: Tensor, eps
     conv_bias, gamma, _, _ = vectors
     c_out, c_in, kh, kw = w.shape
     k = c_in * kh * kw
-    block_k, block_c = _blocks(c_out, k, interpreting())
+    block_k, block_c = fold_tiles(c_out, k, interpreting())
     return DirectLaunch(
         padded_weight_backward_kernel, (-(-c_out // block_c),), 13,
         (eps, c_out, c_in, k, kw, *w.stride(), *g_w.stride(), *grad_w.stride()),

@@ -67,7 +67,7 @@ def _fold(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype) -> tuple[Tensor, T
 
 def folded(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """`_fold`, cached while it is not stale (`fold_cache`) and no gradient is wanted."""
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and _wants_grad(conv, bn)):
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and wants_grad(conv, bn)):
         return fold_arranged(conv, bn, dtype)
     key = (fold_key(conv, bn), dtype, torch.is_inference_mode_enabled())
     cached = _FOLD_CACHE.get(conv)
@@ -79,7 +79,7 @@ def folded(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype) -> tuple[Tensor, 
     return folded
 
 
-def _wants_grad(conv: nn.Conv2d, bn: nn.Module) -> bool:
+def wants_grad(conv: nn.Conv2d, bn: nn.Module) -> bool:
     """Whether a gradient may reach a parameter the fold is made of (read only where grad
     mode is on: nn.Module's attribute lookups cost more than the rest of a cached fold)."""
     params = (conv.weight, conv.bias, bn.weight, bn.bias)

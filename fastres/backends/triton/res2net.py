@@ -17,7 +17,7 @@ from ...ops.conv2d_fused import arrange_weight, conv2d_fused, eager_autograd
 from ...ops.padded_weight import ChannelMap, padded_weight
 from ...ops.res2net_pool import res2net_pool
 from ..fold_cache import new_cache
-from .inference import _wants_grad, folded, nhwc_empty
+from .inference import folded, nhwc_empty, wants_grad
 
 
 class PaddedConcat(NamedTuple):
@@ -142,7 +142,7 @@ def _res2net_launch_weights(block: nn.Module, dtype: torch.dtype, rotate: bool):
     """
     scales = block.scales
     if eager_autograd() and any(
-        _wants_grad(conv, bn)
+        wants_grad(conv, bn)
         for conv, bn in [(block.conv1, block.norm1), (block.conv3, block.norm3),
                          *zip(block.convs, block.bns)]
     ):  # fmt: skip
