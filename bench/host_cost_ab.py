@@ -31,7 +31,9 @@ def _host_cost(checkout: Path, json_path: Path, *args: str) -> None:
         command += ["--workload", workload]
     for mode in MODES:
         command += ["--mode", mode]
-    subprocess.run([*command, *args], env=env, check=True, capture_output=True)
+    done = subprocess.run([*command, *args], env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
 
 
 def _best(out: Path, side: str) -> dict:
