@@ -43,6 +43,39 @@ def channel_scale(
 
 
 @triton.jit
+def folded_bias(
+    mean_ptr, conv_bias_ptr, beta_ptr, c, c_ok, scale, ACC: tl.constexpr,
+    HAS_CONV_BIAS: tl.constexpr, HAS_BETA: tl.constexpr,
+):  # fmt: skip
+    """The folded bias of channels c: beta + (conv_bias - mean) * scale."""
+    shift = -tl.load(mean_ptr + c, mask=c_ok, other=0.0).to(ACC) * scale
+    if HAS_CONV_BIAS:
+        shift += tl.load(conv_bias_ptr + c, mask=c_ok, other=0.0).to(ACC) * scale
+    if HAS_BETA:
+        shift += tl.load(beta_ptr + c, mask=c_ok, other=0.0).to(ACC)
+    return shift
+
+
+@triton.jit
+def store_parameter_grads(
+    grad_bf, dot, invstd, scale, mean_ptr, conv_bias_ptr, grad_conv_bias_ptr, grad_gamma_ptr,
+    offs_c, c_ok, ACC: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr,
+):  # fmt: skip
+    """Stores the gradients of the conv bias (grad_bf * scale) and of the BN weight
+    ((dot + grad_bf * (conv_bias - mean)) * invstd, dot = sum(grad_wf[c] * w[c])) of channels
+    offs_c, from the folded bias's gradient grad_bf."""
+    if HAS_CONV_BIAS:
+        dst = grad_conv_bias_ptr + offs_c
+        tl.store(dst, (grad_bf * scale).to(grad_conv_bias_ptr.dtype.element_ty), mask=c_ok)
+    if HAS_GAMMA:
+        centre = -tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0).to(ACC)
+        if HAS_CONV_BIAS:
+            centre += tl.load(conv_bias_ptr + offs_c, mask=c_ok, other=0.0).to(ACC)
+        grad_gamma = (dot + grad_bf * centre) * invstd
+        tl.store(grad_gamma_ptr + offs_c, grad_gamma.to(grad_gamma_ptr.dtype.element_ty), mask=c_ok)
+
+
+@triton.jit
 def weight_offsets(k, offs_c, C_in, KW, s_o, s_i, s_h, s_w):
     """Offsets of the [BLOCK_K, BLOCK_C] tile (index k = (kh * KW + kw) * C_in + ci along K,
     output channel c) in a weight-shaped tensor of strides (s_o, s_i, s_h, s_w)."""
@@ -95,11 +128,9 @@ def fold_bn_kernel(
         w = tl.load(w_ptr + src, mask=ok, other=0.0).to(ACC) * scale[None, :]
         dst = weight_offsets(k, offs_c, C_in, KW, o_o, o_i, o_h, o_w)
         tl.store(out_w_ptr + dst, round_to(w, out_w_ptr.dtype.element_ty, EMULATE_RTNE), mask=ok)
-    shift = -tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0).to(ACC) * scale
-    if HAS_CONV_BIAS:
-        shift += tl.load(conv_bias_ptr + offs_c, mask=c_ok, other=0.0).to(ACC) * scale
-    if HAS_BETA:
-        shift += tl.load(beta_ptr + offs_c, mask=c_ok, other=0.0).to(ACC)
+    shift = folded_bias(
+        mean_ptr, conv_bias_ptr, beta_ptr, offs_c, c_ok, scale, ACC, HAS_CONV_BIAS, HAS_BETA
+    )
     tl.store(out_b_ptr + offs_c, shift, mask=c_ok)
 
 
@@ -160,14 +191,9 @@ def fold_bn_backward_kernel(
         dst = grad_w_ptr + weight_offsets(k, offs_c, C_in, KW, d_o, d_i, d_h, d_w)
         tl.store(dst, (gwf * scale[None, :]).to(grad_w_ptr.dtype.element_ty), mask=ok)
     grad_bf = tl.load(grad_bf_ptr + offs_c, mask=c_ok, other=0.0).to(ACC)
-    if HAS_CONV_BIAS:
-        dst = grad_conv_bias_ptr + offs_c
-        tl.store(dst, (grad_bf * scale).to(grad_conv_bias_ptr.dtype.element_ty), mask=c_ok)
-    if HAS_GAMMA:
-        centre = -tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0).to(ACC)
-        if HAS_CONV_BIAS:
-            centre += tl.load(conv_bias_ptr + offs_c, mask=c_ok, other=0.0).to(ACC)
-        grad_gamma = (dot + grad_bf * centre) * invstd
-        tl.store(grad_gamma_ptr + offs_c, grad_gamma.to(grad_gamma_ptr.dtype.element_ty), mask=c_ok)
+    store_parameter_grads(
+        grad_bf, dot, invstd, scale, mean_ptr, conv_bias_ptr, grad_conv_bias_ptr, grad_gamma_ptr,
+        offs_c, c_ok, ACC, HAS_CONV_BIAS, HAS_GAMMA,
+    )  # fmt: skip
     if HAS_BETA:
         tl.store(grad_beta_ptr + offs_c, grad_bf.to(grad_beta_ptr.dtype.element_ty), mask=c_ok)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .conv2d_fused import round_to
-from .fold_bn import channel_scale, weight_offsets
+from .fold_bn import channel_scale, folded_bias, store_parameter_grads, weight_offsets
 
 
 @triton.jit
@@ -82,11 +82,9 @@ def padded_weight_kernel(
         dst = weight_offsets(k, offs_c, C_in, KW, d_o, d_i, d_h, d_w)
         tl.store(out_w_ptr + dst, round_to(w, out_w_ptr.dtype.element_ty, EMULATE_RTNE), mask=ok)
     if FOLD:
-        shift = -tl.load(mean_ptr + src_c, mask=c_ok, other=0.0).to(ACC) * scale
-        if HAS_CONV_BIAS:
-            shift += tl.load(conv_bias_ptr + src_c, mask=c_ok, other=0.0).to(ACC) * scale
-        if HAS_BETA:
-            shift += tl.load(beta_ptr + src_c, mask=c_ok, other=0.0).to(ACC)
+        shift = folded_bias(
+            mean_ptr, conv_bias_ptr, beta_ptr, src_c, c_ok, scale, ACC, HAS_CONV_BIAS, HAS_BETA
+        )
         tl.store(out_b_ptr + offs_c, shift, mask=c_ok)
 
 
@@ -156,13 +154,7 @@ def padded_weight_backward_kernel(
     if FOLD:
         grad_bf = tl.load(grad_bf_ptr + row, mask=c_ok, other=0.0).to(ACC)
         tl.store(grad_beta_ptr + offs_c, grad_bf.to(grad_beta_ptr.dtype.element_ty), mask=c_ok)
-        if HAS_CONV_BIAS:
-            dst = grad_conv_bias_ptr + offs_c
-            tl.store(dst, (grad_bf * scale).to(grad_conv_bias_ptr.dtype.element_ty), mask=c_ok)
-        if HAS_GAMMA:
-            centre = -tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0).to(ACC)
-            if HAS_CONV_BIAS:
-                centre += tl.load(conv_bias_ptr + offs_c, mask=c_ok, other=0.0).to(ACC)
-            grad_gamma = (dot + grad_bf * centre) * invstd
-            dst = grad_gamma_ptr + offs_c
-            tl.store(dst, grad_gamma.to(grad_gamma_ptr.dtype.element_ty), mask=c_ok)
+        store_parameter_grads(
+            grad_bf, dot, invstd, scale, mean_ptr, conv_bias_ptr, grad_conv_bias_ptr,
+            grad_gamma_ptr, offs_c, c_ok, ACC, HAS_CONV_BIAS, HAS_GAMMA,
+        )  # fmt: skip
