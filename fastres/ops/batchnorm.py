@@ -242,10 +242,8 @@ def bn_apply(
     Differentiable in x, scale, shift, residual, scale_r and shift_r.
     """
     op = torch.ops.fastres.bn_apply.default
-    if torch.compiler.is_compiling():
-        return op(x, scale, shift, residual, scale_r, shift_r, relu, 0)
-    args = (x, scale, shift, residual, scale_r, shift_r, relu, _KERNEL_VARIANT.get())
-    if torch.is_grad_enabled():
+    args = (x, scale, shift, residual, scale_r, shift_r, relu, current_variant())
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return op(*args)
     # No graph to record (e.g. a backward recomputing its forward's activation): below the op's
     # Python autograd layer, which costs the host more than the op's own dispatch.
