@@ -31,7 +31,7 @@ from torch import Tensor
 
 from . import conv2d_fused
 from .bn_fold import fold_tiles, kept_launch
-from .conv2d_fused import arrange_weight, call_op, interpreting, layout_key
+from .conv2d_fused import apply_function, arrange_weight, call_op, interpreting, layout_key
 from .precision import accumulator_dtype, triton_accumulator
 
 
@@ -317,5 +317,5 @@ def padded_weight(
         for i in range(5):
             tensors += [f[i] for f in folds]
         eps = [float(f[5]) for f in folds]
-    weight, bias = _PaddedWeight.apply(rows, cols, dtype, len(weights), eps, *tensors)
+    weight, bias = apply_function(_PaddedWeight, rows, cols, dtype, len(weights), eps, *tensors)
     return weight, bias if folds else None

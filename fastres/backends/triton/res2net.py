@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ...ops import batchnorm as bn_ops
 from ...ops.conv2d_bn_train import conv2d_bn_train
-from ...ops.conv2d_fused import arrange_weight, conv2d_fused, eager_autograd
+from ...ops.conv2d_fused import apply_function, arrange_weight, conv2d_fused, eager_autograd
 from ...ops.padded_weight import ChannelMap, padded_weight
 from ...ops.res2net_pool import res2net_pool
 from ..fold_cache import new_cache
@@ -381,7 +381,8 @@ def _slot_params(block: nn.Module, grouped: bool) -> list[tuple[Tensor, Tensor] 
     bns = [block.norm1, *block.bns]
     rows = _slot_map(2 * scales - 1, width, block.norm1.weight.device)
     sizes = [scales * slot] + ([(scales - 1) * slot] if grouped else [slot] * (scales - 1))
-    padded = _SlotParams.apply(rows, sizes, *(bn.weight for bn in bns), *(bn.bias for bn in bns))
+    params = (*(bn.weight for bn in bns), *(bn.bias for bn in bns))
+    padded = apply_function(_SlotParams, rows, sizes, *params)
     return list(zip(padded[0::2], padded[1::2], strict=True))
 
 
