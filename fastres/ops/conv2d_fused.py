@@ -667,7 +667,8 @@ def _setup_context(ctx, inputs, output) -> None:
     save_args(ctx, args, out)
 
 
-def _channel_sum(t: Tensor) -> Tensor:
+def channel_sum(t: Tensor) -> Tensor:
+    """The per-channel sum of t [N, C, H, W] in the accumulator's dtype (a bias gradient)."""
     return t.sum((0, 2, 3), dtype=accumulator_dtype(t.dtype))
 
 
@@ -678,7 +679,7 @@ def _backward(ctx, grad_out: Tensor, _grad_mean, _grad_m2):
     # ReLU's gradient as eager computes it (one op: grad where out > 0, else 0).
     grad_z = torch.ops.aten.threshold_backward(grad_out, out, 0) if args.relu else grad_out
     if args.bias is not None and needs.bias:
-        grads["bias"] = cast(_channel_sum(grad_z), args.bias.dtype)
+        grads["bias"] = cast(channel_sum(grad_z), args.bias.dtype)
     residual = args.residual
     if residual is not None and args.residual_scale is None:
         grads["residual"] = cast(grad_z, residual.dtype) if needs.residual else None
@@ -686,9 +687,9 @@ def _backward(ctx, grad_out: Tensor, _grad_mean, _grad_m2):
         rs = args.residual_scale.view(1, -1, 1, 1)
         grads["residual"] = (grad_z.float() * rs).to(residual.dtype) if needs.residual else None
         if needs.residual_scale:
-            grads["residual_scale"] = _channel_sum(grad_z.float() * residual.float()).to(rs.dtype)
+            grads["residual_scale"] = channel_sum(grad_z.float() * residual.float()).to(rs.dtype)
         if needs.residual_shift:
-            grads["residual_shift"] = _channel_sum(grad_z).to(rs.dtype)
+            grads["residual_shift"] = channel_sum(grad_z).to(rs.dtype)
     needs_input = needs.x or needs.input_scale or needs.input_shift or needs.input_add
     if needs_input or needs.weight:
         x_in = prologue_reference(
@@ -725,11 +726,11 @@ def _prologue_backward(grad: Tensor, args: ConvArgs, needs: ConvArgs) -> dict[st
     return {
         "x": (grad.float() * input_scale.view(shape)).to(x.dtype) if needs.x else None,
         "input_scale": (
-            _channel_sum(grad.float() * x.float()).to(input_scale.dtype)
+            channel_sum(grad.float() * x.float()).to(input_scale.dtype)
             if needs.input_scale
             else None
         ),
-        "input_shift": _channel_sum(grad).to(input_shift.dtype) if needs.input_shift else None,
+        "input_shift": channel_sum(grad).to(input_shift.dtype) if needs.input_shift else None,
     }
 
 

@@ -13,8 +13,15 @@ from torch import Tensor, nn
 
 from ...ops import batchnorm as bn_ops
 from ...ops.conv2d_bn_train import conv2d_bn_train
-from ...ops.conv2d_fused import apply_function, arrange_weight, conv2d_fused, eager_autograd
+from ...ops.conv2d_fused import (
+    apply_function,
+    arrange_weight,
+    channel_sum,
+    conv2d_fused,
+    eager_autograd,
+)
 from ...ops.padded_weight import ChannelMap, padded_weight
+from ...ops.precision import cast
 from ...ops.res2net_pool import res2net_pool
 from ..fold_cache import new_cache
 from .inference import folded, nhwc_empty, wants_grad
@@ -130,13 +137,14 @@ def _unpad_outputs(t: Tensor, chunks: int, width: int) -> Tensor:
     return t.unflatten(0, (chunks, -1))[:, :width].flatten()
 
 
-def _res2net_launch_weights(block: nn.Module, dtype: torch.dtype, rotate: bool):
+def _res2net_launch_weights(block: nn.Module, dtype: torch.dtype, rotate: bool, stacked: bool):
     """The folded, chunk-padded weights of a Bottle2neck's fused path, cached per block.
 
     Returns (w1, b1, convs, w3, b3): conv1's output chunks padded to slots (the last chunk
     first when `rotate`, see `split_conv_concat`); convs one stacked (weight
-    [(scales-1)*slot, slot, 3, 3], bias) pair for a 'stage' block's grouped launch, else a list
-    of ([slot, slot, 3, 3], [slot]) pairs; conv3's input chunks padded to slots. Differentiable
+    [(scales-1)*slot, slot, 3, 3], bias) pair where `stacked` (a 'stage' block's grouped
+    launch needs it), else a list of ([slot, slot, 3, 3], [slot]) pairs; conv3's input chunks
+    padded to slots. Differentiable
     (and not cached) where a folded piece wants gradients: then in eager mode each weight is
     one `padded_weight` launch each way (`_padded_launch_weights`).
     """
@@ -146,7 +154,7 @@ def _res2net_launch_weights(block: nn.Module, dtype: torch.dtype, rotate: bool):
         for conv, bn in [(block.conv1, block.norm1), (block.conv3, block.norm3),
                          *zip(block.convs, block.bns)]
     ):  # fmt: skip
-        return _padded_launch_weights(block, dtype, fold=True, rotate=rotate)
+        return _padded_launch_weights(block, dtype, fold=True, rotate=rotate, stacked=stacked)
     pieces = [folded(block.conv1, block.norm1, dtype), folded(block.conv3, block.norm3, dtype)]
     pieces += [folded(conv, bn, dtype) for conv, bn in zip(block.convs, block.bns)]
     cacheable = not torch.compiler.is_compiling() and not any(
@@ -155,7 +163,7 @@ def _res2net_launch_weights(block: nn.Module, dtype: torch.dtype, rotate: bool):
     cached = _RES2NET_CACHE.get(block) if cacheable else None
     if (
         cached is not None
-        and cached[0] == rotate
+        and cached[0] == (rotate, stacked)
         and all(a is b for a, b in zip(cached[1], pieces, strict=True))
     ):
         return cached[2]
@@ -166,23 +174,23 @@ def _res2net_launch_weights(block: nn.Module, dtype: torch.dtype, rotate: bool):
     w1, b1 = arrange_weight(_pad_outputs(w1, scales)), _pad_outputs(b1, scales)
     w3 = arrange_weight(_pad_inputs(w3, scales))
     convs = [(_pad_inputs(_pad_outputs(w, 1), 1), _pad_outputs(b, 1)) for w, b in convs]
-    if block.stage_type == "stage":
+    if stacked:
         convs = (arrange_weight(torch.cat([w for w, _ in convs])), torch.cat([b for _, b in convs]))
     else:
         convs = [(arrange_weight(w), b) for w, b in convs]
     launch = (w1, b1, convs, w3, b3)
     if cacheable:
-        _RES2NET_CACHE[block] = (rotate, pieces, launch)
+        _RES2NET_CACHE[block] = ((rotate, stacked), pieces, launch)
     return launch
 
 
 def _padded_launch_weights(
-    block: nn.Module, dtype: torch.dtype, *, fold: bool, rotate: bool = False, stacked: bool = True
+    block: nn.Module, dtype: torch.dtype, *, fold: bool, stacked: bool, rotate: bool = False
 ):
     """`_res2net_launch_weights`' result (with `fold`; without: the raw weights, biases None)
-    built with gradients in eager mode: each weight (a 'stage' block's chunk convs stacked
-    where `stacked`) padded, arranged and cast by one `padded_weight` launch, BNs folded in
-    (one launch back)."""
+    built with gradients in eager mode: each weight (the chunk convs stacked where `stacked`)
+    padded, arranged and cast by one `padded_weight` call (a launch per member), BNs folded in
+    (one call back)."""
     scales, width, device = block.scales, block.width, block.conv1.weight.device
 
     def weight(convs, bns, rows: ChannelMap, cols: ChannelMap):
@@ -204,7 +212,7 @@ def _padded_launch_weights(
         _slot_map(scales, width, device, zeros=True),
     )  # fmt: skip
     maps = (_slot_map(1, width, device), _slot_map(1, width, device, zeros=True))
-    if block.stage_type == "stage" and stacked:
+    if stacked:
         convs = weight(list(block.convs), list(block.bns), *maps)
     else:
         convs = [weight([conv], [bn], *maps) for conv, bn in zip(block.convs, block.bns)]
@@ -239,21 +247,41 @@ def split_conv_concat(block: nn.Module, x: Tensor) -> PaddedConcat:
       chunk convs are one grouped launch.
 
     A launch never writes memory it (or another program of it) reads: chunks and outputs are
-    disjoint channel ranges. With autograd (BN-frozen training) the functional, differentiable
-    ops run instead: the chunks are still read in place and the add is still in the input load,
-    but the conv outputs and the last chunk are concatenated by torch.cat (one copy of the
-    concatenation buffer forward, its split backward).
+    disjoint channel ranges. With autograd (BN-frozen training) in eager mode the same launches
+    run as one autograd node (`_FrozenMiddle`); under torch.compile or torch.func, or with a
+    pool the Triton pool does not compute, the functional, differentiable ops
+    (`_res2net_autograd`): the chunks are still read in place and the add is still in the input
+    load, but the conv outputs and the last chunk are concatenated by torch.cat.
     """
-    differentiable = torch.is_grad_enabled() and (
+    in_place = not block.pools_last_chunk
+    pool = _last_chunk_pool(block) if block.pools_last_chunk else None
+    if torch.is_grad_enabled() and (
         x.requires_grad or any(p.requires_grad for p in block.parameters())
-    )
-    if differentiable:
+    ):
+        if eager_autograd() and (in_place or pool is not None):
+            return _frozen_middle(block, x, in_place, pool)
         return _res2net_autograd(block, x)
+    stacked = block.stage_type == "stage"
+    w1, b1, convs, w3, b3 = _res2net_launch_weights(block, x.dtype, in_place, stacked)
+    cat, _ = _launch_middle(block, x, w1, b1, convs, in_place, pool)
+    return PaddedConcat(cat, w3, b3)
+
+
+def _launch_middle(
+    block: nn.Module,
+    x: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    convs,
+    in_place: bool,
+    pool: tuple[int, int, int] | None,
+) -> tuple[Tensor, Tensor]:
+    """`split_conv_concat`'s launches, with its launch weights (`_res2net_launch_weights`,
+    rotated when `in_place`: the last chunk is not pooled); `pool`: `_last_chunk_pool`, None
+    for `block.pool` in PyTorch. Returns the concatenation and conv1's output (its chunks in
+    w1's order)."""
     slot, scales = _chunk_slot(block.width), block.scales
     conv1, conv = block.conv1, block.convs[0]
-    pool = _last_chunk_pool(block) if block.pools_last_chunk else None
-    last_chunk_in_place = not block.pools_last_chunk
-    w1, b1, convs, w3, b3 = _res2net_launch_weights(block, x.dtype, rotate=last_chunk_in_place)
     h1 = (x.shape[2] - 1) // conv1.stride[0] + 1
     w1_out = (x.shape[3] - 1) // conv1.stride[1] + 1
     oh, ow = (
@@ -263,11 +291,10 @@ def split_conv_concat(block: nn.Module, x: Tensor) -> PaddedConcat:
         for i, size in enumerate((h1, w1_out))
     )
     split = (scales - 1) * slot
-    if last_chunk_in_place:
+    if in_place:
         buf = nhwc_empty(x, (2 * scales - 1) * slot, h1, w1_out)
-        conv2d_fused(
-            x, w1, b1, stride=conv1.stride, relu=True, out=buf[:, split : split + split + slot]
-        )
+        out1 = buf[:, split : split + split + slot]
+        conv2d_fused(x, w1, b1, stride=conv1.stride, relu=True, out=out1)
         cat, chunks = buf[:, : scales * slot], buf[:, scales * slot : scales * slot + split]
     else:
         out1 = nhwc_empty(x, scales * slot, h1, w1_out)
@@ -284,24 +311,109 @@ def split_conv_concat(block: nn.Module, x: Tensor) -> PaddedConcat:
     if block.stage_type == "stage":
         weight, bias = convs
         conv2d_fused(chunks, weight, bias, groups=scales - 1, out=cat[:, :split], **geometry)
-        return PaddedConcat(cat, w3, b3)
+        return cat, out1
     previous = None
     for i, (weight, bias) in enumerate(convs):
         dest = cat[:, i * slot : (i + 1) * slot]
         chunk = chunks[:, i * slot : (i + 1) * slot]
         conv2d_fused(chunk, weight, bias, input_add=previous, out=dest, **geometry)
         previous = dest
+    return cat, out1
+
+
+def _frozen_middle(
+    block: nn.Module, x: Tensor, in_place: bool, pool: tuple[int, int, int] | None
+) -> PaddedConcat:
+    """The differentiable Bottle2neck middle in eager mode: `_launch_middle` as one autograd
+    node (`_FrozenMiddle`), the chunk weights stacked (one `padded_weight` call)."""
+    w1, b1, (w, b), w3, b3 = _res2net_launch_weights(block, x.dtype, in_place, stacked=True)
+    cat = apply_function(_FrozenMiddle, block, in_place, pool, x, w1, b1, w, b)
     return PaddedConcat(cat, w3, b3)
+
+
+class _FrozenMiddle(torch.autograd.Function):
+    """conv1 and the chunk convs of a Bottle2neck with folded BNs (`_launch_middle`: no split,
+    concatenation or add copies) as one autograd node; inputs (block, in_place, pool, x, w1,
+    b1, w, b), w and b the chunk convs' stacked (launched as one grouped conv in a 'stage'
+    block, as slices in a 'normal' one). The backward is the composition's (`_res2net_autograd`, the fused convolution's
+    backward per conv) written out: each ReLU's gradient from its saved output, PyTorch's
+    convolution_backward per conv, the hierarchical add's gradient carried to the previous
+    chunk, the last chunk's pool's through avg_pool2d_backward, one concatenation of the chunk
+    gradients for conv1."""
+
+    @staticmethod
+    def forward(ctx, block, in_place, pool, x, w1, b1, w, b):
+        convs = (w, b)
+        if block.stage_type != "stage":
+            convs = list(zip(w.chunk(block.scales - 1), b.chunk(block.scales - 1)))
+        cat, out1 = _launch_middle(block, x, w1, b1, convs, in_place, pool)
+        ctx.block, ctx.in_place, ctx.pool = block, in_place, pool
+        ctx.save_for_backward(x, w1, out1, cat, w)
+        ctx.bias_dtypes = (b1.dtype, b.dtype)
+        return cat
+
+    @staticmethod
+    def backward(ctx, grad_cat):
+        block, needs = ctx.block, ctx.needs_input_grad
+        x, w1, out1, cat, w = ctx.saved_tensors
+        slot, scales = _chunk_slot(block.width), block.scales
+        split = (scales - 1) * slot
+        grad_cat = cast(grad_cat, cat.dtype)
+        conv = block.convs[0]
+        geometry = (conv.stride, conv.padding, conv.dilation, False, [0, 0])
+        chunks = out1[:, slot:] if ctx.in_place else out1[:, :split]
+        if block.stage_type == "stage":
+            grad_z = torch.ops.aten.threshold_backward(grad_cat[:, :split], cat[:, :split], 0)
+            grad_chunks, grad_w, _ = torch.ops.aten.convolution_backward(
+                grad_z, chunks, w, None, *geometry, scales - 1, [True, True, False]
+            )
+            grad_b = channel_sum(grad_z)
+        else:
+            weights = w.chunk(scales - 1)
+            grad_ins, grad_ws, grad_bs, carried = [], [], [], None
+            for i in reversed(range(scales - 1)):
+                part = slice(i * slot, (i + 1) * slot)
+                grad = grad_cat[:, part] if carried is None else grad_cat[:, part] + carried
+                grad_z = torch.ops.aten.threshold_backward(grad, cat[:, part], 0)
+                conv_in = chunks[:, part]
+                if i > 0:  # the hierarchical add: chunk i + the previous chunk conv's output
+                    conv_in = conv_in + cat[:, (i - 1) * slot : i * slot]
+                carried, grad_w, _ = torch.ops.aten.convolution_backward(
+                    grad_z, conv_in, weights[i], None, *geometry, 1, [True, True, False]
+                )
+                grad_ins.append(carried)
+                grad_ws.append(grad_w)
+                grad_bs.append(channel_sum(grad_z))
+            grad_ins.reverse(), grad_ws.reverse(), grad_bs.reverse()
+            grad_chunks, grad_w = torch.cat(grad_ins, 1), torch.cat(grad_ws)
+            grad_b = torch.cat(grad_bs)
+        grad_last = grad_cat[:, split:]
+        if not ctx.in_place:
+            kernel, stride, padding = ctx.pool
+            grad_last = torch.ops.aten.avg_pool2d_backward(
+                grad_last, out1[:, split:], [kernel] * 2, [stride] * 2, [padding] * 2, False,
+                True, None,
+            )  # fmt: skip
+        parts = [grad_last, grad_chunks] if ctx.in_place else [grad_chunks, grad_last]
+        grad_z = torch.ops.aten.threshold_backward(torch.cat(parts, 1), out1, 0)
+        conv1 = block.conv1
+        grad_x, grad_w1, _ = torch.ops.aten.convolution_backward(
+            grad_z, x, w1, None, conv1.stride, conv1.padding, conv1.dilation, False, [0, 0], 1,
+            [needs[3], True, False],
+        )  # fmt: skip
+        b1_dtype, b_dtype = ctx.bias_dtypes
+        grad_b1 = cast(channel_sum(grad_z), b1_dtype)
+        return None, None, None, grad_x, grad_w1, grad_b1, grad_w, cast(grad_b, b_dtype)
 
 
 def _res2net_autograd(block: nn.Module, x: Tensor) -> PaddedConcat:
     """The differentiable Bottle2neck middle (see `split_conv_concat`)."""
     slot, scales = _chunk_slot(block.width), block.scales
-    w1, b1, convs, w3, b3 = _res2net_launch_weights(block, x.dtype, rotate=False)
+    grouped = block.stage_type == "stage"
+    w1, b1, convs, w3, b3 = _res2net_launch_weights(block, x.dtype, False, grouped)
     out = conv2d_fused(x, w1, b1, stride=block.conv1.stride, relu=True)
     conv = block.convs[0]
     geometry = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, relu=True)
-    grouped = block.stage_type == "stage"
     # One split, not a slice per chunk: its backward is one concatenation.
     *chunks, last = out.split([(scales - 1) * slot, slot] if grouped else slot, 1)
     if grouped:
