@@ -32,7 +32,7 @@ from torch import Tensor
 from . import conv2d_fused
 from .bn_fold import fold_tiles, kept_launch
 from .conv2d_fused import apply_function, arrange_weight, call_op, interpreting, layout_key
-from .precision import accumulator_dtype, triton_accumulator
+from .precision import accumulator_dtype, cast, triton_accumulator
 
 
 class ChannelMap(NamedTuple):
@@ -231,61 +231,128 @@ _padded_weight_backward_op.register_fake(
 )
 
 
+class PaddedGroup(NamedTuple):
+    """Conv weights of one shape laid out by one pair of maps (`padded_weight`'s arguments):
+    one `fastres::padded_weight` call of a `padded_weights` node."""
+
+    weights: list[Tensor]
+    rows: ChannelMap
+    cols: ChannelMap
+    folds: list[Fold] | None = None
+
+
+class _Layout(NamedTuple):
+    """A group as `_PaddedWeight` carries it: its maps, member count and eps per member (empty
+    without a fold); its tensors come flat, the weights first, then with a fold the conv
+    biases, BN weights, BN biases, running means and running variances (a member each)."""
+
+    rows: ChannelMap
+    cols: ChannelMap
+    members: int
+    eps: list[float]
+
+    def tensor_count(self) -> int:
+        return self.members * (6 if self.eps else 1)
+
+    def split(self, tensors) -> list[list]:
+        """(weights, conv biases, BN weights, BN biases, means, variances) of its tensors."""
+        m = self.members
+        if not self.eps:
+            return [list(tensors), [], [], [], [], []]
+        return [list(tensors[i * m : (i + 1) * m]) for i in range(6)]
+
+
 class _PaddedWeight(torch.autograd.Function):
-    """The autograd of `fastres::padded_weight`: one `fastres::padded_weight_backward` backward
-    (see `bn_fold._BNFold` for the direct body calls)."""
+    """The autograd of `fastres::padded_weight` for one or more groups (`_Layout`) at once: one
+    node, each group one op call forward and one `fastres::padded_weight_backward` backward
+    (see `bn_fold._BNFold` for the direct body calls). Returns (weight, bias) per group."""
 
     @staticmethod
-    def forward(ctx, rows, cols, dtype, members, eps, *tensors):
-        weights = list(tensors[:members])
-        fold = len(tensors) > members
-        conv_biases, gammas, betas, means, variances = (
-            [list(tensors[members * (i + 1) : members * (i + 2)]) for i in range(5)]
-            if fold
-            else ([],) * 5
-        )
-        inputs = (weights, rows.index, cols.index, conv_biases, gammas, betas, means, variances,
-                  eps, dtype)  # fmt: skip
-        out = call_op(torch.ops.fastres.padded_weight, _padded_weight_body, inputs)
-        ctx.save_for_backward(*weights, *conv_biases, *gammas, *means, *variances)
-        ctx.members, ctx.fold, ctx.eps, ctx.maps = members, fold, eps, (rows, cols)
-        ctx.out_shape = (out[0].shape, out[0].dtype)
+    def forward(ctx, dtype, layouts, *tensors):
+        outputs, saved, offset, beta_dtypes = [], [], 0, []
+        for layout in layouts:
+            count = layout.tensor_count()
+            weights, conv_biases, gammas, betas, means, variances = layout.split(
+                tensors[offset : offset + count]
+            )
+            offset += count
+            inputs = (weights, layout.rows.index, layout.cols.index, conv_biases, gammas, betas,
+                      means, variances, layout.eps, dtype)  # fmt: skip
+            outputs += call_op(torch.ops.fastres.padded_weight, _padded_weight_body, inputs)
+            saved += [*weights, *conv_biases, *gammas, *means, *variances]
+            beta_dtypes.append([None if b is None else b.dtype for b in betas])
+        ctx.save_for_backward(*saved)
+        ctx.layouts, ctx.beta_dtypes = layouts, beta_dtypes
+        ctx.weight_shapes = [(w.shape, w.dtype) for w in outputs[0::2]]
         ctx.set_materialize_grads(False)  # the empty bias without a fold gets no gradient
-        ctx.beta_dtypes = [None if b is None else b.dtype for b in betas]
-        return out
+        return tuple(outputs)
 
     @staticmethod
-    def backward(ctx, grad_weight, grad_bias):
-        saved, m = ctx.saved_tensors, ctx.members
-        if grad_weight is None and (not ctx.fold or grad_bias is None):
-            return (None,) * len(ctx.needs_input_grad)
-        shape, dtype = ctx.out_shape
-        if grad_weight is None:
-            grad_weight = saved[0].new_zeros(shape, dtype=dtype)
-        if ctx.fold and grad_bias is None:
-            grad_bias = saved[0].new_zeros(shape[0], dtype=accumulator_dtype(dtype))
-        weights = list(saved[:m])
-        groups = [list(saved[m * (i + 1) : m * (i + 2)]) for i in range(4)]
-        conv_biases, gammas, means, variances = groups if ctx.fold else ([],) * 4
-        rows, cols = ctx.maps
-        if not ctx.fold:
-            grad_bias = None
-        inputs = (grad_weight, grad_bias, weights, rows.inverse, cols.inverse, conv_biases, gammas,
-                  means, variances, ctx.eps)  # fmt: skip
-        grad_w, grad_cb, grad_g, grad_b = call_op(
-            torch.ops.fastres.padded_weight_backward, _padded_weight_backward_body, inputs
-        )
-        need = ctx.needs_input_grad[5:]
-        grads = [g if need[i] else None for i, g in enumerate(grad_w)]
-        if ctx.fold:
-            for group, offset in ((grad_cb, 1), (grad_g, 2)):
-                grads += [g if need[m * offset + i] else None for i, g in enumerate(group)]
-            grads += [
-                g.to(dtype) if need[m * 3 + i] else None
-                for i, (g, dtype) in enumerate(zip(grad_b, ctx.beta_dtypes))
-            ]
-            grads += [None] * (2 * m)
-        return None, None, None, None, None, *grads
+    def backward(ctx, *grads):
+        saved, need = ctx.saved_tensors, ctx.needs_input_grad[2:]
+        result, saved_at, need_at = [], 0, 0
+        for i, layout in enumerate(ctx.layouts):
+            count = layout.members * (5 if layout.eps else 1)
+            group_need = need[need_at : need_at + layout.tensor_count()]
+            result += _group_backward(
+                layout, saved[saved_at : saved_at + count], grads[2 * i], grads[2 * i + 1],
+                ctx.weight_shapes[i], ctx.beta_dtypes[i], group_need,
+            )  # fmt: skip
+            saved_at += count
+            need_at += layout.tensor_count()
+        return None, None, *result
+
+
+def _group_backward(
+    layout: _Layout, saved, grad_weight, grad_bias, weight_shape, beta_dtypes, need
+) -> list[Tensor | None]:
+    """One group's input gradients (`_Layout` order): one `fastres::padded_weight_backward`."""
+    m, fold = layout.members, bool(layout.eps)
+    if grad_weight is None and (not fold or grad_bias is None):
+        return [None] * len(need)
+    shape, dtype = weight_shape
+    if grad_weight is None:
+        grad_weight = saved[0].new_zeros(shape, dtype=dtype)
+    if fold and grad_bias is None:
+        grad_bias = saved[0].new_zeros(shape[0], dtype=accumulator_dtype(dtype))
+    weights = list(saved[:m])
+    groups = [list(saved[m * (i + 1) : m * (i + 2)]) for i in range(4)]
+    conv_biases, gammas, means, variances = groups if fold else ([],) * 4
+    inputs = (grad_weight, grad_bias if fold else None, weights, layout.rows.inverse,
+              layout.cols.inverse, conv_biases, gammas, means, variances, layout.eps)  # fmt: skip
+    grad_w, grad_cb, grad_g, grad_b = call_op(
+        torch.ops.fastres.padded_weight_backward, _padded_weight_backward_body, inputs
+    )
+    grads = [g if need[i] else None for i, g in enumerate(grad_w)]
+    if fold:
+        for group, offset in ((grad_cb, 1), (grad_g, 2)):
+            grads += [g if need[m * offset + i] else None for i, g in enumerate(group)]
+        grads += [
+            cast(g, dtype) if need[m * 3 + i] else None
+            for i, (g, dtype) in enumerate(zip(grad_b, beta_dtypes))
+        ]
+        grads += [None] * (2 * m)
+    return grads
+
+
+def padded_weights(
+    groups: list[PaddedGroup], dtype: torch.dtype
+) -> list[tuple[Tensor, Tensor | None]]:
+    """`padded_weight` of several groups as one autograd node: (weight, bias) per group."""
+    layouts, tensors = [], []
+    for group in groups:
+        eps: list[float] = []
+        tensors += group.weights
+        if group.folds:
+            for i in range(5):
+                tensors += [f[i] for f in group.folds]
+            eps = [float(f[5]) for f in group.folds]
+        layouts.append(_Layout(group.rows, group.cols, len(group.weights), eps))
+    outputs = apply_function(_PaddedWeight, dtype, tuple(layouts), *tensors)
+    return [
+        (outputs[2 * i], outputs[2 * i + 1] if group.folds else None)
+        for i, group in enumerate(groups)
+    ]
 
 
 def padded_weight(
@@ -311,11 +378,4 @@ def padded_weight(
         len(rows.index)] in `accumulator_dtype(dtype)`, else None. Differentiable in the
         weights, the conv biases and the BN weights and biases (eager mode).
     """
-    tensors = list(weights)
-    eps: list[float] = []
-    if folds:
-        for i in range(5):
-            tensors += [f[i] for f in folds]
-        eps = [float(f[5]) for f in folds]
-    weight, bias = apply_function(_PaddedWeight, rows, cols, dtype, len(weights), eps, *tensors)
-    return weight, bias if folds else None
+    return padded_weights([PaddedGroup(weights, rows, cols, folds)], dtype)[0]

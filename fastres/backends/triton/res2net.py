@@ -20,7 +20,7 @@ from ...ops.conv2d_fused import (
     conv2d_fused,
     eager_autograd,
 )
-from ...ops.padded_weight import ChannelMap, padded_weight
+from ...ops.padded_weight import ChannelMap, PaddedGroup, padded_weights
 from ...ops.precision import cast
 from ...ops.res2net_pool import res2net_pool
 from ..fold_cache import new_cache
@@ -188,35 +188,34 @@ def _padded_launch_weights(
     block: nn.Module, dtype: torch.dtype, *, fold: bool, stacked: bool, rotate: bool = False
 ):
     """`_res2net_launch_weights`' result (with `fold`; without: the raw weights, biases None)
-    built with gradients in eager mode: each weight (the chunk convs stacked where `stacked`)
-    padded, arranged and cast by one `padded_weight` call (a launch per member), BNs folded in
-    (one call back)."""
+    built with gradients in eager mode, as one autograd node (`padded_weights`): each weight
+    (the chunk convs stacked where `stacked`) padded, arranged and cast by one launch, its BN
+    folded in (one launch back)."""
     scales, width, device = block.scales, block.width, block.conv1.weight.device
 
-    def weight(convs, bns, rows: ChannelMap, cols: ChannelMap):
+    def group(convs, bns, rows: ChannelMap, cols: ChannelMap) -> PaddedGroup:
         folds = None
         if fold:
             folds = [
                 (conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
                 for conv, bn in zip(convs, bns)
             ]
-        return padded_weight([conv.weight for conv in convs], rows, cols, dtype, folds)
+        return PaddedGroup([conv.weight for conv in convs], rows, cols, folds)
 
     conv1, conv3 = block.conv1, block.conv3
-    w1, b1 = weight(
-        [conv1], [block.norm1], _slot_map(scales, width, device, rotate),
-        _identity_map(conv1.in_channels, device),
-    )  # fmt: skip
-    w3, b3 = weight(
-        [conv3], [block.norm3], _identity_map(conv3.out_channels, device),
-        _slot_map(scales, width, device, zeros=True),
-    )  # fmt: skip
+    groups = [
+        group([conv1], [block.norm1], _slot_map(scales, width, device, rotate),
+              _identity_map(conv1.in_channels, device)),
+        group([conv3], [block.norm3], _identity_map(conv3.out_channels, device),
+              _slot_map(scales, width, device, zeros=True)),
+    ]  # fmt: skip
     maps = (_slot_map(1, width, device), _slot_map(1, width, device, zeros=True))
     if stacked:
-        convs = weight(list(block.convs), list(block.bns), *maps)
+        groups.append(group(list(block.convs), list(block.bns), *maps))
     else:
-        convs = [weight([conv], [bn], *maps) for conv, bn in zip(block.convs, block.bns)]
-    return w1, b1, convs, w3, b3
+        groups += [group([conv], [bn], *maps) for conv, bn in zip(block.convs, block.bns)]
+    (w1, b1), (w3, b3), *convs = padded_weights(groups, dtype)
+    return w1, b1, convs[0] if stacked else convs, w3, b3
 
 
 def forget_launch_weights(modules: list[nn.Module]) -> None:
