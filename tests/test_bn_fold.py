@@ -83,6 +83,60 @@ def test_bn_fold_gradients_match_oracle(device, case):
         assert_matches_oracle(a, b, g, dtype, name)
 
 
+# (CASES key, residual, input_pool)
+ONE_NODE_CASES = {
+    "plain": ("plain", False, 1),
+    "conv-bias-residual": ("conv-bias", True, 1),
+    "wide-pooled": ("wide-channels_last-weight", False, 2),
+    "no-affine-residual-pooled": ("no-affine", True, 2),
+}
+
+
+@pytest.mark.parametrize("case", ONE_NODE_CASES.values(), ids=ONE_NODE_CASES.keys())
+def test_folded_conv2d_matches_oracle(device, case):
+    """`folded_conv2d` (fold and convolution as one autograd node, the triton backend's
+    BN-frozen training unit): output and the gradients of x, the residual and every parameter
+    as PyTorch's conv -> BN (-> + residual) on the avg_down-pooled input."""
+    from fastres.ops.bn_fold import folded_conv2d
+
+    name, with_residual, pool = case
+    dtype = torch.float32
+    unit = _unit(*CASES[name][:3], device, *CASES[name][3:])
+    x = torch.randn(2, unit[0].in_channels, 6, 7, device=device)
+    oh, ow = -(-6 // pool), -(-7 // pool)
+    residual = torch.randn(2, 6, oh, ow, device=device) if with_residual else None
+    grad = torch.randn(2, 6, oh, ow, device=device, dtype=torch.float64)
+
+    def step(unit, dtype, fused):
+        xi = x.to(dtype).requires_grad_()
+        res = None if residual is None else residual.to(dtype).requires_grad_()
+        conv, bn = unit
+        if fused:
+            out = folded_conv2d(
+                xi, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
+                bn.running_var, bn.eps, stride=1, padding=1, dilation=1, residual=res,
+                input_pool=pool,
+            )  # fmt: skip
+        else:
+            pooled = xi
+            if pool > 1:
+                pooled = nn.functional.avg_pool2d(
+                    xi, pool, pool, ceil_mode=True, count_include_pad=False
+                )
+            out = unit(pooled) + (0 if res is None else res)
+        leaves = [xi, *([] if res is None else [res]), *unit.parameters()]
+        return [out, *torch.autograd.grad(out, leaves, grad.to(dtype))]
+
+    gold = step(copy.deepcopy(unit).double(), torch.float64, False)
+    base = step(unit, dtype, False)
+    fused = step(unit, dtype, True)
+    names = ["output", "grad x", *(["grad residual"] if with_residual else [])]
+    names += [f"grad {n}" for n, _ in unit.named_parameters()]
+    for name, a, b, g in zip(names, fused, base, gold, strict=True):
+        assert a.dtype == b.dtype, name
+        assert_matches_oracle(a, b, g, dtype, name)
+
+
 @pytest.mark.parametrize("c_in", [5, 20])
 def test_bn_fold_layout_and_dtypes(c_in):
     """The folded weight is in the kernels' dtype and arranged (`arrange_weight`'s layout:
@@ -135,3 +189,26 @@ def test_strided_channel_vectors_raise():
     strided_var = (torch.rand(12) + 0.5)[::2]
     with pytest.raises(ValueError, match="must be contiguous"):
         bn_fold(weight, None, *vectors[:2], vectors[0], strided_var, 1e-5, torch.float32)
+
+
+def test_expanded_bias_gradient():
+    """A folded-bias gradient that autograd hands over expanded (stride 0, from `bias.sum()`)
+    reaches the conv bias as a materialized one does: the kernel reads it at unit stride, and
+    used to read past the one stored element."""
+    from fastres.ops.bn_fold import bn_fold
+
+    conv, bn = _unit(True, True, torch.contiguous_format, "cpu")
+
+    def conv_bias_grad(loss_of_bias) -> torch.Tensor:
+        conv.bias.grad = None
+        _, bias = bn_fold(
+            conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps,
+            torch.float32,
+        )  # fmt: skip
+        loss_of_bias(bias).backward()
+        return conv.bias.grad
+
+    expanded = conv_bias_grad(lambda b: b.sum())
+    materialized = conv_bias_grad(lambda b: (b * torch.ones_like(b)).sum())
+    assert torch.equal(expanded, materialized)
+    assert torch.allclose(expanded, (bn.weight * torch.rsqrt(bn.running_var + bn.eps)).detach())

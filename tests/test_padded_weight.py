@@ -141,3 +141,48 @@ def test_padded_weight_casts_and_opcheck():
         torch.library.opcheck(
             torch.ops.fastres.padded_weight_backward.default, backward_args, test_utils=checks
         )
+
+
+def test_groups_in_one_node_match_separate_calls(device):
+    """`padded_weights` (a Bottle2neck's groups as one autograd node): each group's weight, bias
+    and its leaves' gradients equal a `padded_weight` call of its own; a group without a fold
+    beside folded ones."""
+    from fastres.ops.padded_weight import PaddedGroup, padded_weight, padded_weights
+
+    torch.manual_seed(0)
+    rows, cols = _maps(device)
+    groups = [_params(2, True, True, device), _params(1, False, False, device),
+              _params(1, True, False, device)]  # fmt: skip
+    upstream = [torch.randn(members * 8, 7, 3, 3, device=device) for members in (2, 1, 1)]
+
+    def run(one_node: bool):
+        leaves = [
+            [(w.detach().clone().requires_grad_(),
+              None if f is None else (*(None if t is None else t.detach().clone().requires_grad_()
+                                        for t in f[:3]), *f[3:]))
+             for w, f in params]
+            for params in groups
+        ]  # fmt: skip
+        specs = [
+            ([w for w, _ in params], [f for _, f in params] if params[0][1] else None)
+            for params in leaves
+        ]
+        if one_node:
+            outs = padded_weights(
+                [PaddedGroup(ws, rows, cols, folds) for ws, folds in specs], torch.float32
+            )
+        else:
+            outs = [padded_weight(ws, rows, cols, torch.float32, folds) for ws, folds in specs]
+        # b.sum(): autograd hands each bias gradient over expanded (stride 0).
+        loss = sum(
+            (w * g).sum() + (0 if b is None else b.sum()) for (w, b), g in zip(outs, upstream)
+        )
+        flat = [t for params in leaves for t in _leaves(params)]
+        return outs, torch.autograd.grad(loss, flat)
+
+    (outs, grads), (ref_outs, ref_grads) = run(True), run(False)
+    for (w, b), (ref_w, ref_b) in zip(outs, ref_outs, strict=True):
+        assert torch.equal(w, ref_w) and w.stride() == ref_w.stride()
+        assert (b is None) == (ref_b is None) and (b is None or torch.equal(b, ref_b))
+    for g, ref in zip(grads, ref_grads, strict=True):
+        assert torch.equal(g, ref)

@@ -22,6 +22,7 @@ ops run in eager mode (torch.compile and torch.func compose `fold` from PyTorch 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -152,6 +153,8 @@ def _bn_fold_backward_body(
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     grad_w, grad_conv_bias, grad_gamma = _backward_outputs(weight, conv_bias, bn_weight)
+    # The kernel reads the bias gradient at unit stride; autograd may hand an expanded one.
+    grad_bias = grad_bias.contiguous()
     inputs = (grad_weight, grad_bias, weight, conv_bias, bn_weight, running_mean, running_var)
     key = ("backward", *map(layout_key, inputs), eps, interpreting())
     fold_backward = kept_launch(key, lambda: _fold_backward_launch(inputs, grad_w, eps))
@@ -269,3 +272,93 @@ def bn_fold(
     return apply_function(
         _BNFold, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, float(eps), dtype
     )
+
+
+class _FoldedConv(torch.autograd.Function):
+    """`bn_fold`, then `conv2d_fused` with the folded weight and bias, as one autograd node (a
+    BN-frozen training unit): one Python node backward instead of two. Inputs: `bn_fold`'s,
+    then the convolution's op inputs but its weight and bias (x, stride, ..., relu, stats).
+    Backward: the convolution's (`conv2d_fused.conv_backward`), then one
+    `fastres::bn_fold_backward`."""
+
+    @staticmethod
+    def forward(ctx, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, dtype,
+                x, *rest):  # fmt: skip
+        fold_inputs = (weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, dtype)
+        folded_weight, bias = call_op(torch.ops.fastres.bn_fold, _bn_fold_body, fold_inputs)
+        conv_inputs = (x, folded_weight, bias, *rest)
+        out, mean, m2 = call_op(
+            torch.ops.fastres.conv2d_fused, conv2d_fused.conv2d_fused_body, conv_inputs
+        )
+        ctx.mark_non_differentiable(mean, m2)
+        ctx.set_materialize_grads(False)
+        args = conv2d_fused.ConvArgs.of_op_inputs(conv_inputs)
+        conv2d_fused.save_args(
+            ctx, args, out, weight, conv_bias, bn_weight, running_mean, running_var
+        )
+        ctx.eps, ctx.bias_dtype = eps, None if bn_bias is None else bn_bias.dtype
+        return out, mean, m2
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_mean, _grad_m2):
+        need = ctx.needs_input_grad
+        if grad_out is None:
+            return (None,) * len(need)
+        args, (out, weight, conv_bias, bn_weight, running_mean, running_var) = (
+            conv2d_fused.saved_args(ctx)
+        )
+        fold_needs = any(need[:4])
+        conv_needs = conv2d_fused.ConvArgs.of_op_inputs(
+            (need[8], fold_needs, fold_needs, *need[9:])
+        )
+        grads = conv2d_fused.conv_backward(args, out, conv_needs, grad_out)
+        grad_weight = grad_conv_bias = grad_gamma = grad_beta = None
+        if fold_needs:
+            inputs = (
+                grads["weight"], grads["bias"], weight, conv_bias, bn_weight, running_mean,
+                running_var, ctx.eps,
+            )  # fmt: skip
+            grad_weight, grad_conv_bias, grad_gamma = call_op(
+                torch.ops.fastres.bn_fold_backward, _bn_fold_backward_body, inputs
+            )
+            grad_beta = cast(grads["bias"], ctx.bias_dtype) if need[3] else None
+        conv_grads = [g for name, g in grads.items() if name not in ("weight", "bias")]
+        return (
+            grad_weight if need[0] else None, grad_conv_bias if need[1] else None,
+            grad_gamma if need[2] else None, grad_beta, None, None, None, None, *conv_grads, None,
+        )  # fmt: skip
+
+
+def folded_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    conv_bias: Tensor | None,
+    bn_weight: Tensor | None,
+    bn_bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    *,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    residual: Tensor | None = None,
+    input_pool: int = 1,
+    relu: bool = False,
+) -> Tensor:
+    """`conv2d_fused(x, *bn_fold(weight, ..., x.dtype), ...)`, a conv with an eval-mode
+    BatchNorm folded in per call, as one autograd node (`_FoldedConv`): for eager mode with
+    gradients (`conv2d_fused.eager_autograd`); differentiable in x, residual, the conv weight
+    and bias and the BN weight and bias."""
+    args = conv2d_fused.ConvArgs(
+        x, weight, None, stride=conv2d_fused.as_pair(stride, "stride"),
+        padding=conv2d_fused.as_pair(padding, "padding"),
+        dilation=conv2d_fused.as_pair(dilation, "dilation"), groups=1,
+        allow_tf32=bool(torch.backends.cudnn.allow_tf32), residual=residual,
+        input_pool=int(input_pool), relu=bool(relu),
+    )  # fmt: skip
+    out, _, _ = apply_function(
+        _FoldedConv, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
+        float(eps), x.dtype, x, *args[3:], False,
+    )  # fmt: skip
+    return out

@@ -615,7 +615,7 @@ def prologue_reference(
     return x
 
 
-def _conv2d_fused_body(
+def conv2d_fused_body(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
@@ -650,7 +650,7 @@ def _run(args: ConvArgs, stats: bool) -> tuple[Tensor, tuple[Tensor, Tensor] | N
 
 
 _conv2d_fused_op = torch.library.custom_op("fastres::conv2d_fused", mutates_args=())(
-    _conv2d_fused_body
+    conv2d_fused_body
 )
 
 
@@ -674,7 +674,13 @@ def channel_sum(t: Tensor) -> Tensor:
 
 def _backward(ctx, grad_out: Tensor, _grad_mean, _grad_m2):
     args, (out,) = saved_args(ctx)
-    needs = ConvArgs.of_op_inputs(ctx.needs_input_grad)
+    grads = conv_backward(args, out, ConvArgs.of_op_inputs(ctx.needs_input_grad), grad_out)
+    return *grads.values(), None  # stats: not differentiable
+
+
+def conv_backward(args: ConvArgs, out: Tensor, needs: ConvArgs, grad_out: Tensor) -> dict:
+    """The gradients of a fused convolution's inputs (ConvArgs' fields, None where `needs` is
+    false) from its output `out` and out's gradient."""
     grads = dict.fromkeys(ConvArgs._fields)
     # ReLU's gradient as eager computes it (one op: grad where out > 0, else 0).
     grad_z = torch.ops.aten.threshold_backward(grad_out, out, 0) if args.relu else grad_out
@@ -704,7 +710,7 @@ def _backward(ctx, grad_out: Tensor, _grad_mean, _grad_m2):
             grads["input_add"] = grad_input
         if needs.x or needs.input_scale or needs.input_shift:
             grads.update(_prologue_backward(grad_input, args, needs))
-    return *grads.values(), None  # stats: not differentiable
+    return grads
 
 
 def _prologue_backward(grad: Tensor, args: ConvArgs, needs: ConvArgs) -> dict[str, Tensor | None]:
@@ -803,7 +809,7 @@ class _Conv2dFused(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        output = call_op(torch.ops.fastres.conv2d_fused, _conv2d_fused_body, inputs)
+        output = call_op(torch.ops.fastres.conv2d_fused, conv2d_fused_body, inputs)
         _setup_context(ctx, inputs, output)
         # No zero-filled gradients for the statistics (never differentiable): two ops less.
         ctx.set_materialize_grads(False)

@@ -163,6 +163,8 @@ def _padded_weight_backward_body(
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
     fold = bool(means)
     grads = _backward_outputs(weights, conv_biases, gammas, fold)
+    if fold:  # the kernel reads it at unit stride; autograd may hand an expanded one
+        grad_bias = grad_bias.contiguous()
     if weights[0].numel() == 0:
         return grads[0], *([g.zero_() for g in group] for group in grads[1:])
     p = grad_weight.shape[0] // len(weights)

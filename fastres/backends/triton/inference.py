@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ...ops.conv2d_fused import arrange_weight, conv2d_fused, runs_dtype
+from ...ops.bn_fold import folded_conv2d
+from ...ops.conv2d_fused import arrange_weight, conv2d_fused, eager_autograd, runs_dtype
 from ...ops.precision import accumulator_dtype
 from ..fold_cache import fold_key, new_cache
 from ..folding import fold, fold_arranged
@@ -102,7 +103,14 @@ def conv_bn(
     input_pool: int = 1,
     out: Tensor | None = None,
 ) -> Tensor:
-    """relu?(bn(conv(pool?(x))) + residual?) in one kernel."""
+    """relu?(bn(conv(pool?(x))) + residual?) in one kernel; with gradients in eager mode the
+    fold and the convolution are one autograd node (`folded_conv2d`)."""
+    if out is None and eager_autograd() and wants_grad(conv, bn):
+        return folded_conv2d(
+            x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+            bn.eps, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+            residual=residual, input_pool=input_pool, relu=relu,
+        )  # fmt: skip
     weight, bias = folded(conv, bn, x.dtype)
     return conv2d_fused(
         x,

@@ -324,7 +324,7 @@ def _frozen_middle(
     block: nn.Module, x: Tensor, in_place: bool, pool: tuple[int, int, int] | None
 ) -> PaddedConcat:
     """The differentiable Bottle2neck middle in eager mode: `_launch_middle` as one autograd
-    node (`_FrozenMiddle`), the chunk weights stacked (one `padded_weight` call)."""
+    node (`_FrozenMiddle`), the chunk weights stacked (one padded-weight group)."""
     w1, b1, (w, b), w3, b3 = _res2net_launch_weights(block, x.dtype, in_place, stacked=True)
     cat = apply_function(_FrozenMiddle, block, in_place, pool, x, w1, b1, w, b)
     return PaddedConcat(cat, w3, b3)
@@ -334,11 +334,11 @@ class _FrozenMiddle(torch.autograd.Function):
     """conv1 and the chunk convs of a Bottle2neck with folded BNs (`_launch_middle`: no split,
     concatenation or add copies) as one autograd node; inputs (block, in_place, pool, x, w1,
     b1, w, b), w and b the chunk convs' stacked (launched as one grouped conv in a 'stage'
-    block, as slices in a 'normal' one). The backward is the composition's (`_res2net_autograd`, the fused convolution's
-    backward per conv) written out: each ReLU's gradient from its saved output, PyTorch's
-    convolution_backward per conv, the hierarchical add's gradient carried to the previous
-    chunk, the last chunk's pool's through avg_pool2d_backward, one concatenation of the chunk
-    gradients for conv1."""
+    block, as slices in a 'normal' one). The backward is the composition's
+    (`_res2net_autograd`, the fused convolution's backward per conv) written out: each ReLU's
+    gradient from its saved output, PyTorch's convolution_backward per conv, the hierarchical
+    add's gradient carried to the previous chunk, the last chunk's pool's through
+    avg_pool2d_backward, one concatenation of the chunk gradients for conv1."""
 
     @staticmethod
     def forward(ctx, block, in_place, pool, x, w1, b1, w, b):
