@@ -8,9 +8,10 @@ gives the weight of a convolution whose output and input channels sit in padded 
 BatchNorm folded in where given (and then its folded bias in the accumulator's dtype, padded as
 the rows), in one launch per member; the gradients of the weights (and of the conv biases and the
 BN weights and biases) in one launch per member back. Several members (equal shapes, e.g. a
-Res2Net 'stage' block's chunk convs) are stacked along the output channels, each laid out by the
-same maps. This is how the triton backend prepares Res2Net's chunk weights with gradients, at
-no more kernels than eager's weight cast.
+Res2Net block's chunk convs) are stacked along the output channels, each laid out by the
+same maps. `padded_weights` lays out several such groups (a Bottle2neck's conv1, chunk convs
+and conv3) as one autograd node. This is how the triton backend prepares Res2Net's weights
+with gradients, at no more kernels than eager's weight cast.
 
 - `fastres::padded_weight` -> (weight, bias): bias empty without a fold.
 - `fastres::padded_weight_backward` -> per member (grad_weight, grad_conv_bias, grad_bn_weight,
