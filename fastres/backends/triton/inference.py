@@ -3,8 +3,10 @@ kernel, the avg_down shortcut with its pool in the conv's input load.
 
 Each BatchNorm on running statistics is folded into its convolution (`fastres.backends.folding`),
 cached per conv until it is stale (`fastres.backends.fold_cache`), never written back; when
-gradients are wanted the fold is recomputed each forward (`folding.fold_arranged`: one launch,
-one backward), so they reach the conv weight and the BN weight / bias.
+gradients are wanted the fold is recomputed each forward, so they reach the conv weight and the
+BN weight / bias: in eager mode the fold and the convolution are one autograd node
+(`fastres.ops.bn_fold.folded_conv2d`: a launch each, one fold launch backward), under
+torch.compile or torch.func `folding.fold_arranged`'s PyTorch ops.
 """
 
 from __future__ import annotations
