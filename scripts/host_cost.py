@@ -16,8 +16,9 @@ reads Triton's on-disk cache): the best of `--repeats` rounds of `--forwards` fo
 
 - inference: model.eval() under torch.no_grad();
 - training forward: model.train() with autograd; with batch statistics ('train-bn') also
-  `weight_casts_us_per_launch`, the share of it that casting the weights to bf16 takes (the
-  stand-in computes those casts on the CPU; on a GPU each is a launch, as in eager autocast);
+  `weight_casts_us_per_launch`, the share of it that its casts of weights to bf16 take
+  (recorded in one forward, replayed alone: the stand-in computes them on the CPU; on a GPU
+  each is a launch, as in eager autocast; Res2Net's padded weights are Triton launches);
 - training backward: `sum(out.float().mean()).backward()` after each training forward, beside
   the same backward of the 'torch' backend (eager PyTorch) on the same model: both run their
   gradient kernels for real on CPU tensors (the triton backend's backward is PyTorch's
@@ -57,7 +58,6 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 import fastres  # noqa: E402
 from fastres.ops import launcher  # noqa: E402
-from fastres.ops.conv2d_fused import arrange_weight  # noqa: E402
 
 ARCH = 90
 # train: model.train() as built (norm_eval: BatchNorms on running statistics, the detection
@@ -131,19 +131,32 @@ def _backward_ms(model, x, forwards: int, repeats: int) -> float:
     return best
 
 
-def _weight_cast_ms(model, forwards: int, repeats: int) -> float:
-    """Best mean ms of casting every convolution weight to bf16 in the kernel's layout
-    (`arrange_weight`), as each training forward does: here the stand-in computes those casts
-    on the CPU, on a GPU each is one launch. The part of a training forward that is not host
-    cost on a GPU."""
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+class _CastRecorder(TorchDispatchMode):
+    """Records the casts (`aten._to_copy`: the weights' bf16 casts) dispatched under it."""
 
-    def cast():
-        with torch.no_grad():
-            for w in weights:
-                arrange_weight(w, torch.bfloat16)
+    def __init__(self):
+        super().__init__()
+        self.casts: list[tuple] = []
 
-    return _best_ms(cast, forwards, repeats)
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default:
+            self.casts.append((args, kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+def _weight_cast_ms(forward, forwards: int, repeats: int) -> float:
+    """Best mean ms of the casts one forward makes (recorded, then replayed alone): the
+    weights' bf16 casts, which the stand-in computes on the CPU, on a GPU each one launch.
+    The part of a training forward that is not host cost on a GPU."""
+    recorder = _CastRecorder()
+    with recorder:
+        forward()
+
+    def casts():
+        for args, kwargs in recorder.casts:
+            torch.ops.aten._to_copy.default(*args, **kwargs)
+
+    return _best_ms(casts, forwards, repeats)
 
 
 def measure(
@@ -170,7 +183,7 @@ def measure(
         row = {"workload": name, "mode": mode, "ms_per_forward": round(ms, 2),
                "launches": launches[0], "us_per_launch": per_launch}  # fmt: skip
         if mode == "train-bn":
-            cast_ms = _weight_cast_ms(model, forwards, repeats)
+            cast_ms = _weight_cast_ms(forward, forwards, repeats)
             row["weight_casts_us_per_launch"] = round(cast_ms * 1e3 / launches[0], 1)
         if mode != "infer" and backward:
             row["backward_ms"] = round(_backward_ms(model, x, forwards, repeats), 2)
