@@ -282,6 +282,42 @@ def test_block_bn_frozen_gradients(device, name):
     assert_matches_oracle(fused[2], base[2], gold[2], torch.float32, "input gradient")
 
 
+@pytest.mark.parametrize("name", ["stage-always-s2-w14x8", "normal-w26x4"])
+def test_block_bn_frozen_middle_is_one_node(device, name):
+    """BN-frozen training runs conv1 and the chunk convs as inference does (no concatenation,
+    add or copy forward), as one autograd node; without a gradient for the
+    input (its producer frozen) the parameters' gradients still match the oracle's."""
+    block = make_block(BLOCKS[name], device).train()
+    for m in block.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    x = torch.randn(2, block.conv1.in_channels, 8, 8, device=device).contiguous(memory_format=CL)
+    with OpRecorder() as recorder:
+        y = run_triton(block, x)
+    # Views of conv1's output and of the stacked chunk weights are taken, nothing is copied.
+    copies = [op for op in recorder.ops if op.split(".")[1] in ("cat", "add", "copy_", "clone")]
+    assert not copies, copies
+    nodes, stack = set(), [y.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and type(node).__name__ not in nodes:
+            nodes.add(type(node).__name__)
+            stack += [next_node for next_node, _ in node.next_functions]
+    assert "_FrozenMiddleBackward" in nodes, nodes
+    grad_out = torch.randn_like(y, dtype=torch.float64)
+
+    def grads(b, dtype, fused):
+        b = copy.deepcopy(b).to(dtype)
+        out = run_triton(b, x.to(dtype)) if fused else b.forward_reference(x.to(dtype))
+        out.backward(grad_out.to(dtype))
+        return {n: p.grad for n, p in b.named_parameters()}
+
+    gold, base = grads(block, torch.float64, False), grads(block, torch.float32, False)
+    fused = grads(block, torch.float32, True)
+    for n in gold:
+        assert_matches_oracle(fused[n], base[n], gold[n], torch.float32, n)
+
+
 @pytest.mark.parametrize("mode", ["eval", "bn-frozen", "train"])
 def test_inf_reaches_what_it_reaches_in_pytorch(device, mode):
     """The fused paths store each 26-channel chunk in a 32-channel slot. An Inf input pixel
