@@ -338,7 +338,7 @@ class _FrozenMiddle(torch.autograd.Function):
     (`_res2net_autograd`, the fused convolution's backward per conv) written out: each ReLU's
     gradient from its saved output, PyTorch's convolution_backward per conv, the hierarchical
     add's gradient carried to the previous chunk, the last chunk's pool's through
-    avg_pool2d_backward, one concatenation of the chunk gradients for conv1."""
+    avg_pool2d_backward, one concatenation of the chunks' gradients for conv1."""
 
     @staticmethod
     def forward(ctx, block, in_place, pool, x, w1, b1, w, b):
@@ -366,7 +366,7 @@ class _FrozenMiddle(torch.autograd.Function):
             grad_chunks, grad_w, _ = torch.ops.aten.convolution_backward(
                 grad_z, chunks, w, None, *geometry, scales - 1, [True, True, False]
             )
-            grad_b = channel_sum(grad_z)
+            grad_ins, grad_b = [grad_chunks], channel_sum(grad_z)
         else:
             weights = w.chunk(scales - 1)
             grad_ins, grad_ws, grad_bs, carried = [], [], [], None
@@ -384,8 +384,7 @@ class _FrozenMiddle(torch.autograd.Function):
                 grad_ws.append(grad_w)
                 grad_bs.append(channel_sum(grad_z))
             grad_ins.reverse(), grad_ws.reverse(), grad_bs.reverse()
-            grad_chunks, grad_w = torch.cat(grad_ins, 1), torch.cat(grad_ws)
-            grad_b = torch.cat(grad_bs)
+            grad_w, grad_b = torch.cat(grad_ws), torch.cat(grad_bs)
         grad_last = grad_cat[:, split:]
         if not ctx.in_place:
             kernel, stride, padding = ctx.pool
@@ -393,7 +392,8 @@ class _FrozenMiddle(torch.autograd.Function):
                 grad_last, out1[:, split:], [kernel] * 2, [stride] * 2, [padding] * 2, False,
                 True, None,
             )  # fmt: skip
-        parts = [grad_last, grad_chunks] if ctx.in_place else [grad_chunks, grad_last]
+        # conv1's output gradient, its chunks in w1's order: one concatenation.
+        parts = [grad_last, *grad_ins] if ctx.in_place else [*grad_ins, grad_last]
         grad_z = torch.ops.aten.threshold_backward(torch.cat(parts, 1), out1, 0)
         conv1 = block.conv1
         grad_x, grad_w1, _ = torch.ops.aten.convolution_backward(
