@@ -144,9 +144,9 @@ def _res2net_launch_weights(block: nn.Module, dtype: torch.dtype, rotate: bool, 
     first when `rotate`, see `split_conv_concat`); convs one stacked (weight
     [(scales-1)*slot, slot, 3, 3], bias) pair where `stacked` (a 'stage' block's grouped
     launch needs it), else a list of ([slot, slot, 3, 3], [slot]) pairs; conv3's input chunks
-    padded to slots. Differentiable
-    (and not cached) where a folded piece wants gradients: then in eager mode each weight is
-    one `padded_weight` launch each way (`_padded_launch_weights`).
+    padded to slots. Differentiable (and not cached) where a folded piece wants gradients: then
+    in eager mode each weight is one launch each way, the block's one autograd node
+    (`_padded_launch_weights`).
     """
     scales = block.scales
     if eager_autograd() and any(
@@ -383,8 +383,8 @@ class _FrozenMiddle(torch.autograd.Function):
                 grad_ins.append(carried)
                 grad_ws.append(grad_w)
                 grad_bs.append(channel_sum(grad_z))
-            grad_ins.reverse(), grad_ws.reverse(), grad_bs.reverse()
-            grad_w, grad_b = torch.cat(grad_ws), torch.cat(grad_bs)
+            grad_ins.reverse()  # gathered last chunk first
+            grad_w, grad_b = torch.cat(grad_ws[::-1]), torch.cat(grad_bs[::-1])
         grad_last = grad_cat[:, split:]
         if not ctx.in_place:
             kernel, stride, padding = ctx.pool
