@@ -354,6 +354,7 @@ class _FrozenMiddle(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_cat):
         block, needs = ctx.block, ctx.needs_input_grad
+        need_x, need_w1, need_b1, need_w, need_b = needs[3:]
         x, w1, out1, cat, w = ctx.saved_tensors
         slot, scales = _chunk_slot(block.width), block.scales
         split = (scales - 1) * slot
@@ -364,9 +365,9 @@ class _FrozenMiddle(torch.autograd.Function):
         if block.stage_type == "stage":
             grad_z = torch.ops.aten.threshold_backward(grad_cat[:, :split], cat[:, :split], 0)
             grad_chunks, grad_w, _ = torch.ops.aten.convolution_backward(
-                grad_z, chunks, w, None, *geometry, scales - 1, [True, True, False]
+                grad_z, chunks, w, None, *geometry, scales - 1, [True, need_w, False]
             )
-            grad_ins, grad_b = [grad_chunks], channel_sum(grad_z)
+            grad_ins, grad_b = [grad_chunks], channel_sum(grad_z) if need_b else None
         else:
             weights = w.chunk(scales - 1)
             grad_ins, grad_ws, grad_bs, carried = [], [], [], None
@@ -378,13 +379,14 @@ class _FrozenMiddle(torch.autograd.Function):
                 if i > 0:  # the hierarchical add: chunk i + the previous chunk conv's output
                     conv_in = conv_in + cat[:, (i - 1) * slot : i * slot]
                 carried, grad_w, _ = torch.ops.aten.convolution_backward(
-                    grad_z, conv_in, weights[i], None, *geometry, 1, [True, True, False]
+                    grad_z, conv_in, weights[i], None, *geometry, 1, [True, need_w, False]
                 )
                 grad_ins.append(carried)
                 grad_ws.append(grad_w)
-                grad_bs.append(channel_sum(grad_z))
+                grad_bs.append(channel_sum(grad_z) if need_b else None)
             grad_ins.reverse()  # gathered last chunk first
-            grad_w, grad_b = torch.cat(grad_ws[::-1]), torch.cat(grad_bs[::-1])
+            grad_w = torch.cat(grad_ws[::-1]) if need_w else None
+            grad_b = torch.cat(grad_bs[::-1]) if need_b else None
         grad_last = grad_cat[:, split:]
         if not ctx.in_place:
             kernel, stride, padding = ctx.pool
@@ -398,11 +400,12 @@ class _FrozenMiddle(torch.autograd.Function):
         conv1 = block.conv1
         grad_x, grad_w1, _ = torch.ops.aten.convolution_backward(
             grad_z, x, w1, None, conv1.stride, conv1.padding, conv1.dilation, False, [0, 0], 1,
-            [needs[3], True, False],
+            [need_x, need_w1, False],
         )  # fmt: skip
         b1_dtype, b_dtype = ctx.bias_dtypes
-        grad_b1 = cast(channel_sum(grad_z), b1_dtype)
-        return None, None, None, grad_x, grad_w1, grad_b1, grad_w, cast(grad_b, b_dtype)
+        grad_b1 = cast(channel_sum(grad_z), b1_dtype) if need_b1 else None
+        grad_b = cast(grad_b, b_dtype) if need_b else None
+        return None, None, None, grad_x, grad_w1, grad_b1, grad_w, grad_b
 
 
 def _res2net_autograd(block: nn.Module, x: Tensor) -> PaddedConcat:
