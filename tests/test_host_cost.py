@@ -24,7 +24,7 @@ SCRIPT = Path(__file__).parent.parent / "scripts" / "host_cost.py"
 # us per launch, about twice what issue 25's launch path measures on that VM (bench/results/
 # cpu-issue25-launch, cpu-issue25-trainfwd, cpu-issue25-step3: ResNet-50 19-35 us in inference,
 # 72-95 in the training forward with BatchNorms frozen, whose fold is one launch of its own;
-# Res2Net-50 35-40 and 89-109): a path that grows back fails.
+# Res2Net-50 34-40 and 86-109): a path that grows back fails.
 BOUND_US = {"infer": 80, "train": 200}
 # Launches per forward: one per convolution (a Res2Net 'stage' block's chunk convs are one
 # grouped launch) and per fused Res2Net last-chunk pool (the three strided 'stage' blocks).

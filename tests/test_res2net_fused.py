@@ -285,8 +285,8 @@ def test_block_bn_frozen_gradients(device, name):
 @pytest.mark.parametrize("name", ["stage-always-s2-w14x8", "normal-w26x4"])
 def test_block_bn_frozen_middle_is_one_node(device, name):
     """BN-frozen training runs conv1 and the chunk convs as inference does (no concatenation,
-    add or copy forward), as one autograd node; without a gradient for the
-    input (its producer frozen) the parameters' gradients still match the oracle's."""
+    add or copy forward), as one autograd node; with no gradient wanted for the input (its
+    producer frozen) the parameters' gradients still match the oracle's."""
     block = make_block(BLOCKS[name], device).train()
     for m in block.modules():
         if isinstance(m, nn.BatchNorm2d):
