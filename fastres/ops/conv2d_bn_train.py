@@ -291,8 +291,8 @@ def _backward(ctx, grad_y: Tensor, _grad_mean, _grad_m2):
         )  # fmt: skip
     return _grads(
         grad_x, grad_weight, grad_add,
-        (local_dy_xmu * invstd).to(args.in_weight.dtype) if needs.in_weight else None,
-        local_dy.to(args.in_bias.dtype) if needs.in_bias else None,
+        cast(local_dy_xmu * invstd, args.in_weight.dtype) if needs.in_weight else None,
+        cast(local_dy, args.in_bias.dtype) if needs.in_bias else None,
     )  # fmt: skip
 
 

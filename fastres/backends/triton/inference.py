@@ -103,11 +103,10 @@ def conv_bn(
     relu: bool,
     residual: Tensor | None = None,
     input_pool: int = 1,
-    out: Tensor | None = None,
 ) -> Tensor:
     """relu?(bn(conv(pool?(x))) + residual?) in one kernel; with gradients in eager mode the
     fold and the convolution are one autograd node (`folded_conv2d`)."""
-    if out is None and eager_autograd() and wants_grad(conv, bn):
+    if eager_autograd() and wants_grad(conv, bn):
         return folded_conv2d(
             x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
             bn.eps, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
@@ -124,7 +123,6 @@ def conv_bn(
         residual=residual,
         input_pool=input_pool,
         relu=relu,
-        out=out,
     )
 
 

@@ -143,7 +143,7 @@ class TrainUnits(Implementation[Unnormalized, PaddedConcat]):
         return train_res2net_middle(block, x)
 
     def tail(self, unit: Unit, h: Unnormalized, x: Tensor, shortcut: Shortcut | None) -> Tensor:
-        return self._add_shortcut(_train_conv(unit.conv, unit.norm, h.y, h.input_bn()), x, shortcut)
+        return self._add_shortcut(self.unit(unit, h), x, shortcut)
 
     def res2net_tail(
         self, unit: Unit, h: PaddedConcat, x: Tensor, shortcut: Shortcut | None
