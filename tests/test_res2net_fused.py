@@ -211,6 +211,15 @@ def make_block(case, device) -> Bottle2neck:
     return randomize_norms(block).to(device)
 
 
+def bn_frozen(block: nn.Module) -> Bottle2neck:
+    """block in training mode with every BatchNorm in eval mode (norm_eval, frozen stages)."""
+    block.train()
+    for m in block.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    return block
+
+
 def run_triton(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return fastres.backends.resolve("triton", x.device).run_block(block, x)
 
@@ -255,10 +264,7 @@ GRAD_BLOCKS = ["stage-always-s2-w14x8", "stage-strided-s1-w14x8", "normal-dil2-w
 def test_block_bn_frozen_gradients(device, name):
     """BN in eval mode while training (norm_eval, frozen stages): the differentiable fused path
     gives every parameter's gradient and the input's as the oracle does."""
-    block = make_block(BLOCKS[name], device).train()
-    for m in block.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.eval()
+    block = bn_frozen(make_block(BLOCKS[name], device))
     x = torch.randn(2, block.conv1.in_channels, 8, 7, device=device)
     grad_out = None
 
@@ -287,10 +293,7 @@ def test_block_bn_frozen_middle_is_one_node(device, name):
     """BN-frozen training runs conv1 and the chunk convs as inference does (no concatenation,
     add or copy forward), as one autograd node; with no gradient wanted for the input (its
     producer frozen) the parameters' gradients still match the oracle's."""
-    block = make_block(BLOCKS[name], device).train()
-    for m in block.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.eval()
+    block = bn_frozen(make_block(BLOCKS[name], device))
     x = torch.randn(2, block.conv1.in_channels, 8, 8, device=device).contiguous(memory_format=CL)
     with OpRecorder() as recorder:
         y = run_triton(block, x)
@@ -323,10 +326,7 @@ def test_block_bn_frozen_input_gradient_with_frozen_parameters(device, name):
     """Every parameter frozen (requires_grad False) but the input wanting a gradient: the
     one-node middle runs on the cached folded weights, computes no weight gradient, and the
     input's gradient matches the oracle's."""
-    block = make_block(BLOCKS[name], device).train()
-    for m in block.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.eval()
+    block = bn_frozen(make_block(BLOCKS[name], device))
     block.requires_grad_(False)
     x = torch.randn(2, block.conv1.in_channels, 8, 7, device=device)
     grad_out = None
@@ -357,9 +357,7 @@ def test_inf_reaches_what_it_reaches_in_pytorch(device, mode):
     block = make_block(BLOCKS["normal-w26x4"], device)
     block.train(mode != "eval")
     if mode == "bn-frozen":
-        for m in block.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.eval()
+        bn_frozen(block)
     with torch.no_grad():
         block.conv1.weight[:, 0] = -block.conv1.weight[:, 0].abs() - 0.1
     x = torch.randn(2, block.conv1.in_channels, 7, 7, device=device)
