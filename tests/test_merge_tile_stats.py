@@ -1,5 +1,6 @@
 """The fused convolution's statistics, second stage: per-tile (sum, M2) merged into the
-per-channel mean and M2 by one kernel (`kernels/merge_tile_stats.py`), against float64 PyTorch.
+per-channel mean and M2 by one kernel (`kernels/merge_tile_stats.py`), against float64 PyTorch;
+the merge with the BatchNorm finalize in one launch against the extension's finalize ops.
 
 Runs on CPU tensors under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1),
 and on CUDA where a GPU is present.
@@ -10,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastres.ops.conv2d_fused import _merge_tiles, interpreting
+from fastres.ops.conv2d_fused import _merge_tiles, interpreting, merge_finalize_launch
 from fastres.testing import OpRecorder
 
 pytest.importorskip("triton")
@@ -61,3 +62,49 @@ def test_merge_is_one_launch_and_no_pytorch_op(device):
         _merge_tiles(sums, m2, 100, 16)
     allocations_or_copies = ("aten.empty", "aten.new_empty", "aten.set_", "aten.copy_")
     assert not [op for op in recorder.ops if not op.startswith(allocations_or_copies)]
+
+
+@pytest.mark.parametrize("running_dtype", [None, torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("m, c, block_m", SHAPES)
+def test_merge_finalize_matches_extension(device, dtype, m, c, block_m, running_dtype):
+    """`merge_finalize_kernel`: the merge, then the BatchNorm finalized and its running
+    statistics updated as `fastres::bn_finalize_update` does (None: no running statistics, as
+    `fastres::bn_finalize`)."""
+    pytest.importorskip("fastres._C")
+    if dtype == torch.float64 and (device.type == "cuda" or running_dtype == torch.float16):
+        pytest.skip("float64 statistics: the interpreter's, with float64 running statistics")
+    if dtype == torch.float64 and running_dtype is not None:
+        running_dtype = torch.float64
+    x = torch.randn(m, c, dtype=torch.float64) * 2 + torch.randn(c, dtype=torch.float64)
+    sums, m2 = (t.to(device, dtype) for t in _tile_partials(x, block_m))
+    weight = torch.rand(c, dtype=dtype, device=device) + 0.5
+    bias = torch.randn(c, dtype=dtype, device=device)
+    momentum = 0.3 if running_dtype is not None else None
+    running = []
+    if running_dtype is not None:
+        running = [torch.randn(c, device=device).to(running_dtype),
+                   torch.rand(c, device=device).to(running_dtype) + 0.5,
+                   torch.tensor(7, device=device)]  # fmt: skip
+    expected_running = [t.clone() for t in running]
+    outputs = torch.empty(5, c, dtype=dtype, device=device).unbind()
+    launch = merge_finalize_launch(sums.shape[0], c, m, block_m, dtype, 1e-3, momentum)
+    launch(sums, m2, weight, bias, *outputs, *(running or [None] * 3))
+
+    mean, merged_m2 = _merge_tiles(sums, m2, m, block_m)
+    if running_dtype is None:
+        expected = torch.ops.fastres.bn_finalize(mean, merged_m2, m, weight, bias, 1e-3)
+    else:
+        expected = torch.ops.fastres.bn_finalize_update(
+            mean, merged_m2, m, weight, bias, 1e-3, *expected_running, momentum
+        )
+    # The same formulas, correctly rounded on both sides: equal but for the order of a
+    # multiply-add where the GPU fuses it.
+    tol = dict(rtol=0, atol=0) if device.type == "cpu" else dict(rtol=2e-7, atol=1e-7)
+    for name, got, want in zip(("mean", "m2", "scale", "shift", "invstd"), outputs,
+                               (mean, merged_m2, *expected)):  # fmt: skip
+        torch.testing.assert_close(got, want, **tol, msg=name)
+    for got, want in zip(running, expected_running, strict=True):
+        torch.testing.assert_close(got, want, **tol)
+    if running:
+        assert running[2].item() == 8

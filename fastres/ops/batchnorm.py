@@ -261,7 +261,8 @@ def bn_backward_elemt(*args) -> tuple[Tensor, Tensor]:
     return torch.ops.fastres.bn_backward_elemt(*args)
 
 
-def _tracks_running_stats(bn: torch.nn.Module) -> bool:
+def tracks_running_stats(bn: torch.nn.Module) -> bool:
+    """Whether bn's training forward updates running statistics (as nn.BatchNorm2d decides)."""
     return bool(bn.training and bn.track_running_stats and bn.running_mean is not None)
 
 
@@ -278,7 +279,7 @@ def bn_finalize_updating_running(
             SyncBN).
     """
     with torch.no_grad():
-        if not _tracks_running_stats(bn):
+        if not tracks_running_stats(bn):
             return torch.ops.fastres.bn_finalize(mean, m2, count, bn.weight, bn.bias, bn.eps)
         return torch.ops.fastres.bn_finalize_update(
             mean, m2, count, bn.weight, bn.bias, bn.eps, bn.running_mean, bn.running_var,

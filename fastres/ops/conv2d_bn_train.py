@@ -47,6 +47,7 @@ from .conv2d_fused import (
     dispatch_free,
     eager_autograd,
     layout_key,
+    merge_finalize_launch,
     prepare,
     prologue_reference,
     save_args,
@@ -74,6 +75,54 @@ class InputBN(NamedTuple):
     scale: Tensor | None = None
     shift: Tensor | None = None
     invstd: Tensor | None = None
+
+
+class OutputBN(NamedTuple):
+    """The training-mode BatchNorm of the convolution's output, finalized from its batch
+    statistics in the launch that merges them (`kernels/merge_tile_stats.py`:
+    `merge_finalize_kernel`) rather than by a `bn_finalize_update` op after it.
+
+    weight, bias: its affine parameters [C_out]; running_mean, running_var,
+    num_batches_tracked: its running statistics, updated in place with factor `momentum` as
+    nn.BatchNorm2d's training forward does, or all None for a BN that tracks none. `of` makes
+    one from a module where the merge can finalize it.
+    """
+
+    weight: Tensor
+    bias: Tensor
+    eps: float
+    momentum: float | None
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    num_batches_tracked: Tensor | None
+
+    @classmethod
+    def of(cls, bn: torch.nn.Module) -> OutputBN | None:
+        """bn's fields, or None where its finalize stays an op of its own: SyncBN across
+        processes (the statistics are gathered between the merge and the finalize) and the
+        cumulative average (momentum None: its factor reads num_batches_tracked, which the
+        launch increments)."""
+        if bn_ops.sync_group_name(bn):
+            return None
+        if not bn_ops.tracks_running_stats(bn):
+            return cls(bn.weight, bn.bias, bn.eps, None, None, None, None)
+        if bn.momentum is None:
+            return None
+        return cls(
+            bn.weight, bn.bias, bn.eps, bn.momentum, bn.running_mean, bn.running_var,
+            bn.num_batches_tracked,
+        )  # fmt: skip
+
+    def finalize(self, mean: Tensor, m2: Tensor, count: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(scale, shift, invstd) of the statistics by the extension's ops, the running
+        statistics updated: what the merge's launch does, where it cannot run."""
+        with torch.no_grad():
+            if self.running_mean is None:
+                return bn_ops.bn_finalize(mean, m2, count, self.weight, self.bias, self.eps)
+            return bn_ops.bn_finalize_update(
+                mean, m2, count, self.weight, self.bias, self.eps, self.running_mean,
+                self.running_var, self.num_batches_tracked, self.momentum,
+            )  # fmt: skip
 
 
 class _TrainArgs(NamedTuple):
@@ -164,6 +213,82 @@ def _conv2d_bn_train_body(
     return out, mean, m2
 
 
+def _finalizing_body(output_bn: OutputBN, inputs: tuple) -> tuple[Tensor, ...]:
+    """`_conv2d_bn_train_body`, and output_bn finalized (its running statistics updated) in the
+    statistics' merge launch: (y, mean, m2, scale, shift, invstd)."""
+    args = _TrainArgs(*inputs)
+    scale = shift = None
+    if args.in_mean is not None:
+        _check_input_bn(args)
+        extension.require("conv2d_bn_train with input_bn")
+        scale, shift, _ = args.input_coefficients()
+    conv = args.conv_args(scale, shift)
+    prepared = prepare(conv, stats=True)
+    out = prepared.allocate_output(args.x)
+    count = _checked_count(out)
+    if prepared.conv is None or not _output_bn_fits(output_bn, prepared.out_shape[1], out):
+        mean, m2 = prepared.launch(conv, out)
+        return out, mean, m2, *output_bn.finalize(mean, m2, count)
+    tiles = prepared.launch_tiles(conv, out)
+    mean, m2, scale, shift, invstd = prepared.channels(out, 5).unbind()
+    momentum = None if output_bn.running_mean is None else output_bn.momentum
+    launch = merge_finalize_launch(*prepared.merge_args, prepared.acc, output_bn.eps, momentum)
+    launch(
+        *tiles, output_bn.weight, output_bn.bias, mean, m2, scale, shift, invstd,
+        output_bn.running_mean, output_bn.running_var, output_bn.num_batches_tracked,
+    )  # fmt: skip
+    return out, mean, m2, scale, shift, invstd
+
+
+def _checked_count(y: Tensor) -> int:
+    """Values per channel of y's batch statistics; raises for one, as nn.BatchNorm2d does."""
+    count = y.numel() // y.shape[1] if y.shape[1] else 0
+    if count <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {y.size()}"
+        )
+    return count
+
+
+# `_output_bn_key`s whose BatchNorm the merge's launch can finalize (`_output_bn_fits`).
+# Cleared when full, as the prepared launches are.
+_FITTING_OUTPUT_BN: set[tuple] = set()
+
+
+def _output_bn_fits(bn: OutputBN, channels: int, y: Tensor) -> bool:
+    """Whether `merge_finalize_kernel` reads and writes bn's tensors as they are: contiguous
+    [channels] on y's device, floating (float64 running statistics for float64 statistics),
+    num_batches_tracked one int64. Else the extension's finalize runs (and raises for what
+    it cannot take)."""
+    key = (channels, y.device, y.dtype, bn.momentum is None, *map(layout_key, bn[:2]),
+           *map(layout_key, bn[4:]))  # fmt: skip
+    if key in _FITTING_OUTPUT_BN:
+        return True
+    vectors = [bn.weight, bn.bias]
+    if bn.running_mean is not None:
+        rm, rv, nbt = bn[4:]
+        if (
+            bn.momentum is None
+            or nbt is None
+            or not (nbt.numel() == 1 and nbt.dtype == torch.int64 and nbt.device == y.device)
+            or rv is None
+            or rv.dtype != rm.dtype
+            or (y.dtype == torch.float64 and rm.dtype != torch.float64)
+        ):
+            return False
+        vectors += [rm, rv]
+    fits = all(
+        t.shape == (channels,) and t.is_contiguous() and t.is_floating_point()
+        and t.device == y.device
+        for t in vectors
+    )  # fmt: skip
+    if fits:
+        if len(_FITTING_OUTPUT_BN) >= _CHECKED_INPUT_BN_MAX:
+            _FITTING_OUTPUT_BN.clear()
+        _FITTING_OUTPUT_BN.add(key)
+    return fits
+
+
 # The input BatchNorm's checked keys (`_input_bn_key`). Cleared when full, as the prepared
 # launches are.
 _CHECKED_INPUT_BN: set[tuple] = set()
@@ -241,9 +366,15 @@ def _grads(x=None, weight=None, input_add=None, in_weight=None, in_bias=None) ->
 
 
 def _backward(ctx, grad_y: Tensor, _grad_mean, _grad_m2):
+    return _train_backward(ctx, ctx.needs_input_grad, grad_y)
+
+
+def _train_backward(ctx, needs_input_grad: Sequence[bool], grad_y: Tensor) -> tuple:
+    """The op's input gradients (`_TrainArgs`' order) from y's; needs_input_grad: the op's
+    inputs'."""
     args, _ = saved_args(ctx)
     x = args.x
-    needs = _TrainArgs(*ctx.needs_input_grad)
+    needs = _TrainArgs(*needs_input_grad)
     needs_input = needs.x or needs.in_weight or needs.in_bias or needs.input_add
     if not (needs_input or needs.weight):
         return _grads()
@@ -299,24 +430,38 @@ def _backward(ctx, grad_y: Tensor, _grad_mean, _grad_m2):
 torch.library.register_autograd("fastres::conv2d_bn_train", _backward, setup_context=_setup_context)
 
 
+def _forward(output_bn: OutputBN | None, inputs: tuple) -> tuple[Tensor, ...]:
+    """The op on inputs, below its autograd; with output_bn, that BN finalized too: in the
+    merge's launch where the body runs directly, else by the extension's op after the op."""
+    if output_bn is None:
+        return call_op(torch.ops.fastres.conv2d_bn_train, _conv2d_bn_train_body, inputs)
+    if dispatch_free(inputs):
+        return _finalizing_body(output_bn, inputs)
+    with torch._C._AutoDispatchBelowAutograd():
+        y, mean, m2 = torch.ops.fastres.conv2d_bn_train(*inputs)
+    return y, mean, m2, *output_bn.finalize(mean, m2, _checked_count(y))
+
+
 class _Conv2dBNTrain(torch.autograd.Function):
     """The autograd of `fastres::conv2d_bn_train` (same backward) for eager execution with
     gradients, cheaper than the custom op's own wrapper (see `conv2d_fused._Conv2dFused`).
     The op's body is called directly where nothing could see its dispatch, else the op below
-    the Autograd key (`call_op`: dispatch modes and profiles see it)."""
+    the Autograd key (`call_op`: dispatch modes and profiles see it). Inputs: the output BN
+    (`OutputBN`, or None), then the op's."""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        output = call_op(torch.ops.fastres.conv2d_bn_train, _conv2d_bn_train_body, inputs)
-        _setup_context(ctx, inputs, output)
+    def forward(ctx, output_bn, *inputs):
+        output = _forward(output_bn, inputs)
+        _setup_context(ctx, inputs, output[:3])
+        ctx.mark_non_differentiable(*output[1:])  # replaces _setup_context's marks
         ctx.set_materialize_grads(False)  # no zero-filled gradients for the statistics
         return output
 
     @staticmethod
-    def backward(ctx, grad_y, _grad_mean, _grad_m2):
+    def backward(ctx, grad_y, *_grad_statistics):
         if grad_y is None:
             return (None,) * len(ctx.needs_input_grad)
-        return _backward(ctx, grad_y, None, None)
+        return None, *_train_backward(ctx, ctx.needs_input_grad[1:], grad_y)
 
 
 def conv2d_bn_train(
@@ -331,7 +476,8 @@ def conv2d_bn_train(
     input_add: Tensor | None = None,
     groups: int = 1,
     allow_tf32: bool | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+    output_bn: OutputBN | None = None,
+) -> tuple[Tensor, ...]:
     """A training-mode convolution: its raw output and that output's batch statistics.
 
     Args:
@@ -347,11 +493,15 @@ def conv2d_bn_train(
         input_add: [N, C_in, H, W] added to x in the input load (Res2Net's hierarchical add).
             Not with input_bn.
         allow_tf32: as `conv2d_fused`.
+        output_bn: the training-mode BatchNorm of y (`OutputBN.of`), finalized from these
+            statistics with its running statistics updated, in the statistics' merge launch
+            where the op's body runs directly.
 
     Returns:
         y [N, C_out, OH, OW] channels_last in x's dtype (no bias, no activation), and its
         per-channel mean [C_out] and M2 [C_out] (fp32, this process's batch, from the fp32
-        accumulator), not differentiable.
+        accumulator), not differentiable; with output_bn also its scale, shift and invstd
+        [C_out] (`bn_finalize`'s), not differentiable.
     """
     if allow_tf32 is None:
         allow_tf32 = bool(torch.backends.cudnn.allow_tf32)
@@ -363,7 +513,12 @@ def conv2d_bn_train(
         bn.shift, bn.invstd,
     )  # fmt: skip
     if eager_autograd():
-        return apply_function(_Conv2dBNTrain, *args)
+        return apply_function(_Conv2dBNTrain, output_bn, *args)
     if dispatch_free(args):
-        return _conv2d_bn_train_body(*args)
-    return torch.ops.fastres.conv2d_bn_train(*args)
+        if output_bn is None:
+            return _conv2d_bn_train_body(*args)
+        return _finalizing_body(output_bn, args)
+    y, mean, m2 = torch.ops.fastres.conv2d_bn_train(*args)
+    if output_bn is None:
+        return y, mean, m2
+    return y, mean, m2, *output_bn.finalize(mean, m2, _checked_count(y))

@@ -299,13 +299,15 @@ class PreparedConv:
             or channel).
         tiles: the per-tile statistics' shape [tiles, C_out] (when `stats`).
         merge: their merge's launch (when `stats`).
+        merge_args: the merge's integer arguments (tiles, C_out, rows, rows per tile).
     """
 
-    __slots__ = ("out_shape", "stats", "acc", "conv", "tiles", "merge")
+    __slots__ = ("out_shape", "stats", "acc", "conv", "tiles", "merge", "merge_args")
 
-    def __init__(self, out_shape, stats, acc, conv=None, tiles=None, merge=None):
+    def __init__(self, out_shape, stats, acc, conv=None, tiles=None, merge_args=None):
         self.out_shape, self.stats, self.acc = out_shape, stats, acc
-        self.conv, self.tiles, self.merge = conv, tiles, merge
+        self.conv, self.tiles, self.merge_args = conv, tiles, merge_args
+        self.merge = None if merge_args is None else _merge_launch(*merge_args, acc)
 
     def allocate_output(self, x: Tensor) -> Tensor:
         """A new channels_last output tensor."""
@@ -319,23 +321,34 @@ class PreparedConv:
         Returns, when `stats`, the per-channel mean and M2 of `out` ([C_out] in the
         accumulator's dtype, taken before rounding), else None.
         """
-        x = args.x
         if self.conv is None:
             if not self.stats:
                 return None
-            zeros = torch.zeros(self.out_shape[1], dtype=self.acc, device=x.device)
+            zeros = torch.zeros(self.out_shape[1], dtype=self.acc, device=args.x.device)
             return zeros, zeros.clone()
-        tile_sum = tile_m2 = None
-        if self.stats:
-            tile_sum = torch.empty(self.tiles, dtype=self.acc, device=x.device)
-            tile_m2 = torch.empty(self.tiles, dtype=self.acc, device=x.device)
-        self.conv(*_pointers(args, out, tile_sum, tile_m2))
+        tiles = self.launch_tiles(args, out)
         if not self.stats:
             return None
-        mean = torch.empty(self.tiles[1], dtype=self.acc, device=x.device)
-        m2 = torch.empty(self.tiles[1], dtype=self.acc, device=x.device)
-        self.merge(tile_sum, tile_m2, mean, m2)
+        # Apart: a custom op's outputs may not alias one another.
+        mean = torch.empty(self.out_shape[1], dtype=self.acc, device=args.x.device)
+        m2 = torch.empty(self.out_shape[1], dtype=self.acc, device=args.x.device)
+        self.merge(*tiles, mean, m2)
         return mean, m2
+
+    def launch_tiles(self, args: ConvArgs, out: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Launches the convolution (there is something to compute: `conv`); returns its
+        per-tile (sum, M2) [tiles, C_out] when `stats`, unmerged."""
+        tile_sum = tile_m2 = None
+        if self.stats:
+            tile_sum = torch.empty(self.tiles, dtype=self.acc, device=args.x.device)
+            tile_m2 = torch.empty(self.tiles, dtype=self.acc, device=args.x.device)
+        self.conv(*_pointers(args, out, tile_sum, tile_m2))
+        return None if tile_sum is None else (tile_sum, tile_m2)
+
+    def channels(self, x: Tensor, n: int) -> Tensor:
+        """n new per-output-channel vectors [n, C_out] in the accumulator's dtype (one
+        allocation; not for a custom op's outputs, which may not alias)."""
+        return torch.empty((n, self.out_shape[1]), dtype=self.acc, device=x.device)
 
 
 def _pointers(args: ConvArgs, out: Tensor, tile_sum, tile_m2) -> tuple:
@@ -447,8 +460,8 @@ def _prepare(args: ConvArgs, stats: bool, out: Tensor | None) -> PreparedConv:
     if not stats:
         return PreparedConv(out_shape, stats, acc, conv_launch(config))
     tiles = _tiles(m, config, weight)
-    merge = _merge_launch(tiles[0], tiles[1], m, config["BLOCK_M"], acc)
-    return PreparedConv(out_shape, stats, acc, conv_launch(config), tiles, merge)
+    merge_args = (*tiles, m, config["BLOCK_M"])
+    return PreparedConv(out_shape, stats, acc, conv_launch(config), tiles, merge_args)
 
 
 def _tiles(m: int, config: dict, weight: Tensor) -> tuple[int, int]:
@@ -558,6 +571,33 @@ def _merge_launch(tiles: int, c: int, m: int, block_m: int, dtype: torch.dtype):
     return DirectLaunch(
         merge_tile_stats_kernel, (triton.cdiv(c, block_c),), 4, (tiles, c, m, block_m),
         dict(ACC=triton_accumulator(dtype), BLOCK_T=block_t, BLOCK_C=block_c),
+    )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=1024)
+def merge_finalize_launch(
+    tiles: int,
+    c: int,
+    m: int,
+    block_m: int,
+    dtype: torch.dtype,
+    eps: float,
+    momentum: float | None,
+):
+    """The launch of `merge_finalize_kernel` (the merge, its BatchNorm finalized, and with a
+    `momentum` the running statistics updated) for [tiles, C] partials of `dtype`."""
+    import triton
+
+    from fastres.kernels.merge_tile_stats import merge_finalize_kernel
+
+    from .launcher import DirectLaunch
+
+    block_c = min(_MERGE_BLOCK_C, max(16, triton.next_power_of_2(c)))
+    block_t = min(_MERGE_BLOCK_T, max(16, triton.next_power_of_2(tiles)))
+    return DirectLaunch(
+        merge_finalize_kernel, (triton.cdiv(c, block_c),), 12, (tiles, c, m, block_m),
+        dict(EPS=eps, MOMENTUM=momentum or 0.0, UPDATE=int(momentum is not None),
+             ACC=triton_accumulator(dtype), BLOCK_T=block_t, BLOCK_C=block_c),
     )  # fmt: skip
 
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ... import extension
 from ...ops import batchnorm as bn_ops
-from ...ops.conv2d_bn_train import InputBN, conv2d_bn_train
+from ...ops.conv2d_bn_train import InputBN, OutputBN, conv2d_bn_train
 from ...ops.conv2d_fused import arrange_weight
 from ..plan import BlockPlan, Implementation, Shortcut, Unit
 from .inference import fusable_pool
@@ -113,17 +113,23 @@ def _train_conv(
     input_pool: int = 1,
     input_add: Tensor | None = None,
 ) -> Unnormalized:
-    """conv(x) with its batch statistics; x normalized (+ ReLU) in the input load by
-    `input_bn` when given.
+    """conv(x) with its batch statistics and bn finalized from them (in the statistics' merge
+    launch, `OutputBN`, but for SyncBN and the cumulative average); x normalized (+ ReLU) in
+    the input load by `input_bn` when given.
 
     weight: conv.weight in another channel layout (Res2Net's padded chunks), else None.
     """
     weight = conv.weight if weight is None else weight
-    y, mean, m2 = conv2d_bn_train(
+    output_bn = OutputBN.of(bn)
+    y, mean, m2, *coefficients = conv2d_bn_train(
         x, arrange_weight(weight, x.dtype), stride=conv.stride, padding=conv.padding,
         dilation=conv.dilation, input_bn=input_bn, input_pool=input_pool, input_add=input_add,
+        output_bn=output_bn,
     )  # fmt: skip
-    return Unnormalized.of(bn, y, mean, m2)
+    if output_bn is None:
+        return Unnormalized.of(bn, y, mean, m2)
+    norm = bn_ops.Normalized(output_bn.weight, output_bn.bias, mean, *coefficients)
+    return Unnormalized(y, (mean, m2, y.numel() // y.shape[1]), norm, output_bn.eps, "")
 
 
 class TrainUnits(Implementation[Unnormalized, PaddedConcat]):
