@@ -26,6 +26,7 @@ from torch import nn
 
 import fastres
 from fastres.extension import EXTENSION_ERROR
+from fastres.ops.conv2d_fused import interpreting
 from fastres.testing import (
     OpRecorder,
     assert_matches_oracle,
@@ -275,15 +276,75 @@ def test_with_cp_matches_plain_run(device):
         if hasattr(m, "with_cp"):
             m.with_cp = True
     x = torch.randn(4, 3, 32, 32, device=device)
-    plain = train_step(model.set_backend("triton"), x, record=True)
+    recorded = train_step(copy.deepcopy(model).set_backend("triton"), x, record=True)
+    assert_fused_training_forward(model, recorded.ops)
+    # Unrecorded, as the checkpointed run: a block is then one autograd node (see
+    # test_block_is_one_node), whose gradients sum in another order than the recorded run's.
+    plain = train_step(model.set_backend("triton"), x, recorded.targets)
     cp = train_step(cp_model.set_backend("triton"), x, plain.targets)
-    assert_fused_training_forward(model, plain.ops)
     for a, b in zip(cp.outs, plain.outs, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch.testing.assert_close(cp.x_grad, plain.x_grad)
     torch.testing.assert_close(cp.grads, plain.grads)
     torch.testing.assert_close(cp.buffers, plain.buffers, rtol=0, atol=0)
     assert all(v.item() == 1 for k, v in cp.buffers.items() if "num_batches" in k)
+
+
+def _graph_nodes(outs) -> list[str]:
+    """The names of the autograd nodes behind outs."""
+    seen, stack, names = set(), [o.grad_fn for o in outs], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+ONE_NODE_CASES = {
+    "resnet18": (fastres.ResNet, dict(depth=18, **TWO_STAGES)),
+    "resnetv1d50": (fastres.ResNetV1d, dict(depth=50, **TWO_STAGES)),
+}
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["learning", "some-frozen"])
+@pytest.mark.parametrize("case", ONE_NODE_CASES.values(), ids=ONE_NODE_CASES.keys())
+def test_block_is_one_node(case, frozen):
+    """In eager mode with nothing watching the dispatch, the stem and each training-mode block
+    are one autograd node each (`_TrainChain`: no per-convolution node); their outputs, every
+    gradient and the running statistics equal those of the per-op path (which runs under a
+    dispatch mode), in float64 (gradients reaching a tensor from several consumers sum in
+    another order, hence not bit for bit). `some-frozen`: conv and BN parameters that want no
+    gradient, in the stem and in blocks with and without a downsample, get none."""
+    if not interpreting():
+        pytest.skip("float64 runs through the kernels only under the interpreter")
+    cls, kwargs = case
+    model = build(cls, torch.device("cpu"), **kwargs).double()
+    if frozen:
+        for name, p in model.named_parameters():
+            if name.endswith(("conv2.weight", "bn1.bias", "downsample.1.weight")) or name in (
+                "stem.0.weight", "stem.1.weight", "conv1.weight", "bn1.weight",
+            ):  # fmt: skip
+                p.requires_grad_(False)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    per_op = train_step(copy.deepcopy(model).set_backend("triton"), x, record=True)
+    chain_model = copy.deepcopy(model).set_backend("triton")
+    chain = train_step(chain_model, x, per_op.targets)
+    nodes = _graph_nodes(chain.outs)
+    blocks = sum(isinstance(m, fastres.models.resnet.ResBlock) for m in model.modules())
+    assert nodes.count("_TrainChainBackward") == blocks + 1
+    assert not [n for n in nodes if n in ("_Conv2dBNTrainBackward", "_TrainActBackward")]
+    assert "_TrainChainBackward" not in _graph_nodes(per_op.outs)
+    tight = dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(chain.outs, per_op.outs, rtol=0, atol=0)
+    torch.testing.assert_close(chain.buffers, per_op.buffers, rtol=0, atol=0)
+    assert chain.grads.keys() == per_op.grads.keys()
+    frozen_grads = [p.grad for p in chain_model.parameters() if not p.requires_grad]
+    assert bool(frozen_grads) == frozen and all(g is None for g in frozen_grads)
+    torch.testing.assert_close(chain.grads, per_op.grads, **tight)
+    torch.testing.assert_close(chain.x_grad, per_op.x_grad, **tight)
 
 
 def test_autocast_bf16_training_step(device):

@@ -125,7 +125,7 @@ class OutputBN(NamedTuple):
             )  # fmt: skip
 
 
-class _TrainArgs(NamedTuple):
+class TrainArgs(NamedTuple):
     """The custom op's arguments, in its order: the convolution's (ConvArgs' order), then the
     input BatchNorm's fields (`InputBN`) prefixed `in_`; autograd binds its inputs by name."""
 
@@ -197,7 +197,7 @@ def _conv2d_bn_train_body(
     in_shift: Tensor | None = None,
     in_invstd: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    args = _TrainArgs(
+    args = TrainArgs(
         x, weight, stride, padding, dilation, groups, allow_tf32, input_pool, input_add, in_mean,
         in_m2, in_count, in_weight, in_bias, in_eps, in_group, in_scale, in_shift, in_invstd,
     )  # fmt: skip
@@ -213,10 +213,10 @@ def _conv2d_bn_train_body(
     return out, mean, m2
 
 
-def _finalizing_body(output_bn: OutputBN, inputs: tuple) -> tuple[Tensor, ...]:
+def finalizing_body(output_bn: OutputBN, inputs: tuple) -> tuple[Tensor, ...]:
     """`_conv2d_bn_train_body`, and output_bn finalized (its running statistics updated) in the
     statistics' merge launch: (y, mean, m2, scale, shift, invstd)."""
-    args = _TrainArgs(*inputs)
+    args = TrainArgs(*inputs)
     scale = shift = None
     if args.in_mean is not None:
         _check_input_bn(args)
@@ -300,7 +300,7 @@ _INPUT_BN_TENSORS = operator.attrgetter(
 )
 
 
-def _input_bn_key(args: _TrainArgs) -> tuple:
+def _input_bn_key(args: TrainArgs) -> tuple:
     """Everything `_check_input_bn` reads from args."""
     x = args.x
     return (
@@ -309,7 +309,7 @@ def _input_bn_key(args: _TrainArgs) -> tuple:
     )  # fmt: skip
 
 
-def _check_input_bn(args: _TrainArgs) -> None:
+def _check_input_bn(args: TrainArgs) -> None:
     """Raises unless args' input BatchNorm can run (checked once per `_input_bn_key`)."""
     key = _input_bn_key(args)
     if key in _CHECKED_INPUT_BN:
@@ -339,42 +339,40 @@ _conv2d_bn_train_op = torch.library.custom_op("fastres::conv2d_bn_train", mutate
 
 @_conv2d_bn_train_op.register_fake
 def _(*inputs) -> tuple[Tensor, Tensor, Tensor]:
-    conv = _TrainArgs(*inputs).conv_args(None, None)
+    conv = TrainArgs(*inputs).conv_args(None, None)
     return conv.allocate_output(), *conv.empty_stats(True)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    args = _TrainArgs(*inputs)
+    args = TrainArgs(*inputs)
     _, mean, m2 = output
     ctx.mark_non_differentiable(mean, m2)
     save_args(ctx, args)
 
 
-# Where the backward's gradients go among the op's inputs (`_TrainArgs`' order): the only
+# Where the backward's gradients go among the op's inputs (`TrainArgs`' order): the only
 # differentiable ones.
 _GRAD_INDEX = tuple(
-    _TrainArgs._fields.index(name) for name in ("x", "weight", "input_add", "in_weight", "in_bias")
+    TrainArgs._fields.index(name) for name in ("x", "weight", "input_add", "in_weight", "in_bias")
 )
 
 
 def _grads(x=None, weight=None, input_add=None, in_weight=None, in_bias=None) -> tuple:
-    """The backward's return: a gradient per op input (`_TrainArgs`' order), None but these."""
-    grads = [None] * len(_TrainArgs._fields)
+    """The backward's return: a gradient per op input (`TrainArgs`' order), None but these."""
+    grads = [None] * len(TrainArgs._fields)
     for i, grad in zip(_GRAD_INDEX, (x, weight, input_add, in_weight, in_bias)):
         grads[i] = grad
     return tuple(grads)
 
 
 def _backward(ctx, grad_y: Tensor, _grad_mean, _grad_m2):
-    return _train_backward(ctx, ctx.needs_input_grad, grad_y)
-
-
-def _train_backward(ctx, needs_input_grad: Sequence[bool], grad_y: Tensor) -> tuple:
-    """The op's input gradients (`_TrainArgs`' order) from y's; needs_input_grad: the op's
-    inputs'."""
     args, _ = saved_args(ctx)
+    return train_backward(args, TrainArgs(*ctx.needs_input_grad), grad_y)
+
+
+def train_backward(args: TrainArgs, needs: TrainArgs, grad_y: Tensor) -> tuple:
+    """The op's input gradients (`TrainArgs`' order, None where `needs` is False) from y's."""
     x = args.x
-    needs = _TrainArgs(*needs_input_grad)
     needs_input = needs.x or needs.in_weight or needs.in_bias or needs.input_add
     if not (needs_input or needs.weight):
         return _grads()
@@ -436,7 +434,7 @@ def _forward(output_bn: OutputBN | None, inputs: tuple) -> tuple[Tensor, ...]:
     if output_bn is None:
         return call_op(torch.ops.fastres.conv2d_bn_train, _conv2d_bn_train_body, inputs)
     if dispatch_free(inputs):
-        return _finalizing_body(output_bn, inputs)
+        return finalizing_body(output_bn, inputs)
     with torch._C._AutoDispatchBelowAutograd():
         y, mean, m2 = torch.ops.fastres.conv2d_bn_train(*inputs)
     return y, mean, m2, *output_bn.finalize(mean, m2, _checked_count(y))
@@ -461,7 +459,8 @@ class _Conv2dBNTrain(torch.autograd.Function):
     def backward(ctx, grad_y, *_grad_statistics):
         if grad_y is None:
             return (None,) * len(ctx.needs_input_grad)
-        return None, *_train_backward(ctx, ctx.needs_input_grad[1:], grad_y)
+        args, _ = saved_args(ctx)
+        return None, *train_backward(args, TrainArgs(*ctx.needs_input_grad[1:]), grad_y)
 
 
 def conv2d_bn_train(
@@ -517,7 +516,7 @@ def conv2d_bn_train(
     if dispatch_free(args):
         if output_bn is None:
             return _conv2d_bn_train_body(*args)
-        return _finalizing_body(output_bn, args)
+        return finalizing_body(output_bn, args)
     y, mean, m2 = torch.ops.fastres.conv2d_bn_train(*args)
     if output_bn is None:
         return y, mean, m2

@@ -45,7 +45,7 @@ from .inference import (
     forget_folded,
 )
 from .res2net import PaddedConcat, forget_launch_weights, split_conv_concat
-from .training import TrainUnits, plan_pairs, trainable
+from .training import TrainUnits, plan_pairs, train_chain, trainable
 
 # Looked up once, without importing triton (slow, and the interpreter switch must be set first).
 _TRITON_MISSING = importlib.util.find_spec("triton") is None
@@ -78,7 +78,8 @@ class TritonBackend(Backend):
             return model.maxpool(run_units(_EVAL, units, x))
         if dtype is not None and trainable(pairs, x):
             x = x.to(dtype).contiguous(memory_format=torch.channels_last)
-            return model.maxpool(run_units(_TRAIN, units, x))
+            out = train_chain(units, x, shortcut=None, identity=False)
+            return model.maxpool(run_units(_TRAIN, units, x) if out is None else out)
         return model.stem_reference(x)
 
     def forget(self, modules: list[nn.Module]) -> None:
@@ -95,7 +96,12 @@ class TritonBackend(Backend):
         if block_foldable(pairs):
             return run_block(_EVAL, plan, x.to(dtype))
         if trainable(pairs, x):
-            return run_block(_TRAIN, plan, x.to(dtype))
+            x = x.to(dtype)
+            if plan.res2net is None:
+                out = train_chain(plan.units, x, plan.shortcut, identity=plan.shortcut is None)
+                if out is not None:
+                    return out
+            return run_block(_TRAIN, plan, x)
         # GroupNorm, float64, BNs in mixed modes: the oracle runs them.
         return block.forward_reference(x)
 

@@ -11,14 +11,24 @@ nn.BatchNorm2d does (`batchnorm.batch_normalized`); its consumers take the scale
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from ... import extension
 from ...ops import batchnorm as bn_ops
-from ...ops.conv2d_bn_train import InputBN, OutputBN, conv2d_bn_train
-from ...ops.conv2d_fused import arrange_weight
+from ...ops.conv2d_bn_train import (
+    InputBN,
+    OutputBN,
+    TrainArgs,
+    conv2d_bn_train,
+    finalizing_body,
+    train_backward,
+)
+from ...ops.conv2d_fused import apply_function, arrange_weight, dispatch_free, eager_autograd
+from ...ops.precision import cast
 from ..plan import BlockPlan, Implementation, Shortcut, Unit
 from .inference import fusable_pool
 from .res2net import PaddedConcat, train_res2net_middle
@@ -165,3 +175,167 @@ class TrainUnits(Implementation[Unnormalized, PaddedConcat]):
         pools, (conv, bn, _) = shortcut
         downsample = _train_conv(conv, bn, x, input_pool=fusable_pool(pools[0]) if pools else 1)
         return raw.apply(shortcut=downsample)
+
+
+# -- A block (or the stem) as one autograd node ----------------------------------------------
+
+
+class _Step(NamedTuple):
+    """One convolution of a `_Chain`: its module (geometry), its BN (finalized in the merge
+    launch), its fused input pool."""
+
+    conv: nn.Conv2d
+    output_bn: OutputBN
+    input_pool: int = 1
+
+
+class _Chain(NamedTuple):
+    """What `_TrainChain` runs: convolutions one after the other, each normalizing the
+    previous one's output + ReLU in its input load; then ReLU(the last one's BN [+ the chain's
+    input (`identity`) | + `shortcut`'s BN of its convolution of the chain's input]) in one
+    pass."""
+
+    steps: tuple[_Step, ...]
+    shortcut: _Step | None
+    identity: bool
+
+
+# TrainArgs' input-BatchNorm fields of a convolution without one.
+_NO_INPUT_BN = (None, None, 0, None, None, 0.0, "", None, None, None)
+# The tensors a chain saves of each convolution's TrainArgs.
+_SAVED_FIELDS = ("x", "weight", "in_mean", "in_m2", "in_weight", "in_bias", "in_scale",
+                 "in_shift", "in_invstd")  # fmt: skip
+_NO_NEEDS = TrainArgs(*[False] * len(TrainArgs._fields))
+
+
+def train_chain(
+    units: Sequence[Unit], x: Tensor, shortcut: Shortcut | None, identity: bool
+) -> Tensor | None:
+    """A training-mode block's units (the last one its tail) or the stem's, as one autograd
+    node (`_TrainChain`) rather than a node per convolution and one for the tail: the same
+    launches and ops, without the per-node host cost. None where it does not run them: without
+    gradients, under torch.compile / torch.func / anything that sees the dispatch (the ops then
+    run one by one, so that it sees them), for SyncBN across processes and the cumulative
+    average (`OutputBN.of`).
+
+    Args:
+        shortcut: the block's downsample branch (its pool fusable, as `trainable` checks).
+        identity: the block adds x (no downsample); neither: the stem.
+    """
+    if not (eager_autograd() and dispatch_free((x,))):
+        return None
+    steps = []
+    for unit in units if shortcut is None else (*units, shortcut.unit):
+        output_bn = OutputBN.of(unit.norm)
+        if output_bn is None:
+            return None
+        steps.append(_Step(unit.conv, output_bn))
+    shortcut_step = None
+    if shortcut is not None:
+        pools = shortcut.pools
+        shortcut_step = steps.pop()._replace(input_pool=fusable_pool(pools[0]) if pools else 1)
+    chain = _Chain(tuple(steps), shortcut_step, identity)
+    all_steps = steps if shortcut_step is None else (*steps, shortcut_step)
+    weights = [arrange_weight(step.conv.weight, x.dtype) for step in all_steps]
+    params = [t for step in all_steps for t in step.output_bn[:2]]
+    return apply_function(_TrainChain, chain, x, *weights, *params)
+
+
+def _conv_args(step: _Step, x: Tensor, weight: Tensor, allow_tf32: bool, input_bn) -> TrainArgs:
+    conv = step.conv
+    return TrainArgs(
+        x, weight, list(conv.stride), list(conv.padding), list(conv.dilation), 1, allow_tf32,
+        step.input_pool, None, *input_bn,
+    )  # fmt: skip
+
+
+class _TrainChain(torch.autograd.Function):
+    """`train_chain`'s node. Inputs: the `_Chain`, x, each convolution's arranged weight, each
+    one's BN (weight, bias), the shortcut's last. Forward: the training convolution's body per
+    convolution (`finalizing_body`), then `bn_apply`, as `TrainUnits` runs them; backward: the
+    tail's `bn_backward`, then each convolution's (`train_backward`, which gives its input BN's
+    parameter gradients) from the last to the first."""
+
+    @staticmethod
+    def forward(ctx, chain: _Chain, x: Tensor, *tensors: Tensor) -> Tensor:
+        all_steps = chain.steps if chain.shortcut is None else (*chain.steps, chain.shortcut)
+        weights = tensors[: len(all_steps)]
+        allow_tf32 = bool(torch.backends.cudnn.allow_tf32)
+        convs, h, input_bn = [], x, _NO_INPUT_BN
+        for step, weight in zip(chain.steps, weights):
+            args = _conv_args(step, h, weight, allow_tf32, input_bn)
+            h, mean, m2, scale, shift, invstd = finalizing_body(step.output_bn, args)
+            bn = step.output_bn
+            count = h.numel() // h.shape[1]
+            input_bn = (mean, m2, count, bn.weight, bn.bias, bn.eps, "", scale, shift, invstd)
+            convs.append(args)
+        residual = mean_r = scale_r = shift_r = invstd_r = None
+        if chain.shortcut is not None:
+            args = _conv_args(chain.shortcut, x, weights[-1], allow_tf32, _NO_INPUT_BN)
+            residual, mean_r, _, scale_r, shift_r, invstd_r = finalizing_body(
+                chain.shortcut.output_bn, args
+            )
+            convs.append(args)
+        elif chain.identity:
+            residual = x
+        variant = bn_ops.current_variant()
+        out = torch.ops.fastres.bn_apply(h, scale, shift, residual, scale_r, shift_r, True, variant)
+        ctx.chain, ctx.variant, ctx.count = chain, variant, count
+        ctx.param_dtypes = [t.dtype for t in tensors[len(all_steps) :]]
+        ctx.convs = [args._replace(**dict.fromkeys(_SAVED_FIELDS)) for args in convs]
+        ctx.save_for_backward(
+            *(getattr(args, name) for args in convs for name in _SAVED_FIELDS),
+            h, mean, scale, shift, invstd, residual, mean_r, scale_r, shift_r, invstd_r,
+        )  # fmt: skip
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        chain, needs = ctx.chain, ctx.needs_input_grad
+        saved, k = ctx.saved_tensors, len(_SAVED_FIELDS)
+        convs = [
+            args._replace(**dict(zip(_SAVED_FIELDS, saved[i * k : (i + 1) * k])))
+            for i, args in enumerate(ctx.convs)
+        ]
+        y, mean, scale, shift, invstd, r, mean_r, scale_r, shift_r, invstd_r = saved[-10:]
+        need_x, need_weights = needs[1], needs[2 : 2 + len(convs)]
+        need_params = needs[2 + len(convs) :]
+        shortcut = chain.shortcut is not None
+        want_r = r is not None and (need_x or (shortcut and need_weights[-1]))
+        grad_y, grad_r, *tail_params = torch.ops.fastres.bn_backward(
+            cast(grad_out, y.dtype), y, scale, shift, r, scale_r, shift_r, True, mean, invstd,
+            mean_r, invstd_r, ctx.count, want_r, ctx.variant,
+        )  # fmt: skip
+        grad_weights = [None] * len(convs)
+        grad_params = [None] * len(need_params)
+        units = len(chain.steps)
+        grad_params[2 * units - 2 : 2 * units] = tail_params[:2]
+        grad_x = None
+        if shortcut:
+            grad_params[-2:] = tail_params[2:]
+            if want_r:
+                needs_d = _NO_NEEDS._replace(x=need_x, weight=need_weights[-1])
+                grads = TrainArgs(*train_backward(convs[-1], needs_d, grad_r))
+                grad_x, grad_weights[-1] = grads.x, grads.weight
+        elif want_r:
+            grad_x = grad_r
+        for i in reversed(range(units)):
+            # Whether anything before convolution i wants a gradient: x, a weight, a BN.
+            upstream = need_x or any(need_weights[:i]) or any(need_params[: 2 * i])
+            if not (upstream or need_weights[i]):
+                break
+            need_in = i > 0 and (need_params[2 * i - 2] or need_params[2 * i - 1])
+            needs_i = _NO_NEEDS._replace(
+                x=upstream, weight=need_weights[i], in_weight=need_in, in_bias=need_in
+            )
+            grads = TrainArgs(*train_backward(convs[i], needs_i, grad_y))
+            grad_weights[i], grad_y = grads.weight, grads.x
+            if i > 0:
+                grad_params[2 * i - 2 : 2 * i] = grads.in_weight, grads.in_bias
+            elif grad_y is not None:
+                grad_x = grad_y if grad_x is None else grad_x + grad_y
+        grad_params = [
+            cast(g, dtype) if need and g is not None else None
+            for g, need, dtype in zip(grad_params, need_params, ctx.param_dtypes)
+        ]
+        return None, grad_x, *grad_weights, *grad_params
