@@ -306,6 +306,8 @@ def _graph_nodes(outs) -> list[str]:
 ONE_NODE_CASES = {
     "resnet18": (fastres.ResNet, dict(depth=18, **TWO_STAGES)),
     "resnetv1d50": (fastres.ResNetV1d, dict(depth=50, **TWO_STAGES)),
+    # Its tails (conv3, the shortcut, the last BN) only: the middle runs op by op.
+    "res2net50": (fastres.Res2Net, dict(depth=50, base_width=6, scales=3, **TWO_STAGES)),
 }
 
 
@@ -317,16 +319,17 @@ def test_block_is_one_node(case, frozen):
     gradient and the running statistics equal those of the per-op path (which runs under a
     dispatch mode), in float64 (gradients reaching a tensor from several consumers sum in
     another order, hence not bit for bit). `some-frozen`: conv and BN parameters that want no
-    gradient, in the stem and in blocks with and without a downsample, get none."""
+    gradient, in the stem and in blocks with and without a downsample, get none. A Bottle2neck's
+    middle is not part of its node."""
     if not interpreting():
         pytest.skip("float64 runs through the kernels only under the interpreter")
     cls, kwargs = case
     model = build(cls, torch.device("cpu"), **kwargs).double()
     if frozen:
+        suffixes = ("conv2.weight", "bn1.bias", "downsample.1.weight", "conv3.weight")
+        names = ("stem.0.weight", "stem.1.weight", "conv1.weight", "bn1.weight")
         for name, p in model.named_parameters():
-            if name.endswith(("conv2.weight", "bn1.bias", "downsample.1.weight")) or name in (
-                "stem.0.weight", "stem.1.weight", "conv1.weight", "bn1.weight",
-            ):  # fmt: skip
+            if name.endswith(suffixes) or name in names:
                 p.requires_grad_(False)
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
     per_op = train_step(copy.deepcopy(model).set_backend("triton"), x, record=True)
@@ -335,16 +338,19 @@ def test_block_is_one_node(case, frozen):
     nodes = _graph_nodes(chain.outs)
     blocks = sum(isinstance(m, fastres.models.resnet.ResBlock) for m in model.modules())
     assert nodes.count("_TrainChainBackward") == blocks + 1
-    assert not [n for n in nodes if n in ("_Conv2dBNTrainBackward", "_TrainActBackward")]
+    per_op_nodes = [n for n in nodes if n in ("_Conv2dBNTrainBackward", "_TrainActBackward")]
+    assert bool(per_op_nodes) == (cls is fastres.Res2Net)
     assert "_TrainChainBackward" not in _graph_nodes(per_op.outs)
-    tight = dict(rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(chain.outs, per_op.outs, rtol=0, atol=0)
     torch.testing.assert_close(chain.buffers, per_op.buffers, rtol=0, atol=0)
     assert chain.grads.keys() == per_op.grads.keys()
     frozen_grads = [p.grad for p in chain_model.parameters() if not p.requires_grad]
     assert bool(frozen_grads) == frozen and all(g is None for g in frozen_grads)
-    torch.testing.assert_close(chain.grads, per_op.grads, **tight)
-    torch.testing.assert_close(chain.x_grad, per_op.x_grad, **tight)
+    # Another order of float64 sums: differences of about 1e-14 of a gradient's largest
+    # element (resnetv1d50, 8 seeds); a wrong term would be of its order.
+    for name, a, b in [("input", chain.x_grad, per_op.x_grad),
+                       *((k, g, per_op.grads[k]) for k, g in chain.grads.items())]:  # fmt: skip
+        assert (a - b).abs().max() <= 1e-11 * b.abs().max(), name
 
 
 def test_autocast_bf16_training_step(device):

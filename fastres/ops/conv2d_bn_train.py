@@ -40,6 +40,7 @@ from .. import extension
 from . import batchnorm as bn_ops
 from .conv2d_fused import (
     ConvArgs,
+    PreparedConv,
     apply_function,
     as_pair,
     call_op,
@@ -201,30 +202,28 @@ def _conv2d_bn_train_body(
         x, weight, stride, padding, dilation, groups, allow_tf32, input_pool, input_add, in_mean,
         in_m2, in_count, in_weight, in_bias, in_eps, in_group, in_scale, in_shift, in_invstd,
     )  # fmt: skip
+    conv, prepared, out = _prepared(args)
+    mean, m2 = prepared.launch(conv, out)
+    return out, mean, m2
+
+
+def _prepared(args: TrainArgs) -> tuple[ConvArgs, PreparedConv, Tensor]:
+    """args' convolution (its input BN folded to a scale and shift), its prepared launch and
+    a new output."""
     scale = shift = None
-    if in_mean is not None:
+    if args.in_mean is not None:
         _check_input_bn(args)
         extension.require("conv2d_bn_train with input_bn")  # the BN runs the extension's ops
         scale, shift, _ = args.input_coefficients()
     conv = args.conv_args(scale, shift)
     prepared = prepare(conv, stats=True)
-    out = prepared.allocate_output(x)
-    mean, m2 = prepared.launch(conv, out)
-    return out, mean, m2
+    return conv, prepared, prepared.allocate_output(args.x)
 
 
 def finalizing_body(output_bn: OutputBN, inputs: tuple) -> tuple[Tensor, ...]:
     """`_conv2d_bn_train_body`, and output_bn finalized (its running statistics updated) in the
     statistics' merge launch: (y, mean, m2, scale, shift, invstd)."""
-    args = TrainArgs(*inputs)
-    scale = shift = None
-    if args.in_mean is not None:
-        _check_input_bn(args)
-        extension.require("conv2d_bn_train with input_bn")
-        scale, shift, _ = args.input_coefficients()
-    conv = args.conv_args(scale, shift)
-    prepared = prepare(conv, stats=True)
-    out = prepared.allocate_output(args.x)
+    conv, prepared, out = _prepared(TrainArgs(*inputs))
     count = _checked_count(out)
     if prepared.conv is None or not _output_bn_fits(output_bn, prepared.out_shape[1], out):
         mean, m2 = prepared.launch(conv, out)
@@ -242,7 +241,7 @@ def finalizing_body(output_bn: OutputBN, inputs: tuple) -> tuple[Tensor, ...]:
 
 def _checked_count(y: Tensor) -> int:
     """Values per channel of y's batch statistics; raises for one, as nn.BatchNorm2d does."""
-    count = y.numel() // y.shape[1] if y.shape[1] else 0
+    count = y.shape[0] * y.shape[2] * y.shape[3]
     if count <= 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {y.size()}"
@@ -250,8 +249,8 @@ def _checked_count(y: Tensor) -> int:
     return count
 
 
-# `_output_bn_key`s whose BatchNorm the merge's launch can finalize (`_output_bn_fits`).
-# Cleared when full, as the prepared launches are.
+# The keys of the BatchNorms the merge's launch can finalize (`_output_bn_fits`). Cleared
+# when full, as the prepared launches are.
 _FITTING_OUTPUT_BN: set[tuple] = set()
 
 

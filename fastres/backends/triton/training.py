@@ -164,6 +164,9 @@ class TrainUnits(Implementation[Unnormalized, PaddedConcat]):
     def res2net_tail(
         self, unit: Unit, h: PaddedConcat, x: Tensor, shortcut: Shortcut | None
     ) -> Tensor:
+        out = train_chain([unit], h.cat, shortcut, shortcut is None, block_input=x, weight=h.weight)
+        if out is not None:
+            return out
         raw = _train_conv(unit.conv, unit.norm, h.cat, weight=h.weight)
         return self._add_shortcut(raw, x, shortcut)
 
@@ -191,8 +194,8 @@ class _Step(NamedTuple):
 
 class _Chain(NamedTuple):
     """What `_TrainChain` runs: convolutions one after the other, each normalizing the
-    previous one's output + ReLU in its input load; then ReLU(the last one's BN [+ the chain's
-    input (`identity`) | + `shortcut`'s BN of its convolution of the chain's input]) in one
+    previous one's output + ReLU in its input load; then ReLU(the last one's BN [+ the block
+    input (`identity`) | + `shortcut`'s BN of its convolution of the block input]) in one
     pass."""
 
     steps: tuple[_Step, ...]
@@ -209,7 +212,13 @@ _NO_NEEDS = TrainArgs(*[False] * len(TrainArgs._fields))
 
 
 def train_chain(
-    units: Sequence[Unit], x: Tensor, shortcut: Shortcut | None, identity: bool
+    units: Sequence[Unit],
+    x: Tensor,
+    shortcut: Shortcut | None,
+    identity: bool,
+    *,
+    block_input: Tensor | None = None,
+    weight: Tensor | None = None,
 ) -> Tensor | None:
     """A training-mode block's units (the last one its tail) or the stem's, as one autograd
     node (`_TrainChain`) rather than a node per convolution and one for the tail: the same
@@ -219,10 +228,16 @@ def train_chain(
     average (`OutputBN.of`).
 
     Args:
-        shortcut: the block's downsample branch (its pool fusable, as `trainable` checks).
-        identity: the block adds x (no downsample); neither: the stem.
+        x: the first unit's input.
+        shortcut: the block's downsample branch of block_input (its pool fusable, as
+            `trainable` checks).
+        identity: the block adds block_input (no downsample); neither: the stem.
+        block_input: the block's input, where it is not x (a Bottle2neck's tail: x is the
+            middle's concatenation).
+        weight: the first unit's convolution weight, arranged, where it is not its module's
+            (the Bottle2neck's padded conv3 weight).
     """
-    if not (eager_autograd() and dispatch_free((x,))):
+    if not eager_autograd():
         return None
     steps = []
     for unit in units if shortcut is None else (*units, shortcut.unit):
@@ -236,9 +251,14 @@ def train_chain(
         shortcut_step = steps.pop()._replace(input_pool=fusable_pool(pools[0]) if pools else 1)
     chain = _Chain(tuple(steps), shortcut_step, identity)
     all_steps = steps if shortcut_step is None else (*steps, shortcut_step)
-    weights = [arrange_weight(step.conv.weight, x.dtype) for step in all_steps]
     params = [t for step in all_steps for t in step.output_bn[:2]]
-    return apply_function(_TrainChain, chain, x, *weights, *params)
+    module_weights = [step.conv.weight for step in all_steps]
+    if not dispatch_free((x, block_input, weight, *module_weights, *params)):
+        return None
+    weights = [arrange_weight(w, x.dtype) for w in module_weights[weight is not None :]]
+    if weight is not None:
+        weights.insert(0, weight)
+    return apply_function(_TrainChain, chain, x, block_input, *weights, *params)
 
 
 def _conv_args(step: _Step, x: Tensor, weight: Tensor, allow_tf32: bool, input_bn) -> TrainArgs:
@@ -250,14 +270,15 @@ def _conv_args(step: _Step, x: Tensor, weight: Tensor, allow_tf32: bool, input_b
 
 
 class _TrainChain(torch.autograd.Function):
-    """`train_chain`'s node. Inputs: the `_Chain`, x, each convolution's arranged weight, each
-    one's BN (weight, bias), the shortcut's last. Forward: the training convolution's body per
-    convolution (`finalizing_body`), then `bn_apply`, as `TrainUnits` runs them; backward: the
-    tail's `bn_backward`, then each convolution's (`train_backward`, which gives its input BN's
-    parameter gradients) from the last to the first."""
+    """`train_chain`'s node. Inputs: the `_Chain`, x, the block input (None: x), each
+    convolution's arranged weight, each one's BN (weight, bias), the shortcut's last.
+    Forward: the training convolution's body per convolution (`finalizing_body`), then
+    `bn_apply`, as `TrainUnits` runs them; backward: the tail's `bn_backward`, then each
+    convolution's (`train_backward`, which gives its input BN's parameter gradients) from the
+    last to the first."""
 
     @staticmethod
-    def forward(ctx, chain: _Chain, x: Tensor, *tensors: Tensor) -> Tensor:
+    def forward(ctx, chain: _Chain, x: Tensor, block_input: Tensor | None, *tensors: Tensor):
         all_steps = chain.steps if chain.shortcut is None else (*chain.steps, chain.shortcut)
         weights = tensors[: len(all_steps)]
         allow_tf32 = bool(torch.backends.cudnn.allow_tf32)
@@ -270,14 +291,16 @@ class _TrainChain(torch.autograd.Function):
             input_bn = (mean, m2, count, bn.weight, bn.bias, bn.eps, "", scale, shift, invstd)
             convs.append(args)
         residual = mean_r = scale_r = shift_r = invstd_r = None
+        ctx.separate_input = block_input is not None
+        block_input = x if block_input is None else block_input
         if chain.shortcut is not None:
-            args = _conv_args(chain.shortcut, x, weights[-1], allow_tf32, _NO_INPUT_BN)
+            args = _conv_args(chain.shortcut, block_input, weights[-1], allow_tf32, _NO_INPUT_BN)
             residual, mean_r, _, scale_r, shift_r, invstd_r = finalizing_body(
                 chain.shortcut.output_bn, args
             )
             convs.append(args)
         elif chain.identity:
-            residual = x
+            residual = block_input
         variant = bn_ops.current_variant()
         out = torch.ops.fastres.bn_apply(h, scale, shift, residual, scale_r, shift_r, True, variant)
         ctx.chain, ctx.variant, ctx.count = chain, variant, count
@@ -298,10 +321,12 @@ class _TrainChain(torch.autograd.Function):
             for i, args in enumerate(ctx.convs)
         ]
         y, mean, scale, shift, invstd, r, mean_r, scale_r, shift_r, invstd_r = saved[-10:]
-        need_x, need_weights = needs[1], needs[2 : 2 + len(convs)]
-        need_params = needs[2 + len(convs) :]
+        # x's and the block input's gradients (one where the block input is x).
+        need_x, need_input = needs[1], needs[2] if ctx.separate_input else needs[1]
+        need_weights = needs[3 : 3 + len(convs)]
+        need_params = needs[3 + len(convs) :]
         shortcut = chain.shortcut is not None
-        want_r = r is not None and (need_x or (shortcut and need_weights[-1]))
+        want_r = r is not None and (need_input or (shortcut and need_weights[-1]))
         grad_y, grad_r, *tail_params = torch.ops.fastres.bn_backward(
             cast(grad_out, y.dtype), y, scale, shift, r, scale_r, shift_r, True, mean, invstd,
             mean_r, invstd_r, ctx.count, want_r, ctx.variant,
@@ -310,15 +335,17 @@ class _TrainChain(torch.autograd.Function):
         grad_params = [None] * len(need_params)
         units = len(chain.steps)
         grad_params[2 * units - 2 : 2 * units] = tail_params[:2]
-        grad_x = None
+        grad_input = grad_x = None
         if shortcut:
             grad_params[-2:] = tail_params[2:]
             if want_r:
-                needs_d = _NO_NEEDS._replace(x=need_x, weight=need_weights[-1])
+                needs_d = _NO_NEEDS._replace(x=need_input, weight=need_weights[-1])
                 grads = TrainArgs(*train_backward(convs[-1], needs_d, grad_r))
-                grad_x, grad_weights[-1] = grads.x, grads.weight
+                grad_input, grad_weights[-1] = grads.x, grads.weight
         elif want_r:
-            grad_x = grad_r
+            grad_input = grad_r
+        if not ctx.separate_input:
+            grad_x, grad_input = grad_input, None
         for i in reversed(range(units)):
             # Whether anything before convolution i wants a gradient: x, a weight, a BN.
             upstream = need_x or any(need_weights[:i]) or any(need_params[: 2 * i])
@@ -338,4 +365,4 @@ class _TrainChain(torch.autograd.Function):
             cast(g, dtype) if need and g is not None else None
             for g, need, dtype in zip(grad_params, need_params, ctx.param_dtypes)
         ]
-        return None, grad_x, *grad_weights, *grad_params
+        return None, grad_x, grad_input, *grad_weights, *grad_params
