@@ -11,8 +11,8 @@
 # no interpreter; then the whole report, scripts/check_sm90_compile.sh), and the fused convolution's, the Res2Net ones
 # and the training unit's files, which between them launch every switch of the kernels (flat and
 # tap-major K, the pool, BN and ReLU prologues, the input add, bias, both residual forms, ReLU,
-# statistics, groups) in fp16, bf16, fp32 and fp64 (each DOT_PRECISION), and the Res2Net last-chunk
-# pool kernel; and tests/test_launcher.py, whose direct launch of compiled kernels follows the
+# statistics, groups) in fp16, bf16, fp32 and fp64 (each DOT_PRECISION), the Res2Net last-chunk
+# pool kernel and the statistics' merge (with its BatchNorm finalize); and tests/test_launcher.py, whose direct launch of compiled kernels follows the
 # JIT's own (fastres/ops/launcher.py: checked there against Triton 3.6's JIT under the stand-in).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +28,7 @@ if ! "$python" -c 'import triton, torch, numpy, pytest, sys; sys.exit(triton.__v
 fi
 "$python" -c 'import triton, fastres.extension as e; print("triton", triton.__version__); assert e.EXTENSION_ERROR is None, e.EXTENSION_ERROR'
 "$python" -m pytest tests/test_conv2d_fused.py tests/test_res2net_fused.py \
-  tests/test_conv2d_bn_train.py tests/test_compile_report.py tests/test_launcher.py -q \
+  tests/test_conv2d_bn_train.py tests/test_merge_tile_stats.py tests/test_compile_report.py \
+  tests/test_launcher.py -q \
   -p no:cacheprovider
 bash scripts/check_sm90_compile.sh "$python"
