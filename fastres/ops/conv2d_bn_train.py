@@ -207,12 +207,15 @@ def _conv2d_bn_train_body(
     return out, mean, m2
 
 
-def _prepared(args: TrainArgs) -> tuple[ConvArgs, PreparedConv, Tensor]:
+def _prepared(
+    args: TrainArgs, input_bn_checked: bool = False
+) -> tuple[ConvArgs, PreparedConv, Tensor]:
     """args' convolution (its input BN folded to a scale and shift), its prepared launch and
     a new output."""
     scale = shift = None
     if args.in_mean is not None:
-        _check_input_bn(args)
+        if not input_bn_checked:
+            _check_input_bn(args)
         extension.require("conv2d_bn_train with input_bn")  # the BN runs the extension's ops
         scale, shift, _ = args.input_coefficients()
     conv = args.conv_args(scale, shift)
@@ -220,10 +223,13 @@ def _prepared(args: TrainArgs) -> tuple[ConvArgs, PreparedConv, Tensor]:
     return conv, prepared, prepared.allocate_output(args.x)
 
 
-def finalizing_body(output_bn: OutputBN, inputs: tuple) -> tuple[Tensor, ...]:
+def finalizing_body(
+    output_bn: OutputBN, inputs: tuple, input_bn_checked: bool = False
+) -> tuple[Tensor, ...]:
     """`_conv2d_bn_train_body`, and output_bn finalized (its running statistics updated) in the
-    statistics' merge launch: (y, mean, m2, scale, shift, invstd)."""
-    conv, prepared, out = _prepared(TrainArgs(*inputs))
+    statistics' merge launch: (y, mean, m2, scale, shift, invstd). input_bn_checked: the input
+    BN is the previous `finalizing_body`'s output BN, with its outputs (nothing to check)."""
+    conv, prepared, out = _prepared(TrainArgs(*inputs), input_bn_checked)
     count = _checked_count(out)
     if prepared.conv is None or not _output_bn_fits(output_bn, prepared.out_shape[1], out):
         mean, m2 = prepared.launch(conv, out)

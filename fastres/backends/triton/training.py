@@ -285,7 +285,7 @@ class _TrainChain(torch.autograd.Function):
         convs, h, input_bn = [], x, _NO_INPUT_BN
         for step, weight in zip(chain.steps, weights):
             args = _conv_args(step, h, weight, allow_tf32, input_bn)
-            h, mean, m2, scale, shift, invstd = finalizing_body(step.output_bn, args)
+            h, mean, m2, scale, shift, invstd = finalizing_body(step.output_bn, args, True)
             bn = step.output_bn
             count = h.numel() // h.shape[1]
             input_bn = (mean, m2, count, bn.weight, bn.bias, bn.eps, "", scale, shift, invstd)
@@ -302,7 +302,11 @@ class _TrainChain(torch.autograd.Function):
         elif chain.identity:
             residual = block_input
         variant = bn_ops.current_variant()
-        out = torch.ops.fastres.bn_apply(h, scale, shift, residual, scale_r, shift_r, True, variant)
+        # Below bn_apply's own (Python) autograd layer, which would only cost host time here.
+        with torch._C._AutoDispatchBelowAutograd():
+            out = torch.ops.fastres.bn_apply(
+                h, scale, shift, residual, scale_r, shift_r, True, variant
+            )
         ctx.chain, ctx.variant, ctx.count = chain, variant, count
         ctx.param_dtypes = [t.dtype for t in tensors[len(all_steps) :]]
         ctx.convs = [args._replace(**dict.fromkeys(_SAVED_FIELDS)) for args in convs]
