@@ -306,8 +306,9 @@ def _graph_nodes(outs) -> list[str]:
 ONE_NODE_CASES = {
     "resnet18": (fastres.ResNet, dict(depth=18, **TWO_STAGES)),
     "resnetv1d50": (fastres.ResNetV1d, dict(depth=50, **TWO_STAGES)),
-    # Its tails (conv3, the shortcut, the last BN) only: the middle runs op by op.
-    "res2net50": (fastres.Res2Net, dict(depth=50, base_width=6, scales=3, **TWO_STAGES)),
+    # The tails (conv3, the shortcut, the last BN) as above, each middle one node of its own;
+    # 'stage' blocks with a pooled last chunk, 'normal' blocks with the hierarchical add.
+    "res2net50": (fastres.Res2Net, dict(depth=50, base_width=6, **TWO_STAGES)),
 }
 
 
@@ -319,14 +320,15 @@ def test_block_is_one_node(case, frozen):
     gradient and the running statistics equal those of the per-op path (which runs under a
     dispatch mode), in float64 (gradients reaching a tensor from several consumers sum in
     another order, hence not bit for bit). `some-frozen`: conv and BN parameters that want no
-    gradient, in the stem and in blocks with and without a downsample, get none. A Bottle2neck's
-    middle is not part of its node."""
+    gradient, in the stem and in blocks with and without a downsample, get none. A
+    Bottle2neck's middle is a node of its own (`_TrainMiddle`)."""
     if not interpreting():
         pytest.skip("float64 runs through the kernels only under the interpreter")
     cls, kwargs = case
     model = build(cls, torch.device("cpu"), **kwargs).double()
     if frozen:
-        suffixes = ("conv2.weight", "bn1.bias", "downsample.1.weight", "conv3.weight")
+        suffixes = ("conv2.weight", "bn1.bias", "downsample.1.weight", "conv3.weight",
+                    "convs.0.weight", "bns.1.weight")  # fmt: skip
         names = ("stem.0.weight", "stem.1.weight", "conv1.weight", "bn1.weight")
         for name, p in model.named_parameters():
             if name.endswith(suffixes) or name in names:
@@ -338,8 +340,9 @@ def test_block_is_one_node(case, frozen):
     nodes = _graph_nodes(chain.outs)
     blocks = sum(isinstance(m, fastres.models.resnet.ResBlock) for m in model.modules())
     assert nodes.count("_TrainChainBackward") == blocks + 1
-    per_op_nodes = [n for n in nodes if n in ("_Conv2dBNTrainBackward", "_TrainActBackward")]
-    assert bool(per_op_nodes) == (cls is fastres.Res2Net)
+    middles = blocks if cls is fastres.Res2Net else 0
+    assert nodes.count("_TrainMiddleBackward") == middles
+    assert not [n for n in nodes if n in ("_Conv2dBNTrainBackward", "_TrainActBackward")]
     assert "_TrainChainBackward" not in _graph_nodes(per_op.outs)
     torch.testing.assert_close(chain.outs, per_op.outs, rtol=0, atol=0)
     torch.testing.assert_close(chain.buffers, per_op.buffers, rtol=0, atol=0)

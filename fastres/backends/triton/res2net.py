@@ -18,6 +18,7 @@ from ...ops.conv2d_fused import (
     arrange_weight,
     channel_sum,
     conv2d_fused,
+    dispatch_free,
     eager_autograd,
 )
 from ...ops.padded_weight import ChannelMap, PaddedGroup, padded_weights
@@ -448,6 +449,11 @@ def train_res2net_middle(block: nn.Module, x: Tensor) -> PaddedConcat:
     grouped = block.stage_type == "stage" and len({bn.eps for bn in bns}) == 1
     w1, convs, w3 = _train_weights(block, x.dtype, grouped)
     params = _slot_params(block, grouped)
+    if _one_node_middle(block, x, params):
+        weights = [convs] if grouped else convs
+        flat_params = [t for pair in params for t in pair]
+        cat = apply_function(_TrainMiddle, block, grouped, x, w1, *weights, *flat_params)
+        return PaddedConcat(cat, w3)
     y, mean, m2 = conv2d_bn_train(x, w1, stride=block.conv1.stride)
     out = _train_padded_bn_relu([block.norm1], y, mean, m2, scales, width, params[0])
     split = (scales - 1) * slot
@@ -467,6 +473,152 @@ def train_res2net_middle(block: nn.Module, x: Tensor) -> PaddedConcat:
         last = block.pool(last)
     cat = torch.cat([*outs, last], 1).contiguous(memory_format=torch.channels_last)
     return PaddedConcat(cat, w3)
+
+
+def _one_node_middle(block: nn.Module, x: Tensor, params) -> bool:
+    """Whether `_TrainMiddle` runs the block's training middle: eager mode with nothing that
+    sees the dispatch, padded slots (`params`), no SyncBN across processes, an AvgPool2d (or
+    no pool) on the last chunk."""
+    return (
+        params[0] is not None
+        and dispatch_free((x, *(t for pair in params for t in pair)))
+        and not any(bn_ops.sync_group_name(bn) for bn in (block.norm1, *block.bns))
+        and (not block.pools_last_chunk or type(block.pool) is nn.AvgPool2d)
+    )
+
+
+class _TrainMiddle(torch.autograd.Function):
+    """`train_res2net_middle`'s launches and ops (conv1, its BNs + ReLU written out, the chunk
+    convs with the hierarchical add in their input load, their BNs + ReLU, the last chunk's
+    pool, the concatenation) as one autograd node. Inputs: (block, grouped, x, w1, the chunk
+    convs' weights (one stacked where `grouped`), then each BN group's padded (weight, bias):
+    norm1's, then the chunk BNs' (one group where `grouped`)). The backward is the
+    composition's written out: `bn_backward` of each BN group with batch statistics (the ReLU
+    in it), PyTorch's convolution_backward per conv, the add's gradient carried to the
+    previous chunk, the pool's through avg_pool2d_backward, one concatenation of the chunks'
+    gradients for conv1."""
+
+    @staticmethod
+    def forward(ctx, block, grouped, x, w1, *tensors):
+        width, scales, slot = block.width, block.scales, _chunk_slot(block.width)
+        n_convs = 1 if grouped else scales - 1
+        weights, params = tensors[:n_convs], tensors[n_convs:]
+        params = list(zip(params[0::2], params[1::2]))
+        conv = block.convs[0]
+        geometry = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
+        variant = bn_ops.current_variant()
+
+        def normalized(bns, y, mean, m2, chunks, group_params):
+            norm, count, _ = _padded_batch_norm(bns, y, mean, m2, chunks, width, group_params)
+            with torch._C._AutoDispatchBelowAutograd():
+                out = torch.ops.fastres.bn_apply(
+                    y, norm.scale, norm.shift, None, None, None, True, variant
+                )
+            return out, (y, norm.mean, norm.scale, norm.shift, norm.invstd), count
+
+        y1, mean, m2 = conv2d_bn_train(x, w1, stride=block.conv1.stride)
+        h1, bn1, count1 = normalized([block.norm1], y1, mean, m2, scales, params[0])
+        split = (scales - 1) * slot
+        bns, outs, counts, previous = [], [], [], None
+        if grouped:
+            y, mean, m2 = conv2d_bn_train(h1[:, :split], weights[0], groups=scales - 1, **geometry)
+            out, bn, count = normalized(list(block.bns), y, mean, m2, scales - 1, params[1])
+            outs, bns, counts = [out], [bn], [count]
+        else:
+            for i, (weight, bn_module) in enumerate(zip(weights, block.bns)):
+                add = previous if block.stage_type == "normal" else None
+                chunk = h1[:, i * slot : (i + 1) * slot]
+                y, mean, m2 = conv2d_bn_train(chunk, weight, input_add=add, **geometry)
+                previous, bn, count = normalized([bn_module], y, mean, m2, 1, params[1 + i])
+                outs.append(previous)
+                bns.append(bn)
+                counts.append(count)
+        last = h1[:, split:]
+        if block.pools_last_chunk:
+            last = block.pool(last)
+        cat = torch.cat([*outs, last], 1).contiguous(memory_format=torch.channels_last)
+        ctx.block, ctx.grouped, ctx.variant = block, grouped, variant
+        ctx.counts, ctx.param_dtypes = [count1, *counts], [p.dtype for pair in params for p in pair]
+        ctx.save_for_backward(x, w1, h1, *bn1, *weights, *outs, *(t for bn in bns for t in bn))
+        return cat
+
+    @staticmethod
+    def backward(ctx, grad_cat):
+        block, grouped, variant = ctx.block, ctx.grouped, ctx.variant
+        scales, slot = block.scales, _chunk_slot(block.width)
+        n_convs = 1 if grouped else scales - 1
+        saved = ctx.saved_tensors
+        x, w1, h1, bn1 = saved[0], saved[1], saved[2], saved[3:8]
+        weights = saved[8 : 8 + n_convs]
+        outs = saved[8 + n_convs : 8 + 2 * n_convs]
+        bns = [
+            saved[8 + 2 * n_convs + 5 * i : 8 + 2 * n_convs + 5 * (i + 1)] for i in range(n_convs)
+        ]
+        needs = ctx.needs_input_grad
+        need_x, need_w1, need_weights = needs[2], needs[3], needs[4 : 4 + n_convs]
+        need_params = needs[4 + n_convs :]
+        grad_params = [None] * len(need_params)
+        count1, *counts = ctx.counts
+        grad_cat = cast(grad_cat, h1.dtype)
+        conv = block.convs[0]
+        geometry = (conv.stride, conv.padding, conv.dilation, False, [0, 0])
+        split = (scales - 1) * slot
+
+        def bn_relu_backward(grad, bn, count, at):
+            """grad through ReLU(BN(y)) with batch statistics: y's, the params' (at `at`)."""
+            y, mean, scale, shift, invstd = bn
+            grad_y, _, grad_w, grad_b, _, _ = torch.ops.fastres.bn_backward(
+                grad, y, scale, shift, None, None, None, True, mean, invstd, None, None, count,
+                False, variant,
+            )  # fmt: skip
+            grad_params[at : at + 2] = grad_w, grad_b
+            return grad_y
+
+        grad_weights = [None] * n_convs
+        if grouped:
+            grad_y = bn_relu_backward(grad_cat[:, :split], bns[0], counts[0], 2)
+            grad_chunks, grad_weights[0], _ = torch.ops.aten.convolution_backward(
+                grad_y, h1[:, :split], weights[0], None, *geometry, scales - 1,
+                [True, need_weights[0], False],
+            )  # fmt: skip
+            grad_ins = [grad_chunks]
+        else:
+            grad_ins, carried = [], None
+            for i in reversed(range(scales - 1)):
+                part = slice(i * slot, (i + 1) * slot)
+                grad = grad_cat[:, part] if carried is None else grad_cat[:, part] + carried
+                grad_y = bn_relu_backward(grad, bns[i], counts[i], 2 + 2 * i)
+                conv_in = h1[:, part]
+                add = block.stage_type == "normal" and i > 0
+                if add:  # the hierarchical add: chunk i + the previous chunk conv's output
+                    conv_in = conv_in + outs[i - 1]
+                grad_in, grad_weights[i], _ = torch.ops.aten.convolution_backward(
+                    grad_y, conv_in, weights[i], None, *geometry, 1, [True, need_weights[i], False]
+                )
+                carried = grad_in if add else None
+                grad_ins.append(grad_in)
+            grad_ins.reverse()
+        grad_last = grad_cat[:, split:]
+        if block.pools_last_chunk:
+            pool = block.pool
+            kernel = nn.modules.utils._pair(pool.kernel_size)
+            stride = nn.modules.utils._pair(pool.stride or pool.kernel_size)
+            grad_last = torch.ops.aten.avg_pool2d_backward(
+                grad_last, h1[:, split:], kernel, stride, nn.modules.utils._pair(pool.padding),
+                pool.ceil_mode, pool.count_include_pad, pool.divisor_override,
+            )  # fmt: skip
+        grad_h1 = torch.cat([*grad_ins, grad_last], 1)
+        grad_y1 = bn_relu_backward(grad_h1, bn1, count1, 0)
+        c1 = block.conv1
+        grad_x, grad_w1, _ = torch.ops.aten.convolution_backward(
+            grad_y1, x, w1, None, c1.stride, c1.padding, c1.dilation, False, [0, 0], 1,
+            [need_x, need_w1, False],
+        )  # fmt: skip
+        grad_params = [
+            cast(g, dtype) if need else None
+            for g, need, dtype in zip(grad_params, need_params, ctx.param_dtypes)
+        ]
+        return None, None, grad_x, grad_w1, *grad_weights, *grad_params
 
 
 def _train_weights(block: nn.Module, dtype: torch.dtype, grouped: bool):
@@ -530,11 +682,27 @@ def _train_padded_bn_relu(
     width: int,
     params: tuple[Tensor, Tensor] | None,
 ) -> Tensor:
-    """ReLU(BN(y)) with batch statistics for a raw conv output of `chunks` padded chunk slots,
-    the i-th chunk normalized by bns[i * len(bns) // chunks]: each BN finalized once from the
-    real channels' statistics, its running statistics updated in the same op; each pad channel
-    gets its chunk's first channel's coefficients and affine parameters, so it stays a copy of
-    that channel (see `_chunk_slot`).
+    """ReLU(BN(y)) with batch statistics for a raw conv output of `chunks` padded chunk slots
+    (`_padded_batch_norm`), as one `bn_norm_act`."""
+    norm, count, group = _padded_batch_norm(bns, y, mean, m2, chunks, width, params)
+    return bn_ops.bn_norm_act(y, norm, count, group=group)
+
+
+def _padded_batch_norm(
+    bns: list[nn.Module],
+    y: Tensor,
+    mean: Tensor,
+    m2: Tensor,
+    chunks: int,
+    width: int,
+    params: tuple[Tensor, Tensor] | None,
+) -> tuple[bn_ops.Normalized, int, str]:
+    """The BNs of a raw conv output y of `chunks` padded chunk slots, the i-th chunk
+    normalized by bns[i * len(bns) // chunks], with batch statistics: each BN finalized once
+    from the real channels' statistics, its running statistics updated in the same op; each
+    pad channel gets its chunk's first channel's coefficients and affine parameters, so it
+    stays a copy of that channel (see `_chunk_slot`). Returns the padded `Normalized`, the
+    values per channel and the SyncBN group.
 
     params: the BNs' padded affine parameters (`_slot_params`): the padded coefficients are then
     one finalize of the padded statistics (a pad channel's are its chunk's first channel's);
@@ -556,12 +724,11 @@ def _train_padded_bn_relu(
         for i, bn in enumerate(bns)
     ]
     if params is None:
-        return bn_ops.bn_norm_act(y, _padded_norm(norms, chunks, width), count, group=group)
+        return _padded_norm(norms, chunks, width), count, group
     weight, bias = params
     with torch.no_grad():
         scale, shift, invstd = bn_ops.bn_finalize(mean, m2, count, weight, bias, bns[0].eps)
-    norm = bn_ops.Normalized(weight, bias, mean, scale, shift, invstd)
-    return bn_ops.bn_norm_act(y, norm, count, group=group)
+    return bn_ops.Normalized(weight, bias, mean, scale, shift, invstd), count, group
 
 
 def _padded_norm(norms: list[bn_ops.Normalized], chunks: int, width: int) -> bn_ops.Normalized:
