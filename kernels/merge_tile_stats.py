@@ -91,6 +91,8 @@ def merge_finalize_kernel(
     EPS: tl.constexpr,
     MOMENTUM: tl.constexpr,
     UPDATE: tl.constexpr,
+    SLOT: tl.constexpr,
+    WIDTH: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -100,9 +102,18 @@ def merge_finalize_kernel(
     the running statistics too (factor MOMENTUM: the cumulative average, whose factor reads
     num_batches_tracked, is not done here), and num_batches_tracked + 1 by program 0 (which no
     program reads). Per-channel parameters load in their dtype, compute in ACC; the outputs are
-    ACC. Grid: (cdiv(C, BLOCK_C),)."""
+    ACC. Grid: (cdiv(C, BLOCK_C),).
+
+    Padded channels (Res2Net's chunk slots): the C channels are chunks of SLOT, the first
+    WIDTH of each real and the rest copies of the chunk's first channel; the BatchNorm's weight,
+    bias and running statistics are the real channels' (C / SLOT * WIDTH). Each channel reads
+    its real channel's parameters, and only real channels update running statistics. SLOT =
+    WIDTH = 1: no padding."""
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
+    in_slot = offs_c % SLOT
+    real = in_slot < WIDTH
+    source = (offs_c // SLOT) * WIDTH + tl.where(real, in_slot, 0)
     mean, m2 = _merged(
         tile_sum_ptr, tile_m2_ptr, offs_c, c_ok, tiles, C, M, rows_per_tile, ACC, BLOCK_T, BLOCK_C
     )
@@ -114,19 +125,20 @@ def merge_finalize_kernel(
         invstd = 1.0 / tl.sqrt(m2 / M + EPS)
     else:
         invstd = tl.div_rn(tl.full((BLOCK_C,), 1.0, ACC), tl.sqrt_rn(m2 / M + EPS))
-    scale = tl.load(weight_ptr + offs_c, mask=c_ok, other=0.0).to(ACC) * invstd
-    shift = tl.load(bias_ptr + offs_c, mask=c_ok, other=0.0).to(ACC) - mean * scale
+    scale = tl.load(weight_ptr + source, mask=c_ok, other=0.0).to(ACC) * invstd
+    shift = tl.load(bias_ptr + source, mask=c_ok, other=0.0).to(ACC) - mean * scale
     tl.store(invstd_ptr + offs_c, invstd, mask=c_ok)
     tl.store(scale_ptr + offs_c, scale, mask=c_ok)
     tl.store(shift_ptr + offs_c, shift, mask=c_ok)
     if UPDATE:
         factor = tl.full((BLOCK_C,), MOMENTUM, ACC)
-        old_mean = tl.load(running_mean_ptr + offs_c, mask=c_ok, other=0.0).to(ACC)
-        old_var = tl.load(running_var_ptr + offs_c, mask=c_ok, other=0.0).to(ACC)
+        ok = c_ok & real
+        old_mean = tl.load(running_mean_ptr + source, mask=ok, other=0.0).to(ACC)
+        old_var = tl.load(running_var_ptr + source, mask=ok, other=0.0).to(ACC)
         unbiased = m2 / (M - 1)
         new_mean = (1.0 - factor) * old_mean + factor * mean
         new_var = (1.0 - factor) * old_var + factor * unbiased
-        tl.store(running_mean_ptr + offs_c, new_mean, mask=c_ok)
-        tl.store(running_var_ptr + offs_c, new_var, mask=c_ok)
+        tl.store(running_mean_ptr + source, new_mean, mask=ok)
+        tl.store(running_var_ptr + source, new_var, mask=ok)
         if tl.program_id(0) == 0:
             tl.store(num_batches_tracked_ptr, tl.load(num_batches_tracked_ptr) + 1)

@@ -108,3 +108,40 @@ def test_merge_finalize_matches_extension(device, dtype, m, c, block_m, running_
         torch.testing.assert_close(got, want, **tol)
     if running:
         assert running[2].item() == 8
+
+
+@pytest.mark.parametrize("chunks, slot, width", [(4, 16, 6), (1, 16, 13), (3, 32, 26)])
+def test_merge_finalize_padded_slots(device, chunks, slot, width):
+    """Channels in padded slots (Res2Net's chunks: `width` real channels of every `slot`, a pad
+    a copy of its chunk's first channel): every channel's coefficients are its real channel's
+    (the extension's finalize of the real channels, gathered), only the real channels update
+    the running statistics (the BatchNorm's, of chunks * width channels)."""
+    pytest.importorskip("fastres._C")
+    m, block_m = 300, 64
+    real = chunks * width
+    padded_index = torch.tensor(
+        [c * width + (j if j < width else 0) for c in range(chunks) for j in range(slot)]
+    )
+    x = torch.randn(m, real, dtype=torch.float64) * 2 + torch.randn(real, dtype=torch.float64)
+    sums, m2 = (t.float().to(device) for t in _tile_partials(x[:, padded_index], block_m))
+    weight, bias = torch.rand(real, device=device) + 0.5, torch.randn(real, device=device)
+    running = [torch.randn(real, device=device), torch.rand(real, device=device) + 0.5,
+               torch.tensor(3, device=device)]  # fmt: skip
+    expected_running = [t.clone() for t in running]
+    outputs = torch.empty(5, chunks * slot, device=device).unbind()
+    launch = merge_finalize_launch(sums.shape[0], chunks * slot, m, block_m, torch.float32,
+                                   1e-5, 0.1, slot, width)  # fmt: skip
+    launch(sums, m2, weight, bias, *outputs, *running)
+
+    real_index = torch.tensor([c * slot + j for c in range(chunks) for j in range(width)])
+    mean, merged_m2 = (t[real_index.to(device)] for t in outputs[:2])
+    expected = torch.ops.fastres.bn_finalize_update(
+        mean.contiguous(), merged_m2.contiguous(), m, weight, bias, 1e-5, *expected_running, 0.1
+    )
+    tol = dict(rtol=0, atol=0) if device.type == "cpu" else dict(rtol=2e-7, atol=1e-7)
+    for name, got, want in zip(("scale", "shift", "invstd"), outputs[2:], expected):
+        torch.testing.assert_close(got, want[padded_index.to(device)], **tol, msg=name)
+    torch.testing.assert_close(mean.cpu().double(), x.mean(0), rtol=1e-4, atol=1e-3)
+    for got, want in zip(running, expected_running, strict=True):
+        torch.testing.assert_close(got, want, **tol)
+    assert running[2].item() == 4

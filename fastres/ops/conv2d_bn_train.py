@@ -126,6 +126,10 @@ class OutputBN(NamedTuple):
             )  # fmt: skip
 
 
+# TrainArgs' input-BatchNorm fields (`in_*`) of a convolution without one.
+NO_INPUT_BN = (None, None, 0, None, None, 0.0, "", None, None, None)
+
+
 class TrainArgs(NamedTuple):
     """The custom op's arguments, in its order: the convolution's (ConvArgs' order), then the
     input BatchNorm's fields (`InputBN`) prefixed `in_`; autograd binds its inputs by name."""
@@ -177,7 +181,7 @@ class TrainArgs(NamedTuple):
         )
 
 
-def _conv2d_bn_train_body(
+def conv2d_bn_train_body(
     x: Tensor,
     weight: Tensor,
     stride: list[int],
@@ -224,20 +228,35 @@ def _prepared(
 
 
 def finalizing_body(
-    output_bn: OutputBN, inputs: tuple, input_bn_checked: bool = False
+    output_bn: OutputBN,
+    inputs: tuple,
+    input_bn_checked: bool = False,
+    slots: tuple[int, int] = (1, 1),
 ) -> tuple[Tensor, ...]:
-    """`_conv2d_bn_train_body`, and output_bn finalized (its running statistics updated) in the
-    statistics' merge launch: (y, mean, m2, scale, shift, invstd). input_bn_checked: the input
-    BN is the previous `finalizing_body`'s output BN, with its outputs (nothing to check)."""
+    """`conv2d_bn_train_body`, and output_bn finalized (its running statistics updated) in the
+    statistics' merge launch: (y, mean, m2, scale, shift, invstd).
+
+    Args:
+        input_bn_checked: the input BN is a previous `finalizing_body`'s output BN, with its
+            outputs (nothing to check).
+        slots: (slot, width): y's channels are chunks in padded slots of `slot` channels,
+            `width` of them real (Res2Net's, see `merge_finalize_kernel`), output_bn the real
+            channels' BatchNorm, which the caller has checked (`output_bn_fits`); the
+            statistics and coefficients come out padded.
+    """
     conv, prepared, out = _prepared(TrainArgs(*inputs), input_bn_checked)
     count = _checked_count(out)
-    if prepared.conv is None or not _output_bn_fits(output_bn, prepared.out_shape[1], out):
+    if prepared.conv is None or (
+        slots == (1, 1) and not output_bn_fits(output_bn, prepared.out_shape[1], out)
+    ):
         mean, m2 = prepared.launch(conv, out)
         return out, mean, m2, *output_bn.finalize(mean, m2, count)
     tiles = prepared.launch_tiles(conv, out)
     mean, m2, scale, shift, invstd = prepared.channels(out, 5).unbind()
     momentum = None if output_bn.running_mean is None else output_bn.momentum
-    launch = merge_finalize_launch(*prepared.merge_args, prepared.acc, output_bn.eps, momentum)
+    launch = merge_finalize_launch(
+        *prepared.merge_args, prepared.acc, output_bn.eps, momentum, *slots
+    )
     launch(
         *tiles, output_bn.weight, output_bn.bias, mean, m2, scale, shift, invstd,
         output_bn.running_mean, output_bn.running_var, output_bn.num_batches_tracked,
@@ -255,16 +274,16 @@ def _checked_count(y: Tensor) -> int:
     return count
 
 
-# The keys of the BatchNorms the merge's launch can finalize (`_output_bn_fits`). Cleared
+# The keys of the BatchNorms the merge's launch can finalize (`output_bn_fits`). Cleared
 # when full, as the prepared launches are.
 _FITTING_OUTPUT_BN: set[tuple] = set()
 
 
-def _output_bn_fits(bn: OutputBN, channels: int, y: Tensor) -> bool:
+def output_bn_fits(bn: OutputBN, channels: int, y: Tensor) -> bool:
     """Whether `merge_finalize_kernel` reads and writes bn's tensors as they are: contiguous
-    [channels] on y's device, floating (float64 running statistics for float64 statistics),
-    num_batches_tracked one int64. Else the extension's finalize runs (and raises for what
-    it cannot take)."""
+    [channels] on y's device (y: the output, or a tensor of its device and dtype), floating
+    (float64 running statistics for float64 statistics), num_batches_tracked one int64. Else
+    the extension's finalize runs (and raises for what it cannot take)."""
     key = (channels, y.device, y.dtype, bn.momentum is None, *map(layout_key, bn[:2]),
            *map(layout_key, bn[4:]))  # fmt: skip
     if key in _FITTING_OUTPUT_BN:
@@ -338,7 +357,7 @@ def _check_input_bn(args: TrainArgs) -> None:
 
 
 _conv2d_bn_train_op = torch.library.custom_op("fastres::conv2d_bn_train", mutates_args=())(
-    _conv2d_bn_train_body
+    conv2d_bn_train_body
 )
 
 
@@ -437,7 +456,7 @@ def _forward(output_bn: OutputBN | None, inputs: tuple) -> tuple[Tensor, ...]:
     """The op on inputs, below its autograd; with output_bn, that BN finalized too: in the
     merge's launch where the body runs directly, else by the extension's op after the op."""
     if output_bn is None:
-        return call_op(torch.ops.fastres.conv2d_bn_train, _conv2d_bn_train_body, inputs)
+        return call_op(torch.ops.fastres.conv2d_bn_train, conv2d_bn_train_body, inputs)
     if dispatch_free(inputs):
         return finalizing_body(output_bn, inputs)
     with torch._C._AutoDispatchBelowAutograd():
@@ -520,7 +539,7 @@ def conv2d_bn_train(
         return apply_function(_Conv2dBNTrain, output_bn, *args)
     if dispatch_free(args):
         if output_bn is None:
-            return _conv2d_bn_train_body(*args)
+            return conv2d_bn_train_body(*args)
         return finalizing_body(output_bn, args)
     y, mean, m2 = torch.ops.fastres.conv2d_bn_train(*args)
     if output_bn is None:

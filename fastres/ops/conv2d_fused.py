@@ -583,9 +583,12 @@ def merge_finalize_launch(
     dtype: torch.dtype,
     eps: float,
     momentum: float | None,
+    slot: int = 1,
+    width: int = 1,
 ):
     """The launch of `merge_finalize_kernel` (the merge, its BatchNorm finalized, and with a
-    `momentum` the running statistics updated) for [tiles, C] partials of `dtype`."""
+    `momentum` the running statistics updated) for [tiles, C] partials of `dtype`; C in padded
+    slots of `slot` channels, `width` of them real (see the kernel)."""
     import triton
 
     from fastres.kernels.merge_tile_stats import merge_finalize_kernel
@@ -596,8 +599,8 @@ def merge_finalize_launch(
     block_t = min(_MERGE_BLOCK_T, max(16, triton.next_power_of_2(tiles)))
     return DirectLaunch(
         merge_finalize_kernel, (triton.cdiv(c, block_c),), 12, (tiles, c, m, block_m),
-        dict(EPS=eps, MOMENTUM=momentum or 0.0, UPDATE=int(momentum is not None),
-             ACC=triton_accumulator(dtype), BLOCK_T=block_t, BLOCK_C=block_c),
+        dict(EPS=eps, MOMENTUM=momentum or 0.0, UPDATE=int(momentum is not None), SLOT=slot,
+             WIDTH=width, ACC=triton_accumulator(dtype), BLOCK_T=block_t, BLOCK_C=block_c),
     )  # fmt: skip
 
 

@@ -12,7 +12,15 @@ import torch
 from torch import Tensor, nn
 
 from ...ops import batchnorm as bn_ops
-from ...ops.conv2d_bn_train import conv2d_bn_train
+from ...ops.conv2d_bn_train import (
+    NO_INPUT_BN,
+    OutputBN,
+    TrainArgs,
+    conv2d_bn_train,
+    conv2d_bn_train_body,
+    finalizing_body,
+    output_bn_fits,
+)
 from ...ops.conv2d_fused import (
     apply_function,
     arrange_weight,
@@ -505,31 +513,47 @@ class _TrainMiddle(torch.autograd.Function):
         weights, params = tensors[:n_convs], tensors[n_convs:]
         params = list(zip(params[0::2], params[1::2]))
         conv = block.convs[0]
-        geometry = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
         variant = bn_ops.current_variant()
+        allow_tf32 = bool(torch.backends.cudnn.allow_tf32)
 
-        def normalized(bns, y, mean, m2, chunks, group_params):
-            norm, count, _ = _padded_batch_norm(bns, y, mean, m2, chunks, width, group_params)
-            with torch._C._AutoDispatchBelowAutograd():
-                out = torch.ops.fastres.bn_apply(
-                    y, norm.scale, norm.shift, None, None, None, True, variant
+        def normalized(bns, conv, x, weight, groups, input_add, chunks, group_params):
+            """ReLU(BN(conv(x))) with batch statistics, BN over `chunks` padded slots: one BN
+            finalized in the statistics' merge launch (`finalizing_body`), several by
+            `_padded_batch_norm`."""
+            args = TrainArgs(
+                x, weight, list(conv.stride), list(conv.padding), list(conv.dilation), groups,
+                allow_tf32, 1, input_add, *NO_INPUT_BN,
+            )  # fmt: skip
+            output_bn = OutputBN.of(bns[0]) if len(bns) == 1 else None
+            if output_bn is not None and output_bn_fits(output_bn, chunks * width, x):
+                y, mean, _, scale, shift, invstd = finalizing_body(
+                    output_bn, args, slots=(slot, width)
                 )
-            return out, (y, norm.mean, norm.scale, norm.shift, norm.invstd), count
+                count = y.numel() // y.shape[1]
+            else:
+                y, mean, m2 = conv2d_bn_train_body(*args)
+                norm, count, _ = _padded_batch_norm(bns, y, mean, m2, chunks, width, group_params)
+                mean, scale, shift, invstd = norm.mean, norm.scale, norm.shift, norm.invstd
+            with torch._C._AutoDispatchBelowAutograd():
+                out = torch.ops.fastres.bn_apply(y, scale, shift, None, None, None, True, variant)
+            return out, (y, mean, scale, shift, invstd), count
 
-        y1, mean, m2 = conv2d_bn_train(x, w1, stride=block.conv1.stride)
-        h1, bn1, count1 = normalized([block.norm1], y1, mean, m2, scales, params[0])
+        h1, bn1, count1 = normalized([block.norm1], block.conv1, x, w1, 1, None, scales, params[0])
         split = (scales - 1) * slot
         bns, outs, counts, previous = [], [], [], None
         if grouped:
-            y, mean, m2 = conv2d_bn_train(h1[:, :split], weights[0], groups=scales - 1, **geometry)
-            out, bn, count = normalized(list(block.bns), y, mean, m2, scales - 1, params[1])
+            out, bn, count = normalized(
+                list(block.bns), conv, h1[:, :split], weights[0], scales - 1, None, scales - 1,
+                params[1],
+            )  # fmt: skip
             outs, bns, counts = [out], [bn], [count]
         else:
             for i, (weight, bn_module) in enumerate(zip(weights, block.bns)):
                 add = previous if block.stage_type == "normal" else None
                 chunk = h1[:, i * slot : (i + 1) * slot]
-                y, mean, m2 = conv2d_bn_train(chunk, weight, input_add=add, **geometry)
-                previous, bn, count = normalized([bn_module], y, mean, m2, 1, params[1 + i])
+                previous, bn, count = normalized(
+                    [bn_module], conv, chunk, weight, 1, add, 1, params[1 + i]
+                )
                 outs.append(previous)
                 bns.append(bn)
                 counts.append(count)

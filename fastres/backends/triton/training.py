@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ... import extension
 from ...ops import batchnorm as bn_ops
 from ...ops.conv2d_bn_train import (
+    NO_INPUT_BN,
     InputBN,
     OutputBN,
     TrainArgs,
@@ -203,8 +204,6 @@ class _Chain(NamedTuple):
     identity: bool
 
 
-# TrainArgs' input-BatchNorm fields of a convolution without one.
-_NO_INPUT_BN = (None, None, 0, None, None, 0.0, "", None, None, None)
 # The tensors a chain saves of each convolution's TrainArgs.
 _SAVED_FIELDS = ("x", "weight", "in_mean", "in_m2", "in_weight", "in_bias", "in_scale",
                  "in_shift", "in_invstd")  # fmt: skip
@@ -282,7 +281,7 @@ class _TrainChain(torch.autograd.Function):
         all_steps = chain.steps if chain.shortcut is None else (*chain.steps, chain.shortcut)
         weights = tensors[: len(all_steps)]
         allow_tf32 = bool(torch.backends.cudnn.allow_tf32)
-        convs, h, input_bn = [], x, _NO_INPUT_BN
+        convs, h, input_bn = [], x, NO_INPUT_BN
         for step, weight in zip(chain.steps, weights):
             args = _conv_args(step, h, weight, allow_tf32, input_bn)
             h, mean, m2, scale, shift, invstd = finalizing_body(step.output_bn, args, True)
@@ -294,7 +293,7 @@ class _TrainChain(torch.autograd.Function):
         ctx.separate_input = block_input is not None
         block_input = x if block_input is None else block_input
         if chain.shortcut is not None:
-            args = _conv_args(chain.shortcut, block_input, weights[-1], allow_tf32, _NO_INPUT_BN)
+            args = _conv_args(chain.shortcut, block_input, weights[-1], allow_tf32, NO_INPUT_BN)
             residual, mean_r, _, scale_r, shift_r, invstd_r = finalizing_body(
                 chain.shortcut.output_bn, args
             )
