@@ -312,20 +312,27 @@ ONE_NODE_CASES = {
 }
 
 
-@pytest.mark.parametrize("frozen", [False, True], ids=["learning", "some-frozen"])
+@pytest.mark.parametrize("variant", ["learning", "some-frozen", "cumulative"])
 @pytest.mark.parametrize("case", ONE_NODE_CASES.values(), ids=ONE_NODE_CASES.keys())
-def test_block_is_one_node(case, frozen):
+def test_block_is_one_node(case, variant):
     """In eager mode with nothing watching the dispatch, the stem and each training-mode block
     are one autograd node each (`_TrainChain`: no per-convolution node); their outputs, every
     gradient and the running statistics equal those of the per-op path (which runs under a
     dispatch mode), in float64 (gradients reaching a tensor from several consumers sum in
     another order, hence not bit for bit). `some-frozen`: conv and BN parameters that want no
     gradient, in the stem and in blocks with and without a downsample, get none. A
-    Bottle2neck's middle is a node of its own (`_TrainMiddle`)."""
+    Bottle2neck's middle is a node of its own (`_TrainMiddle`). `cumulative`: BNs with
+    momentum None, which the merge launch does not finalize: the chains run op by op, the
+    middles finalize every BN by the extension's ops."""
     if not interpreting():
         pytest.skip("float64 runs through the kernels only under the interpreter")
     cls, kwargs = case
     model = build(cls, torch.device("cpu"), **kwargs).double()
+    frozen, cumulative = variant == "some-frozen", variant == "cumulative"
+    if cumulative:
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = None
     if frozen:
         suffixes = ("conv2.weight", "bn1.bias", "downsample.1.weight", "conv3.weight",
                     "convs.0.weight", "bns.1.weight")  # fmt: skip
@@ -339,10 +346,11 @@ def test_block_is_one_node(case, frozen):
     chain = train_step(chain_model, x, per_op.targets)
     nodes = _graph_nodes(chain.outs)
     blocks = sum(isinstance(m, fastres.models.resnet.ResBlock) for m in model.modules())
-    assert nodes.count("_TrainChainBackward") == blocks + 1
+    assert nodes.count("_TrainChainBackward") == (0 if cumulative else blocks + 1)
     middles = blocks if cls is fastres.Res2Net else 0
     assert nodes.count("_TrainMiddleBackward") == middles
-    assert not [n for n in nodes if n in ("_Conv2dBNTrainBackward", "_TrainActBackward")]
+    per_op_nodes = [n for n in nodes if n in ("_Conv2dBNTrainBackward", "_TrainActBackward")]
+    assert bool(per_op_nodes) == cumulative
     assert "_TrainChainBackward" not in _graph_nodes(per_op.outs)
     torch.testing.assert_close(chain.outs, per_op.outs, rtol=0, atol=0)
     torch.testing.assert_close(chain.buffers, per_op.buffers, rtol=0, atol=0)

@@ -455,13 +455,15 @@ def train_res2net_middle(block: nn.Module, x: Tensor) -> PaddedConcat:
     geometry = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
     bns = list(block.bns)
     grouped = block.stage_type == "stage" and len({bn.eps for bn in bns}) == 1
-    w1, convs, w3 = _train_weights(block, x.dtype, grouped)
-    params = _slot_params(block, grouped)
-    if _one_node_middle(block, x, params):
-        weights = [convs] if grouped else convs
-        flat_params = [t for pair in params for t in pair]
-        cat = apply_function(_TrainMiddle, block, grouped, x, w1, *weights, *flat_params)
+    if _one_node_middle(block, x):
+        # The chunk convs' weights stacked: one padded-weight group, sliced per chunk.
+        w1, _, (w, _), w3, _ = _padded_launch_weights(block, x.dtype, fold=False, stacked=True)
+        norms = (block.norm1, *bns)
+        params = (*(bn.weight for bn in norms), *(bn.bias for bn in norms))
+        cat = apply_function(_TrainMiddle, block, grouped, x, w1, w, *params)
         return PaddedConcat(cat, w3)
+    params = _slot_params(block, grouped)
+    w1, convs, w3 = _train_weights(block, x.dtype, grouped)
     y, mean, m2 = conv2d_bn_train(x, w1, stride=block.conv1.stride)
     out = _train_padded_bn_relu([block.norm1], y, mean, m2, scales, width, params[0])
     split = (scales - 1) * slot
@@ -483,14 +485,16 @@ def train_res2net_middle(block: nn.Module, x: Tensor) -> PaddedConcat:
     return PaddedConcat(cat, w3)
 
 
-def _one_node_middle(block: nn.Module, x: Tensor, params) -> bool:
+def _one_node_middle(block: nn.Module, x: Tensor) -> bool:
     """Whether `_TrainMiddle` runs the block's training middle: eager mode with nothing that
-    sees the dispatch, padded slots (`params`), no SyncBN across processes, an AvgPool2d (or
-    no pool) on the last chunk."""
+    sees the dispatch, padded slots, no SyncBN across processes, an AvgPool2d (or no pool) on
+    the last chunk."""
+    norms = (block.norm1, *block.bns)
     return (
-        params[0] is not None
-        and dispatch_free((x, *(t for pair in params for t in pair)))
-        and not any(bn_ops.sync_group_name(bn) for bn in (block.norm1, *block.bns))
+        eager_autograd()
+        and _chunk_slot(block.width) != block.width
+        and dispatch_free((x, *(t for bn in norms for t in (bn.weight, bn.bias))))
+        and not any(bn_ops.sync_group_name(bn) for bn in norms)
         and (not block.pools_last_chunk or type(block.pool) is nn.AvgPool2d)
     )
 
@@ -499,27 +503,36 @@ class _TrainMiddle(torch.autograd.Function):
     """`train_res2net_middle`'s launches and ops (conv1, its BNs + ReLU written out, the chunk
     convs with the hierarchical add in their input load, their BNs + ReLU, the last chunk's
     pool, the concatenation) as one autograd node. Inputs: (block, grouped, x, w1, the chunk
-    convs' weights (one stacked where `grouped`), then each BN group's padded (weight, bias):
-    norm1's, then the chunk BNs' (one group where `grouped`)). The backward is the
+    convs' weights stacked (one grouped launch where `grouped`, else a slice each), then the
+    BNs' weights (norm1's, then the chunk BNs'), then their biases).
+
+    A BN of one chunk group (norm1, a 'normal' block's chunk BN) is finalized in its conv's
+    merge launch through the padded slots (`finalizing_body`); the chunk BNs of a grouped
+    launch by `_padded_batch_norm` on their padded parameters. The backward is the
     composition's written out: `bn_backward` of each BN group with batch statistics (the ReLU
     in it), PyTorch's convolution_backward per conv, the add's gradient carried to the
     previous chunk, the pool's through avg_pool2d_backward, one concatenation of the chunks'
-    gradients for conv1."""
+    gradients for conv1, and the padded parameters' gradients read at each real channel's
+    primary copy (as `_SlotParams`)."""
 
     @staticmethod
-    def forward(ctx, block, grouped, x, w1, *tensors):
+    def forward(ctx, block, grouped, x, w1, w, *params):
         width, scales, slot = block.width, block.scales, _chunk_slot(block.width)
-        n_convs = 1 if grouped else scales - 1
-        weights, params = tensors[:n_convs], tensors[n_convs:]
-        params = list(zip(params[0::2], params[1::2]))
+        weights = [w] if grouped else w.chunk(scales - 1)
+        norms = (block.norm1, *block.bns)
+        # The BN groups: norm1 over `scales` chunks, then the chunk BNs (one group of
+        # scales - 1 chunks where grouped).
+        groups = [([block.norm1], scales)]
+        groups += [(list(block.bns), scales - 1)] if grouped else [([bn], 1) for bn in block.bns]
         conv = block.convs[0]
         variant = bn_ops.current_variant()
         allow_tf32 = bool(torch.backends.cudnn.allow_tf32)
+        padded = None
 
-        def normalized(bns, conv, x, weight, groups, input_add, chunks, group_params):
-            """ReLU(BN(conv(x))) with batch statistics, BN over `chunks` padded slots: one BN
-            finalized in the statistics' merge launch (`finalizing_body`), several by
-            `_padded_batch_norm`."""
+        def normalized(group, conv, x, weight, groups, input_add):
+            """ReLU(BN(conv(x))) with batch statistics over the group's padded slots."""
+            nonlocal padded
+            bns, chunks = group
             args = TrainArgs(
                 x, weight, list(conv.stride), list(conv.padding), list(conv.dilation), groups,
                 allow_tf32, 1, input_add, *NO_INPUT_BN,
@@ -531,6 +544,13 @@ class _TrainMiddle(torch.autograd.Function):
                 )
                 count = y.numel() // y.shape[1]
             else:
+                if padded is None:  # every BN's parameters in its padded slots
+                    table = torch.cat(params).view(2, -1)
+                    rows = _slot_map(2 * scales - 1, width, table.device)
+                    padded = table.index_select(1, rows.index)
+                first = slot * (0 if bns[0] is block.norm1 else scales + norms.index(bns[0]) - 1)
+                part = padded[:, first : first + chunks * slot]
+                group_params = (part[0], part[1])
                 y, mean, m2 = conv2d_bn_train_body(*args)
                 norm, count, _ = _padded_batch_norm(bns, y, mean, m2, chunks, width, group_params)
                 mean, scale, shift, invstd = norm.mean, norm.scale, norm.shift, norm.invstd
@@ -538,22 +558,17 @@ class _TrainMiddle(torch.autograd.Function):
                 out = torch.ops.fastres.bn_apply(y, scale, shift, None, None, None, True, variant)
             return out, (y, mean, scale, shift, invstd), count
 
-        h1, bn1, count1 = normalized([block.norm1], block.conv1, x, w1, 1, None, scales, params[0])
+        h1, bn1, count1 = normalized(groups[0], block.conv1, x, w1, 1, None)
         split = (scales - 1) * slot
         bns, outs, counts, previous = [], [], [], None
         if grouped:
-            out, bn, count = normalized(
-                list(block.bns), conv, h1[:, :split], weights[0], scales - 1, None, scales - 1,
-                params[1],
-            )  # fmt: skip
+            out, bn, count = normalized(groups[1], conv, h1[:, :split], w, scales - 1, None)
             outs, bns, counts = [out], [bn], [count]
         else:
-            for i, (weight, bn_module) in enumerate(zip(weights, block.bns)):
+            for i, (weight, group) in enumerate(zip(weights, groups[1:])):
                 add = previous if block.stage_type == "normal" else None
                 chunk = h1[:, i * slot : (i + 1) * slot]
-                previous, bn, count = normalized(
-                    [bn_module], conv, chunk, weight, 1, add, 1, params[1 + i]
-                )
+                previous, bn, count = normalized(group, conv, chunk, weight, 1, add)
                 outs.append(previous)
                 bns.append(bn)
                 counts.append(count)
@@ -562,8 +577,9 @@ class _TrainMiddle(torch.autograd.Function):
             last = block.pool(last)
         cat = torch.cat([*outs, last], 1).contiguous(memory_format=torch.channels_last)
         ctx.block, ctx.grouped, ctx.variant = block, grouped, variant
-        ctx.counts, ctx.param_dtypes = [count1, *counts], [p.dtype for pair in params for p in pair]
-        ctx.save_for_backward(x, w1, h1, *bn1, *weights, *outs, *(t for bn in bns for t in bn))
+        ctx.counts, ctx.param_dtypes = [count1, *counts], [p.dtype for p in params]
+        ctx.param_sizes = [p.numel() for p in params]
+        ctx.save_for_backward(x, w1, h1, *bn1, w, *outs, *(t for bn in bns for t in bn))
         return cat
 
     @staticmethod
@@ -572,16 +588,14 @@ class _TrainMiddle(torch.autograd.Function):
         scales, slot = block.scales, _chunk_slot(block.width)
         n_convs = 1 if grouped else scales - 1
         saved = ctx.saved_tensors
-        x, w1, h1, bn1 = saved[0], saved[1], saved[2], saved[3:8]
-        weights = saved[8 : 8 + n_convs]
-        outs = saved[8 + n_convs : 8 + 2 * n_convs]
-        bns = [
-            saved[8 + 2 * n_convs + 5 * i : 8 + 2 * n_convs + 5 * (i + 1)] for i in range(n_convs)
-        ]
+        x, w1, h1, bn1, w = saved[0], saved[1], saved[2], saved[3:8], saved[8]
+        weights = [w] if grouped else w.chunk(n_convs)
+        outs = saved[9 : 9 + n_convs]
+        bns = [saved[9 + n_convs + 5 * i : 9 + n_convs + 5 * (i + 1)] for i in range(n_convs)]
         needs = ctx.needs_input_grad
-        need_x, need_w1, need_weights = needs[2], needs[3], needs[4 : 4 + n_convs]
-        need_params = needs[4 + n_convs :]
-        grad_params = [None] * len(need_params)
+        need_x, need_w1, need_w, need_params = needs[2], needs[3], needs[4], needs[5:]
+        # Each BN group's padded (weight, bias) gradients: norm1's, then the chunk BNs'.
+        grad_params = [None] * (2 + 2 * n_convs)
         count1, *counts = ctx.counts
         grad_cat = cast(grad_cat, h1.dtype)
         conv = block.convs[0]
@@ -603,7 +617,7 @@ class _TrainMiddle(torch.autograd.Function):
             grad_y = bn_relu_backward(grad_cat[:, :split], bns[0], counts[0], 2)
             grad_chunks, grad_weights[0], _ = torch.ops.aten.convolution_backward(
                 grad_y, h1[:, :split], weights[0], None, *geometry, scales - 1,
-                [True, need_weights[0], False],
+                [True, need_w, False],
             )  # fmt: skip
             grad_ins = [grad_chunks]
         else:
@@ -617,7 +631,7 @@ class _TrainMiddle(torch.autograd.Function):
                 if add:  # the hierarchical add: chunk i + the previous chunk conv's output
                     conv_in = conv_in + outs[i - 1]
                 grad_in, grad_weights[i], _ = torch.ops.aten.convolution_backward(
-                    grad_y, conv_in, weights[i], None, *geometry, 1, [True, need_weights[i], False]
+                    grad_y, conv_in, weights[i], None, *geometry, 1, [True, need_w, False]
                 )
                 carried = grad_in if add else None
                 grad_ins.append(grad_in)
@@ -638,11 +652,19 @@ class _TrainMiddle(torch.autograd.Function):
             grad_y1, x, w1, None, c1.stride, c1.padding, c1.dilation, False, [0, 0], 1,
             [need_x, need_w1, False],
         )  # fmt: skip
+        # The real channels' gradients, at their primary copies (a pad's is 0: it only meets
+        # zero weight columns), in the inputs' order: every BN's weight, then every bias.
+        table = torch.cat([*grad_params[0::2], *grad_params[1::2]]).view(2, -1)
+        rows = _slot_map(2 * scales - 1, block.width, table.device)
+        real = table.index_select(1, rows.inverse).view(-1).split(ctx.param_sizes)
         grad_params = [
             cast(g, dtype) if need else None
-            for g, need, dtype in zip(grad_params, need_params, ctx.param_dtypes)
+            for g, need, dtype in zip(real, need_params, ctx.param_dtypes)
         ]
-        return None, None, grad_x, grad_w1, *grad_weights, *grad_params
+        grad_w = None
+        if need_w:
+            grad_w = grad_weights[0] if grouped else torch.cat(grad_weights)
+        return None, None, grad_x, grad_w1, grad_w, *grad_params
 
 
 def _train_weights(block: nn.Module, dtype: torch.dtype, grouped: bool):
