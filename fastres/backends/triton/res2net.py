@@ -462,8 +462,8 @@ def train_res2net_middle(block: nn.Module, x: Tensor) -> PaddedConcat:
         params = (*(bn.weight for bn in norms), *(bn.bias for bn in norms))
         cat = apply_function(_TrainMiddle, block, grouped, x, w1, w, *params)
         return PaddedConcat(cat, w3)
-    params = _slot_params(block, grouped)
     w1, convs, w3 = _train_weights(block, x.dtype, grouped)
+    params = _slot_params(block, grouped)
     y, mean, m2 = conv2d_bn_train(x, w1, stride=block.conv1.stride)
     out = _train_padded_bn_relu([block.norm1], y, mean, m2, scales, width, params[0])
     split = (scales - 1) * slot
@@ -529,16 +529,17 @@ class _TrainMiddle(torch.autograd.Function):
         allow_tf32 = bool(torch.backends.cudnn.allow_tf32)
         padded = None
 
-        def normalized(group, conv, x, weight, groups, input_add):
-            """ReLU(BN(conv(x))) with batch statistics over the group's padded slots."""
+        def normalized(group, conv, inputs, weight, conv_groups, input_add):
+            """ReLU(BN(conv(inputs))) with batch statistics over the group's padded slots:
+            (the output, what its backward needs, the values per channel)."""
             nonlocal padded
             bns, chunks = group
             args = TrainArgs(
-                x, weight, list(conv.stride), list(conv.padding), list(conv.dilation), groups,
-                allow_tf32, 1, input_add, *NO_INPUT_BN,
+                inputs, weight, list(conv.stride), list(conv.padding), list(conv.dilation),
+                conv_groups, allow_tf32, 1, input_add, *NO_INPUT_BN,
             )  # fmt: skip
             output_bn = OutputBN.of(bns[0]) if len(bns) == 1 else None
-            if output_bn is not None and output_bn_fits(output_bn, chunks * width, x):
+            if output_bn is not None and output_bn_fits(output_bn, chunks * width, inputs):
                 y, mean, _, scale, shift, invstd = finalizing_body(
                     output_bn, args, slots=(slot, width)
                 )
@@ -558,19 +559,19 @@ class _TrainMiddle(torch.autograd.Function):
                 out = torch.ops.fastres.bn_apply(y, scale, shift, None, None, None, True, variant)
             return out, (y, mean, scale, shift, invstd), count
 
-        h1, bn1, count1 = normalized(groups[0], block.conv1, x, w1, 1, None)
+        h1, norm1, count1 = normalized(groups[0], block.conv1, x, w1, 1, None)
         split = (scales - 1) * slot
-        bns, outs, counts, previous = [], [], [], None
+        chunk_norms, outs, counts, previous = [], [], [], None
         if grouped:
-            out, bn, count = normalized(groups[1], conv, h1[:, :split], w, scales - 1, None)
-            outs, bns, counts = [out], [bn], [count]
+            out, norm, count = normalized(groups[1], conv, h1[:, :split], w, scales - 1, None)
+            outs, chunk_norms, counts = [out], [norm], [count]
         else:
             for i, (weight, group) in enumerate(zip(weights, groups[1:])):
                 add = previous if block.stage_type == "normal" else None
                 chunk = h1[:, i * slot : (i + 1) * slot]
-                previous, bn, count = normalized(group, conv, chunk, weight, 1, add)
+                previous, norm, count = normalized(group, conv, chunk, weight, 1, add)
                 outs.append(previous)
-                bns.append(bn)
+                chunk_norms.append(norm)
                 counts.append(count)
         last = h1[:, split:]
         if block.pools_last_chunk:
@@ -579,7 +580,7 @@ class _TrainMiddle(torch.autograd.Function):
         ctx.block, ctx.grouped, ctx.variant = block, grouped, variant
         ctx.counts, ctx.param_dtypes = [count1, *counts], [p.dtype for p in params]
         ctx.param_sizes = [p.numel() for p in params]
-        ctx.save_for_backward(x, w1, h1, *bn1, w, *outs, *(t for bn in bns for t in bn))
+        ctx.save_for_backward(x, w1, h1, *norm1, w, *outs, *(t for n in chunk_norms for t in n))
         return cat
 
     @staticmethod
@@ -588,10 +589,12 @@ class _TrainMiddle(torch.autograd.Function):
         scales, slot = block.scales, _chunk_slot(block.width)
         n_convs = 1 if grouped else scales - 1
         saved = ctx.saved_tensors
-        x, w1, h1, bn1, w = saved[0], saved[1], saved[2], saved[3:8], saved[8]
+        x, w1, h1, norm1, w = saved[0], saved[1], saved[2], saved[3:8], saved[8]
         weights = [w] if grouped else w.chunk(n_convs)
         outs = saved[9 : 9 + n_convs]
-        bns = [saved[9 + n_convs + 5 * i : 9 + n_convs + 5 * (i + 1)] for i in range(n_convs)]
+        chunk_norms = [
+            saved[9 + n_convs + 5 * i : 9 + n_convs + 5 * (i + 1)] for i in range(n_convs)
+        ]
         needs = ctx.needs_input_grad
         need_x, need_w1, need_w, need_params = needs[2], needs[3], needs[4], needs[5:]
         # Each BN group's padded (weight, bias) gradients: norm1's, then the chunk BNs'.
@@ -602,9 +605,9 @@ class _TrainMiddle(torch.autograd.Function):
         geometry = (conv.stride, conv.padding, conv.dilation, False, [0, 0])
         split = (scales - 1) * slot
 
-        def bn_relu_backward(grad, bn, count, at):
+        def bn_relu_backward(grad, norm, count, at):
             """grad through ReLU(BN(y)) with batch statistics: y's, the params' (at `at`)."""
-            y, mean, scale, shift, invstd = bn
+            y, mean, scale, shift, invstd = norm
             grad_y, _, grad_w, grad_b, _, _ = torch.ops.fastres.bn_backward(
                 grad, y, scale, shift, None, None, None, True, mean, invstd, None, None, count,
                 False, variant,
@@ -614,7 +617,7 @@ class _TrainMiddle(torch.autograd.Function):
 
         grad_weights = [None] * n_convs
         if grouped:
-            grad_y = bn_relu_backward(grad_cat[:, :split], bns[0], counts[0], 2)
+            grad_y = bn_relu_backward(grad_cat[:, :split], chunk_norms[0], counts[0], 2)
             grad_chunks, grad_weights[0], _ = torch.ops.aten.convolution_backward(
                 grad_y, h1[:, :split], weights[0], None, *geometry, scales - 1,
                 [True, need_w, False],
@@ -625,7 +628,7 @@ class _TrainMiddle(torch.autograd.Function):
             for i in reversed(range(scales - 1)):
                 part = slice(i * slot, (i + 1) * slot)
                 grad = grad_cat[:, part] if carried is None else grad_cat[:, part] + carried
-                grad_y = bn_relu_backward(grad, bns[i], counts[i], 2 + 2 * i)
+                grad_y = bn_relu_backward(grad, chunk_norms[i], counts[i], 2 + 2 * i)
                 conv_in = h1[:, part]
                 add = block.stage_type == "normal" and i > 0
                 if add:  # the hierarchical add: chunk i + the previous chunk conv's output
@@ -646,7 +649,7 @@ class _TrainMiddle(torch.autograd.Function):
                 pool.ceil_mode, pool.count_include_pad, pool.divisor_override,
             )  # fmt: skip
         grad_h1 = torch.cat([*grad_ins, grad_last], 1)
-        grad_y1 = bn_relu_backward(grad_h1, bn1, count1, 0)
+        grad_y1 = bn_relu_backward(grad_h1, norm1, count1, 0)
         c1 = block.conv1
         grad_x, grad_w1, _ = torch.ops.aten.convolution_backward(
             grad_y1, x, w1, None, c1.stride, c1.padding, c1.dilation, False, [0, 0], 1,
