@@ -200,8 +200,9 @@ class KernelCounter(TorchDispatchMode):
     """Counts what a step launches on a GPU: every PyTorch / extension op dispatched at any
     depth but views and allocations, and every Triton launch. The fastres ops written in
     Python (the Triton launchers, `bn_train_act`) are looked into: their own ops and launches
-    count, not the op itself."""
+    count, not the op itself; fastres runs under it as without a mode (`SEES_THROUGH_FASTRES`)."""
 
+    SEES_THROUGH_FASTRES = True
     ALLOCATIONS = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"}
 
     def __init__(self):

@@ -816,20 +816,34 @@ _PLAIN_TYPES = frozenset(
 def dispatch_free(inputs: Sequence) -> bool:
     """Whether a custom op may run as a plain call of its Python body: in eager mode, with
     nothing active that sees or changes an op's dispatch (torch.compile tracing, torch.jit
-    tracing, a functorch transform, a TorchDispatchMode or TorchFunctionMode, the autograd
-    profiler) and no tensor subclass among `inputs`. The custom op's dispatch layers (its
+    tracing, a functorch transform, a TorchDispatchMode (but an op counter's,
+    `_modes_see_through`) or TorchFunctionMode, the autograd profiler) and no tensor subclass
+    among `inputs`. The custom op's dispatch layers (its
     autograd and backend wrappers, the torch.compile-disable wrapper) cost more Python than a
     launch; where anything could see them, the op dispatches as usual."""
     return (
         not (
             torch.compiler.is_compiling()
             or torch._C._get_tracing_state()
-            or torch._C._len_torch_dispatch_stack()
+            or (torch._C._len_torch_dispatch_stack() and not _modes_see_through())
             or torch._C._is_torch_function_mode_enabled()
             or torch._C._are_functorch_transforms_active()
             or torch._C._autograd._profiler_enabled()
         )
         and set(map(type, inputs)) <= _PLAIN_TYPES
+    )
+
+
+def _modes_see_through() -> bool:
+    """Whether every active dispatch mode sees through fastres's custom ops (a mode class with
+    `SEES_THROUGH_FASTRES = True`: it opens them or only watches the ops they run, e.g. the op
+    counters of tests/test_op_count.py and scripts/host_cost.py and the host-sync guard of
+    tests/test_capture.py): fastres then runs as without a mode, so that such a mode sees what
+    a step runs."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    return all(
+        getattr(m, "SEES_THROUGH_FASTRES", False) for m in _get_current_dispatch_mode_stack()
     )
 
 
