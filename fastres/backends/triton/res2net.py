@@ -465,19 +465,20 @@ def train_res2net_middle(block: nn.Module, x: Tensor) -> PaddedConcat:
     w1, convs, w3 = _train_weights(block, x.dtype, grouped)
     params = _slot_params(block, grouped)
     y, mean, m2 = conv2d_bn_train(x, w1, stride=block.conv1.stride)
-    out = _train_padded_bn_relu([block.norm1], y, mean, m2, scales, width, params[0])
+    out = _bn_relu(y, _padded_batch_norm([block.norm1], y, mean, m2, scales, width, params[0]))
     split = (scales - 1) * slot
     # One split, not a slice per chunk: its backward is one concatenation.
     *chunks, last = out.split([split, slot] if grouped else slot, 1)
     if grouped:
         y, mean, m2 = conv2d_bn_train(chunks[0], convs, groups=scales - 1, **geometry)
-        outs = [_train_padded_bn_relu(bns, y, mean, m2, scales - 1, width, params[1])]
+        normalized = _padded_batch_norm(bns, y, mean, m2, scales - 1, width, params[1])
+        outs = [_bn_relu(y, normalized)]
     else:
         outs, previous = [], None
         for chunk, weight, bn, bn_params in zip(chunks, convs, bns, params[1:]):
             add = previous if block.stage_type == "normal" else None
             y, mean, m2 = conv2d_bn_train(chunk, weight, input_add=add, **geometry)
-            previous = _train_padded_bn_relu([bn], y, mean, m2, 1, width, bn_params)
+            previous = _bn_relu(y, _padded_batch_norm([bn], y, mean, m2, 1, width, bn_params))
             outs.append(previous)
     if block.pools_last_chunk:
         last = block.pool(last)
@@ -655,11 +656,8 @@ class _TrainMiddle(torch.autograd.Function):
             grad_y1, x, w1, None, c1.stride, c1.padding, c1.dilation, False, [0, 0], 1,
             [need_x, need_w1, False],
         )  # fmt: skip
-        # The real channels' gradients, at their primary copies (a pad's is 0: it only meets
-        # zero weight columns), in the inputs' order: every BN's weight, then every bias.
-        table = torch.cat([*grad_params[0::2], *grad_params[1::2]]).view(2, -1)
-        rows = _slot_map(2 * scales - 1, block.width, table.device)
-        real = table.index_select(1, rows.inverse).view(-1).split(ctx.param_sizes)
+        rows = _slot_map(2 * scales - 1, block.width, x.device)
+        real = _real_gradients(rows, grad_params[0::2], grad_params[1::2], ctx.param_sizes)
         grad_params = [
             cast(g, dtype) if need else None
             for g, need, dtype in zip(real, need_params, ctx.param_dtypes)
@@ -717,23 +715,20 @@ class _SlotParams(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads: Tensor):
-        table = torch.cat([*grads[0::2], *grads[1::2]]).view(2, -1)
-        real = table.index_select(1, ctx.rows.inverse)
-        return None, None, *real.view(-1).split(ctx.sizes)
+        return None, None, *_real_gradients(ctx.rows, grads[0::2], grads[1::2], ctx.sizes)
 
 
-def _train_padded_bn_relu(
-    bns: list[nn.Module],
-    y: Tensor,
-    mean: Tensor,
-    m2: Tensor,
-    chunks: int,
-    width: int,
-    params: tuple[Tensor, Tensor] | None,
-) -> Tensor:
-    """ReLU(BN(y)) with batch statistics for a raw conv output of `chunks` padded chunk slots
-    (`_padded_batch_norm`), as one `bn_norm_act`."""
-    norm, count, group = _padded_batch_norm(bns, y, mean, m2, chunks, width, params)
+def _real_gradients(rows: ChannelMap, weight_grads, bias_grads, sizes: list[int]) -> list:
+    """The gradients of BN weights and biases laid out in padded slots by `rows`, each real
+    entry's read at its primary copy (a pad's is zero: it only meets zero weight columns), as
+    the real tensors: every weight's (`sizes` entries each), then every bias's."""
+    table = torch.cat([*weight_grads, *bias_grads]).view(2, -1)
+    return list(table.index_select(1, rows.inverse).view(-1).split(sizes))
+
+
+def _bn_relu(y: Tensor, normalized: tuple[bn_ops.Normalized, int, str]) -> Tensor:
+    """ReLU(BN(y)) of a `_padded_batch_norm`, as one differentiable `bn_norm_act`."""
+    norm, count, group = normalized
     return bn_ops.bn_norm_act(y, norm, count, group=group)
 
 
