@@ -560,17 +560,15 @@ def _merge_tiles(tile_sum: Tensor, tile_m2: Tensor, m: int, block_m: int) -> tup
 @functools.lru_cache(maxsize=1024)
 def _merge_launch(tiles: int, c: int, m: int, block_m: int, dtype: torch.dtype):
     """The merge's launch for [tiles, C] partials of `dtype`."""
-    import triton
 
     from fastres.kernels.merge_tile_stats import merge_tile_stats_kernel
 
     from .launcher import DirectLaunch
 
-    block_c = min(_MERGE_BLOCK_C, max(16, triton.next_power_of_2(c)))
-    block_t = min(_MERGE_BLOCK_T, max(16, triton.next_power_of_2(tiles)))
+    grid, blocks = _merge_tiling(tiles, c)
     return DirectLaunch(
-        merge_tile_stats_kernel, (triton.cdiv(c, block_c),), 4, (tiles, c, m, block_m),
-        dict(ACC=triton_accumulator(dtype), BLOCK_T=block_t, BLOCK_C=block_c),
+        merge_tile_stats_kernel, grid, 4, (tiles, c, m, block_m),
+        dict(ACC=triton_accumulator(dtype), **blocks),
     )  # fmt: skip
 
 
@@ -589,19 +587,26 @@ def merge_finalize_launch(
     """The launch of `merge_finalize_kernel` (the merge, its BatchNorm finalized, and with a
     `momentum` the running statistics updated) for [tiles, C] partials of `dtype`; C in padded
     slots of `slot` channels, `width` of them real (see the kernel)."""
-    import triton
 
     from fastres.kernels.merge_tile_stats import merge_finalize_kernel
 
     from .launcher import DirectLaunch
 
+    grid, blocks = _merge_tiling(tiles, c)
+    return DirectLaunch(
+        merge_finalize_kernel, grid, 12, (tiles, c, m, block_m),
+        dict(EPS=eps, MOMENTUM=momentum or 0.0, UPDATE=int(momentum is not None), SLOT=slot,
+             WIDTH=width, ACC=triton_accumulator(dtype), **blocks),
+    )  # fmt: skip
+
+
+def _merge_tiling(tiles: int, c: int) -> tuple[tuple[int], dict]:
+    """Both merge kernels' grid and (BLOCK_T, BLOCK_C) for [tiles, c] partials."""
+    import triton
+
     block_c = min(_MERGE_BLOCK_C, max(16, triton.next_power_of_2(c)))
     block_t = min(_MERGE_BLOCK_T, max(16, triton.next_power_of_2(tiles)))
-    return DirectLaunch(
-        merge_finalize_kernel, (triton.cdiv(c, block_c),), 12, (tiles, c, m, block_m),
-        dict(EPS=eps, MOMENTUM=momentum or 0.0, UPDATE=int(momentum is not None), SLOT=slot,
-             WIDTH=width, ACC=triton_accumulator(dtype), BLOCK_T=block_t, BLOCK_C=block_c),
-    )  # fmt: skip
+    return (triton.cdiv(c, block_c),), dict(BLOCK_T=block_t, BLOCK_C=block_c)
 
 
 # The merge's tile: BLOCK_C channels x BLOCK_T tiles per step of its loops.
